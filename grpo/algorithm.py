@@ -41,7 +41,7 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
     """View rewards [N] as [P, G], checking that the layout makes sense."""
     if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D with N = P * group_size entries; got shape {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be 1-D, N = P * group_size entries; got shape {tuple(rewards.shape)}")
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group is its own baseline); got {group_size}")
     if rewards.numel() % group_size:
@@ -119,7 +119,9 @@ def importance_ratio(logprobs: Tensor, anchor_logprobs: Tensor, mask: Tensor, le
     return log_ratio.exp()
 
 
-def clipped_surrogate(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor, Tensor]:
+def clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate as a per-token loss (DeepSeekMath eq. 3, with DAPO's asymmetric band).
 
     L_t = -min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i)
@@ -285,7 +287,8 @@ def policy_loss(
         kl_t = torch.zeros_like(ratio)
     else:
         # Select padding away first, so garbage there cannot become NaN in the KL's backward pass.
-        kl_t = kl_penalty(torch.where(valid, logprobs, 0.0), torch.where(valid, ref_logprobs, 0.0), kl_estimator)
+        l_valid = torch.where(valid, logprobs, 0.0)
+        kl_t = kl_penalty(l_valid, torch.where(valid, ref_logprobs, 0.0), kl_estimator)
     kl_loss = aggregate(kl_t, valid, aggregation, **normalisers)
     # Skip the KL term at beta = 0 rather than multiply it by 0: 0 * inf would be NaN.
     loss = pg_loss + beta * kl_loss if beta != 0 else pg_loss

@@ -621,10 +621,14 @@ _m = torch.ones(4, 3, dtype=torch.bool)
 _norm = dict(num_sequences=4, num_tokens=12, group_size=2, max_completion_length=3)
 
 
+_A = torch.zeros(4)
+
+
 @pytest.mark.parametrize(
     "call, pattern",
     [
-        (lambda: group_advantages(torch.zeros(6), 3, scale="std"), r"scale must be one of 'group', 'batch', 'none'; got 'std'"),
+        (lambda: group_advantages(torch.zeros(6), 3, scale="std"),
+         r"scale must be one of 'group', 'batch', 'none'; got 'std'"),
         (lambda: group_advantages(torch.zeros(5), 2), r"N=5 is not divisible by group_size=2"),
         (lambda: group_advantages(torch.zeros(4), 1), r"group_size must be >= 2"),
         (lambda: group_advantages(torch.zeros(2, 2), 2), r"rewards must be 1-D"),
@@ -633,12 +637,16 @@ _norm = dict(num_sequences=4, num_tokens=12, group_size=2, max_completion_length
         (lambda: kl_penalty(_l, _l, estimator="k4"), r"estimator must be one of 'k1', 'k2', 'k3'"),
         (lambda: aggregate(_l, _m, "mean", **_norm),
          r"mode must be one of 'sequence_mean', 'token_mean', 'constant_normalizer', 'group_sum'"),
-        (lambda: aggregate(_l, _m, "group_sum", **{**_norm, "group_size": 3}), r"num_sequences=4 is not divisible by group_size=3"),
+        (lambda: aggregate(_l, _m, "group_sum", **{**_norm, "group_size": 3}),
+         r"num_sequences=4 is not divisible by group_size=3"),
         (lambda: aggregate(_l, _m, "token_mean", **{**_norm, "num_sequences": 0}), r"num_sequences must be >= 1"),
-        (lambda: policy_loss(_l, None, None, torch.zeros(4), _m, ratio_level="seq", **_norm), r"ratio_level must be one of 'token', 'sequence'"),
-        (lambda: policy_loss(_l, None, None, torch.zeros(4), _m, kl_estimator="kl", **_norm), r"kl_estimator must be one of 'k1'"),
-        (lambda: policy_loss(_l, None, None, torch.zeros(4), _m, aggregation="sum", **_norm), r"aggregation must be one of 'sequence_mean'"),
-        (lambda: policy_loss(_l, None, None, torch.zeros(4), _m, beta=0.04, **_norm), r"beta=0.04 needs ref_logprobs"),
+        (lambda: policy_loss(_l, None, None, _A, _m, ratio_level="seq", **_norm),
+         r"ratio_level must be one of 'token', 'sequence'"),
+        (lambda: policy_loss(_l, None, None, _A, _m, kl_estimator="kl", **_norm),
+         r"kl_estimator must be one of 'k1', 'k2', 'k3'"),
+        (lambda: policy_loss(_l, None, None, _A, _m, aggregation="sum", **_norm),
+         r"aggregation must be one of 'sequence_mean', 'token_mean', 'constant_normalizer', 'group_sum'"),
+        (lambda: policy_loss(_l, None, None, _A, _m, beta=0.04, **_norm), r"beta=0.04 needs ref_logprobs"),
     ],
 )
 def test_bad_arguments_raise_value_error(call, pattern):
