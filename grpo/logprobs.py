@@ -1,0 +1,102 @@
+"""Per-token log-probabilities of completions under a causal LM.
+
+This is the one forward pass every GRPO quantity is built from: l_t = log pi(o_t | x, o_<t) for the
+policy (with grad, in the update), for pi_old and for the frozen reference (without grad).
+
+Layout of a batch (the same as `grpo.generation.Generation`):
+
+    prompt_ids      [N, Lp]  LEFT-padded   (pad pad x x x)
+    completion_ids  [N, T]   RIGHT-padded  (o o o EOS pad pad), mask 1 up to and including EOS
+
+Concatenated, every row is `pad... prompt completion pad...`: the prompt/completion boundary sits at
+the same column Lp for all rows, so the logits that predict completion token t are at column
+Lp - 1 + t for every row and one slice picks them all.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's weights (where every input tensor has to go)."""
+    return next(model.parameters()).device
+
+
+def supports_logits_to_keep(model) -> bool:
+    """Whether `model.forward` can run its LM head on the last k positions only (most HF causal LMs)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that start at 0 on each row's first real token, whatever its left padding.
+
+    Without them a left-padded row would see its prompt at positions 3, 4, 5... instead of 0, 1, 2...
+    and (with rotary or learned position embeddings) produce different logits than the same row
+    unpadded. Padding columns get position 0; they are masked out as keys, so it does not matter.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                        completion_mask: Tensor, temperature: float = 1.0,
+                        compute_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log pi(o_t | x, o_<t) for every completion token, from logits divided by `temperature`.
+
+    Returns `(logprobs, entropy)`, both float32 [N, T] (entropy is None unless `compute_entropy`):
+    entropy[i, t] is the entropy of the tempered next-token distribution that o_t was drawn from.
+    `completion_mask` (long, bool or float) only decides which columns count: values where it is 0
+    are finite but meaningless. Padding ids must be valid token ids (the usual pad_token_id). Differentiable when called with grad enabled.
+    Does not touch the model's train/eval mode: the caller decides whether dropout is on.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = model_device(model)
+    N, T = completion_ids.shape
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()
+    completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device) != 0
+
+    # Trim padding that no row needs: leading prompt columns that are padding on every row (left
+    # padding puts them first) and completion columns after the longest completion. Batches are
+    # padded to the longest row of some *other* batch often enough for this to matter.
+    real_cols = prompt_mask.bool().any(0)
+    first = int(real_cols.int().argmax()) if bool(real_cols.any()) else prompt_ids.shape[1]
+    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
+    T_used = int(completion_mask.sum(-1).max()) if N > 0 else 0
+    logprobs = torch.zeros(N, T, dtype=torch.float32, device=device)
+    entropy = torch.zeros(N, T, dtype=torch.float32, device=device) if compute_entropy else None
+    if T_used == 0:
+        return logprobs, entropy
+    targets = completion_ids[:, :T_used]
+
+    # The last completion token predicts nothing we need, so it is not fed: the input is
+    # prompt + o_<T, and its last T positions are exactly the ones that predict o_1 .. o_T.
+    input_ids = torch.cat([prompt_ids, targets[:, :-1]], dim=1)
+    # Over the completion, attention is plain causal: the right padding after EOS is only seen by
+    # positions after it, which are masked anyway. So completion_mask is only a loss mask here,
+    # and a row whose mask was zeroed (say, a truncated completion kept out of the loss) still
+    # gets its true log-probs.
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, T_used - 1)], dim=1)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    if supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = T_used  # the LM head ([hidden x vocab]) runs on T columns only
+    logits = model(**kwargs).logits[:, -T_used:]
+
+    # float32 maths whatever the model dtype (bf16 log-probs are too coarse for ratios near 1).
+    logits = logits.float() / temperature
+    # log_softmax(z)[o] = z[o] - logsumexp(z): gather first, so no [N, T, V] log-prob tensor is
+    # ever materialised next to the logits (the vocabulary can be 150k wide).
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    # Assembled with cat (not written into a preallocated tensor) so autograd sees plain ops.
+    pad = torch.zeros(N, T - T_used, dtype=torch.float32, device=device)
+    logprobs = torch.cat([token_logprobs, pad], dim=1)
+    if compute_entropy:
+        # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z).
+        probs = torch.softmax(logits, dim=-1)
+        entropy = torch.cat([lse - (probs * logits).sum(-1), pad], dim=1)
+    return logprobs, entropy
