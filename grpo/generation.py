@@ -136,7 +136,8 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
         if n_keep == 0:
             break
         if n_keep < rows.numel():
-            rows, token, next_pos, attention_mask = rows[keep], token[keep], next_pos[keep], attention_mask[keep]
+            rows, token, next_pos = rows[keep], token[keep], next_pos[keep]
+            attention_mask = attention_mask[keep]
             cache.batch_select_indices(keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n_keep, 1)], dim=1)
         logits, cache = _forward(model, fwd, token, attention_mask, next_pos, cache)

@@ -49,8 +49,9 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     Returns `(logprobs, entropy)`, both float32 [N, T] (entropy is None unless `compute_entropy`):
     entropy[i, t] is the entropy of the tempered next-token distribution that o_t was drawn from.
     `completion_mask` (long, bool or float) only decides which columns count: values where it is 0
-    are finite but meaningless. Padding ids must be valid token ids (the usual pad_token_id). Differentiable when called with grad enabled.
-    Does not touch the model's train/eval mode: the caller decides whether dropout is on.
+    are finite but meaningless. Padding ids must be valid token ids (the usual pad_token_id).
+    Differentiable when called with grad enabled. Does not touch the model's train/eval mode:
+    the caller decides whether dropout is on.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -56,8 +56,9 @@ def tiny_other_arch(arch, vocab_size):
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     if arch == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2,
-                                          n_head=2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)).eval()
+        config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                            pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+        return GPT2LMHeadModel(config).eval()
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
@@ -97,7 +98,8 @@ def check_layout(gen: Generation, eos_ids, max_new_tokens):
     assert gen.completion_mask.shape == gen.logprobs.shape == (N, T) and gen.truncated.shape == (N,)
     assert gen.logprobs.dtype == torch.float32 and gen.truncated.dtype == torch.bool
     assert int(gen.completion_mask.sum(-1).max()) == T  # trimmed to the longest completion
-    for ids, mask, truncated in zip(gen.completion_ids.tolist(), gen.completion_mask.tolist(), gen.truncated.tolist()):
+    rows = zip(gen.completion_ids.tolist(), gen.completion_mask.tolist(), gen.truncated.tolist())
+    for ids, mask, truncated in rows:
         n = sum(mask)
         assert mask == [1] * n + [0] * (T - n)
         assert ids[n:] == [PAD] * (T - n)
@@ -152,7 +154,8 @@ def test_seed_reproducibility(model, prompts):
     b = generate_groups(model, ids, mask, generator=torch.Generator().manual_seed(1), **kwargs)
     c = generate_groups(model, ids, mask, generator=torch.Generator().manual_seed(2), **kwargs)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
-    assert a.completion_ids.shape != c.completion_ids.shape or not torch.equal(a.completion_ids, c.completion_ids)
+    assert a.completion_ids.shape != c.completion_ids.shape or \
+        not torch.equal(a.completion_ids, c.completion_ids)
     # Samples of one group differ from each other (i.i.d., not G copies of one sample).
     assert len({tuple(r) for r in a.completion_ids[:4].tolist()}) > 1
 
@@ -208,7 +211,8 @@ def test_multiple_eos_ids_and_early_stop(model, prompts):
 def test_top_p_tiny_is_greedy(model, prompts):
     ids, mask = prompts
     kwargs = dict(group_size=2, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
-    nucleus = generate_groups(model, ids, mask, top_p=1e-6, generator=torch.Generator().manual_seed(3), **kwargs)
+    nucleus = generate_groups(model, ids, mask, top_p=1e-6, generator=torch.Generator().manual_seed(3),
+                              **kwargs)
     greedy = generate_groups(model, ids, mask, top_k=1, **kwargs)
     assert torch.equal(nucleus.completion_ids, greedy.completion_ids)
 
@@ -238,7 +242,8 @@ def test_restores_training_mode(model, prompts):
 @pytest.mark.parametrize("kwargs,name", [
     (dict(strategy="greedy"), "strategy"), (dict(group_size=0), "group_size"),
     (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(eos_token_id=[]), "eos_token_id"),
+    (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(eos_token_id=[]), "eos_token_id"),
 ])
 def test_validation(model, prompts, kwargs, name):
     args = dict(group_size=2, max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD) | kwargs
@@ -330,7 +335,8 @@ def test_beam_matches_hf_canonical_beam_search(seed):
         prompt, prompt_mask = rows_of(ids, mask, p)
         hf = model.generate(prompt, attention_mask=prompt_mask, num_beams=G, num_return_sequences=G,
                             length_penalty=0.0, early_stopping="never", do_sample=False, max_new_tokens=L,
-                            eos_token_id=EOS, pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+                            eos_token_id=EOS, pad_token_id=PAD, output_scores=True,
+                            return_dict_in_generate=True)
         hf_rows = [tuple(r) for r in hf.sequences[:, prompt.shape[1]:].tolist()]
         hf_rows = [r[:r.index(EOS) + 1] if EOS in r else r for r in hf_rows]
         assert completions_by_row(gen)[p * G:(p + 1) * G] == hf_rows
