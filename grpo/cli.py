@@ -1,0 +1,73 @@
+"""The `grpo` command line: train, sft, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grpo", description="Group Relative Policy Optimization for causal LMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a policy with GRPO (or DAPO, Dr. GRPO, GSPO via preset)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--quiet", action="store_true", help="no console output (metrics.jsonl is still written)")
+
+    s = sub.add_parser("sft", help="supervised warm start on prompt/completion pairs")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--quiet", action="store_true")
+
+    d = sub.add_parser("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet_libraries()
+    from .config import ConfigError, SFTConfig, TrainConfig, load_config
+    from .data import DataError
+    from .rewards import RewardError
+
+    try:
+        if args.command == "train":
+            from .trainer import train
+            cfg = load_config(TrainConfig, args.config, args.set)
+            out = train(cfg, resume=args.resume, quiet=args.quiet)
+            if not args.quiet:
+                print(f"model saved to {out}")
+        elif args.command == "sft":
+            from .sft import train_sft
+            cfg = load_config(SFTConfig, args.config, args.set)
+            out = train_sft(cfg, log=(lambda *a: None) if args.quiet else print)
+            if not args.quiet:
+                print(f"model saved to {out}")
+        elif args.command == "demo":
+            from .demo import run_demo
+            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet)
+    except (ConfigError, DataError, RewardError) as e:
+        print(f"grpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

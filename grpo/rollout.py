@@ -1,0 +1,118 @@
+"""Rollout: prompts -> G completions each -> rewards -> group advantages -> old / reference log-probs.
+
+One `Rollout` (a dataclass of tensors) carries a step's data from generation to the update. Rows
+p*G .. p*G+G-1 are prompt p's group throughout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import algorithm
+from .data import format_prompt, tokenize_prompts
+from .generation import generate_groups
+from .logprobs import completion_logprobs
+from .rewards import score
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor          # [N, Lp] left-padded, each prompt repeated G times
+    prompt_mask: torch.Tensor         # [N, Lp]
+    completion_ids: torch.Tensor      # [N, T] right-padded
+    completion_mask: torch.Tensor     # [N, T] float: 1 on tokens up to and incl. EOS (0 for masked truncated rows)
+    truncated: torch.Tensor           # [N] bool: no EOS within max_completion_length
+    lengths: torch.Tensor             # [N] generated tokens, EOS included
+    rewards: torch.Tensor             # [N] weighted sum of the rewards
+    advantages: torch.Tensor          # [N]
+    rewards_per_function: dict[str, torch.Tensor]
+    old_logprobs: torch.Tensor | None = None   # [N, T] pi_old, when the update needs it
+    ref_logprobs: torch.Tensor | None = None   # [N, T] pi_ref, when beta > 0 or the ratio is anchored there
+    prompts: list[str] = field(default_factory=list)      # formatted prompt text, one per row
+    completions: list[str] = field(default_factory=list)  # decoded completion text, one per row
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.completion_ids.size(0)
+
+
+def logprob_temperature(cfg) -> float:
+    # Training log-probs use the distribution completions were drawn from: tempered for sampling,
+    # the plain model for beam search (which scores beams at temperature 1).
+    return cfg.temperature if cfg.generation == "sample" else 1.0
+
+
+def needs_old_logprobs(cfg) -> bool:
+    # With one optimizer step per rollout pi_old == pi_theta at update time, so the ratio is
+    # exp(l - l.detach()) and no second forward pass is needed (algorithm.policy_loss does that).
+    return cfg.ratio_anchor == "old" and (cfg.num_iterations > 1 or cfg.num_minibatches > 1)
+
+
+def needs_reference(cfg) -> bool:
+    return cfg.beta > 0 or cfg.ratio_anchor == "reference"
+
+
+@torch.no_grad()
+def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(rollout), micro_batch_size):
+        s = slice(i, i + micro_batch_size)
+        lp, _ = completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s],
+                                    rollout.completion_ids[s], rollout.completion_mask[s], temperature)
+        out.append(lp.float())
+    return torch.cat(out)
+
+
+def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg,
+                    generator: torch.Generator, gather=None) -> Rollout:
+    """Generate, score and normalise one step's groups. `gather` all-gathers rewards across
+    processes (for `scale_rewards: batch` under torchrun); None on a single process."""
+    device = next(policy.parameters()).device
+    G = cfg.group_size
+    t0 = time.perf_counter()
+    texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
+    out = generate_groups(policy, prompt_ids, prompt_mask, group_size=G,
+                          max_new_tokens=cfg.max_completion_length,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, generator=generator)
+    t1 = time.perf_counter()
+
+    # Score: every dataset column except the prompt goes to the reward functions, repeated per completion.
+    completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    prompts = [t for t in texts for _ in range(G)]
+    columns = {k: [row.get(k) for row in rows for _ in range(G)]
+               for k in rows[0] if k not in (cfg.prompt_column, "_line")}
+    total, per_function = score(rewards, prompts, completions, columns)
+    if gather is not None and cfg.scale_rewards == "batch":
+        everyone = gather(total)
+        sigma = everyone.std() if everyone.numel() > 1 else torch.tensor(0.0)
+        advantages = algorithm.group_advantages(total, G, "none") / (sigma + cfg.advantage_eps)
+    else:
+        advantages = algorithm.group_advantages(total, G, cfg.scale_rewards, cfg.advantage_eps)
+    t2 = time.perf_counter()
+
+    mask = out.completion_mask.float()
+    if cfg.mask_truncated_completions:
+        # DAPO's overlong filtering: a cut-off completion says nothing reliable about its answer.
+        mask = mask * (~out.truncated).float().unsqueeze(1)
+    rollout = Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        completion_ids=out.completion_ids, completion_mask=mask, truncated=out.truncated,
+        lengths=out.completion_mask.sum(1),
+        rewards=total, advantages=advantages.to(device), rewards_per_function=per_function,
+        prompts=prompts, completions=completions)
+    rollout.advantages = rollout.advantages.float()
+
+    temperature = logprob_temperature(cfg)
+    if needs_old_logprobs(cfg):
+        rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size)
+    if reference is not None:
+        rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size)
+    t3 = time.perf_counter()
+    rollout.timings = {"generate": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2}
+    return rollout

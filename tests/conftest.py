@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised ~1M-parameter Llama with the character tokenizer, saved to disk."""
+    from grpo.tasks import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+@pytest.fixture(scope="session")
+def addition_files(tmp_path_factory):
+    """The built-in addition task as JSONL: train (with completions) and held-out."""
+    from grpo.tasks import addition_problems, write_jsonl
+
+    d = tmp_path_factory.mktemp("data")
+    train, heldout = addition_problems()
+    return {"train": str(write_jsonl(train, d / "train.jsonl", completion=True)),
+            "heldout": str(write_jsonl(heldout, d / "heldout.jsonl"))}
