@@ -1,4 +1,8 @@
-"""The `grpo` command line: train, sft, demo."""
+"""The `grpo` command line: train, sft, demo, reward-model, report.
+
+Each command's work lives in its own module; this file only parses arguments and turns the
+library's input errors into one clear message and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,24 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
+                   help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
     d.add_argument("--quiet", action="store_true")
+
+    rm = sub.add_parser("reward-model", help="train, evaluate and use Bradley-Terry reward models")
+    rm_sub = rm.add_subparsers(dest="rm_command", required=True)
+    for name, text in (("train", "train a reward model on prompt/chosen/rejected pairs"),
+                       ("eval", "pairwise accuracy and mean margin on a preference file"),
+                       ("score", "score prompt/completion rows and write them to a file"),
+                       ("make-preferences", "sample a policy on a built-in task and write preference pairs")):
+        c = rm_sub.add_parser(name, help=text)
+        c.add_argument("--config", help="YAML config file")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        c.add_argument("--quiet", action="store_true")
+
+    r = sub.add_parser("report", help="write report.html and PNG plots for one or more runs")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--output", help="where to write report.html (default: the first run directory)")
     return p
 
 
@@ -62,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"model saved to {out}")
         elif args.command == "demo":
             from .demo import run_demo
-            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet)
+            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, pipeline=args.pipeline)
+        elif args.command == "reward-model":
+            from .reward_model import cli_main as reward_model_main
+            return reward_model_main(args)
+        elif args.command == "report":
+            from .report import cli_main as report_main
+            return report_main(args)
     except (ConfigError, DataError, RewardError) as e:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2

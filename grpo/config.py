@@ -112,7 +112,10 @@ class TrainConfig(CommonConfig):
     loss_aggregation: str = "sequence_mean"
     num_iterations: int = 1              # mu: passes over each rollout
     num_minibatches: int = 1             # optimizer steps per pass
-    samples_steps: int = 0               # 0: no sample tables
+    samples_steps: int = 0               # every N steps: sample completions to console and samples.jsonl
+    num_samples: int = 4                 # completions shown per sample table
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard (if installed), wandb
+    wandb_project: str = "grpo"
 
 
 @dataclass

@@ -32,8 +32,11 @@ GRPO = dict(max_steps=200, prompts_per_step=16, group_size=8, max_completion_len
             rewards=[{"function": "exact_answer"}])
 
 
-def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False,
+def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, pipeline: str = "grpo",
              sft_overrides: dict | None = None, grpo_overrides: dict | None = None) -> dict:
+    if pipeline == "seed":
+        from .pipeline import run_seed_pipeline
+        return run_seed_pipeline(output_dir, seed=seed, quiet=quiet)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     out = Path(output_dir)
     start = time.time()

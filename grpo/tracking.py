@@ -14,7 +14,7 @@ from pathlib import Path
 
 class RunLogger:
     def __init__(self, output_dir: Path, total_steps: int, enabled: bool = True, quiet: bool = False,
-                 resume_step: int = 0):
+                 resume_step: int = 0, config: dict | None = None):
         self.output_dir, self.total_steps = Path(output_dir), total_steps
         self.enabled, self.quiet = enabled, quiet
         self.start = time.time()
@@ -47,6 +47,17 @@ class RunLogger:
             if key in r and r[key] is not None:
                 parts.append(fmt.format(r[key]))
         print("  ".join(parts), file=sys.stdout, flush=True)
+
+    def samples(self, step: int, rollout, n: int = 4) -> None:
+        """A few completions of the step with their prompt, rewards and advantage -> samples.jsonl."""
+        if not self.enabled:
+            return
+        with (self.output_dir / "samples.jsonl").open("a") as f:
+            for i in range(min(n, len(rollout))):
+                f.write(json.dumps({
+                    "step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+                    "reward": rollout.rewards[i].item(), "advantage": rollout.advantages[i].item(),
+                    "rewards": {k: v[i].item() for k, v in rollout.rewards_per_function.items()}}) + "\n")
 
     def info(self, message: str) -> None:
         if self.enabled and not self.quiet:

@@ -141,7 +141,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
                 r.fn.moments.load_state_dict(state["reward_moments"][r.name])
         start_step = state["step"]
 
-    logger = RunLogger(out, cfg.max_steps, enabled=world.main, quiet=quiet, resume_step=start_step)
+    logger = RunLogger(out, cfg.max_steps, enabled=world.main, quiet=quiet, resume_step=start_step,
+                       config=to_dict(cfg))
     if world.main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         if checkpoint is not None:
@@ -183,6 +184,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
             record.update(run_eval())
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             logger.log(record)
+        if cfg.samples_steps and (step % cfg.samples_steps == 0 or step == 1):
+            logger.samples(step, rollout)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps and world.main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "sampler": sampler.state_dict(), "config": to_dict(cfg),
