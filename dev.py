@@ -57,12 +57,13 @@ def main() -> int:
     what, rest = sys.argv[1], sys.argv[2:]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if what == "demo":
-        setup("")
+        setup("report")
         run(BIN / "grpo", "demo", *rest, env=env)
     elif what == "setup":
         setup("test")
     else:
         setup("test")
+        install_chromium()
         run(PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *rest, cwd=ROOT, env=env)
     return 0
 
