@@ -1,0 +1,121 @@
+"""grpo vs TRL's GRPOTrainer on the same work, measured side by side in one invocation.
+
+    .venv/bin/python -m bench.bench_vs_trl --trl-python .venv-bench/bin/python
+
+Both systems train the same locally built Llama models (~1M and ~30M parameters, character
+tokenizer) on the same two-number-addition prompts with the same reward: 4 prompts x 8
+completions per optimizer step, 16 completion tokens, temperature 1, beta 0.04 (both compute
+reference log-probs), one update per rollout, fp32, no gradient checkpointing, 2 threads.
+
+Every measurement is a fresh subprocess (so peak RSS is one system's alone), and rounds are
+interleaved: matmul, ours, TRL, matmul, ours, TRL, ... so that drift in the machine's load hits
+both systems alike. TRL runs from its own virtual environment (`--trl-python`) when its
+dependencies should not touch the main one; `pip install 'grpo[bench]'` puts it next to grpo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import build_models, model_dims, step_flops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_worker(python: str, system: str, extra: list[str], timeout: float = 1800) -> dict:
+    cmd = [python, "-m", "bench.workers", system, *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def summarise(results: list[dict]) -> dict:
+    steps = [s for r in results for s in r["steps"]]
+    med = lambda k: statistics.median(s[k] for s in steps)  # noqa: E731
+    totals = [s["total"] for s in steps]
+    tokens = [s["tokens"] for s in steps if s["tokens"] >= 0]
+    return dict(n=len(steps), median=statistics.median(totals), min=min(totals), max=max(totals),
+                generation=med("generation"), logprobs=med("logprobs"), update=med("update"),
+                tokens_per_s=(statistics.median(tokens) / statistics.median(totals)) if tokens else float("nan"),
+                tokens=statistics.median(tokens) if tokens else float("nan"),
+                peak_rss_mib=max(r["peak_rss_mib"] for r in results))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["1m", "30m"])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per system")
+    ap.add_argument("--steps", type=int, default=6, help="measured steps per round (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models-dir", default="/tmp/grpo-bench-models")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
+    ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--json", default="", help="also write raw results here")
+    args = ap.parse_args(argv)
+
+    models = build_models(Path(args.models_dir))
+    common = ["--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    raw: dict = {}
+    for size in args.sizes:
+        raw[size] = {"ours": [], "trl": [], "matmul": []}
+        for r in range(args.rounds):
+            raw[size]["matmul"].append(run_worker(args.python, "matmul", ["--threads", str(args.threads)]))
+            for system in ("ours", "trl"):
+                if system == "trl" and args.skip_trl:
+                    continue
+                py = args.python if system == "ours" else args.trl_python
+                res = run_worker(py, system, ["--model", str(models[size]), *common])
+                raw[size][system].append(res)
+                s = summarise([res])
+                print(f"[{size} round {r + 1}/{args.rounds}] {system:4s} median {s['median']:.3f}s "
+                      f"(gen {s['generation']:.3f} lp {s['logprobs']:.3f} upd {s['update']:.3f}) "
+                      f"rss {s['peak_rss_mib']:.0f} MiB", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    print()
+    print(report(raw, models, args))
+
+
+def report(raw: dict, models: dict, args) -> str:
+    lines = [f"Per optimizer step: 4 prompts x 8 completions, 16 tokens, beta 0.04, fp32, "
+             f"{args.threads} threads; {args.rounds} interleaved rounds x {args.steps} steps "
+             f"after {args.warmup} warm-up steps per round.", "",
+             "| model | system | median s/step | min-max | generation | logprobs (ref/old) | update "
+             "| completion tok/s | peak RSS MiB | steps/s ours/TRL | FLOP/s | of matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size, by_system in raw.items():
+        matmul = statistics.median(m["flops_per_s"] for m in by_system["matmul"])
+        # The work both systems do, counted the efficient way (Lp = 6: "ab+cd=" is the longest
+        # prompt of a batch of the addition task; T = 16).
+        flops = step_flops(model_dims(models[size]), 4, 8, 6, 16)["total"]
+        sums = {k: summarise(v) for k, v in by_system.items() if k != "matmul" and v}
+        for system, s in sums.items():
+            ratio = (sums["trl"]["median"] / s["median"]) if "trl" in sums and system == "ours" else None
+            achieved = flops / s["median"]
+            lines.append(
+                f"| {size} | {system} | {s['median']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
+                f"{s['generation']:.3f} | {s['logprobs']:.3f} | {s['update']:.3f} | {s['tokens_per_s']:.0f} | "
+                f"{s['peak_rss_mib']:.0f} | {'%.2fx' % ratio if ratio else ''} | "
+                f"{achieved / 1e9:.1f} G | {100 * achieved / matmul:.0f}% |")
+        lines.append(f"| {size} | matmul 2048^2 fp32 | | | | | | | | | {matmul / 1e9:.1f} G | 100% |")
+    lines += ["", "Step FLOPs (analytic, matmuls incl. attention; prompt prefilled once per group; "
+              "update = 3x forward): " + ", ".join(
+                  f"{size}: {step_flops(model_dims(models[size]), 4, 8, 6, 16)['total'] / 1e9:.1f} GFLOP"
+                  for size in raw)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmarks: the two locally built models, the workload, FLOP counting,
+the matmul roofline and the timing/memory bookkeeping of one worker process.
+
+Everything here runs in a *worker* subprocess (one system, one model, one measurement), so that
+peak resident memory (ru_maxrss) belongs to that system alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# The two model sizes of the issue. Both are Llama-architecture with the character tokenizer of
+# grpo.tasks; max_positions covers the longest scaling run (512-token prompt + 256 tokens).
+MODELS = {
+    "1m": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_positions=1024),
+    "30m": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1792, max_positions=1024),
+}
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """Build (once) and save each benchmark model; returns name -> directory."""
+    from grpo.tasks import save_tiny_model
+    out = {}
+    for name, kwargs in MODELS.items():
+        d = root / name
+        if not (d / "config.json").exists():
+            save_tiny_model(d, seed=0, **kwargs)
+        out[name] = d
+    return out
+
+
+def addition_rows(n: int = 2000):
+    from grpo.tasks import addition_problems
+    return addition_problems()[0][:n]
+
+
+def long_prompt_rows(prompt_len: int, n: int = 64):
+    """Addition prompts left-filled with spaces-and-digits noise up to `prompt_len` characters, so
+    the prompt length (and the shared-prefix cost) can be scaled with the same task and reward."""
+    import random
+    rng = random.Random(0)
+    rows = []
+    for a, b in [(rng.randrange(100), rng.randrange(100)) for _ in range(n)]:
+        q = f"{a}+{b}="
+        filler = "".join(rng.choice("0123456789 ") for _ in range(max(0, prompt_len - len(q))))
+        rows.append({"prompt": filler + q, "answer": str(a + b)})
+    return rows
+
+
+def exact_answer(prompts, completions, answer=None, **_):
+    """The reward both systems use: 1 when the completion is exactly the sum."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs, counted analytically (multiply-add = 2 FLOPs) for a Llama decoder: per token per layer the
+# q,k,v,o projections (4 d^2 with full-head kv) and the gated MLP (3 d i), plus the LM head (d V),
+# plus attention scores and values: 2 * 2 * ctx * d per token per layer (ctx = tokens attended).
+
+def model_dims(model_dir: Path) -> dict:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    d, L, i, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = d * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    return dict(d=d, L=L, V=V, matmul_params=L * (2 * d * d + 2 * d * kv + 3 * d * i) + d * V)
+
+
+def forward_flops(dims: dict, rows: int, new: int, past: int = 0) -> float:
+    """FLOPs of a forward pass over `new` tokens per row that attend to `past` cached tokens
+    (causal: token j of the new ones sees past + j + 1 positions)."""
+    linear = 2.0 * dims["matmul_params"] * rows * new
+    ctx = rows * (new * past + new * (new + 1) / 2)
+    attention = 2.0 * 2.0 * dims["d"] * dims["L"] * ctx
+    return linear + attention
+
+
+def step_flops(dims: dict, P: int, G: int, Lp: int, T: int) -> dict[str, float]:
+    """The work of one GRPO step (one update per rollout, beta > 0), with the group structure used
+    the efficient way: prompt prefilled once per prompt, T decode steps of P*G rows, one reference
+    forward and one policy forward+backward (backward = 2x forward) over prompt + completion - 1."""
+    N = P * G
+    gen = forward_flops(dims, P, Lp) + sum(forward_flops(dims, N, 1, Lp + t) for t in range(T - 1))
+    seq = forward_flops(dims, N, Lp + T - 1)
+    return {"generation": gen, "logprobs": seq, "update": 3 * seq, "total": gen + 4 * seq}
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 FLOP/s of a large square matmul: the machine's practical peak for these models."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def emit(result: dict) -> None:
+    """A worker's one line of output, picked up by the driver."""
+    result["peak_rss_mib"] = peak_rss_mib()
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def set_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)

@@ -1,0 +1,200 @@
+"""One measurement of one system in its own process: `python -m bench.workers ours|trl|matmul ...`.
+
+Prints one `RESULT {json}` line: per-step seconds (after warm-up) with their split into
+generation / log-probs (reference, and old when computed) / update, completion tokens per step and
+peak RSS of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import addition_rows, emit, exact_answer, long_prompt_rows, matmul_flops_per_s, set_threads
+
+
+def workload_rows(args):
+    return addition_rows() if args.prompt_len == 0 else long_prompt_rows(args.prompt_len)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run_ours(args) -> dict:
+    import torch
+
+    from grpo.config import TrainConfig
+    from grpo.distributed import World
+    from grpo.modeling import load_causal_lm, load_tokenizer, make_optimizer, make_scheduler
+    from grpo.rewards import Reward
+    from grpo.rollout import collect_rollout
+    from grpo.trainer import update
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
+                      max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
+                      num_minibatches=1, micro_batch_size=args.prompts * args.group, learning_rate=1e-6,
+                      max_prompt_length=4096, dtype="float32", device="cpu", num_threads=args.threads,
+                      rewards=[{"function": "exact_answer"}])
+    device, dtype = torch.device("cpu"), torch.float32
+    tokenizer = load_tokenizer(args.model)
+    policy = load_causal_lm(args.model, device, dtype)
+    reference = load_causal_lm(args.model, device, dtype, trainable=False)
+    optimizer = make_optimizer(policy, cfg)
+    scheduler = make_scheduler(optimizer, cfg, args.warmup + args.steps)
+    rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
+    generator = torch.Generator().manual_seed(0)
+    world = World()
+    rows = workload_rows(args)
+
+    steps = []
+    for step in range(args.warmup + args.steps):
+        batch = [rows[(step * args.prompts + i) % len(rows)] for i in range(args.prompts)]
+        t0 = time.perf_counter()
+        rollout = collect_rollout(policy, reference, tokenizer, batch, rewards, cfg, generator)
+        t1 = time.perf_counter()
+        update(policy, optimizer, scheduler, rollout, cfg, world, generator)
+        t2 = time.perf_counter()
+        if step >= args.warmup:
+            steps.append(dict(total=t2 - t0, generation=rollout.timings["generate"],
+                              logprobs=rollout.timings["logprobs"], update=t2 - t1,
+                              other=rollout.timings["score"],
+                              tokens=int(rollout.completion_mask.sum()),
+                              gen_cols=int(rollout.completion_ids.shape[1])))
+    return dict(system="ours", steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------
+
+class _Timer:
+    """Accumulates wall time spent inside wrapped callables (one bucket per name)."""
+
+    def __init__(self):
+        self.buckets: dict[str, float] = {}
+        self.depth = 0
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            # Nested timed calls (e.g. a log-prob helper called from inside the loss) count once,
+            # in the outermost bucket.
+            if self.depth:
+                return fn(*a, **k)
+            self.depth += 1
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.depth -= 1
+                self.buckets[name] = self.buckets.get(name, 0.0) + time.perf_counter() - t
+        return timed
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    rows = workload_rows(args)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    out = tempfile.mkdtemp(prefix="trl-bench-")
+    total = args.warmup + args.steps
+    config = GRPOConfig(
+        output_dir=out, report_to="none", use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, per_device_train_batch_size=args.prompts * args.group,
+        gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.tokens,
+        beta=0.04, num_iterations=1, temperature=1.0, learning_rate=1e-6, max_steps=total,
+        logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        seed=0, loss_type="grpo", scale_rewards="group", use_vllm=False, shuffle_dataset=False,
+        **trl_version_kwargs(args))
+    trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config, train_dataset=dataset,
+                          processing_class=tokenizer)
+
+    # The split: generation = the unwrapped model's generate; log-probs = the per-token log-prob
+    # helper called outside the loss (reference, and old when TRL computes it); update = the rest
+    # of the step. The helper is called from the loss too, so time inside compute_loss is
+    # excluded from the log-prob bucket.
+    timer = _Timer()
+    trainer.model.generate = timer.wrap("generation", trainer.model.generate)
+    lp_name = "_get_per_token_logps_and_entropies" if hasattr(trainer, "_get_per_token_logps_and_entropies") \
+        else "_get_per_token_logps"
+    setattr(trainer, lp_name, timer.wrap("logprobs", getattr(trainer, lp_name)))
+    trainer.compute_loss = timer.wrap("loss", trainer.compute_loss)
+    # Completion tokens per step, from the batch TRL builds (mask 1 up to and including EOS).
+    token_counts: list[int] = []
+    build = trainer._generate_and_score_completions
+
+    def counted(*a, **k):
+        out = build(*a, **k)
+        token_counts.append(int(out["completion_mask"].sum()))
+        return out
+    trainer._generate_and_score_completions = counted
+
+    steps: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            timer.buckets.clear()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            dt = time.perf_counter() - self.t0
+            if state.global_step > args.warmup:
+                gen, lp = timer.buckets.get("generation", 0.0), timer.buckets.get("logprobs", 0.0)
+                steps.append(dict(total=dt, generation=gen, logprobs=lp, update=dt - gen - lp,
+                                  tokens=token_counts[-1] if token_counts else -1, gen_cols=args.tokens))
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return dict(system="trl", steps=steps, trl_version=__import__("trl").__version__)
+
+
+def trl_version_kwargs(args) -> dict:
+    """GRPOConfig fields that moved between TRL releases, set only where this version has them."""
+    from trl import GRPOConfig
+    fields = GRPOConfig.__dataclass_fields__
+    kw = {}
+    if "max_prompt_length" in fields:
+        kw["max_prompt_length"] = None  # no truncation (ours does none either)
+    if "mask_truncated_completions" in fields:
+        kw["mask_truncated_completions"] = False
+    if "top_k" in fields:
+        kw["top_k"] = 0
+    if "top_p" in fields:
+        kw["top_p"] = 1.0
+    if "log_completions" in fields:
+        kw["log_completions"] = False
+    if "disable_dropout" in fields:
+        kw["disable_dropout"] = True
+    if "model_init_kwargs" in fields:
+        pass
+    return kw
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("system", choices=["ours", "trl", "matmul"])
+    ap.add_argument("--model", default="")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=0, help="0: the plain addition prompts")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    if args.system == "matmul":
+        emit(dict(system="matmul", flops_per_s=matmul_flops_per_s()))
+        return
+    result = run_ours(args) if args.system == "ours" else run_trl(args)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
