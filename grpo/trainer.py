@@ -36,7 +36,6 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     groups = n // G
     per_minibatch = groups // cfg.num_minibatches
     temperature = logprob_temperature(cfg)
-    anchor = rollout.ref_logprobs if cfg.ratio_anchor == "reference" else rollout.old_logprobs
     sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
                 entropy_sum=0.0, token_count=0.0, grad_norm=0.0)
     steps = 0
@@ -55,14 +54,15 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 logprobs, entropy = completion_logprobs(
                     policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
                     rollout.completion_mask[idx], temperature, compute_entropy=True)
+                # old is None with one update per rollout: policy_loss then uses logprobs.detach().
+                old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
+                ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]
                 loss, stats = algorithm.policy_loss(
-                    logprobs.float(),
-                    None if anchor is None or cfg.ratio_anchor == "reference" else anchor[idx],
-                    None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx],
-                    rollout.advantages[idx], rollout.completion_mask[idx],
+                    logprobs.float(), old, ref, rollout.advantages[idx], rollout.completion_mask[idx],
                     ratio_level=cfg.ratio_level, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
                     beta=cfg.beta, kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation,
-                    anchor_logprobs=anchor[idx] if cfg.ratio_anchor == "reference" else None, **norm)
+                    # The seed notes' "Loss" section: the ratio against pi_ref instead of pi_old.
+                    anchor_logprobs=ref if cfg.ratio_anchor == "reference" else None, **norm)
                 if loss.requires_grad:  # False only when every token of the micro-batch is masked out
                     loss.backward()
                 m = rollout.completion_mask[idx]
