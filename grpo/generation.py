@@ -264,12 +264,205 @@ def _gather_beams(x: Tensor, idx: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The group engine: a decode loop written for groups, for Llama-style decoders (Llama, Mistral
+# without sliding window, Qwen2 without sliding window). Other models use `_sample` above.
+#
+# What it saves over running `model(...)` once per token with Hugging Face's DynamicCache:
+# - the prompt's keys/values are kept ONCE per prompt ([P, Hkv, Lp, hd]), never copied G times:
+#   in every decode step the G rows of a group attend to it with one batched matmul whose rows
+#   are the group's queries, so a long shared prompt costs its prefill once per group and its
+#   keys/values are read once per group per step, not G times;
+# - the completion keys/values go into a cache preallocated for max_new_tokens (no torch.cat
+#   per step and layer);
+# - q/k/v and gate/up projections run as one matmul each (weights concatenated once per call);
+# - finished groups are dropped from the batch (a group, not a row, so the prompt cache stays
+#   shared); rows that ended inside a live group ride along, and are never sampled from.
+# The sampling itself is the same code as `_sample` on the same rows in the same order, so under
+# the same generator both paths draw the same tokens (up to fp32 rounding of the logits).
+
+_FAST_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def fast_engine_supported(model) -> bool:
+    """Whether `_sample_grouped` can run this model exactly (else the plain HF-cache loop runs)."""
+    cfg = model.config
+    if type(model).__name__ not in _FAST_ARCHS:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
+        not hasattr(attn, "q_norm") and all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _cat_bias(*linears):
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                      for lin in linears])
+
+
+class _GroupDecoder:
+    """Decode state of one `generate_groups` call: shared prompt KV, preallocated completion KV."""
+
+    def __init__(self, model, prompt_cache, prompt_mask, G, max_new_tokens):
+        cfg = model.config
+        self.model, self.G = model, G
+        self.H = cfg.num_attention_heads
+        self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        self.rep = self.H // self.Hkv
+        self.scale = self.hd ** -0.5
+        self.layers = []
+        for i, layer in enumerate(model.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
+                qkv_w=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                qkv_b=_cat_bias(a.q_proj, a.k_proj, a.v_proj), o=a.o_proj,
+                gu_w=torch.cat([m.gate_proj.weight, m.up_proj.weight]), gu_b=_cat_bias(m.gate_proj, m.up_proj),
+                down=m.down_proj, act=m.act_fn,
+                # Prompt keys/values as the prefill left them (RoPE applied): [P, Hkv, Lp, hd].
+                kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
+        P = prompt_mask.shape[0]
+        N = P * G
+        dtype, device = self.layers[0]["kp"].dtype, prompt_mask.device
+        for lay in self.layers:
+            lay["kc"] = torch.empty(N, self.Hkv, max_new_tokens, self.hd, dtype=dtype, device=device)
+            lay["vc"] = torch.empty_like(lay["kc"])
+        # Additive mask over the prompt keys: -inf on left padding. [P, 1, 1, Lp]
+        self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=device).masked_fill(
+            prompt_mask == 0, float("-inf"))[:, None, None, :]
+
+    def keep_groups(self, keep: Tensor) -> None:
+        """Drop every group not in `keep` (indices into the current groups)."""
+        rows = (keep[:, None] * self.G + torch.arange(self.G, device=keep.device)).reshape(-1)
+        for lay in self.layers:
+            lay["kp"], lay["vp"] = lay["kp"][keep], lay["vp"][keep]
+            lay["kc"], lay["vc"] = lay["kc"][rows], lay["vc"][rows]
+        self.prompt_bias = self.prompt_bias[keep]
+
+    def step(self, token: Tensor, position: Tensor, t: int) -> Tensor:
+        """Feed token [B] (B = groups * G) at completion step t; returns next-token logits [B, V]."""
+        model = self.model
+        B, G, H, Hkv, rep, hd = token.shape[0], self.G, self.H, self.Hkv, self.rep, self.hd
+        Pa = B // G
+        x = model.model.embed_tokens(token)[:, None, :]                  # [B, 1, D]
+        cos, sin = model.model.rotary_emb(x, position[:, None])         # [B, 1, hd]
+        cos, sin = cos[:, None], sin[:, None]                           # [B, 1, 1, hd]
+        for lay in self.layers:
+            h = lay["ln1"](x)
+            qkv = torch.nn.functional.linear(h, lay["qkv_w"], lay["qkv_b"])[:, 0]
+            q = qkv[:, :H * hd].view(B, H, 1, hd)
+            k = qkv[:, H * hd:(H + Hkv) * hd].view(B, Hkv, 1, hd)
+            v = qkv[:, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = lay["kc"], lay["vc"]
+            kc[:, :, t:t + 1] = k
+            vc[:, :, t:t + 1] = v
+            # Queries of a group against its shared prompt: [Pa, Hkv, G*rep, hd] @ [Pa, Hkv, hd, Lp].
+            qg = q.view(Pa, G, Hkv, rep, hd).transpose(1, 2).reshape(Pa, Hkv, G * rep, hd)
+            s_p = torch.matmul(qg, lay["kp"].transpose(-1, -2)) * self.scale + self.prompt_bias
+            # Each row against its own completion so far: [B, Hkv, rep, hd] @ [B, Hkv, hd, t+1].
+            # (Elementwise multiply-and-sum, not bmm: B*Hkv products of [rep x hd] @ [hd x t+1]
+            # are far too small for a matmul kernel to pay for its call.)
+            s_c = (q.view(B, Hkv, rep, 1, hd) * kc[:, :, None, :t + 1]).sum(-1) * self.scale
+            s_c = s_c.view(Pa, G, Hkv, rep, t + 1).transpose(1, 2).reshape(Pa, Hkv, G * rep, t + 1)
+            p = torch.softmax(torch.cat([s_p, s_c], dim=-1), dim=-1)
+            Lp = s_p.shape[-1]
+            o = torch.matmul(p[..., :Lp], lay["vp"])                    # [Pa, Hkv, G*rep, hd]
+            p_c = p[..., Lp:].reshape(Pa, Hkv, G, rep, t + 1).transpose(1, 2).reshape(B, Hkv, rep, t + 1)
+            o_c = (p_c.unsqueeze(-1) * vc[:, :, None, :t + 1]).sum(-2)  # [B, Hkv, rep, hd]
+            o = o.view(Pa, Hkv, G, rep, hd).transpose(1, 2).reshape(B, H * hd) + o_c.reshape(B, H * hd)
+            x = x + lay["o"](o)[:, None, :]
+            h = lay["ln2"](x)
+            gu = torch.nn.functional.linear(h, lay["gu_w"], lay["gu_b"])
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + lay["down"](lay["act"](gate) * up)
+        x = model.model.norm(x)
+        return model.lm_head(x[:, 0])
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sample_grouped(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id,
+                    temperature, top_p, top_k, generator) -> Generation:
+    device = prompt_ids.device
+    P = prompt_ids.shape[0]
+    N = P * G
+    fwd = _forward_args(model)
+    logits, cache, next_pos = _prefill(model, fwd, prompt_ids, prompt_mask)
+    dec = _GroupDecoder(model, cache, prompt_mask, G, max_new_tokens)
+    del cache
+    logits = logits.repeat_interleave(G, dim=0)
+    next_pos = next_pos.squeeze(-1).repeat_interleave(G, dim=0)
+
+    completion_ids = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    ended = torch.zeros(N, dtype=torch.bool, device=device)
+    groups = torch.arange(P, device=device)       # the live groups, as output group indices
+    rows = torch.arange(N, device=device)         # their rows, as output row indices
+    live = torch.ones(N, dtype=torch.bool, device=device)  # per batch row: not ended yet
+    steps = 0
+    for t in range(max_new_tokens):
+        # Sample for the unfinished rows only, in output order: the same rows, order and generator
+        # calls as `_sample`, so both paths draw the same tokens.
+        all_live = bool(live.all())
+        lg = logits if all_live else logits[live]
+        out_rows = rows if all_live else rows[live]
+        logp = torch.log_softmax(lg.float() / temperature, dim=-1)
+        probs = filter_logits(logp, top_k, top_p).exp()
+        drawn = torch.multinomial(probs, 1, generator=generator)
+        logprobs[out_rows, t] = logp.gather(-1, drawn).squeeze(-1)
+        completion_ids[out_rows, t] = drawn.squeeze(-1)
+        is_eos = torch.isin(drawn.squeeze(-1), eos_ids)
+        ended[out_rows] = is_eos
+        steps = t + 1
+        if t == max_new_tokens - 1:
+            break
+        # Every batch row feeds a token (ended rows feed padding; their outputs are never read).
+        token = torch.full((rows.numel(),), pad_token_id, dtype=torch.long, device=device)
+        if all_live:
+            token = drawn.squeeze(-1)
+            live = ~is_eos
+        else:
+            token[live] = drawn.squeeze(-1)
+            live = live.clone()
+            live[live.clone()] = ~is_eos
+        group_live = live.view(-1, G).any(-1)
+        n_groups = int(group_live.sum())  # the one host sync per step
+        if n_groups == 0:
+            break
+        if n_groups < groups.numel():
+            keep = group_live.nonzero().squeeze(-1)
+            keep_rows = (keep[:, None] * G + torch.arange(G, device=device)).reshape(-1)
+            dec.keep_groups(keep)
+            groups, rows, live = groups[keep], rows[keep_rows], live[keep_rows]
+            token, next_pos = token[keep_rows], next_pos[keep_rows]
+        logits = dec.step(token, next_pos, t)
+        next_pos = next_pos + 1
+
+    completion_ids, logprobs = completion_ids[:, :steps], logprobs[:, :steps]
+    completion_mask = _mask_through_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+    return Generation(completion_ids, completion_mask, logprobs * completion_mask, ~ended)
+
+
+# ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_size: int,
                     max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int,
                     strategy: str = "sample", temperature: float = 1.0, top_p: float = 1.0,
-                    top_k: int = 0, generator: torch.Generator | None = None) -> Generation:
+                    top_k: int = 0, generator: torch.Generator | None = None,
+                    engine: str = "auto") -> Generation:
     """Generate `group_size` completions for each of the P left-padded prompts [P, Lp].
 
     `sample`: i.i.d. samples from softmax(logits / temperature), restricted to the top_k tokens
@@ -279,8 +472,14 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
     temperature 1 with no length penalty, its G best distinct hypotheses best first. It is
     deterministic and ignores temperature, top_p, top_k and generator.
 
+    `engine`: "auto" runs sampling on the group engine (`_sample_grouped`) for Llama-style models
+    and on the plain HF-cache loop otherwise; "plain" forces the plain loop (the reference the
+    tests compare the group engine with).
+
     The model runs in eval mode (no dropout) and gets its training mode back afterwards.
     """
+    if engine not in ("auto", "plain"):
+        raise ValueError(f"engine must be 'auto' or 'plain', got {engine!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if group_size < 1:
@@ -311,6 +510,9 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
     model.eval()
     try:
         if strategy == "sample":
+            if engine == "auto" and fast_engine_supported(model):
+                return _sample_grouped(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
+                                       eos_ids, pad_token_id, temperature, top_p, top_k, generator)
             return _sample(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
                            pad_token_id, temperature, top_p, top_k, generator)
         return _beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_token_id)

@@ -191,14 +191,17 @@ def test_other_architectures(arch, tokenizer, prompts):
                                atol=1e-4, rtol=0)
 
 
-def test_multiple_eos_ids_and_early_stop(model, prompts):
+@pytest.mark.parametrize("engine", ["plain", "auto"])
+def test_multiple_eos_ids_and_early_stop(model, prompts, engine):
     ids, mask = prompts
     eos_ids = list(range(1, 17))  # 16 of 19 tokens end a completion: every row ends within a few steps
     calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    # The LM head runs once per forward pass in both engines (the group engine does not call
+    # model.forward for its decode steps).
+    handle = model.lm_head.register_forward_hook(lambda *_: calls.append(1))
     try:
         gen = generate_groups(model, ids, mask, group_size=4, max_new_tokens=50, eos_token_id=eos_ids,
-                              pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+                              pad_token_id=PAD, generator=torch.Generator().manual_seed(0), engine=engine)
     finally:
         handle.remove()
     check_layout(gen, eos_ids, 50)

@@ -1,0 +1,171 @@
+"""The fast paths give the same results as the plain ones (speed itself is measured by bench/).
+
+- The group engine (`_sample_grouped`: shared prompt KV, preallocated completion KV, fused
+  projections, finished groups dropped) against the plain HF-cache loop: the same tokens under the
+  same seed, the same masks, log-probs equal within fp32 tolerance, also with left padding,
+  grouped-query attention, qkv biases (Qwen2), top-k/top-p, temperature and early EOS.
+- Greedy decoding through the group engine equals a plain uncached argmax loop.
+- The trimmed log-prob forward used by the update against a plain untrimmed full forward with a
+  full log-softmax: the same log-probs, the same GRPO loss and the same gradients.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from grpo import algorithm
+from grpo.generation import fast_engine_supported, generate_groups
+from grpo.logprobs import completion_logprobs, position_ids_from_mask
+
+PAD, EOS, V = 0, 1, 19
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def llama(kv_heads=4, init=0.02, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, initializer_range=init)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def qwen2():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, use_sliding_window=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def prompts(P=4, seed=0, max_len=7):
+    """Left-padded random prompts of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, max_len + 1, (P,), generator=g)
+    lengths[0] = max_len
+    ids = torch.full((P, max_len), PAD, dtype=torch.long)
+    mask = torch.zeros(P, max_len, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, max_len - n:] = torch.randint(3, V, (n,), generator=g)
+        mask[i, max_len - n:] = 1
+    return ids, mask
+
+
+def both(model, ids, mask, **kw):
+    out = {}
+    for engine in ("plain", "auto"):
+        out[engine] = generate_groups(model, ids, mask, pad_token_id=PAD,
+                                      generator=torch.Generator().manual_seed(123), engine=engine, **kw)
+    return out["plain"], out["auto"]
+
+
+def assert_same(plain, fast):
+    assert torch.equal(plain.completion_ids, fast.completion_ids)
+    assert torch.equal(plain.completion_mask, fast.completion_mask)
+    assert torch.equal(plain.truncated, fast.truncated)
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,model", [("llama", llama()), ("llama_gqa", llama(kv_heads=2)),
+                                        ("qwen2_bias_gqa", qwen2())])
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                      dict(temperature=1.3, top_p=0.8)])
+def test_group_engine_samples_like_plain_loop(name, model, sampling):
+    assert fast_engine_supported(model)
+    ids, mask = prompts()
+    plain, fast = both(model, ids, mask, group_size=4, max_new_tokens=12, eos_token_id=EOS, **sampling)
+    assert_same(plain, fast)
+
+
+def test_group_engine_with_early_eos_drops_groups_exactly():
+    # Many EOS ids: rows end at different steps, whole groups finish while others run on.
+    model = llama(init=0.5, seed=3)
+    ids, mask = prompts(P=6, seed=1)
+    plain, fast = both(model, ids, mask, group_size=3, max_new_tokens=20, eos_token_id=list(range(1, 8)))
+    assert plain.completion_mask.sum(1).unique().numel() > 2  # lengths really differ
+    assert_same(plain, fast)
+
+
+def test_group_engine_greedy_equals_uncached_argmax():
+    model = llama(init=0.5, seed=1)
+    ids, mask = prompts(P=3, seed=2)
+    gen = generate_groups(model, ids, mask, group_size=2, max_new_tokens=10, eos_token_id=EOS,
+                          pad_token_id=PAD, top_k=1, generator=torch.Generator().manual_seed(0))
+    for p in range(3):
+        seq = ids[p][mask[p] == 1].tolist()
+        expected = []
+        for _ in range(10):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            nxt = int(logits.argmax())
+            expected.append(nxt)
+            seq.append(nxt)
+            if nxt == EOS:
+                break
+        for g in range(2):
+            row = gen.completion_ids[p * 2 + g][gen.completion_mask[p * 2 + g] == 1].tolist()
+            assert row == expected
+
+
+def test_plain_engine_for_other_models_is_unchanged():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)).eval()
+    assert not fast_engine_supported(gpt2)
+    ids, mask = prompts()
+    plain, auto = both(gpt2, ids, mask, group_size=2, max_new_tokens=6, eos_token_id=EOS)
+    assert_same(plain, auto)
+
+
+# ----------------------------------------------------------------------------------------------
+# The update's log-prob forward (prompt padding trimmed, completion trimmed to the longest row,
+# LM head on T columns only, gather minus logsumexp) against the plainest possible computation.
+
+def plain_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Untrimmed: the full padded sequence, full logits, full log-softmax, then gather."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    attn = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+    Lp = prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, Lp - 1:-1].float(), -1)
+    return logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
+
+
+def test_update_loss_and_gradients_equal_plain_full_forward():
+    model = llama(init=0.1).train()
+    ids, mask = prompts(P=4)
+    # Extra all-padding prompt columns and completion columns beyond every row: trimmed away.
+    ids = torch.cat([torch.full((4, 3), PAD), ids], 1)
+    mask = torch.cat([torch.zeros(4, 3, dtype=torch.long), mask], 1)
+    G = 2
+    gen = generate_groups(model, ids, mask, group_size=G, max_new_tokens=8, eos_token_id=[1, 5, 7],
+                          pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    comp = torch.cat([gen.completion_ids, torch.full((8, 4), PAD)], 1)
+    cmask = torch.cat([gen.completion_mask, torch.zeros(8, 4, dtype=torch.long)], 1).float()
+    pids, pmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    ref = torch.randn(8, comp.shape[1]) * 0.1 - 3
+    adv = torch.randn(8)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        lp = fn()
+        loss, _ = algorithm.policy_loss(lp, None, ref, adv, cmask, beta=0.04, num_sequences=8,
+                                        num_tokens=float(cmask.sum()), group_size=G, max_completion_length=12)
+        loss.backward()
+        return lp.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    lp_fast, loss_fast, g_fast = loss_and_grads(
+        lambda: completion_logprobs(model, pids, pmask, comp, cmask)[0])
+    lp_plain, loss_plain, g_plain = loss_and_grads(lambda: plain_logprobs(model, pids, pmask, comp, cmask))
+    torch.testing.assert_close(lp_fast * cmask, lp_plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_fast, loss_plain, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # Generation's own log-probs are the same quantity (fp32 tolerance).
+    torch.testing.assert_close(gen.logprobs, lp_plain[:, :gen.logprobs.shape[1]], atol=1e-5, rtol=0)
