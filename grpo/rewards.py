@@ -127,12 +127,62 @@ class RunningMoments:
         self.count, self.mean, self.m2 = s["count"], s["mean"], s["m2"]
 
 
+# The reward model must score exactly the text the policy produced it from: the prompt formatted as
+# the policy saw it (chat template included) followed by the completion. Training
+# (grpo.reward_model) and scoring (RewardModelScorer) both go through these two functions.
+
+def completion_text(completion) -> str:
+    """A completion as plain text: a string, or the content of a list of (assistant) chat messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and all(isinstance(m, dict) and "content" in m for m in completion):
+        return "".join(str(m["content"]) for m in completion)
+    raise TypeError(f"a completion must be text or a list of chat messages, got {type(completion).__name__}")
+
+
+def reward_model_text(formatted_prompt: str, completion) -> str:
+    """What a reward model reads: the policy's formatted prompt, then the completion, no separator."""
+    return formatted_prompt + completion_text(completion)
+
+
+def encode_for_scoring(tokenizer, texts: list[str], max_length: int, device=None):
+    """Right-padded ids and mask. A long text loses its *start*: the completion at the end is what
+    is being judged, and the score is read at the last real token."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] or [tokenizer.pad_token_id]
+           for t in texts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def prepare_for_scoring(model, tokenizer) -> None:
+    """Give the tokenizer a pad token and tell the model which id it is.
+
+    A causal LM's sequence-classification head (e.g. LlamaForSequenceClassification) reads the
+    score at the rightmost token that is not `config.pad_token_id`; without one it cannot batch.
+    """
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None or model.config.pad_token_id != tokenizer.pad_token_id:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence [B]: the one-label head at the last real token (fp32)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
 class RewardModelScorer:
     """Scores (prompt, completion) text with a one-label sequence classifier, batched, under no_grad.
 
     The reward model sees the same text the policy saw (the formatted prompt followed by the
-    completion). With `normalize`, scores are standardised with running moments over all scores
-    seen so far, so a reward model's arbitrary scale does not dominate a weighted sum.
+    completion, see `reward_model_text`). With `normalize`, scores are standardised with running
+    moments over all scores seen so far, so a reward model's arbitrary scale does not dominate a
+    weighted sum of rewards.
     """
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64,
@@ -142,17 +192,12 @@ class RewardModelScorer:
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise RewardError(f"reward model {path!r}: cannot load it: {e}") from None
         if self.model.config.num_labels != 1:
             raise RewardError(f"reward model {path!r}: expected one label (a scalar score), "
                               f"found num_labels={self.model.config.num_labels}")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        # Scores are read at the last real token; right padding keeps that position simple.
-        self.tokenizer.padding_side = "right"
+        prepare_for_scoring(self.model, self.tokenizer)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.moments = RunningMoments() if normalize else None
         self.__name__ = Path(path).name or path
@@ -161,14 +206,14 @@ class RewardModelScorer:
     def raw_scores(self, texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, add_special_tokens=False)
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            out.append(self.model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(out)
+            ids, mask = encode_for_scoring(self.tokenizer, texts[i:i + self.batch_size], self.max_length,
+                                           self.device)
+            out.append(sequence_scores(self.model, ids, mask).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
 
     def __call__(self, prompts, completions, **_) -> list[float]:
-        scores = self.raw_scores([p + c for p, c in zip(prompts, completions)])
+        # `prompts` are already formatted (grpo.rollout / grpo.evaluate pass the policy's text).
+        scores = self.raw_scores([reward_model_text(p, c) for p, c in zip(prompts, completions)])
         if self.moments is not None:
             self.moments.update(scores)
             scores = (scores - self.moments.mean) / (self.moments.std + 1e-8)
