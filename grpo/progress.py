@@ -101,12 +101,13 @@ class Progress:
         if not self.live:
             self._write(line + "\n")
             return
+        self.status = fit(line, self.width() - 1)
         if "eval_accuracy" in record or "eval_reward" in record:
             # Eval results are rare and worth keeping on screen once the status line moves on.
             evals = "  ".join(f"{k} {record[k]:.3f}" for k in ("eval_reward", "eval_accuracy") if k in record)
-            self.message(f"step {record['step']}: {evals}")
-        self.status = fit(line, self.width() - 1)
-        self._write("\r\x1b[2K" + self.status)
+            self.message(f"step {record['step']}: {evals}")  # prints it, then the new status line
+        else:
+            self._write("\r\x1b[2K" + self.status)
 
     def message(self, text: str) -> None:
         """Print a block of text (one or many lines) without breaking the status line."""

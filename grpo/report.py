@@ -128,7 +128,7 @@ def series(run: Run, key: str, x: str = "step") -> tuple[list[float], list[float
     return xs, ys
 
 
-def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
     """TensorBoard's debiased exponential moving average: RL curves are too noisy to read raw."""
     out, average = [], 0.0
     for i, v in enumerate(values, 1):
@@ -223,7 +223,7 @@ def plot_time_split(fig, runs, colors, x, scale, xlabel) -> None:
         for run in runs:
             _, ys = series(run, key)
             means.append(sum(ys) / len(ys) if ys else 0.0)
-        ax.barh(range(len(runs)), means, left=left, color=color, label=name, height=0.5)
+        ax.barh(range(len(runs)), means, left=left, color=color, label=name, height=0.4)
         left = [a + b for a, b in zip(left, means)]
     ax.set_yticks(range(len(runs)), [r.label for r in runs], fontsize=8)
     ax.set_xlabel("mean seconds per step", fontsize=9)
@@ -242,7 +242,8 @@ def plot_time_split(fig, runs, colors, x, scale, xlabel) -> None:
             stack.append(ys if len(ys) == len(xs) else [0.0] * len(xs))
         if xs:
             ax.stackplot(xs, *stack, labels=[n for _, n in PHASES], colors=phase_colors, alpha=0.85)
-            ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(PHASES),
+                      frameon=False)
         ax.set_title("seconds per step, by phase", fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.set_ylabel("seconds", fontsize=9)
