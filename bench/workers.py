@@ -48,9 +48,31 @@ def run_ours(args) -> dict:
     world = World()
     rows = workload_rows(args)
 
+    import grpo.generation
+    import grpo.rollout
+    timings = {"prefill": 0.0}
+    prefill = grpo.generation._prefill
+
+    def timed_prefill(*a, **k):
+        t = time.perf_counter()
+        try:
+            return prefill(*a, **k)
+        finally:
+            timings["prefill"] += time.perf_counter() - t
+    grpo.generation._prefill = timed_prefill
+    if args.engine != "auto" or args.full_length:
+        gen = grpo.rollout.generate_groups
+
+        def patched(*a, **k):
+            if args.full_length:
+                k["eos_token_id"] = [-1]  # never sampled: every completion runs max_new_tokens
+            return gen(*a, engine=args.engine, **k)
+        grpo.rollout.generate_groups = patched
+
     steps = []
     for step in range(args.warmup + args.steps):
         batch = [rows[(step * args.prompts + i) % len(rows)] for i in range(args.prompts)]
+        timings["prefill"] = 0.0
         t0 = time.perf_counter()
         rollout = collect_rollout(policy, reference, tokenizer, batch, rewards, cfg, generator)
         t1 = time.perf_counter()
@@ -59,7 +81,7 @@ def run_ours(args) -> dict:
         if step >= args.warmup:
             steps.append(dict(total=t2 - t0, generation=rollout.timings["generate"],
                               logprobs=rollout.timings["logprobs"], update=t2 - t1,
-                              other=rollout.timings["score"],
+                              other=rollout.timings["score"], prefill=timings["prefill"],
                               tokens=int(rollout.completion_mask.sum()),
                               gen_cols=int(rollout.completion_ids.shape[1])))
     return dict(system="ours", steps=steps)
@@ -111,7 +133,9 @@ def run_trl(args) -> dict:
         beta=0.04, num_iterations=1, temperature=1.0, learning_rate=1e-6, max_steps=total,
         logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         seed=0, loss_type="grpo", scale_rewards="group", use_vllm=False, shuffle_dataset=False,
-        **trl_version_kwargs(args))
+        **trl_version_kwargs(args),
+        # Same work as ours with --full-length: no EOS before max_completion_length.
+        **({"generation_kwargs": {"min_new_tokens": args.tokens}} if args.full_length else {}))
     trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
 
@@ -187,6 +211,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", default="auto", choices=["auto", "plain"], help="ours: generation engine")
+    ap.add_argument("--full-length", action="store_true",
+                    help="no early EOS: every completion is --tokens long (both systems)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     if args.system == "matmul":

@@ -334,8 +334,10 @@ class _GroupDecoder:
             lay["kc"] = torch.empty(N, self.Hkv, max_new_tokens, self.hd, dtype=dtype, device=device)
             lay["vc"] = torch.empty_like(lay["kc"])
         # Additive mask over the prompt keys: -inf on left padding. [P, 1, 1, Lp]
-        self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=device).masked_fill(
-            prompt_mask == 0, float("-inf"))[:, None, None, :]
+        self.prompt_bias = None
+        if not bool(prompt_mask.all()):
+            self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=device).masked_fill(
+                prompt_mask == 0, float("-inf"))[:, None, None, :]
 
     def keep_groups(self, keep: Tensor) -> None:
         """Drop every group not in `keep` (indices into the current groups)."""
@@ -343,53 +345,51 @@ class _GroupDecoder:
         for lay in self.layers:
             lay["kp"], lay["vp"] = lay["kp"][keep], lay["vp"][keep]
             lay["kc"], lay["vc"] = lay["kc"][rows], lay["vc"][rows]
-        self.prompt_bias = self.prompt_bias[keep]
+        if self.prompt_bias is not None:
+            self.prompt_bias = self.prompt_bias[keep]
 
     def step(self, token: Tensor, position: Tensor, t: int) -> Tensor:
-        """Feed token [B] (B = groups * G) at completion step t; returns next-token logits [B, V]."""
+        """Feed token [B] (B = groups * G) at completion step t; returns next-token logits [B, V].
+
+        Written for few, large ops: on a busy CPU every op costs a scheduling slot whatever its
+        size, so RoPE runs once on q and k together, the softmax scale is folded into q, and the
+        prompt mask is only added when some prompt is padded.
+        """
         model = self.model
         B, G, H, Hkv, rep, hd = token.shape[0], self.G, self.H, self.Hkv, self.rep, self.hd
-        Pa = B // G
-        x = model.model.embed_tokens(token)[:, None, :]                  # [B, 1, D]
-        cos, sin = model.model.rotary_emb(x, position[:, None])         # [B, 1, hd]
-        cos, sin = cos[:, None], sin[:, None]                           # [B, 1, 1, hd]
+        Pa, half = B // G, hd // 2
+        x = model.model.embed_tokens(token)                              # [B, D]
+        cos, sin = model.model.rotary_emb(x, position[:, None])          # [B, 1, hd]
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): exact.
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for lay in self.layers:
-            h = lay["ln1"](x)
-            qkv = torch.nn.functional.linear(h, lay["qkv_w"], lay["qkv_b"])[:, 0]
-            q = qkv[:, :H * hd].view(B, H, 1, hd)
-            k = qkv[:, H * hd:(H + Hkv) * hd].view(B, Hkv, 1, hd)
-            v = qkv[:, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = torch.nn.functional.linear(lay["ln1"](x), lay["qkv_w"], lay["qkv_b"])
+            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            q = qk[:, :H] * self.scale                                   # [B, H, hd]
             kc, vc = lay["kc"], lay["vc"]
-            kc[:, :, t:t + 1] = k
-            vc[:, :, t:t + 1] = v
+            kc[:, :, t] = qk[:, H:]
+            vc[:, :, t] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
             # Queries of a group against its shared prompt: [Pa, Hkv, G*rep, hd] @ [Pa, Hkv, hd, Lp].
             qg = q.view(Pa, G, Hkv, rep, hd).transpose(1, 2).reshape(Pa, Hkv, G * rep, hd)
-            s_p = torch.matmul(qg, lay["kp"].transpose(-1, -2)) * self.scale + self.prompt_bias
-            # Each row against its own completion so far: [B, Hkv, rep, hd] @ [B, Hkv, hd, t+1].
+            s_p = torch.matmul(qg, lay["kp"].transpose(-1, -2))
+            if self.prompt_bias is not None:
+                s_p = s_p + self.prompt_bias
+            # Each row against its own completion so far: [B, Hkv, rep, hd] x [B, Hkv, t+1, hd].
             # (Elementwise multiply-and-sum, not bmm: B*Hkv products of [rep x hd] @ [hd x t+1]
             # are far too small for a matmul kernel to pay for its call.)
-            s_c = (q.view(B, Hkv, rep, 1, hd) * kc[:, :, None, :t + 1]).sum(-1) * self.scale
+            s_c = (q.view(B, Hkv, rep, 1, hd) * kc[:, :, None, :t + 1]).sum(-1)
             s_c = s_c.view(Pa, G, Hkv, rep, t + 1).transpose(1, 2).reshape(Pa, Hkv, G * rep, t + 1)
             p = torch.softmax(torch.cat([s_p, s_c], dim=-1), dim=-1)
             Lp = s_p.shape[-1]
-            o = torch.matmul(p[..., :Lp], lay["vp"])                    # [Pa, Hkv, G*rep, hd]
+            o = torch.matmul(p[..., :Lp], lay["vp"])                     # [Pa, Hkv, G*rep, hd]
             p_c = p[..., Lp:].reshape(Pa, Hkv, G, rep, t + 1).transpose(1, 2).reshape(B, Hkv, rep, t + 1)
-            o_c = (p_c.unsqueeze(-1) * vc[:, :, None, :t + 1]).sum(-2)  # [B, Hkv, rep, hd]
-            o = o.view(Pa, Hkv, G, rep, hd).transpose(1, 2).reshape(B, H * hd) + o_c.reshape(B, H * hd)
-            x = x + lay["o"](o)[:, None, :]
-            h = lay["ln2"](x)
-            gu = torch.nn.functional.linear(h, lay["gu_w"], lay["gu_b"])
-            gate, up = gu.chunk(2, dim=-1)
+            o_c = (p_c.unsqueeze(-1) * vc[:, :, None, :t + 1]).sum(-2)   # [B, Hkv, rep, hd]
+            o = o.view(Pa, Hkv, G, rep, hd).transpose(1, 2).reshape(B, H * hd) + o_c.view(B, H * hd)
+            x = x + lay["o"](o)
+            gate, up = torch.nn.functional.linear(lay["ln2"](x), lay["gu_w"], lay["gu_b"]).chunk(2, dim=-1)
             x = x + lay["down"](lay["act"](gate) * up)
-        x = model.model.norm(x)
-        return model.lm_head(x[:, 0])
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return model.lm_head(model.model.norm(x))
 
 
 def _sample_grouped(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id,
