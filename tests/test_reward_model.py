@@ -14,6 +14,16 @@ from grpo.rewards import RewardModelScorer, reward_model_text
 from grpo.tasks import build_char_tokenizer
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads contend with the other
+    processes and run about 10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loss against hand-worked values
 
@@ -89,6 +99,8 @@ def trained_rm(tmp_path_factory, addition_files):
     sample is right), and a reward model trained on them with `grpo reward-model train`."""
     from grpo.tasks import save_tiny_model
 
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
     d = tmp_path_factory.mktemp("rm")
     base = str(save_tiny_model(d / "base", hidden_size=64, num_layers=2, intermediate_size=256))
     for name, n in (("train", 300), ("heldout", 100)):
@@ -102,6 +114,7 @@ def trained_rm(tmp_path_factory, addition_files):
         output_dir=str(d / "rm"), max_steps=100, batch_size=32, learning_rate=1e-3, eval_steps=50,
         logging_steps=25, max_length=16, seed=0)))
     assert main(["reward-model", "train", "--config", str(config), "--quiet"]) == 0
+    torch.set_num_threads(n_threads)
     return {"dir": d / "rm", "heldout": d / "heldout.jsonl", "base": base}
 
 
@@ -117,7 +130,7 @@ def test_reward_model_reaches_heldout_accuracy(trained_rm):
 def test_save_from_pretrained_identical_scores(trained_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    texts = ["12+34=46", "12+34=47", "5+5=10"]
+    texts = ["12+34=46", "12+34=47", "5+5=10"]  # the texts the scorer builds from prompt + completion
     model = AutoModelForSequenceClassification.from_pretrained(trained_rm["dir"]).eval()
     assert model.config.num_labels == 1
     tok = AutoTokenizer.from_pretrained(trained_rm["dir"])
@@ -128,7 +141,7 @@ def test_save_from_pretrained_identical_scores(trained_rm):
     assert batched == pytest.approx(plain, abs=1e-5)
 
 
-def test_eval_and_score_commands(trained_rm, tmp_path, capsys):
+def test_eval_and_score_commands(trained_rm, tmp_path, capsys, one_thread):
     assert main(["reward-model", "eval", "--set", f"model={trained_rm['dir']}",
                  "--set", f"dataset={trained_rm['heldout']}"]) == 0
     assert "pairwise accuracy" in capsys.readouterr().out
@@ -148,7 +161,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "unknown key 'bogus'" in capsys.readouterr().err
 
 
-def test_grpo_with_reward_model_through_cli(trained_rm, addition_files, tmp_path):
+def test_grpo_with_reward_model_through_cli(trained_rm, addition_files, tmp_path, one_thread):
     out = tmp_path / "grpo"
     rewards = [{"model": str(trained_rm["dir"]), "name": "rm", "normalize": True},
                {"function": "exact_answer", "weight": 0.0}]
