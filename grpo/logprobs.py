@@ -41,9 +41,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_kwarg(model) -> str:
+    """The KV-cache argument of `model.forward`: `cache` in Transformers 5.x, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, temperature: float = 1.0,
-                        compute_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                        compute_entropy: bool = False, share_prompts: bool = True,
+                        entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """log pi(o_t | x, o_<t) for every completion token, from logits divided by `temperature`.
 
     Returns `(logprobs, entropy)`, both float32 [N, T] (entropy is None unless `compute_entropy`):
@@ -52,6 +58,13 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     are finite but meaningless. Padding ids must be valid token ids (the usual pad_token_id).
     Differentiable when called with grad enabled. Does not touch the model's train/eval mode:
     the caller decides whether dropout is on.
+
+    `share_prompts`: rows that repeat the row above's prompt (a GRPO group: G completions of one
+    prompt, consecutive) share one forward pass of that prompt. Its keys/values (with their
+    autograd graph) are handed to each row of the group as a KV cache, and only the completions
+    are run per row: the prompt costs its forward and backward once per group, not G times. The
+    result is the same (fp32 tolerance) as one full forward per row, gradients included.
+    `entropy_grad=False`: the entropy is a detached metric (saves its [N, T, V] autograd buffers).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -73,6 +86,14 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         return logprobs, entropy
     targets = completion_ids[:, :T_used]
 
+    if share_prompts and T_used > 1:
+        rows = torch.cat([prompt_ids, prompt_mask], dim=1)
+        unique, inverse = torch.unique_consecutive(rows, dim=0, return_inverse=True)
+        if 2 * unique.shape[0] <= N:  # worth it: at least two rows per prompt on average
+            Lp = prompt_ids.shape[1]
+            logits = _shared_prompt_logits(model, unique[:, :Lp], unique[:, Lp:], inverse, targets)
+            return _gather_logprobs(logits, targets, temperature, T, compute_entropy, entropy_grad)
+
     # The last completion token predicts nothing we need, so it is not fed: the input is
     # prompt + o_<T, and its last T positions are exactly the ones that predict o_1 .. o_T.
     input_ids = torch.cat([prompt_ids, targets[:, :-1]], dim=1)
@@ -86,7 +107,38 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     if supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = T_used  # the LM head ([hidden x vocab]) runs on T columns only
     logits = model(**kwargs).logits[:, -T_used:]
+    return _gather_logprobs(logits, targets, temperature, T, compute_entropy, entropy_grad)
 
+
+def _shared_prompt_logits(model, prompts: Tensor, masks: Tensor, inverse: Tensor, targets: Tensor) -> Tensor:
+    """Logits [N, T_used, V] predicting `targets`, with each distinct prompt run once.
+
+    Pass 1: the U distinct prompts [U, Lp] (their last position predicts o_1). Pass 2: every row's
+    completion o_<T, attending to its prompt's keys/values, selected out of pass 1's cache by
+    `inverse` (autograd sums the G rows' gradients back into the one prompt pass).
+    """
+    kwarg = cache_kwarg(model)
+    keep = supports_logits_to_keep(model)
+    out = model(input_ids=prompts, attention_mask=masks, position_ids=position_ids_from_mask(masks),
+                use_cache=True, **({"logits_to_keep": 1} if keep else {}))
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    first = out.logits[:, -1:][inverse]                               # [N, 1, V]: predicts o_1
+    cache.batch_select_indices(inverse)                               # U -> N rows (a gather)
+    N, T_used = targets.shape
+    mask = masks[inverse]
+    attention_mask = torch.cat([mask, mask.new_ones(N, T_used - 1)], dim=1)
+    position_ids = mask.sum(-1, keepdim=True) + torch.arange(T_used - 1, device=mask.device)
+    kwargs = {kwarg: cache, **({"logits_to_keep": T_used - 1} if keep else {})}
+    rest = model(input_ids=targets[:, :-1], attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=True, **kwargs).logits[:, -(T_used - 1):]
+    return torch.cat([first, rest], dim=1)
+
+
+def _gather_logprobs(logits: Tensor, targets: Tensor, temperature: float, T: int,
+                     compute_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of `targets` under logits / temperature, right-padded with zeros to T columns."""
+    N, T_used = targets.shape
+    device = logits.device
     # float32 maths whatever the model dtype (bf16 log-probs are too coarse for ratios near 1).
     logits = logits.float() / temperature
     # log_softmax(z)[o] = z[o] - logsumexp(z): gather first, so no [N, T, V] log-prob tensor is
@@ -96,8 +148,13 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     # Assembled with cat (not written into a preallocated tensor) so autograd sees plain ops.
     pad = torch.zeros(N, T - T_used, dtype=torch.float32, device=device)
     logprobs = torch.cat([token_logprobs, pad], dim=1)
+    entropy = None
     if compute_entropy:
-        # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z).
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.cat([lse - (probs * logits).sum(-1), pad], dim=1)
+        # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z). When it is only a
+        # metric (entropy_grad=False) it is computed without grad, so autograd does not keep
+        # [N, T, V] softmax outputs alive until the backward (with a 150k vocabulary, gigabytes).
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            z = logits if entropy_grad else logits.detach()
+            probs = torch.softmax(z, dim=-1)
+            entropy = torch.cat([(lse if entropy_grad else lse.detach()) - (probs * z).sum(-1), pad], dim=1)
     return logprobs, entropy

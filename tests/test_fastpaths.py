@@ -169,3 +169,38 @@ def test_update_loss_and_gradients_equal_plain_full_forward():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     # Generation's own log-probs are the same quantity (fp32 tolerance).
     torch.testing.assert_close(gen.logprobs, lp_plain[:, :gen.logprobs.shape[1]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_forward_equals_one_forward_per_row(arch):
+    """Groups' prompts run once (KV handed to the G rows) vs every row's full forward."""
+    if arch == "llama":
+        model = llama(init=0.1, kv_heads=2).train()
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                           pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None,
+                                           resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).train()
+    ids, mask = prompts(P=3, seed=4)
+    G = 3
+    pids, pmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    g = torch.Generator().manual_seed(1)
+    comp = torch.randint(2, V, (9, 6), generator=g)
+    lengths = torch.tensor([6, 1, 3, 5, 6, 2, 4, 6, 1])
+    cmask = (torch.arange(6) < lengths[:, None]).long()
+    weights = torch.randn(9, 6, generator=g)
+
+    def run(share):
+        model.zero_grad()
+        lp, ent = completion_logprobs(model, pids, pmask, comp, cmask, temperature=0.8,
+                                      compute_entropy=True, share_prompts=share)
+        (lp * cmask * weights).sum().backward()
+        return lp.detach() * cmask, ent * cmask, [p.grad.clone() for p in model.parameters()]
+
+    lp_s, ent_s, g_s = run(True)
+    lp_p, ent_p, g_p = run(False)
+    torch.testing.assert_close(lp_s, lp_p, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_s, ent_p, atol=1e-5, rtol=0)
+    for a, b in zip(g_s, g_p):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
