@@ -78,6 +78,13 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, 
         "grpo": {k: v for k, v in GRPO.items()} | (grpo_overrides or {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from .report import ReportError, write_report
+    try:
+        summary["report"] = str(write_report([out]))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        say(f"[demo] report: {summary['report']}")
+    except ReportError as e:  # e.g. matplotlib (the `report` extra) is not installed
+        say(f"[demo] no report ({e})")
     say(f"[demo] held-out accuracy on {len(heldout_rows)} problems: {summary['accuracy_before']:.1%} -> "
         f"{summary['accuracy_after']:.1%}  (GRPO {summary['train_seconds']:.0f}s, total {summary['total_seconds']:.0f}s)")
     say(f"[demo] summary: {out / 'summary.json'}")

@@ -143,10 +143,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
 
     logger = RunLogger(out, cfg.max_steps, enabled=world.main, quiet=quiet, resume_step=start_step,
                        config=to_dict(cfg))
-    if world.main:
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        if checkpoint is not None:
-            logger.info(f"resumed from {checkpoint} at step {start_step}")
+    # The run's config goes to train_config.json (RunLogger): config.json is the model's.
+    if world.main and checkpoint is not None:
+        logger.info(f"resumed from {checkpoint} at step {start_step}")
 
     def run_eval() -> dict:
         result = evaluate(policy, tokenizer, eval_rows, rewards, prompt_column=cfg.prompt_column,

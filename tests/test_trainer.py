@@ -51,6 +51,8 @@ def test_cli_train_writes_metrics_checkpoints_and_a_loadable_model(tiny_model_di
         assert (ckpt / name).is_file()
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert {"optimizer", "scheduler", "rng", "sampler", "step"} <= set(state) and state["step"] == 2
+    assert json.loads((out / "train_config.json").read_text())["group_size"] == 4
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # the model's, untouched
     model = AutoModelForCausalLM.from_pretrained(out)
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
