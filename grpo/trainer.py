@@ -93,6 +93,10 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
     for name, values in rollout.rewards_per_function.items():
         m[f"rewards/{name}/mean"] = values.mean().item()
         m[f"rewards/{name}/std"] = values.std().item()
+        # Per function too: a continuous reward-model score is almost never tied, while the
+        # verifier beside it may be all-0 or all-1 in most groups.
+        m[f"rewards/{name}/zero_variance_frac"] = \
+            algorithm.zero_variance_groups(values, cfg.group_size).float().mean().item()
     if accuracy_name:
         m["accuracy"] = (rollout.rewards_per_function[accuracy_name] == 1).float().mean().item()
     return m

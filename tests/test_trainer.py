@@ -13,6 +13,7 @@ from grpo.config import TrainConfig, build
 from grpo.trainer import train
 
 METRIC_KEYS = {"step", "reward_mean", "reward_std", "rewards/exact_answer/mean", "rewards/exact_answer/std",
+               "rewards/exact_answer/zero_variance_frac",
                "accuracy", "loss", "kl", "entropy", "clip_frac_low", "clip_frac_high",
                "completion_length_mean", "completion_length_max", "truncated_frac", "zero_variance_frac",
                "seconds_generate", "seconds_score", "seconds_update", "tokens_per_second", "lr", "grad_norm"}
