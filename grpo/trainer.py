@@ -53,7 +53,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 idx = rows[i:i + cfg.micro_batch_size]
                 logprobs, entropy = completion_logprobs(
                     policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                    rollout.completion_mask[idx], temperature, compute_entropy=True)
+                    rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False)
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
                 ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]
