@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import SFTConfig, TrainConfig, build
-from .modeling import load_causal_lm, load_tokenizer
-from .rewards import build_rewards
-from .evaluate import evaluate
 from .sft import train_sft
 from .tasks import addition_problems, save_tiny_model, write_jsonl
 from .trainer import train
@@ -34,6 +32,26 @@ GRPO = dict(max_steps=200, prompts_per_step=32, group_size=8, max_completion_len
             rewards=[{"function": "exact_answer"}])
 
 
+@dataclass
+class WarmStart:
+    sft_dir: Path
+    train_file: Path
+    heldout_file: Path
+    heldout_rows: list
+
+
+def warm_start(out: Path, seed: int, sft_overrides: dict | None = None, log=print) -> WarmStart:
+    """Steps 1-2, shared with the seed pipeline: tiny model, addition data, supervised warm start."""
+    base = save_tiny_model(out / "base", seed=seed)
+    train_rows, heldout_rows = addition_problems(seed=seed)
+    train_file = write_jsonl(train_rows, out / "data" / "train.jsonl", completion=True)
+    heldout_file = write_jsonl(heldout_rows, out / "data" / "heldout.jsonl")
+    sft_cfg = build(SFTConfig, {"model": str(base), "dataset": str(train_file), "output_dir": str(out / "sft"),
+                                "seed": seed, **SFT, **(sft_overrides or {})}, "demo sft")
+    train_sft(sft_cfg, log=log)
+    return WarmStart(out / "sft", train_file, heldout_file, heldout_rows)
+
+
 def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, pipeline: str = "grpo",
              sft_overrides: dict | None = None, grpo_overrides: dict | None = None) -> dict:
     if pipeline == "seed":
@@ -44,18 +62,11 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, 
     start = time.time()
     say = (lambda *a: None) if quiet else print
 
-    say(f"[demo] building the tiny model and the addition data under {out}")
-    base = save_tiny_model(out / "base", seed=seed)
-    train_rows, heldout_rows = addition_problems(seed=seed)
-    train_file = write_jsonl(train_rows, out / "data" / "train.jsonl", completion=True)
-    heldout_file = write_jsonl(heldout_rows, out / "data" / "heldout.jsonl")
-
-    say("[demo] supervised warm start (grpo sft)")
-    sft_cfg = build(SFTConfig, {"model": str(base), "dataset": str(train_file), "output_dir": str(out / "sft"),
-                                "seed": seed, **SFT, **(sft_overrides or {})}, "demo sft")
     t = time.time()
-    train_sft(sft_cfg, log=say if not quiet else (lambda *a: None))
+    say(f"[demo] tiny model, addition data and supervised warm start (grpo sft) under {out}")
+    task = warm_start(out, seed, sft_overrides, log=say)
     sft_seconds = time.time() - t
+    train_file, heldout_file, heldout_rows = task.train_file, task.heldout_file, task.heldout_rows
 
     grpo_cfg = build(TrainConfig, {"model": str(out / "sft"), "dataset": str(train_file),
                                    "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),

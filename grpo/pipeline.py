@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .config import SFTConfig, TrainConfig, build
+from .config import TrainConfig, build
 from .data import format_prompt, load_rows, tokenize_prompts
-from .demo import GRPO, SFT
+from .demo import GRPO, SFT, warm_start
 from .generation import generate_groups
 from .modeling import load_causal_lm, load_tokenizer, pick_device
 from .preferences import PreferenceConfig, make_preferences
 from .reward_model import RewardModelConfig, RewardModelEvalConfig, eval_reward_model, train_reward_model
-from .sft import train_sft
-from .tasks import addition_problems, save_tiny_model, write_jsonl
+from .tasks import write_jsonl
 from .trainer import train
 
 # Preference data: the warm policy sampled at temperature 1 on training prompts (and, for the
@@ -123,16 +122,10 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
     timings = {}
 
     # 1. The tiny model, the addition data and the supervised warm start.
-    say(f"[seed] building the tiny model and the addition data under {out}")
-    base = save_tiny_model(out / "base", seed=seed)
-    train_rows, heldout_rows = addition_problems(seed=seed)
-    train_file = write_jsonl(train_rows, out / "data" / "train.jsonl", completion=True)
-    heldout_file = write_jsonl(heldout_rows, out / "data" / "heldout.jsonl")
-    say("[seed] 1/4 supervised warm start")
+    say(f"[seed] 1/4 tiny model, addition data and supervised warm start under {out}")
     t = time.time()
-    sft_dir = out / "sft"
-    train_sft(build(SFTConfig, {"model": str(base), "dataset": str(train_file), "output_dir": str(sft_dir),
-                                "seed": seed, **SFT, **(sft_overrides or {})}, "seed sft"), log=lambda *a: None)
+    task = warm_start(out, seed, sft_overrides, log=lambda *a: None)
+    sft_dir, train_file, heldout_file, heldout_rows = task.sft_dir, task.train_file, task.heldout_file, task.heldout_rows
     timings["sft"] = time.time() - t
 
     # 2. Preference pairs from the warm policy's own samples.
