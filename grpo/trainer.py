@@ -161,6 +161,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     if eval_rows and start_step == 0 and world.main:
         summary["eval_before"] = run_eval()
         logger.info(f"held-out before training: {summary['eval_before']}")
+        logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
     train_start = time.time()
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()

@@ -133,3 +133,15 @@ def test_sft_command_learns_completion_tokens_only(tiny_model_dir, addition_file
     losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] * 0.7
     assert (out / "model.safetensors").is_file()
+
+
+def test_heldout_evaluation_before_during_after(tiny_model_dir, addition_files, tmp_path):
+    out = train(small(tiny_model_dir, addition_files, tmp_path / "run", eval_dataset=addition_files["heldout"],
+                      eval_max_prompts=20, eval_steps=1), quiet=True)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [0, 1, 2]
+    assert all(0.0 <= l["eval_accuracy"] <= 1.0 for l in lines)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_before"]["eval_accuracy"] == lines[0]["eval_accuracy"]
+    assert summary["eval_after"]["eval_accuracy"] == lines[-1]["eval_accuracy"]  # same weights, same greedy set
+    assert summary["train_seconds"] > 0
