@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CommonConfig, ConfigError, load_config
-from .data import DataError, format_prompt, is_messages, load_rows, require_columns
+from .data import DataError, PromptSampler, format_prompt, is_messages, load_rows, require_columns
 from .modeling import load_tokenizer, make_optimizer, make_scheduler, pick_device, pick_dtype, seed_everything
 from .rewards import (RewardError, completion_text, encode_for_scoring, prepare_for_scoring,
                       reward_model_text, sequence_scores)
@@ -269,7 +269,7 @@ def train_reward_model(cfg: RewardModelConfig, log=print) -> dict:
             f"margin {e['margin']:.3f} loss {e['loss']:.4f}")
         return record
 
-    order, pos = torch.randperm(len(pairs), generator=g).tolist(), 0
+    sampler = PromptSampler(len(pairs), cfg.seed)
     start = time.time()
     history = []
     with (out / "metrics.jsonl").open("w") as metrics:
@@ -281,12 +281,7 @@ def train_reward_model(cfg: RewardModelConfig, log=print) -> dict:
 
         write(run_eval(0) or {"step": 0})
         for step in range(1, cfg.max_steps + 1):
-            batch = []
-            while len(batch) < cfg.batch_size:
-                if pos == len(order):
-                    order, pos = torch.randperm(len(pairs), generator=g).tolist(), 0
-                batch.append(pairs[order[pos]])
-                pos += 1
+            batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
             optimizer.zero_grad(set_to_none=True)
             loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
             for i in range(0, len(batch), cfg.micro_batch_size):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SFTConfig
-from .data import format_prompt, load_rows, require_columns
+from .data import PromptSampler, format_prompt, load_rows, require_columns
 from .modeling import (load_causal_lm, load_tokenizer, make_optimizer, make_scheduler, pick_device,
                        pick_dtype, seed_everything)
 
@@ -62,21 +62,15 @@ def train_sft(cfg: SFTConfig, log=print) -> Path:
     require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
     pairs = encode_pairs(tokenizer, rows, cfg)
     model = load_causal_lm(cfg.model, device, pick_dtype(cfg.dtype, device))
-    optimizer, scheduler = make_optimizer(model, cfg), None
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(len(pairs), generator=g).tolist(), 0
+    sampler = PromptSampler(len(pairs), cfg.seed)
     start = time.time()
     with (out / "metrics.jsonl").open("w") as metrics:
         for step in range(1, cfg.max_steps + 1):
-            batch = []
-            while len(batch) < cfg.batch_size:
-                if pos == len(order):
-                    order, pos = torch.randperm(len(pairs), generator=g).tolist(), 0
-                batch.append(pairs[order[pos]])
-                pos += 1
+            batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
             # Gradient accumulation: the mean over the batch is the mean of equal-sized chunks' means
             # only when chunks carry equal token counts, so weight each chunk by its token share.
             n_tokens = sum(len(c) for _, c in batch)
