@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -6,6 +7,31 @@ import torch
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread, restored afterwards. Models this small gain nothing from intra-op
+    threads, and on a busy 2-core machine every OpenMP barrier can stall for milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Use as `pytestmark = pytest.mark.usefixtures("one_thread_module")`: the whole module."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,7 @@ from grpo.logprobs import completion_logprobs, position_ids_from_mask
 PAD, EOS, V = 0, 1, 19
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def llama(kv_heads=4, init=0.02, seed=0):

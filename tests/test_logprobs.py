@@ -9,14 +9,7 @@ from grpo.tasks import build_tiny_model
 V, PAD, EOS = 19, 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Models this small gain nothing from intra-op threads, and on a busy 2-core machine every
-    # OpenMP barrier can stall for milliseconds: one thread keeps the tests fast and stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_llama():

@@ -3,6 +3,7 @@
 import json
 import random
 
+from conftest import single_thread
 from grpo.preferences import TASKS, pairs_for_prompt
 
 
@@ -26,23 +27,17 @@ def test_reference_answer_stands_in_when_no_sample_is_right():
 
 
 def test_seed_pipeline_end_to_end(tmp_path):
-    import torch
-
     from grpo.pipeline import run_seed_pipeline
 
-    # One intra-op thread: on a shared 2-core machine two threads run about 10x slower.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
     out = tmp_path / "seed"
-    summary = run_seed_pipeline(
-        str(out), quiet=True, sft_overrides=dict(max_steps=10, logging_steps=5),
-        preference_overrides=dict(samples_per_prompt=4, max_completion_length=4),
-        rm_overrides=dict(max_steps=5, eval_steps=5, logging_steps=5),
-        grpo_overrides=dict(max_steps=2, prompts_per_step=2, group_size=4, max_completion_length=4,
-                            eval_steps=0, eval_max_prompts=8, logging_steps=1, report_to=[]),
-        preference_prompts=40, heldout_preference_prompts=10, zero_variance_prompts=4)
-    torch.set_num_threads(n_threads)
+    with single_thread():
+        summary = run_seed_pipeline(
+            str(out), quiet=True, sft_overrides=dict(max_steps=10, logging_steps=5),
+            preference_overrides=dict(samples_per_prompt=4, max_completion_length=4),
+            rm_overrides=dict(max_steps=5, eval_steps=5, logging_steps=5),
+            grpo_overrides=dict(max_steps=2, prompts_per_step=2, group_size=4, max_completion_length=4,
+                                eval_steps=0, eval_max_prompts=8, logging_steps=1, report_to=[]),
+            preference_prompts=40, heldout_preference_prompts=10, zero_variance_prompts=4)
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert 0 <= summary["reward_model"]["heldout_pairwise_accuracy"] <= 1
     assert set(summary["variants"]) == {"beam", "sample"}

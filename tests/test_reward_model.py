@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import single_thread
 from grpo.cli import main
 from grpo.data import DataError
 from grpo.reward_model import bradley_terry_loss, load_preferences
@@ -14,14 +15,6 @@ from grpo.rewards import RewardModelScorer, reward_model_text
 from grpo.tasks import build_char_tokenizer
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contend with the other
-    processes and run about 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,22 +92,20 @@ def trained_rm(tmp_path_factory, addition_files):
     sample is right), and a reward model trained on them with `grpo reward-model train`."""
     from grpo.tasks import save_tiny_model
 
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see one_thread
-    d = tmp_path_factory.mktemp("rm")
-    base = str(save_tiny_model(d / "base", hidden_size=64, num_layers=2, intermediate_size=256))
-    for name, n in (("train", 300), ("heldout", 100)):
-        assert main(["reward-model", "make-preferences", "--quiet", "--set", f"model={base}",
-                     "--set", f"dataset={addition_files[name]}", "--set", f"num_prompts={n}",
-                     "--set", "samples_per_prompt=4", "--set", "max_completion_length=4",
-                     "--set", "closer_pairs_per_prompt=0", "--set", f"output_file={d / name}.jsonl"]) == 0
-    config = d / "rm.yaml"
-    config.write_text(yaml.safe_dump(dict(
-        model=base, dataset=str(d / "train.jsonl"), eval_dataset=str(d / "heldout.jsonl"),
-        output_dir=str(d / "rm"), max_steps=100, batch_size=32, learning_rate=1e-3, eval_steps=50,
-        logging_steps=25, max_length=16, seed=0)))
-    assert main(["reward-model", "train", "--config", str(config), "--quiet"]) == 0
-    torch.set_num_threads(n_threads)
+    with single_thread():
+        d = tmp_path_factory.mktemp("rm")
+        base = str(save_tiny_model(d / "base", hidden_size=64, num_layers=2, intermediate_size=256))
+        for name, n in (("train", 300), ("heldout", 100)):
+            assert main(["reward-model", "make-preferences", "--quiet", "--set", f"model={base}",
+                         "--set", f"dataset={addition_files[name]}", "--set", f"num_prompts={n}",
+                         "--set", "samples_per_prompt=4", "--set", "max_completion_length=4",
+                         "--set", "closer_pairs_per_prompt=0", "--set", f"output_file={d / name}.jsonl"]) == 0
+        config = d / "rm.yaml"
+        config.write_text(yaml.safe_dump(dict(
+            model=base, dataset=str(d / "train.jsonl"), eval_dataset=str(d / "heldout.jsonl"),
+            output_dir=str(d / "rm"), max_steps=100, batch_size=32, learning_rate=1e-3, eval_steps=50,
+            logging_steps=25, max_length=16, seed=0)))
+        assert main(["reward-model", "train", "--config", str(config), "--quiet"]) == 0
     return {"dir": d / "rm", "heldout": d / "heldout.jsonl", "base": base}
 
 
