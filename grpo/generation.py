@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from grpo.group_forward import supported as fast_engine_supported
 from grpo.logprobs import model_device, position_ids_from_mask
 
 STRATEGIES = ("sample", "beam")
@@ -279,24 +280,6 @@ def _gather_beams(x: Tensor, idx: Tensor) -> Tensor:
 #   shared); rows that ended inside a live group ride along, and are never sampled from.
 # The sampling itself is the same code as `_sample` on the same rows in the same order, so under
 # the same generator both paths draw the same tokens (up to fp32 rounding of the logits).
-
-_FAST_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
-def fast_engine_supported(model) -> bool:
-    """Whether `_sample_grouped` can run this model exactly (else the plain HF-cache loop runs)."""
-    cfg = model.config
-    if type(model).__name__ not in _FAST_ARCHS:
-        return False
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return False
-    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
-        return False
-    layer = model.model.layers[0]
-    attn = layer.self_attn
-    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
-        not hasattr(attn, "q_norm") and all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-
 
 def _cat_bias(*linears):
     if all(lin.bias is None for lin in linears):

@@ -20,6 +20,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from . import group_forward
+
 
 def model_device(model) -> torch.device:
     """The device of the model's weights (where every input tensor has to go)."""
@@ -48,7 +50,7 @@ def cache_kwarg(model) -> str:
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, temperature: float = 1.0,
-                        compute_entropy: bool = False, share_prompts: bool = True,
+                        compute_entropy: bool = False, engine: str = "auto",
                         entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """log pi(o_t | x, o_<t) for every completion token, from logits divided by `temperature`.
 
@@ -59,13 +61,18 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     Differentiable when called with grad enabled. Does not touch the model's train/eval mode:
     the caller decides whether dropout is on.
 
-    `share_prompts`: rows that repeat the row above's prompt (a GRPO group: G completions of one
-    prompt, consecutive) share one forward pass of that prompt. Its keys/values (with their
-    autograd graph) are handed to each row of the group as a KV cache, and only the completions
-    are run per row: the prompt costs its forward and backward once per group, not G times. The
-    result is the same (fp32 tolerance) as one full forward per row, gradients included.
+    `engine="auto"`: rows that repeat the row above's prompt (a GRPO group: G completions of one
+    prompt, consecutive) share one forward pass of that prompt, so it costs its forward and
+    backward once per group, not G times. Llama-style models (`group_forward.supported`) run the
+    packed forward of `grpo.group_forward`, which also skips every completion token after the
+    last one the mask counts; other models hand the prompt's keys/values (with their autograd
+    graph) to the G rows as a KV cache. `engine="plain"`: one full forward per row, the reference
+    both are tested against (same results within fp32 tolerance, gradients included).
+    Values are only defined where `completion_mask` is non-zero (elsewhere they may be 0).
     `entropy_grad=False`: the entropy is a detached metric (saves its [N, T, V] autograd buffers).
     """
+    if engine not in ("auto", "plain"):
+        raise ValueError(f"engine must be 'auto' or 'plain', got {engine!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     device = model_device(model)
@@ -79,18 +86,31 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     real_cols = prompt_mask.bool().any(0)
     first = int(real_cols.int().argmax()) if bool(real_cols.any()) else prompt_ids.shape[1]
     prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
-    T_used = int(completion_mask.sum(-1).max()) if N > 0 else 0
+    # Scored columns of each row: up to its last non-zero mask entry.
+    lengths = (completion_mask * torch.arange(1, T + 1, device=device)).amax(-1) if N > 0 and T > 0 \
+        else torch.zeros(N, dtype=torch.long, device=device)
+    T_used = int(lengths.max()) if N > 0 else 0
     logprobs = torch.zeros(N, T, dtype=torch.float32, device=device)
     entropy = torch.zeros(N, T, dtype=torch.float32, device=device) if compute_entropy else None
     if T_used == 0:
         return logprobs, entropy
     targets = completion_ids[:, :T_used]
 
-    if share_prompts and T_used > 1:
+    if engine == "auto":
         rows = torch.cat([prompt_ids, prompt_mask], dim=1)
         unique, inverse = torch.unique_consecutive(rows, dim=0, return_inverse=True)
-        if 2 * unique.shape[0] <= N:  # worth it: at least two rows per prompt on average
-            Lp = prompt_ids.shape[1]
+        Lp = prompt_ids.shape[1]
+        if group_forward.supported(model):
+            packed = group_forward.PackedGroups(unique[:, :Lp], unique[:, Lp:], inverse, targets, lengths)
+            lp, ent = _token_stats(group_forward.scored_logits(model, packed), packed.score_targets,
+                                   temperature, compute_entropy, entropy_grad)
+            # Out-of-place index_copy: autograd carries the gradient back to the scored tokens.
+            where = packed.score_row * T + packed.score_col
+            logprobs = logprobs.view(-1).index_copy(0, where, lp).view(N, T)
+            if compute_entropy:
+                entropy = entropy.view(-1).index_copy(0, where, ent).view(N, T)
+            return logprobs, entropy
+        if T_used > 1 and 2 * unique.shape[0] <= N:  # worth it: at least two rows per prompt on average
             logits = _shared_prompt_logits(model, unique[:, :Lp], unique[:, Lp:], inverse, targets)
             return _gather_logprobs(logits, targets, temperature, T, compute_entropy, entropy_grad)
 
@@ -138,16 +158,22 @@ def _gather_logprobs(logits: Tensor, targets: Tensor, temperature: float, T: int
                      compute_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
     """Log-probs of `targets` under logits / temperature, right-padded with zeros to T columns."""
     N, T_used = targets.shape
-    device = logits.device
+    token_logprobs, token_entropy = _token_stats(logits, targets, temperature, compute_entropy, entropy_grad)
+    # Assembled with cat (not written into a preallocated tensor) so autograd sees plain ops.
+    pad = torch.zeros(N, T - T_used, dtype=torch.float32, device=logits.device)
+    entropy = torch.cat([token_entropy, pad], dim=1) if compute_entropy else None
+    return torch.cat([token_logprobs, pad], dim=1), entropy
+
+
+def _token_stats(logits: Tensor, targets: Tensor, temperature: float, compute_entropy: bool,
+                 entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """log-prob of each target [...] under logits [..., V] / temperature, and the entropy."""
     # float32 maths whatever the model dtype (bf16 log-probs are too coarse for ratios near 1).
     logits = logits.float() / temperature
     # log_softmax(z)[o] = z[o] - logsumexp(z): gather first, so no [N, T, V] log-prob tensor is
     # ever materialised next to the logits (the vocabulary can be 150k wide).
     lse = torch.logsumexp(logits, dim=-1)
     token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    # Assembled with cat (not written into a preallocated tensor) so autograd sees plain ops.
-    pad = torch.zeros(N, T - T_used, dtype=torch.float32, device=device)
-    logprobs = torch.cat([token_logprobs, pad], dim=1)
     entropy = None
     if compute_entropy:
         # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z). When it is only a
@@ -156,5 +182,5 @@ def _gather_logprobs(logits: Tensor, targets: Tensor, temperature: float, T: int
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             z = logits if entropy_grad else logits.detach()
             probs = torch.softmax(z, dim=-1)
-            entropy = torch.cat([(lse if entropy_grad else lse.detach()) - (probs * z).sum(-1), pad], dim=1)
-    return logprobs, entropy
+            entropy = (lse if entropy_grad else lse.detach()) - (probs * z).sum(-1)
+    return token_logprobs, entropy

@@ -5,8 +5,10 @@
   same seed, the same masks, log-probs equal within fp32 tolerance, also with left padding,
   grouped-query attention, qkv biases (Qwen2), top-k/top-p, temperature and early EOS.
 - Greedy decoding through the group engine equals a plain uncached argmax loop.
-- The trimmed log-prob forward used by the update against a plain untrimmed full forward with a
-  full log-softmax: the same log-probs, the same GRPO loss and the same gradients.
+- The log-prob forward used by the update (`grpo.group_forward`'s packed forward for Llama-style
+  models, the KV-cache hand-over for others) against a plain untrimmed full forward with a full
+  log-softmax: the same log-probs, entropy, GRPO loss and gradients, also when a micro-batch cuts
+  groups, rows are not scored at all, or the mask has holes.
 """
 
 import pytest
@@ -166,11 +168,14 @@ def test_update_loss_and_gradients_equal_plain_full_forward():
     torch.testing.assert_close(gen.logprobs, lp_plain[:, :gen.logprobs.shape[1]], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_shared_prompt_forward_equals_one_forward_per_row(arch):
-    """Groups' prompts run once (KV handed to the G rows) vs every row's full forward."""
+    """Groups' prompts run once vs every row's full forward: the packed group forward (Llama,
+    Qwen2 with qkv biases and grouped-query attention) and the KV-cache hand-over (GPT-2)."""
     if arch == "llama":
         model = llama(init=0.1, kv_heads=2).train()
+    elif arch == "qwen2":
+        model = qwen2().train()
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
         torch.manual_seed(0)
@@ -189,7 +194,7 @@ def test_shared_prompt_forward_equals_one_forward_per_row(arch):
     def run(share):
         model.zero_grad()
         lp, ent = completion_logprobs(model, pids, pmask, comp, cmask, temperature=0.8,
-                                      compute_entropy=True, share_prompts=share)
+                                      compute_entropy=True, engine="auto" if share else "plain")
         (lp * cmask * weights).sum().backward()
         return lp.detach() * cmask, ent * cmask, [p.grad.clone() for p in model.parameters()]
 
@@ -198,4 +203,37 @@ def test_shared_prompt_forward_equals_one_forward_per_row(arch):
     torch.testing.assert_close(lp_s, lp_p, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent_s, ent_p, atol=1e-5, rtol=0)
     for a, b in zip(g_s, g_p):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_forward_with_uneven_groups_and_unscored_rows():
+    """A micro-batch that cuts groups (3, 2 and 1 rows of three prompts), rows whose mask is all
+    zero, rows of one token, and a mask with holes: every scored token equals the plain forward,
+    gradients included; nothing is NaN."""
+    from grpo import group_forward
+    model = llama(init=0.1, kv_heads=2).train()
+    assert group_forward.supported(model)
+    ids, mask = prompts(P=3, seed=7)
+    pids, pmask = ids[[0, 0, 0, 1, 1, 2]], mask[[0, 0, 0, 1, 1, 2]]
+    g = torch.Generator().manual_seed(3)
+    comp = torch.randint(2, V, (6, 7), generator=g)
+    lengths = torch.tensor([7, 0, 1, 4, 0, 5])
+    cmask = (torch.arange(7) < lengths[:, None]).float()
+    cmask[3, 1] = 0  # a hole: column 1 of row 3 is not counted, column 3 still is
+    weights = torch.randn(6, 7, generator=g)
+
+    def run(engine):
+        model.zero_grad()
+        lp, ent = completion_logprobs(model, pids, pmask, comp, cmask, temperature=1.3,
+                                      compute_entropy=True, engine=engine)
+        (lp * cmask * weights).sum().backward()
+        return lp.detach(), ent, [p.grad.clone() for p in model.parameters()]
+
+    lp_a, ent_a, g_a = run("auto")
+    lp_p, ent_p, g_p = run("plain")
+    m = cmask.bool()
+    assert torch.isfinite(lp_a).all() and torch.isfinite(ent_a).all()
+    torch.testing.assert_close(lp_a[m], lp_p[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_a[m], ent_p[m], atol=1e-5, rtol=0)
+    for a, b in zip(g_a, g_p):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

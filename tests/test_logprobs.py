@@ -125,7 +125,7 @@ def test_rejects_bad_temperature():
 
 def test_mask_is_only_a_loss_mask():
     """A float mask with one row zeroed (a truncated completion kept out of the loss) changes
-    nothing for the other rows, and the zeroed row still gets its true log-probs."""
+    nothing for the other rows; the zeroed row is not scored at all (zeros, no NaN)."""
     model = tiny_llama()
     prompt_ids, prompt_mask, completion_ids, completion_mask = make_batch()
     zeroed = completion_mask.float()
@@ -133,5 +133,6 @@ def test_mask_is_only_a_loss_mask():
     with torch.no_grad():
         full, _ = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         part, _ = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, zeroed)
-    m = completion_mask.bool()
+    m = zeroed.bool()
     torch.testing.assert_close(part[m], full[m], atol=1e-5, rtol=0)
+    assert torch.isfinite(part).all() and not part[2].any() and full[2].any()

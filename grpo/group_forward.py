@@ -1,0 +1,171 @@
+"""The scoring forward written for groups: log-prob logits of G completions per prompt, packed.
+
+`completion_logprobs` needs, for every completion token it will score, the logits that predict
+it: for the policy in the update (with grad) and for pi_ref / pi_old (without). Run through
+`model(...)` on a padded batch [N, Lp + T], that costs
+
+- the prompt G times (every row of a group carries the same prompt), and
+- every row padded to the longest completion: with EOS at ~12 of 16 tokens, a quarter of the
+  completion columns are padding whose forward and backward are paid for and thrown away.
+
+Here, for Llama-style decoders (the models `supported` accepts), one forward runs over a packed
+token list instead: each distinct prompt once, then each row's completion tokens up to the last
+one that is scored, nothing else. Every projection and MLP (all but a few percent of the FLOPs)
+runs on that list. Attention alone uses a padded layout, grouped by prompt: the queries of a
+group's completions attend to that group's prompt keys with one batched matmul, and to their own
+row's earlier completion tokens; one softmax spans both. Gradients flow through all of it, so
+the prompt's forward and backward are paid once per group.
+
+Same numbers as `model(...)` on the padded batch (fp32 tolerance; tests/test_fastpaths.py checks
+log-probs, entropy and gradients against it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def supported(model) -> bool:
+    """Whether the hand-written Llama-style forwards (this module's, and generation's group
+    decoder) compute exactly what this model's own forward does."""
+    cfg = model.config
+    if type(model).__name__ not in _ARCHS:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    if model.training and getattr(cfg, "attention_dropout", 0.0):
+        return False  # attention dropout is not implemented here
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
+        not hasattr(attn, "q_norm") and all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in Hugging Face's convention (rotate_half): x [M, H, hd], cos/sin [M, 1, hd]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class PackedGroups:
+    """Where every token of a packed batch sits: the index bookkeeping, computed once per call.
+
+    prompts/prompt_mask [U, Lp]: the distinct prompts, left-padded. inverse [N]: each row's prompt
+    (rows of one prompt are consecutive). targets [N, T]: completion tokens. lengths [N]: how many
+    leading completion tokens of each row are scored (0 .. T).
+
+    Packed order: the U*Lp prompt tokens (padding included: U*Lp is small and a fixed layout makes
+    the prompt's attention a plain view), then row 0's fed completion tokens, row 1's, ... Row i
+    feeds lengths[i] - 1 of them: its last scored token predicts nothing that is needed.
+    """
+
+    def __init__(self, prompts: Tensor, prompt_mask: Tensor, inverse: Tensor, targets: Tensor, lengths: Tensor):
+        device = prompts.device
+        U, Lp = prompts.shape
+        N, T = targets.shape
+        self.U, self.Lp, self.N, self.T = U, Lp, N, T
+        fed = (lengths - 1).clamp(min=0)                                 # completion tokens fed per row
+        self.Tc = max(int(fed.max()), 1) if N else 1
+        # Each row's slot in its group: rows of prompt u are consecutive, slot = rank among them.
+        counts = torch.bincount(inverse, minlength=U)
+        self.Gmax = max(int(counts.max()), 1)
+        group_start = torch.cumsum(counts, 0) - counts
+        slot = inverse * self.Gmax + (torch.arange(N, device=device) - group_start[inverse])
+
+        # Fed completion tokens: (row, column) pairs in packed order.
+        col = torch.arange(self.Tc, device=device)
+        feeds = col[None, :] < fed[:, None]                              # [N, Tc]
+        row_of, col_of = feeds.nonzero(as_tuple=True)
+        prompt_len = prompt_mask.sum(-1)
+        self.input_ids = torch.cat([prompts.reshape(-1), targets[row_of, col_of]])
+        self.position_ids = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0).reshape(-1),
+                                       prompt_len[inverse][row_of] + col_of])
+        # Where each fed token goes in the attention layout [U * Gmax * Tc].
+        self.layout_index = slot[row_of] * self.Tc + col_of
+        # Additive masks: prompt keys that are padding; and causal within a row's completion.
+        neg = torch.finfo(torch.float32).min
+        key_pad = prompt_mask == 0                                       # [U, Lp]
+        causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
+        # A padding query would see no real key at all (softmax of nothing): it sees itself.
+        allowed = causal & (~key_pad[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device))
+        self.prompt_self_bias = torch.zeros(U, 1, Lp, Lp, device=device).masked_fill(~allowed[:, None], neg)
+        self.prompt_key_bias = torch.zeros(U, 1, 1, Lp, device=device).masked_fill(key_pad[:, None, None], neg)
+        self.completion_bias = torch.zeros(self.Tc, self.Tc, device=device).masked_fill(
+            ~torch.ones(self.Tc, self.Tc, dtype=torch.bool, device=device).tril(), neg)
+
+        # The hidden states that predict scored token t of row i: the prompt's last position for
+        # t = 0, fed completion token t - 1 otherwise. `score_index` picks them out of the packed
+        # list; (score_row, score_col) is where each lands in the [N, T] result.
+        scored = torch.arange(T, device=device)[None, :] < lengths[:, None]
+        srow, scol = scored.nonzero(as_tuple=True)
+        fed_start = torch.cumsum(fed, 0) - fed                           # packed offset of each row
+        from_prompt = inverse[srow] * Lp + (Lp - 1)
+        from_completion = U * Lp + fed_start[srow] + scol - 1
+        self.score_index = torch.where(scol == 0, from_prompt, from_completion)
+        self.score_row, self.score_col = srow, scol
+        self.score_targets = targets[srow, scol]
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) -> Tensor:
+    """q [M, H, hd], k/v [M, Hkv, hd] in packed order -> attention output [M, H * hd]."""
+    M, H, hd = q.shape
+    rep = H // k.shape[1]
+    if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
+    dtype = q.dtype
+    n_prompt = U * Lp
+
+    def heads_first(x):  # [U * L, H, hd] -> [U, H, L, hd]
+        return x.reshape(U, -1, H, hd).transpose(1, 2)
+
+    q = q * scale
+    qp, kp, vp = heads_first(q[:n_prompt]), heads_first(k[:n_prompt]), heads_first(v[:n_prompt])
+    # The prompts: causal self-attention within each prompt.
+    sp = torch.matmul(qp, kp.transpose(-1, -2)) + pk.prompt_self_bias
+    out_prompt = torch.matmul(torch.softmax(sp, dim=-1, dtype=torch.float32).to(dtype), vp)
+    out_prompt = out_prompt.transpose(1, 2).reshape(n_prompt, H * hd)
+
+    # The completions, scattered into [U, Gmax * Tc] (empty slots stay zero and are never read).
+    def layout(x):
+        return x.new_zeros(U * Gmax * Tc, H, hd).index_copy(0, pk.layout_index, x[n_prompt:])
+    qc, kc, vc = layout(q), layout(k), layout(v)
+    qg = qc.view(U, Gmax * Tc, H, hd).transpose(1, 2)                    # [U, H, Gmax*Tc, hd]
+    s_prompt = torch.matmul(qg, kp.transpose(-1, -2)) + pk.prompt_key_bias   # [U, H, Gmax*Tc, Lp]
+    qr = qc.view(U * Gmax, Tc, H, hd).transpose(1, 2)                    # [U*Gmax, H, Tc, hd]
+    kr, vr = kc.view(U * Gmax, Tc, H, hd).transpose(1, 2), vc.view(U * Gmax, Tc, H, hd).transpose(1, 2)
+    s_own = torch.matmul(qr, kr.transpose(-1, -2)) + pk.completion_bias     # [U*Gmax, H, Tc, Tc]
+    s_own = s_own.view(U, Gmax, H, Tc, Tc).transpose(1, 2).reshape(U, H, Gmax * Tc, Tc)
+    p = torch.softmax(torch.cat([s_prompt, s_own], dim=-1), dim=-1, dtype=torch.float32).to(dtype)
+    o = torch.matmul(p[..., :Lp], vp)                                    # [U, H, Gmax*Tc, hd]
+    p_own = p[..., Lp:].reshape(U, H, Gmax, Tc, Tc).transpose(1, 2).reshape(U * Gmax, H, Tc, Tc)
+    o = o + torch.matmul(p_own, vr).view(U, Gmax, H, Tc, hd).transpose(1, 2).reshape(U, H, Gmax * Tc, hd)
+    out_completion = o.transpose(1, 2).reshape(U * Gmax * Tc, H * hd).index_select(0, pk.layout_index)
+    return torch.cat([out_prompt, out_completion])
+
+
+def scored_logits(model, pk: PackedGroups) -> Tensor:
+    """Logits [K, V] predicting `pk.score_targets` (K scored tokens), from one packed forward."""
+    base = model.model
+    cfg = model.config
+    H = cfg.num_attention_heads
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    x = base.embed_tokens(pk.input_ids)                                  # [M, D]
+    cos, sin = base.rotary_emb(x[None], pk.position_ids[None])          # [1, M, hd]
+    cos, sin = cos[0, :, None], sin[0, :, None]
+    M = x.shape[0]
+    for layer in base.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = _rotate(a.q_proj(h).view(M, H, hd), cos, sin)
+        k = _rotate(a.k_proj(h).view(M, Hkv, hd), cos, sin)
+        v = a.v_proj(h).view(M, Hkv, hd)
+        x = x + a.o_proj(_attention(q, k, v, pk, getattr(a, "scaling", hd ** -0.5)))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(base.norm(x.index_select(0, pk.score_index)))
