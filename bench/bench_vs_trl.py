@@ -39,7 +39,8 @@ def run_worker(python: str, system: str, extra: list[str], timeout: float = 1800
     raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def summarise(results: list[dict]) -> dict:
+def summarise(results: list[dict], dims: dict | None = None, group: int = 8) -> dict:
+    """Medians over every measured step; with `dims`, also the step's FLOP/s (see step_flops)."""
     steps = [s for r in results for s in r["steps"]]
     med = lambda k: statistics.median(s[k] for s in steps)  # noqa: E731
     totals = [s["total"] for s in steps]
@@ -48,7 +49,13 @@ def summarise(results: list[dict]) -> dict:
                 generation=med("generation"), logprobs=med("logprobs"), update=med("update"),
                 tokens_per_s=(statistics.median(tokens) / statistics.median(totals)) if tokens else float("nan"),
                 tokens=statistics.median(tokens) if tokens else float("nan"),
-                peak_rss_mib=max(r["peak_rss_mib"] for r in results))
+                peak_rss_mib=max(r["peak_rss_mib"] for r in results),
+                **({} if dims is None else dict(
+                    flops=statistics.median(step_flops(dims, s["prompt_lengths"], group, s["lengths"])["total"]
+                                            for s in steps),
+                    flops_per_s=statistics.median(
+                        step_flops(dims, s["prompt_lengths"], group, s["lengths"])["total"] / s["total"]
+                        for s in steps))))
 
 
 def main(argv=None) -> None:
@@ -97,23 +104,23 @@ def report(raw: dict, models: dict, args) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for size, by_system in raw.items():
         matmul = statistics.median(m["flops_per_s"] for m in by_system["matmul"])
-        # The work both systems do, counted the efficient way (Lp = 6: "ab+cd=" is the longest
-        # prompt of a batch of the addition task; T = 16).
-        flops = step_flops(model_dims(models[size]), 4, 8, 6, 16)["total"]
-        sums = {k: summarise(v) for k, v in by_system.items() if k != "matmul" and v}
+        dims = model_dims(models[size])
+        sums = {k: summarise(v, dims) for k, v in by_system.items() if k != "matmul" and v}
         for system, s in sums.items():
             ratio = (sums["trl"]["median"] / s["median"]) if "trl" in sums and system == "ours" else None
-            achieved = flops / s["median"]
+            achieved = s["flops_per_s"]
             lines.append(
                 f"| {size} | {system} | {s['median']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
                 f"{s['generation']:.3f} | {s['logprobs']:.3f} | {s['update']:.3f} | {s['tokens_per_s']:.0f} | "
                 f"{s['peak_rss_mib']:.0f} | {'%.2fx' % ratio if ratio else ''} | "
                 f"{achieved / 1e9:.1f} G | {100 * achieved / matmul:.0f}% |")
         lines.append(f"| {size} | matmul 2048^2 fp32 | | | | | | | | | {matmul / 1e9:.1f} G | 100% |")
-    lines += ["", "Step FLOPs (analytic, matmuls incl. attention; prompt prefilled once per group; "
-              "update = 3x forward): " + ", ".join(
-                  f"{size}: {step_flops(model_dims(models[size]), 4, 8, 6, 16)['total'] / 1e9:.1f} GFLOP"
-                  for size in raw)]
+    lines += ["", "FLOP/s = the step's necessary matmul FLOPs (bench/common.py `step_flops`: the sampled "
+              "completions up to EOS, each prompt once per group, generation + reference forward + "
+              "forward and backward = 5 forwards, attention included) / its time; median over steps. "
+              "Median necessary work per step: " + ", ".join(
+                  f"{size}: {summarise(v['ours'], model_dims(models[size]))['flops'] / 1e9:.1f} GFLOP"
+                  for size, v in raw.items() if v["ours"])]
     return "\n".join(lines)
 
 

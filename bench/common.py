@@ -79,14 +79,24 @@ def forward_flops(dims: dict, rows: int, new: int, past: int = 0) -> float:
     return linear + attention
 
 
-def step_flops(dims: dict, P: int, G: int, Lp: int, T: int) -> dict[str, float]:
-    """The work of one GRPO step (one update per rollout, beta > 0), with the group structure used
-    the efficient way: prompt prefilled once per prompt, T decode steps of P*G rows, one reference
-    forward and one policy forward+backward (backward = 2x forward) over prompt + completion - 1."""
-    N = P * G
-    gen = forward_flops(dims, P, Lp) + sum(forward_flops(dims, N, 1, Lp + t) for t in range(T - 1))
-    seq = forward_flops(dims, N, Lp + T - 1)
-    return {"generation": gen, "logprobs": seq, "update": 3 * seq, "total": gen + 4 * seq}
+def step_flops(dims: dict, prompt_lengths: list[int], G: int, lengths: list[int]) -> dict[str, float]:
+    """The FLOPs one GRPO step cannot do without (one update per rollout, beta > 0), for the
+    completions that were actually sampled: rows p*G .. p*G+G-1 belong to prompt p, whose real
+    (unpadded) length is prompt_lengths[p]; row i has lengths[i] tokens up to and including EOS.
+
+    One forward over the work is: each prompt once (its G completions share it), and each row's
+    completion tokens but the last (which predicts nothing). Generation runs exactly that forward
+    (prefill + decode steps), the reference scores it once, the update runs it forward and
+    backward (backward = 2x forward). Padding, a prompt repeated G times and tokens after EOS are
+    not counted: a system that computes them does more work than the step needs, and is charged
+    for it as lower FLOP/s.
+    """
+    fwd = 0.0
+    for p, Lp in enumerate(prompt_lengths):
+        fwd += forward_flops(dims, 1, Lp)
+        for n in lengths[p * G:(p + 1) * G]:
+            fwd += forward_flops(dims, 1, max(n - 1, 0), Lp)
+    return {"generation": fwd, "logprobs": fwd, "update": 3 * fwd, "total": 5 * fwd}
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:

@@ -83,7 +83,9 @@ def run_ours(args) -> dict:
                               logprobs=rollout.timings["logprobs"], update=t2 - t1,
                               other=rollout.timings["score"], prefill=timings["prefill"],
                               tokens=int(rollout.completion_mask.sum()),
-                              gen_cols=int(rollout.completion_ids.shape[1])))
+                              gen_cols=int(rollout.completion_ids.shape[1]),
+                              prompt_lengths=rollout.prompt_mask[::args.group].sum(1).tolist(),
+                              lengths=rollout.lengths.tolist()))
     return dict(system="ours", steps=steps)
 
 
@@ -149,13 +151,16 @@ def run_trl(args) -> dict:
         else "_get_per_token_logps"
     setattr(trainer, lp_name, timer.wrap("logprobs", getattr(trainer, lp_name)))
     trainer.compute_loss = timer.wrap("loss", trainer.compute_loss)
-    # Completion tokens per step, from the batch TRL builds (mask 1 up to and including EOS).
-    token_counts: list[int] = []
+    # Completion and prompt lengths per step, from the batch TRL builds (completion mask 1 up to
+    # and including EOS; prompt mask 1 on real prompt tokens).
+    batches: list[dict] = []
     build = trainer._generate_and_score_completions
 
     def counted(*a, **k):
         out = build(*a, **k)
-        token_counts.append(int(out["completion_mask"].sum()))
+        batches.append(dict(tokens=int(out["completion_mask"].sum()),
+                            prompt_lengths=out["prompt_mask"][::args.group].sum(1).tolist(),
+                            lengths=out["completion_mask"].sum(1).tolist()))
         return out
     trainer._generate_and_score_completions = counted
 
@@ -171,7 +176,7 @@ def run_trl(args) -> dict:
             if state.global_step > args.warmup:
                 gen, lp = timer.buckets.get("generation", 0.0), timer.buckets.get("logprobs", 0.0)
                 steps.append(dict(total=dt, generation=gen, logprobs=lp, update=dt - gen - lp,
-                                  tokens=token_counts[-1] if token_counts else -1, gen_cols=args.tokens))
+                                  gen_cols=args.tokens, **batches[-1]))
 
     trainer.add_callback(Clock())
     trainer.train()
