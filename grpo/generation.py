@@ -160,7 +160,7 @@ def _mask_through_eos(completion_ids: Tensor, eos_ids: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Beam search.
 
-def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id) -> Generation:
+def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id, fast: bool) -> Generation:
     """Beam search of width G, batched over prompts; score = sum of token log-probs at T = 1.
 
     The textbook algorithm (Hugging Face's with `length_penalty=0, early_stopping="never"`, which
@@ -171,6 +171,10 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
     penalty, so a score only goes down as a hypothesis grows: once the G-th best finished score is
     >= the best alive score nothing can change and the prompt is done. At max_new_tokens the G
     best of finished + alive are returned, best first (alive ones are truncated).
+
+    `fast`: the G beams of a prompt run on the group decoder (`_GroupDecoder`): the prompt's
+    keys/values are kept once per prompt, and reordering the beams moves only their completion
+    keys/values. The search itself is the same code either way.
     """
     device = prompt_ids.device
     P, L = prompt_ids.shape[0], max_new_tokens
@@ -178,7 +182,12 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
     fwd = _forward_args(model)
 
     logits, cache, next_pos = _prefill(model, fwd, prompt_ids, prompt_mask)
-    cache.batch_repeat_interleave(G)
+    if fast:
+        dec = _GroupDecoder(model, cache, prompt_mask, G, max_new_tokens)
+        next_pos = next_pos.squeeze(-1)
+        del cache
+    else:
+        cache.batch_repeat_interleave(G)
     logits = logits.repeat_interleave(G, dim=0)
     next_pos = next_pos.repeat_interleave(G, dim=0)
     attention_mask = prompt_mask.repeat_interleave(G, dim=0)
@@ -226,10 +235,14 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
             break
         # Each alive beam continues from its parent's cache (rows are p * G + g).
         beam_idx = (parent + torch.arange(P, device=device).unsqueeze(1) * G).view(-1)
-        cache.reorder_cache(beam_idx)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(P * G, 1)], dim=1)
-        logits, cache = _forward(model, fwd, alive_ids[:, :, t].reshape(-1, 1), attention_mask,
-                                 next_pos, cache)
+        if fast:
+            dec.reorder_rows(beam_idx, t)
+            logits = dec.step(alive_ids[:, :, t].reshape(-1), next_pos, t)
+        else:
+            cache.reorder_cache(beam_idx)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(P * G, 1)], dim=1)
+            logits, cache = _forward(model, fwd, alive_ids[:, :, t].reshape(-1, 1), attention_mask,
+                                     next_pos, cache)
         next_pos = next_pos + 1
 
     # The G best of finished + alive, best first; on a tie the finished one (listed first) wins.
@@ -275,18 +288,13 @@ def _gather_beams(x: Tensor, idx: Tensor) -> Tensor:
 #   keys/values are read once per group per step, not G times;
 # - the completion keys/values go into a cache preallocated for max_new_tokens (no torch.cat
 #   per step and layer);
-# - q/k/v and gate/up projections run as one matmul each (weights concatenated once per call);
+# - RoPE runs once on q and k together. (The projections stay separate matmuls on the model's
+#   own weights: with q/k/v and gate/up weights concatenated into one matmul each, decoding the
+#   30M benchmark model was ~15% slower on this CPU: wide matmuls at 32 rows run slower per FLOP.)
 # - finished groups are dropped from the batch (a group, not a row, so the prompt cache stays
 #   shared); rows that ended inside a live group ride along, and are never sampled from.
 # The sampling itself is the same code as `_sample` on the same rows in the same order, so under
 # the same generator both paths draw the same tokens (up to fp32 rounding of the logits).
-
-def _cat_bias(*linears):
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                      for lin in linears])
-
 
 class _GroupDecoder:
     """Decode state of one `generate_groups` call: shared prompt KV, preallocated completion KV."""
@@ -304,10 +312,8 @@ class _GroupDecoder:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(dict(
                 ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
-                qkv_w=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                qkv_b=_cat_bias(a.q_proj, a.k_proj, a.v_proj), o=a.o_proj,
-                gu_w=torch.cat([m.gate_proj.weight, m.up_proj.weight]), gu_b=_cat_bias(m.gate_proj, m.up_proj),
-                down=m.down_proj, act=m.act_fn,
+                q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+                gate=m.gate_proj, up=m.up_proj, down=m.down_proj, act=m.act_fn,
                 # Prompt keys/values as the prefill left them (RoPE applied): [P, Hkv, Lp, hd].
                 kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
         P = prompt_mask.shape[0]
@@ -331,6 +337,13 @@ class _GroupDecoder:
         if self.prompt_bias is not None:
             self.prompt_bias = self.prompt_bias[keep]
 
+    def reorder_rows(self, rows: Tensor, t: int) -> None:
+        """Row r continues from row rows[r] (within its group): the completion keys/values of the
+        t tokens fed so far move with it; the group's prompt keys/values are untouched."""
+        for lay in self.layers:
+            lay["kc"][:, :, :t] = lay["kc"][rows, :, :t]
+            lay["vc"][:, :, :t] = lay["vc"][rows, :, :t]
+
     def step(self, token: Tensor, position: Tensor, t: int) -> Tensor:
         """Feed token [B] (B = groups * G) at completion step t; returns next-token logits [B, V].
 
@@ -346,13 +359,13 @@ class _GroupDecoder:
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): exact.
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for lay in self.layers:
-            qkv = torch.nn.functional.linear(lay["ln1"](x), lay["qkv_w"], lay["qkv_b"])
-            qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd)
+            h = lay["ln1"](x)
+            qk = torch.cat([lay["q"](h), lay["k"](h)], dim=-1).view(B, H + Hkv, hd)
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             q = qk[:, :H] * self.scale                                   # [B, H, hd]
             kc, vc = lay["kc"], lay["vc"]
             kc[:, :, t] = qk[:, H:]
-            vc[:, :, t] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
+            vc[:, :, t] = lay["v"](h).view(B, Hkv, hd)
             # Queries of a group against its shared prompt: [Pa, Hkv, G*rep, hd] @ [Pa, Hkv, hd, Lp].
             qg = q.view(Pa, G, Hkv, rep, hd).transpose(1, 2).reshape(Pa, Hkv, G * rep, hd)
             s_p = torch.matmul(qg, lay["kp"].transpose(-1, -2))
@@ -370,8 +383,8 @@ class _GroupDecoder:
             o_c = (p_c.unsqueeze(-1) * vc[:, :, None, :t + 1]).sum(-2)   # [B, Hkv, rep, hd]
             o = o.view(Pa, Hkv, G, rep, hd).transpose(1, 2).reshape(B, H * hd) + o_c.view(B, H * hd)
             x = x + lay["o"](o)
-            gate, up = torch.nn.functional.linear(lay["ln2"](x), lay["gu_w"], lay["gu_b"]).chunk(2, dim=-1)
-            x = x + lay["down"](lay["act"](gate) * up)
+            h = lay["ln2"](x)
+            x = x + lay["down"](lay["act"](lay["gate"](h)) * lay["up"](h))
         return model.lm_head(model.model.norm(x))
 
 
@@ -455,9 +468,9 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
     temperature 1 with no length penalty, its G best distinct hypotheses best first. It is
     deterministic and ignores temperature, top_p, top_k and generator.
 
-    `engine`: "auto" runs sampling on the group engine (`_sample_grouped`) for Llama-style models
-    and on the plain HF-cache loop otherwise; "plain" forces the plain loop (the reference the
-    tests compare the group engine with).
+    `engine`: "auto" runs Llama-style models on the group engine (`_GroupDecoder`: sampling in
+    `_sample_grouped`, beam search in `_beam`) and others on the plain HF-cache loop; "plain"
+    forces the plain loop (the reference the tests compare the group engine with).
 
     The model runs in eval mode (no dropout) and gets its training mode back afterwards.
     """
@@ -498,6 +511,7 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
                                        eos_ids, pad_token_id, temperature, top_p, top_k, generator)
             return _sample(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
                            pad_token_id, temperature, top_p, top_k, generator)
-        return _beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_token_id)
+        return _beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_token_id,
+                     fast=engine == "auto" and fast_engine_supported(model))
     finally:
         model.train(was_training)

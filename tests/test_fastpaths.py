@@ -1,9 +1,10 @@
 """The fast paths give the same results as the plain ones (speed itself is measured by bench/).
 
-- The group engine (`_sample_grouped`: shared prompt KV, preallocated completion KV, fused
-  projections, finished groups dropped) against the plain HF-cache loop: the same tokens under the
-  same seed, the same masks, log-probs equal within fp32 tolerance, also with left padding,
-  grouped-query attention, qkv biases (Qwen2), top-k/top-p, temperature and early EOS.
+- The group engine (`_sample_grouped`: shared prompt KV, preallocated completion KV, finished
+  groups dropped) against the plain HF-cache loop: the same tokens under the same seed, the same
+  masks, log-probs equal within fp32 tolerance, also with left padding, grouped-query attention,
+  qkv biases (Qwen2), top-k/top-p, temperature and early EOS. Beam search on the group engine
+  returns the same beams as on the plain loop.
 - Greedy decoding through the group engine equals a plain uncached argmax loop.
 - The log-prob forward used by the update (`grpo.group_forward`'s packed forward for Llama-style
   models, the KV-cache hand-over for others) against a plain untrimmed full forward with a full
@@ -237,3 +238,15 @@ def test_packed_forward_with_uneven_groups_and_unscored_rows():
     torch.testing.assert_close(ent_a[m], ent_p[m], atol=1e-5, rtol=0)
     for a, b in zip(g_a, g_p):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,model", [("llama_gqa", llama(kv_heads=2, init=0.5, seed=2)), ("qwen2_bias_gqa", qwen2())])
+def test_beam_on_group_engine_equals_plain_beam(name, model):
+    """Beam search on the group decoder (prompt KV once per prompt, beams reordered in the
+    completion cache only) returns the same beams, in the same order, as on HF's cache."""
+    ids, mask = prompts(P=3, seed=5)
+    kw = dict(group_size=4, max_new_tokens=9, eos_token_id=[1, 4], pad_token_id=PAD, strategy="beam")
+    plain = generate_groups(model, ids, mask, engine="plain", **kw)
+    fast = generate_groups(model, ids, mask, **kw)
+    assert plain.completion_mask.sum(1).unique().numel() > 1  # beams of different lengths
+    assert_same(plain, fast)
