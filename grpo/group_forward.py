@@ -11,10 +11,10 @@ it: for the policy in the update (with grad) and for pi_ref / pi_old (without). 
 Here, for Llama-style decoders (the models `supported` accepts), one forward runs over a packed
 token list instead: each distinct prompt once, then each row's completion tokens up to the last
 one that is scored, nothing else. Every projection and MLP (all but a few percent of the FLOPs)
-runs on that list. Attention alone uses a padded layout, grouped by prompt: the queries of a
-group's completions attend to that group's prompt keys with one batched matmul, and to their own
-row's earlier completion tokens; one softmax spans both. Gradients flow through all of it, so
-the prompt's forward and backward are paid once per group.
+runs on that list. Attention alone uses a padded layout: each row's completion queries attend,
+in one call of PyTorch's fused attention, to their group's prompt keys followed by their own
+earlier completion tokens. Gradients flow through all of it, so the prompt's projections and MLP,
+forward and backward, are paid once per group.
 
 Same numbers as `model(...)` on the padded batch (fp32 tolerance; tests/test_fastpaths.py checks
 log-probs, entropy and gradients against it).
@@ -87,16 +87,15 @@ class PackedGroups:
                                        prompt_len[inverse][row_of] + col_of])
         # Where each fed token goes in the attention layout [U * Gmax * Tc].
         self.layout_index = slot[row_of] * self.Tc + col_of
-        # Additive masks: prompt keys that are padding; and causal within a row's completion.
-        neg = torch.finfo(torch.float32).min
-        key_pad = prompt_mask == 0                                       # [U, Lp]
+        # Attention masks (True = may attend). Prompts: causal within the prompt, padding keys
+        # hidden; a padding query would see no key at all (NaN), so it sees itself.
+        key_real = prompt_mask != 0                                      # [U, Lp]
         causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
-        # A padding query would see no real key at all (softmax of nothing): it sees itself.
-        allowed = causal & (~key_pad[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device))
-        self.prompt_self_bias = torch.zeros(U, 1, Lp, Lp, device=device).masked_fill(~allowed[:, None], neg)
-        self.prompt_key_bias = torch.zeros(U, 1, 1, Lp, device=device).masked_fill(key_pad[:, None, None], neg)
-        self.completion_bias = torch.zeros(self.Tc, self.Tc, device=device).masked_fill(
-            ~torch.ones(self.Tc, self.Tc, dtype=torch.bool, device=device).tril(), neg)
+        self.prompt_attend = (causal & (key_real[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device)))[:, None]
+        # Completions: the group's real prompt tokens, then the row's own tokens causally.
+        own = torch.ones(self.Tc, self.Tc, dtype=torch.bool, device=device).tril()
+        self.completion_attend = torch.cat([key_real[:, None, :].expand(U, self.Tc, Lp),
+                                            own.expand(U, self.Tc, self.Tc)], dim=-1)[:, None]  # [U, 1, Tc, Lp+Tc]
 
         # The hidden states that predict scored token t of row i: the prompt's last position for
         # t = 0, fed completion token t - 1 otherwise. `score_index` picks them out of the packed
@@ -112,40 +111,34 @@ class PackedGroups:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) -> Tensor:
-    """q [M, H, hd], k/v [M, Hkv, hd] in packed order -> attention output [M, H * hd]."""
+    """q [M, H, hd], k/v [M, Hkv, hd] in packed order -> attention output [M, H * hd].
+
+    Two calls of PyTorch's fused attention (no [.., T, T] probabilities kept for the backward):
+    the prompts among themselves, then every row's completion against its group's prompt keys
+    followed by its own keys. The prompt keys are expanded to the G rows of a group, not copied
+    into the packed list: its projections, like everything else about the prompt, ran once."""
     M, H, hd = q.shape
     rep = H // k.shape[1]
     if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
-    dtype = q.dtype
-    n_prompt = U * Lp
+    n_prompt, rows = U * Lp, U * Gmax
+    sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def heads_first(x):  # [U * L, H, hd] -> [U, H, L, hd]
-        return x.reshape(U, -1, H, hd).transpose(1, 2)
+    def heads_first(x, n):  # [n * L, H, hd] -> [n, H, L, hd]
+        return x.reshape(n, -1, H, hd).transpose(1, 2)
 
-    q = q * scale
-    qp, kp, vp = heads_first(q[:n_prompt]), heads_first(k[:n_prompt]), heads_first(v[:n_prompt])
-    # The prompts: causal self-attention within each prompt.
-    sp = torch.matmul(qp, kp.transpose(-1, -2)) + pk.prompt_self_bias
-    out_prompt = torch.matmul(torch.softmax(sp, dim=-1, dtype=torch.float32).to(dtype), vp)
-    out_prompt = out_prompt.transpose(1, 2).reshape(n_prompt, H * hd)
+    qp, kp, vp = heads_first(q[:n_prompt], U), heads_first(k[:n_prompt], U), heads_first(v[:n_prompt], U)
+    out_prompt = sdpa(qp, kp, vp, attn_mask=pk.prompt_attend, scale=scale).transpose(1, 2).reshape(n_prompt, H * hd)
 
-    # The completions, scattered into [U, Gmax * Tc] (empty slots stay zero and are never read).
+    # The completions, scattered into [U * Gmax rows, Tc] (empty slots stay zero, never read).
     def layout(x):
-        return x.new_zeros(U * Gmax * Tc, H, hd).index_copy(0, pk.layout_index, x[n_prompt:])
-    qc, kc, vc = layout(q), layout(k), layout(v)
-    qg = qc.view(U, Gmax * Tc, H, hd).transpose(1, 2)                    # [U, H, Gmax*Tc, hd]
-    s_prompt = torch.matmul(qg, kp.transpose(-1, -2)) + pk.prompt_key_bias   # [U, H, Gmax*Tc, Lp]
-    qr = qc.view(U * Gmax, Tc, H, hd).transpose(1, 2)                    # [U*Gmax, H, Tc, hd]
-    kr, vr = kc.view(U * Gmax, Tc, H, hd).transpose(1, 2), vc.view(U * Gmax, Tc, H, hd).transpose(1, 2)
-    s_own = torch.matmul(qr, kr.transpose(-1, -2)) + pk.completion_bias     # [U*Gmax, H, Tc, Tc]
-    s_own = s_own.view(U, Gmax, H, Tc, Tc).transpose(1, 2).reshape(U, H, Gmax * Tc, Tc)
-    p = torch.softmax(torch.cat([s_prompt, s_own], dim=-1), dim=-1, dtype=torch.float32).to(dtype)
-    o = torch.matmul(p[..., :Lp], vp)                                    # [U, H, Gmax*Tc, hd]
-    p_own = p[..., Lp:].reshape(U, H, Gmax, Tc, Tc).transpose(1, 2).reshape(U * Gmax, H, Tc, Tc)
-    o = o + torch.matmul(p_own, vr).view(U, Gmax, H, Tc, hd).transpose(1, 2).reshape(U, H, Gmax * Tc, hd)
-    out_completion = o.transpose(1, 2).reshape(U * Gmax * Tc, H * hd).index_select(0, pk.layout_index)
+        return heads_first(x.new_zeros(rows * Tc, H, hd).index_copy(0, pk.layout_index, x[n_prompt:]), rows)
+    keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)   # [rows, H, Lp + Tc, hd]
+    values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
+    mask = pk.completion_attend.repeat_interleave(Gmax, dim=0)
+    out = sdpa(layout(q), keys, values, attn_mask=mask, scale=scale)         # [rows, H, Tc, hd]
+    out_completion = out.transpose(1, 2).reshape(rows * Tc, H * hd).index_select(0, pk.layout_index)
     return torch.cat([out_prompt, out_completion])
 
 
