@@ -33,6 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--trl-python", default="", help="also run TRL on the prompt-length axis")
     ap.add_argument("--axes", nargs="+", default=["group", "tokens", "prompt"])
+    ap.add_argument("--generation", default="sample", choices=["sample", "beam"],
+                    help="ours: sampled groups, or beam search of width G (then TRL is not run)")
     args = ap.parse_args(argv)
     model = str(build_models(Path(args.models_dir))[args.model_size])
 
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
         for lp in (8, 128, 512):
             points.append(("Lp", lp, 8, 64, lp, "ours", "auto"))
             points.append(("Lp", lp, 8, 64, lp, "ours", "plain"))
-            if args.trl_python:
+            if args.trl_python and args.generation == "sample":
                 points.append(("Lp", lp, 8, 64, lp, "trl", ""))
 
     print("| axis | value | G | T | prompt | system | median s/step | generation s | of which prefill s "
@@ -56,7 +58,7 @@ def main(argv=None) -> None:
                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
                  "--full-length"]
         if system == "ours":
-            extra += ["--engine", engine]
+            extra += ["--engine", engine, "--generation", args.generation]
         py = args.python if system == "ours" else args.trl_python
         res = run_worker(py, system, extra)
         s = summarise([res])

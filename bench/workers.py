@@ -36,6 +36,7 @@ def run_ours(args) -> dict:
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
                       num_minibatches=1, micro_batch_size=args.prompts * args.group, learning_rate=1e-6,
                       max_prompt_length=4096, dtype="float32", device="cpu", num_threads=args.threads,
+                      generation=args.generation,
                       rewards=[{"function": "exact_answer"}])
     device, dtype = torch.device("cpu"), torch.float32
     tokenizer = load_tokenizer(args.model)
@@ -217,6 +218,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engine", default="auto", choices=["auto", "plain"], help="ours: generation engine")
+    ap.add_argument("--generation", default="sample", choices=["sample", "beam"], help="ours: groups by")
     ap.add_argument("--full-length", action="store_true",
                     help="no early EOS: every completion is --tokens long (both systems)")
     args = ap.parse_args(argv)
