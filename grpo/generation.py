@@ -279,7 +279,8 @@ def _gather_beams(x: Tensor, idx: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # The group engine: a decode loop written for groups, for Llama-style decoders (Llama, Mistral
-# without sliding window, Qwen2 without sliding window). Other models use `_sample` above.
+# without sliding window, Qwen2 without sliding window), used by sampling (`_sample_grouped`)
+# and by beam search (`_beam` with fast=True). Other models use the HF-cache loops above.
 #
 # What it saves over running `model(...)` once per token with Hugging Face's DynamicCache:
 # - the prompt's keys/values are kept ONCE per prompt ([P, Hkv, Lp, hd]), never copied G times:
