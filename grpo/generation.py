@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo.group_forward import supported as fast_engine_supported
+from grpo.group_forward import attention_shape, supported as fast_engine_supported
 from grpo.logprobs import model_device, position_ids_from_mask
 
 STRATEGIES = ("sample", "beam")
@@ -70,6 +70,25 @@ def _prefill(model, fwd, prompt_ids, prompt_mask):
     return logits, cache, prompt_mask.sum(-1, keepdim=True)
 
 
+def _start(model, prompt_ids, prompt_mask, G, max_new_tokens, fast: bool):
+    """Prefill the P prompts once (P rows, not P*G) and set up decoding of G rows per prompt.
+
+    Returns (fwd, logits [P*G, V], state, next_pos [P*G, 1], attention_mask [P*G, Lp]). `state` is
+    a `_GroupDecoder` holding the prompt's keys/values once per prompt when `fast`, else the HF
+    cache with the prompt's keys/values copied to each of the G rows (which then uses
+    `attention_mask`).
+    """
+    fwd = _forward_args(model)
+    logits, cache, next_pos = _prefill(model, fwd, prompt_ids, prompt_mask)
+    if fast:
+        state = _GroupDecoder(model, cache, prompt_mask, G, max_new_tokens)
+    else:
+        cache.batch_repeat_interleave(G)
+        state = cache
+    return (fwd, logits.repeat_interleave(G, dim=0), state, next_pos.repeat_interleave(G, dim=0),
+            prompt_mask.repeat_interleave(G, dim=0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 
@@ -93,20 +112,26 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator) -> tuple[Tensor, Tensor]:
+    """One token per row [B] from softmax(logits / temperature) within top-k/top-p, and its log-prob [B]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    # Filtering log-probs is filtering logits (same order, same softmax); multinomial
+    # renormalises what survives.
+    token = torch.multinomial(filter_logits(logp, top_k, top_p).exp(), 1, generator=generator)
+    # Recorded log-prob: under the full tempered distribution, before top-k/top-p. That is what
+    # `completion_logprobs(..., temperature)` recomputes in the update, so pi_old from here and
+    # pi_theta there are the same quantity (with top_k/top_p off they also equal the probability
+    # the token was actually drawn with).
+    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
+
+
 def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id,
             temperature, top_p, top_k, generator) -> Generation:
     device = prompt_ids.device
-    P = prompt_ids.shape[0]
-    N = P * G
-    fwd = _forward_args(model)
-
-    # Prefill P rows, then give each of the G samples of a prompt its own copy of the prompt's
-    # cache (and next-token logits): G times less prompt compute than prefilling P*G rows.
-    logits, cache, next_pos = _prefill(model, fwd, prompt_ids, prompt_mask)
-    cache.batch_repeat_interleave(G)
-    logits = logits.repeat_interleave(G, dim=0)
-    next_pos = next_pos.repeat_interleave(G, dim=0)
-    attention_mask = prompt_mask.repeat_interleave(G, dim=0)
+    N = prompt_ids.shape[0] * G
+    # Each of the G samples of a prompt gets its own copy of the prompt's cache.
+    fwd, logits, cache, next_pos, attention_mask = _start(model, prompt_ids, prompt_mask, G,
+                                                          max_new_tokens, fast=False)
 
     completion_ids = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
@@ -116,18 +141,9 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
     rows = torch.arange(N, device=device)
     steps = 0
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        # Filtering log-probs is filtering logits (same order, same softmax); multinomial
-        # renormalises what survives.
-        probs = filter_logits(logp, top_k, top_p).exp()
-        token = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
-        # Recorded log-prob: under the full tempered distribution, before top-k/top-p. That is
-        # what `completion_logprobs(..., temperature)` recomputes in the update, so pi_old from
-        # here and pi_theta there are the same quantity (with top_k/top_p off they also equal the
-        # probability the token was actually drawn with).
-        logprobs[rows, t] = logp.gather(-1, token).squeeze(-1)
-        completion_ids[rows, t] = token.squeeze(-1)
-        is_eos = torch.isin(token.squeeze(-1), eos_ids)
+        token, logprobs[rows, t] = _draw(logits, temperature, top_k, top_p, generator)
+        completion_ids[rows, t] = token
+        is_eos = torch.isin(token, eos_ids)
         ended[rows] = is_eos
         steps = t + 1
         if t == max_new_tokens - 1:
@@ -141,7 +157,7 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
             attention_mask = attention_mask[keep]
             cache.batch_select_indices(keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n_keep, 1)], dim=1)
-        logits, cache = _forward(model, fwd, token, attention_mask, next_pos, cache)
+        logits, cache = _forward(model, fwd, token[:, None], attention_mask, next_pos, cache)
         next_pos = next_pos + 1
 
     completion_ids, logprobs = completion_ids[:, :steps], logprobs[:, :steps]
@@ -179,18 +195,8 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
     device = prompt_ids.device
     P, L = prompt_ids.shape[0], max_new_tokens
     NEG = float("-inf")
-    fwd = _forward_args(model)
-
-    logits, cache, next_pos = _prefill(model, fwd, prompt_ids, prompt_mask)
-    if fast:
-        dec = _GroupDecoder(model, cache, prompt_mask, G, max_new_tokens)
-        next_pos = next_pos.squeeze(-1)
-        del cache
-    else:
-        cache.batch_repeat_interleave(G)
-    logits = logits.repeat_interleave(G, dim=0)
-    next_pos = next_pos.repeat_interleave(G, dim=0)
-    attention_mask = prompt_mask.repeat_interleave(G, dim=0)
+    fwd, logits, state, next_pos, attention_mask = _start(model, prompt_ids, prompt_mask, G,
+                                                          max_new_tokens, fast)
     V = logits.shape[-1]
     is_eos_token = torch.zeros(V, dtype=torch.bool, device=device)
     is_eos_token[eos_ids] = True
@@ -236,13 +242,13 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
         # Each alive beam continues from its parent's cache (rows are p * G + g).
         beam_idx = (parent + torch.arange(P, device=device).unsqueeze(1) * G).view(-1)
         if fast:
-            dec.reorder_rows(beam_idx, t)
-            logits = dec.step(alive_ids[:, :, t].reshape(-1), next_pos, t)
+            state.reorder_rows(beam_idx, t)
+            logits = state.step(alive_ids[:, :, t].reshape(-1), next_pos, t)
         else:
-            cache.reorder_cache(beam_idx)
+            state.reorder_cache(beam_idx)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(P * G, 1)], dim=1)
-            logits, cache = _forward(model, fwd, alive_ids[:, :, t].reshape(-1, 1), attention_mask,
-                                     next_pos, cache)
+            logits, state = _forward(model, fwd, alive_ids[:, :, t].reshape(-1, 1), attention_mask,
+                                     next_pos, state)
         next_pos = next_pos + 1
 
     # The G best of finished + alive, best first; on a tie the finished one (listed first) wins.
@@ -294,20 +300,16 @@ def _gather_beams(x: Tensor, idx: Tensor) -> Tensor:
 #   30M benchmark model was ~15% slower on this CPU: wide matmuls at 32 rows run slower per FLOP.)
 # - finished groups are dropped from the batch (a group, not a row, so the prompt cache stays
 #   shared); rows that ended inside a live group ride along, and are never sampled from.
-# The sampling itself is the same code as `_sample` on the same rows in the same order, so under
+# The sampling itself is `_draw`, as in `_sample`, on the same rows in the same order, so under
 # the same generator both paths draw the same tokens (up to fp32 rounding of the logits).
 
 class _GroupDecoder:
     """Decode state of one `generate_groups` call: shared prompt KV, preallocated completion KV."""
 
     def __init__(self, model, prompt_cache, prompt_mask, G, max_new_tokens):
-        cfg = model.config
         self.model, self.G = model, G
-        self.H = cfg.num_attention_heads
-        self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        self.H, self.Hkv, self.hd, self.scale = attention_shape(model)
         self.rep = self.H // self.Hkv
-        self.scale = self.hd ** -0.5
         self.layers = []
         for i, layer in enumerate(model.model.layers):
             a, m = layer.self_attn, layer.mlp
@@ -346,7 +348,8 @@ class _GroupDecoder:
             lay["vc"][:, :, :t] = lay["vc"][rows, :, :t]
 
     def step(self, token: Tensor, position: Tensor, t: int) -> Tensor:
-        """Feed token [B] (B = groups * G) at completion step t; returns next-token logits [B, V].
+        """Feed token [B] (B = groups * G) at position [B, 1] as completion step t; returns the
+        next-token logits [B, V].
 
         Written for few, large ops: on a busy CPU every op costs a scheduling slot whatever its
         size, so RoPE runs once on q and k together, the softmax scale is folded into q, and the
@@ -356,7 +359,7 @@ class _GroupDecoder:
         B, G, H, Hkv, rep, hd = token.shape[0], self.G, self.H, self.Hkv, self.rep, self.hd
         Pa, half = B // G, hd // 2
         x = model.model.embed_tokens(token)                              # [B, D]
-        cos, sin = model.model.rotary_emb(x, position[:, None])          # [B, 1, hd]
+        cos, sin = model.model.rotary_emb(x, position)                   # [B, 1, hd]
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): exact.
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for lay in self.layers:
@@ -394,12 +397,7 @@ def _sample_grouped(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, 
     device = prompt_ids.device
     P = prompt_ids.shape[0]
     N = P * G
-    fwd = _forward_args(model)
-    logits, cache, next_pos = _prefill(model, fwd, prompt_ids, prompt_mask)
-    dec = _GroupDecoder(model, cache, prompt_mask, G, max_new_tokens)
-    del cache
-    logits = logits.repeat_interleave(G, dim=0)
-    next_pos = next_pos.squeeze(-1).repeat_interleave(G, dim=0)
+    _, logits, dec, next_pos, _ = _start(model, prompt_ids, prompt_mask, G, max_new_tokens, fast=True)
 
     completion_ids = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
@@ -414,12 +412,9 @@ def _sample_grouped(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, 
         all_live = bool(live.all())
         lg = logits if all_live else logits[live]
         out_rows = rows if all_live else rows[live]
-        logp = torch.log_softmax(lg.float() / temperature, dim=-1)
-        probs = filter_logits(logp, top_k, top_p).exp()
-        drawn = torch.multinomial(probs, 1, generator=generator)
-        logprobs[out_rows, t] = logp.gather(-1, drawn).squeeze(-1)
-        completion_ids[out_rows, t] = drawn.squeeze(-1)
-        is_eos = torch.isin(drawn.squeeze(-1), eos_ids)
+        drawn, logprobs[out_rows, t] = _draw(lg, temperature, top_k, top_p, generator)
+        completion_ids[out_rows, t] = drawn
+        is_eos = torch.isin(drawn, eos_ids)
         ended[out_rows] = is_eos
         steps = t + 1
         if t == max_new_tokens - 1:
@@ -427,10 +422,10 @@ def _sample_grouped(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, 
         # Every batch row feeds a token (ended rows feed padding; their outputs are never read).
         token = torch.full((rows.numel(),), pad_token_id, dtype=torch.long, device=device)
         if all_live:
-            token = drawn.squeeze(-1)
+            token = drawn
             live = ~is_eos
         else:
-            token[live] = drawn.squeeze(-1)
+            token[live] = drawn
             live = live.clone()
             live[live.clone()] = ~is_eos
         group_live = live.view(-1, G).any(-1)

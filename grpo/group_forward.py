@@ -46,6 +46,15 @@ def supported(model) -> bool:
         not hasattr(attn, "q_norm") and all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
+def attention_shape(model) -> tuple[int, int, int, float]:
+    """(query heads, key/value heads, head size, softmax scale) of a supported model."""
+    cfg = model.config
+    H = cfg.num_attention_heads
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    return H, Hkv, hd, getattr(model.model.layers[0].self_attn, "scaling", hd ** -0.5)
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE in Hugging Face's convention (rotate_half): x [M, H, hd], cos/sin [M, 1, hd]."""
     half = x.shape[-1] // 2
@@ -68,7 +77,7 @@ class PackedGroups:
         device = prompts.device
         U, Lp = prompts.shape
         N, T = targets.shape
-        self.U, self.Lp, self.N, self.T = U, Lp, N, T
+        self.U, self.Lp = U, Lp
         fed = (lengths - 1).clamp(min=0)                                 # completion tokens fed per row
         self.Tc = max(int(fed.max()), 1) if N else 1
         # Each row's slot in its group: rows of prompt u are consecutive, slot = rank among them.
@@ -92,10 +101,12 @@ class PackedGroups:
         key_real = prompt_mask != 0                                      # [U, Lp]
         causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
         self.prompt_attend = (causal & (key_real[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device)))[:, None]
-        # Completions: the group's real prompt tokens, then the row's own tokens causally.
+        # Completions: the group's real prompt tokens, then the row's own tokens causally; one
+        # mask per row of the attention layout [U * Gmax, 1, Tc, Lp + Tc].
         own = torch.ones(self.Tc, self.Tc, dtype=torch.bool, device=device).tril()
         self.completion_attend = torch.cat([key_real[:, None, :].expand(U, self.Tc, Lp),
-                                            own.expand(U, self.Tc, self.Tc)], dim=-1)[:, None]  # [U, 1, Tc, Lp+Tc]
+                                            own.expand(U, self.Tc, self.Tc)], dim=-1)[:, None] \
+            .repeat_interleave(self.Gmax, dim=0)
 
         # The hidden states that predict scored token t of row i: the prompt's last position for
         # t = 0, fed completion token t - 1 otherwise. `score_index` picks them out of the packed
@@ -117,7 +128,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) 
     the prompts among themselves, then every row's completion against its group's prompt keys
     followed by its own keys. The prompt keys are expanded to the G rows of a group, not copied
     into the packed list: its projections, like everything else about the prompt, ran once."""
-    M, H, hd = q.shape
+    _, H, hd = q.shape
     rep = H // k.shape[1]
     if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -136,8 +147,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) 
         return heads_first(x.new_zeros(rows * Tc, H, hd).index_copy(0, pk.layout_index, x[n_prompt:]), rows)
     keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)   # [rows, H, Lp + Tc, hd]
     values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
-    mask = pk.completion_attend.repeat_interleave(Gmax, dim=0)
-    out = sdpa(layout(q), keys, values, attn_mask=mask, scale=scale)         # [rows, H, Tc, hd]
+    out = sdpa(layout(q), keys, values, attn_mask=pk.completion_attend, scale=scale)  # [rows, H, Tc, hd]
     out_completion = out.transpose(1, 2).reshape(rows * Tc, H * hd).index_select(0, pk.layout_index)
     return torch.cat([out_prompt, out_completion])
 
@@ -145,10 +155,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) 
 def scored_logits(model, pk: PackedGroups) -> Tensor:
     """Logits [K, V] predicting `pk.score_targets` (K scored tokens), from one packed forward."""
     base = model.model
-    cfg = model.config
-    H = cfg.num_attention_heads
-    Hkv = getattr(cfg, "num_key_value_heads", None) or H
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    H, Hkv, hd, scale = attention_shape(model)
     x = base.embed_tokens(pk.input_ids)                                  # [M, D]
     cos, sin = base.rotary_emb(x[None], pk.position_ids[None])          # [1, M, hd]
     cos, sin = cos[0, :, None], sin[0, :, None]
@@ -159,6 +166,6 @@ def scored_logits(model, pk: PackedGroups) -> Tensor:
         q = _rotate(a.q_proj(h).view(M, H, hd), cos, sin)
         k = _rotate(a.k_proj(h).view(M, Hkv, hd), cos, sin)
         v = a.v_proj(h).view(M, Hkv, hd)
-        x = x + a.o_proj(_attention(q, k, v, pk, getattr(a, "scaling", hd ** -0.5)))
+        x = x + a.o_proj(_attention(q, k, v, pk, scale))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(base.norm(x.index_select(0, pk.score_index)))
