@@ -64,4 +64,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / STATE_FILE, weights_only=False)
+    # CPU first: optimizer.load_state_dict moves each state to its parameter's device, and the
+    # file may come from a GPU this machine (or this rank) does not have.
+    return torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")

@@ -74,7 +74,7 @@ class CommonConfig:
     logging_steps: int = 1
     save_steps: int = 0                  # 0: only the final model
     save_total_limit: int = 0            # 0: keep every checkpoint
-    dtype: str = "auto"                  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"                  # compute dtype; auto: float32 on CPU, bfloat16 on CUDA (weights stay fp32)
     device: str = "auto"
     num_threads: int = 0                 # 0: torch's default
 

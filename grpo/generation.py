@@ -117,7 +117,12 @@ def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generato
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     # Filtering log-probs is filtering logits (same order, same softmax); multinomial
     # renormalises what survives.
-    token = torch.multinomial(filter_logits(logp, top_k, top_p).exp(), 1, generator=generator)
+    if top_k == 1:
+        # Greedy: the first of tied maxima, with no random draw (bf16 logits tie often, and greedy
+        # evaluation must not depend on an RNG).
+        token = logp.argmax(-1, keepdim=True)
+    else:
+        token = torch.multinomial(filter_logits(logp, top_k, top_p).exp(), 1, generator=generator)
     # Recorded log-prob: under the full tempered distribution, before top-k/top-p. That is what
     # `completion_logprobs(..., temperature)` recomputes in the update, so pi_old from here and
     # pi_theta there are the same quantity (with top_k/top_p off they also equal the probability

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import CommonConfig, ConfigError, load_config
 from .data import DataError, PromptSampler, format_prompt, is_messages, load_rows, require_columns
-from .modeling import load_tokenizer, make_optimizer, make_scheduler, pick_device, pick_dtype, seed_everything
+from .modeling import Precision, load_tokenizer, make_optimizer, make_scheduler, pick_device, pick_dtype, seed_everything
 from .rewards import (RewardError, completion_text, encode_for_scoring, prepare_for_scoring,
                       reward_model_text, sequence_scores)
 
@@ -253,7 +253,8 @@ def train_reward_model(cfg: RewardModelConfig, log=print) -> dict:
             raise DataError(f"{cfg.dataset}: nothing left to train on after holding out eval_fraction")
     log(f"reward model: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, backbone {cfg.model}")
 
-    model = load_reward_model(cfg.model, device, dtype, tokenizer)
+    precision = Precision(device, dtype)
+    model = load_reward_model(cfg.model, device, torch.float32, tokenizer)  # master weights (see Precision)
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -263,7 +264,8 @@ def train_reward_model(cfg: RewardModelConfig, log=print) -> dict:
     def run_eval(step: int) -> dict:
         if not eval_pairs:
             return {}
-        e = evaluate_pairs(model, tokenizer, eval_pairs, cfg.max_length, device, cfg.micro_batch_size)
+        with precision.autocast():
+            e = evaluate_pairs(model, tokenizer, eval_pairs, cfg.max_length, device, cfg.micro_batch_size)
         record = {"step": step, "eval_accuracy": e["accuracy"], "eval_margin": e["margin"], "eval_loss": e["loss"]}
         log(f"rm step {step}/{cfg.max_steps} held-out pairwise accuracy {e['accuracy']:.3f} "
             f"margin {e['margin']:.3f} loss {e['loss']:.4f}")
@@ -286,16 +288,17 @@ def train_reward_model(cfg: RewardModelConfig, log=print) -> dict:
             loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
             for i in range(0, len(batch), cfg.micro_batch_size):
                 chunk = batch[i:i + cfg.micro_batch_size]
-                c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)
+                with precision.autocast():
+                    c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)
+                c, r = c.float(), r.float()
                 m = torch.tensor([p.margin for p in chunk], device=c.device)
                 # Weight each chunk by its share so the gradient is that of the whole batch's mean.
                 loss = bradley_terry_loss(c, r, m) * (len(chunk) / len(batch))
-                loss.backward()
+                precision.backward(loss)
                 loss_sum += loss.item()
                 correct += (c > r).float().sum().item()
                 margin_sum += (c - r).sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            optimizer.step()
+            grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
             scheduler.step()
             record = {}
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:

@@ -15,6 +15,7 @@ from . import algorithm
 from .data import format_prompt, tokenize_prompts
 from .generation import generate_groups
 from .logprobs import completion_logprobs
+from .modeling import Precision
 from .rewards import score
 
 
@@ -66,21 +67,32 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
     return torch.cat(out)
 
 
+def clock(device: torch.device) -> float:
+    """Wall time once the device has finished its queued work, so each phase's seconds are its own
+    (CUDA kernels run asynchronously; on CPU this is just the time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg,
-                    generator: torch.Generator, gather=None) -> Rollout:
+                    generator: torch.Generator, gather=None, precision: Precision | None = None) -> Rollout:
     """Generate, score and normalise one step's groups. `gather` all-gathers rewards across
-    processes (for `scale_rewards: batch` under torchrun); None on a single process."""
+    processes (for `scale_rewards: batch` under torchrun); None on a single process. `precision`
+    says what the forward passes compute in (float32 when None)."""
     device = next(policy.parameters()).device
+    precision = precision or Precision(device, torch.float32)
     G = cfg.group_size
-    t0 = time.perf_counter()
+    t0 = clock(device)
     texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
-    out = generate_groups(policy, prompt_ids, prompt_mask, group_size=G,
-                          max_new_tokens=cfg.max_completion_length,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, generator=generator)
-    t1 = time.perf_counter()
+    with precision.autocast():
+        out = generate_groups(policy, prompt_ids, prompt_mask, group_size=G,
+                              max_new_tokens=cfg.max_completion_length,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k, generator=generator)
+    t1 = clock(device)
 
     # Score: every dataset column except the prompt goes to the reward functions, repeated per completion.
     completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -94,7 +106,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         advantages = algorithm.group_advantages(total, G, "none") / (sigma + cfg.advantage_eps)
     else:
         advantages = algorithm.group_advantages(total, G, cfg.scale_rewards, cfg.advantage_eps)
-    t2 = time.perf_counter()
+    t2 = clock(device)
 
     mask = out.completion_mask.float()
     if cfg.mask_truncated_completions:
@@ -109,10 +121,11 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     rollout.advantages = rollout.advantages.float()
 
     temperature = logprob_temperature(cfg)
-    if needs_old_logprobs(cfg):
-        rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size)
-    if reference is not None:
-        rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size)
-    t3 = time.perf_counter()
+    with precision.autocast():
+        if needs_old_logprobs(cfg):
+            rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size)
+        if reference is not None:
+            rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size)
+    t3 = clock(device)
     rollout.timings = {"generate": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2}
     return rollout

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import SFTConfig
 from .data import PromptSampler, format_prompt, load_rows, require_columns
-from .modeling import (load_causal_lm, load_tokenizer, make_optimizer, make_scheduler, pick_device,
+from .modeling import (Precision, load_causal_lm, load_tokenizer, make_optimizer, make_scheduler, pick_device,
                        pick_dtype, seed_everything)
 
 
@@ -61,7 +61,8 @@ def train_sft(cfg: SFTConfig, log=print) -> Path:
     rows = load_rows(cfg.dataset)
     require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
     pairs = encode_pairs(tokenizer, rows, cfg)
-    model = load_causal_lm(cfg.model, device, pick_dtype(cfg.dtype, device))
+    precision = Precision(device, pick_dtype(cfg.dtype, device))
+    model = load_causal_lm(cfg.model, device, precision.dtype)  # float32 master weights
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     out = Path(cfg.output_dir)
@@ -79,11 +80,11 @@ def train_sft(cfg: SFTConfig, log=print) -> Path:
             for i in range(0, len(batch), cfg.micro_batch_size):
                 chunk = batch[i:i + cfg.micro_batch_size]
                 ids, mask, labels = collate(chunk, tokenizer.pad_token_id, device)
-                loss = completion_loss(model, ids, mask, labels) * (sum(len(c) for _, c in chunk) / n_tokens)
-                loss.backward()
+                with precision.autocast():
+                    loss = completion_loss(model, ids, mask, labels) * (sum(len(c) for _, c in chunk) / n_tokens)
+                precision.backward(loss)
                 total += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            optimizer.step()
+            grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
             scheduler.step()
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 record = {"step": step, "loss": total, "grad_norm": float(grad_norm),

@@ -18,20 +18,21 @@ from .data import PromptSampler, load_rows, require_columns
 from .distributed import World
 from .evaluate import accuracy_reward_name, evaluate
 from .logprobs import completion_logprobs
-from .modeling import (load_causal_lm, load_tokenizer, make_optimizer, make_scheduler, pick_device,
-                       pick_dtype, seed_everything)
+from .modeling import (Precision, load_causal_lm, load_tokenizer, make_optimizer, make_scheduler,
+                       pick_device, pick_dtype, seed_everything)
 from .rewards import RewardModelScorer, build_rewards
-from .rollout import Rollout, collect_rollout, logprob_temperature, needs_reference
+from .rollout import Rollout, clock, collect_rollout, logprob_temperature, needs_reference
 from .tracking import RunLogger
 
 
 def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, world: World,
-           generator: torch.Generator) -> dict[str, float]:
+           generator: torch.Generator, precision: Precision | None = None) -> dict[str, float]:
     """num_iterations passes over the rollout, each split into num_minibatches optimizer steps.
 
     Every optimizer step normalises its loss by counts over its whole minibatch (on every process),
     so the gradient does not depend on micro_batch_size or on the number of processes.
     """
+    precision = precision or Precision(next(policy.parameters()).device, torch.float32)
     n, G = len(rollout), cfg.group_size
     groups = n // G
     per_minibatch = groups // cfg.num_minibatches
@@ -41,7 +42,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     steps = 0
     for _ in range(cfg.num_iterations):
         # Shuffle whole groups between minibatches so each minibatch still holds complete groups.
-        order = torch.randperm(groups, generator=generator) if cfg.num_minibatches > 1 else torch.arange(groups)
+        order = torch.randperm(groups, generator=generator, device=generator.device).cpu() \
+            if cfg.num_minibatches > 1 else torch.arange(groups)
         for mb in range(cfg.num_minibatches):
             rows = (order[mb * per_minibatch:(mb + 1) * per_minibatch, None] * G + torch.arange(G)).flatten()
             mask = rollout.completion_mask[rows]
@@ -51,9 +53,10 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
             optimizer.zero_grad(set_to_none=True)
             for i in range(0, len(rows), cfg.micro_batch_size):
                 idx = rows[i:i + cfg.micro_batch_size]
-                logprobs, entropy = completion_logprobs(
-                    policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                    rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False)
+                with precision.autocast():  # the forward only: backward follows the ops it recorded
+                    logprobs, entropy = completion_logprobs(
+                        policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
+                        rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False)
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
                 ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]
@@ -64,15 +67,14 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     # The seed notes' "Loss" section: the ratio against pi_ref instead of pi_old.
                     anchor_logprobs=ref if cfg.ratio_anchor == "reference" else None, **norm)
                 if loss.requires_grad:  # False only when every token of the micro-batch is masked out
-                    loss.backward()
+                    precision.backward(loss)
                 m = rollout.completion_mask[idx]
                 sums["loss"] += loss.item()
                 sums["entropy_sum"] += (entropy.float() * m).sum().item()
                 for key in ("policy_loss", "kl_sum", "clip_low_sum", "clip_high_sum", "token_count"):
                     sums[key] += float(stats[key])
             world.sum_gradients(policy)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-            optimizer.step()
+            grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
             scheduler.step()
             sums["grad_norm"] += float(grad_norm)
             steps += 1
@@ -109,6 +111,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    precision = Precision(device, dtype)
     out = Path(cfg.output_dir)
 
     # Everything that can fail on bad input is checked before the models are loaded.
@@ -123,9 +126,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         require_columns(rows, ["answer"], cfg.dataset)
 
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_causal_lm(cfg.model, device, dtype)
+    policy = load_causal_lm(cfg.model, device, dtype)  # float32 master weights (see Precision)
     # beta = 0 with the ratio anchored at pi_old never touches pi_ref: it is not loaded at all.
-    reference = load_causal_lm(cfg.model, device, dtype, trainable=False) if needs_reference(cfg) else None
+    # pi_ref is stored like pi_theta (float32, the same autocast) so that the two agree bit for bit
+    # at step 0: KL exactly 0, a reference-anchored ratio exactly 1, under bf16 as under fp32.
+    reference = load_causal_lm(cfg.model, device, torch.float32, trainable=False) if needs_reference(cfg) else None
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * cfg.num_iterations * cfg.num_minibatches)
     sampler = PromptSampler(len(rows), cfg.seed)
@@ -135,9 +140,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         state = load_state(checkpoint)
-        policy.load_state_dict(load_causal_lm(str(checkpoint), device, dtype).state_dict())
+        policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), dtype).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            precision.scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"][world.rank], generator)
         for r in rewards:
@@ -152,9 +159,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         logger.info(f"resumed from {checkpoint} at step {start_step}")
 
     def run_eval() -> dict:
-        result = evaluate(policy, tokenizer, eval_rows, rewards, prompt_column=cfg.prompt_column,
-                          chat_template=cfg.apply_chat_template, max_prompt_length=cfg.max_prompt_length,
-                          max_new_tokens=cfg.max_completion_length, accuracy_reward=accuracy_name)
+        with precision.autocast():
+            result = evaluate(policy, tokenizer, eval_rows, rewards, prompt_column=cfg.prompt_column,
+                              chat_template=cfg.apply_chat_template, max_prompt_length=cfg.max_prompt_length,
+                              max_new_tokens=cfg.max_completion_length, accuracy_reward=accuracy_name)
         return {"eval_reward": result["reward"], **({"eval_accuracy": result["accuracy"]} if "accuracy" in result else {})}
 
     summary = {}
@@ -164,15 +172,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
     train_start = time.time()
     for step in range(start_step + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock(device)
         # Every process draws the same global order and takes its own slice of it.
         indices = sampler.next(cfg.prompts_per_step * world.size)
         mine = indices[world.rank * cfg.prompts_per_step:(world.rank + 1) * cfg.prompts_per_step]
         rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg,
-                                  generator, gather=world.gather if world.size > 1 else None)
-        t1 = time.perf_counter()
-        stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator)
-        t2 = time.perf_counter()
+                                  generator, gather=world.gather if world.size > 1 else None, precision=precision)
+        t1 = clock(device)
+        stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
+        t2 = clock(device)
 
         record = {"step": step, **rollout_metrics(rollout, cfg, accuracy_name), **stats,
                   "seconds_generate": rollout.timings["generate"], "seconds_score": rollout.timings["score"],
@@ -192,7 +200,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
             logger.samples(step, rollout)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps and world.main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "sampler": sampler.state_dict(), "config": to_dict(cfg),
+                     "scaler": precision.scaler.state_dict(), "sampler": sampler.state_dict(), "config": to_dict(cfg),
                      "rng": world_rng(world, generator),
                      "reward_moments": {r.name: r.fn.moments.state_dict() for r in rewards
                                         if isinstance(r.fn, RewardModelScorer) and r.fn.moments}}

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -64,7 +65,11 @@ def worker(rank, port, cfg, path, out):
     world.close()
 
 
-def test_two_processes_compute_the_single_process_update(tiny_model_dir, addition_files, tmp_path):
+@pytest.mark.parametrize("masked_half", [False, True])
+def test_two_processes_compute_the_single_process_update(tiny_model_dir, addition_files, tmp_path, masked_half):
+    """masked_half: every token of the second process's rows is masked (as mask_truncated_completions
+    does when all its completions are cut off), so it has no gradient of its own; it must still
+    take part in the gradient sum instead of leaving the other process waiting."""
     cfg = config(tiny_model_dir, addition_files["train"])
     policy = load_causal_lm(cfg.model, torch.device("cpu"), torch.float32)
     reference = load_causal_lm(cfg.model, torch.device("cpu"), torch.float32, trainable=False)
@@ -72,6 +77,8 @@ def test_two_processes_compute_the_single_process_update(tiny_model_dir, additio
     rollout = collect_rollout(policy, reference, load_tokenizer(cfg.model), rows,
                               build_rewards(cfg.rewards, None, None), cfg, torch.Generator().manual_seed(0))
     assert rollout.advantages.abs().sum() > 0
+    if masked_half:
+        rollout.completion_mask[len(rollout) // 2:] = 0
     torch.save(rollout, tmp_path / "rollout.pt")
     single = one_update(cfg, rollout, World())
     mp.spawn(worker, args=(free_port(), cfg, tmp_path / "rollout.pt", tmp_path / "dist.pt"), nprocs=2)

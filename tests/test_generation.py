@@ -344,3 +344,12 @@ def test_beam_rejects_more_beams_than_completions():
     model = tiny_peaked_llama(3)
     with pytest.raises(ValueError, match="group_size"):  # V=3, one token long: only 3 completions
         beam(model, torch.tensor([[2, 2]]), torch.ones(1, 2, dtype=torch.long), 4, 1)
+
+
+def test_top_k_1_is_greedy_even_with_tied_maxima():
+    # bf16 logits tie often; greedy (evaluation's top_k=1) takes the first maximum, without a draw.
+    from grpo.generation import _draw
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]]).repeat(64, 1)
+    token, logp = _draw(logits, 1.0, 1, 1.0, torch.Generator().manual_seed(0))
+    assert (token == 1).all()
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1)[:, 1])

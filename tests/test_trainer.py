@@ -62,6 +62,8 @@ def test_cli_train_writes_metrics_checkpoints_and_a_loadable_model(tiny_model_di
 @pytest.mark.parametrize("extra", [
     {},
     {"num_iterations": 2, "num_minibatches": 2, "micro_batch_size": 3, "beta": 0.1, "kl_estimator": "k2"},
+    # fp16: float32 master weights and the loss scaler's state must both survive the checkpoint.
+    {"dtype": "float16", "beta": 0.04},
 ])
 def test_resume_halfway_gives_the_same_weights(tiny_model_dir, addition_files, tmp_path, extra):
     full = small(tiny_model_dir, addition_files, tmp_path / "full", max_steps=4, save_steps=2, **extra)
