@@ -11,6 +11,11 @@ Every measurement is a fresh subprocess (so peak RSS is one system's alone), and
 interleaved: matmul, ours, TRL, matmul, ours, TRL, ... so that drift in the machine's load hits
 both systems alike. TRL runs from its own virtual environment (`--trl-python`) when its
 dependencies should not touch the main one; `pip install 'grpo[bench]'` puts it next to grpo.
+
+On a GPU (`--device cuda --dtype bfloat16 --sizes qwen0.5b`, a Qwen2-0.5B-shaped model): both
+systems keep float32 weights and compute under bf16 autocast; the table adds generation tokens/s,
+peak GPU memory and the update phase's model FLOP utilisation (its necessary FLOPs / its time,
+against a bf16 8192^2 matmul measured in the same run and against the datasheet peak).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import build_models, model_dims, step_flops
+from bench.common import build_models, model_dims, nominal_peak, step_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,21 +45,26 @@ def run_worker(python: str, system: str, extra: list[str], timeout: float = 1800
 
 
 def summarise(results: list[dict], dims: dict | None = None, group: int = 8) -> dict:
-    """Medians over every measured step; with `dims`, also the step's FLOP/s (see step_flops)."""
+    """Medians over every measured step; with `dims`, also the step's FLOP/s and the update
+    phase's (see step_flops)."""
     steps = [s for r in results for s in r["steps"]]
     med = lambda k: statistics.median(s[k] for s in steps)  # noqa: E731
     totals = [s["total"] for s in steps]
     tokens = [s["tokens"] for s in steps if s["tokens"] >= 0]
-    flops = [] if dims is None else [step_flops(dims, s["prompt_lengths"], group, s["lengths"])["total"]
-                                     for s in steps]
+    work = [] if dims is None else [step_flops(dims, s["prompt_lengths"], group, s["lengths"]) for s in steps]
+    gpu = [r["peak_gpu_mib"] for r in results if "peak_gpu_mib" in r]
     return dict(n=len(steps), median=statistics.median(totals), min=min(totals), max=max(totals),
                 generation=med("generation"), logprobs=med("logprobs"), update=med("update"),
                 tokens_per_s=(statistics.median(tokens) / statistics.median(totals)) if tokens else float("nan"),
+                gen_tokens_per_s=statistics.median(s["tokens"] / s["generation"] for s in steps),
                 tokens=statistics.median(tokens) if tokens else float("nan"),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in results),
+                peak_gpu_mib=max(gpu) if gpu else None,
+                device_name=next((r["device_name"] for r in results if "device_name" in r), None),
                 **({} if dims is None else dict(
-                    flops=statistics.median(flops),
-                    flops_per_s=statistics.median(f / s["total"] for f, s in zip(flops, steps)))))
+                    flops=statistics.median(w["total"] for w in work),
+                    flops_per_s=statistics.median(w["total"] / s["total"] for w, s in zip(work, steps)),
+                    update_flops_per_s=statistics.median(w["update"] / s["update"] for w, s in zip(work, steps)))))
 
 
 def main(argv=None) -> None:
@@ -64,6 +74,12 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=6, help="measured steps per round (after warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype of both systems (bfloat16 on a GPU)")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=16, help="max completion tokens")
     ap.add_argument("--models-dir", default="/tmp/grpo-bench-models")
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
@@ -71,13 +87,15 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args(argv)
 
-    models = build_models(Path(args.models_dir))
-    common = ["--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    models = build_models(Path(args.models_dir), args.sizes)
+    where = ["--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
+    common = [*where, "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts),
+              "--group", str(args.group), "--tokens", str(args.tokens)]
     raw: dict = {}
     for size in args.sizes:
         raw[size] = {"ours": [], "trl": [], "matmul": []}
         for r in range(args.rounds):
-            raw[size]["matmul"].append(run_worker(args.python, "matmul", ["--threads", str(args.threads)]))
+            raw[size]["matmul"].append(run_worker(args.python, "matmul", where))
             for system in ("ours", "trl"):
                 if system == "trl" and args.skip_trl:
                     continue
@@ -95,28 +113,42 @@ def main(argv=None) -> None:
 
 
 def report(raw: dict, models: dict, args) -> str:
-    lines = [f"Per optimizer step: 4 prompts x 8 completions, 16 tokens, beta 0.04, fp32, "
-             f"{args.threads} threads; {args.rounds} interleaved rounds x {args.steps} steps "
+    gpu = args.device == "cuda"
+    lines = [f"Per optimizer step: {args.prompts} prompts x {args.group} completions, {args.tokens} tokens, "
+             f"beta 0.04, {args.dtype} on {args.device}"
+             f"{'' if gpu else f', {args.threads} threads'}; {args.rounds} interleaved rounds x {args.steps} steps "
              f"after {args.warmup} warm-up steps per round.", "",
              "| model | system | median s/step | min-max | generation | logprobs (ref/old) | update "
-             "| completion tok/s | peak RSS MiB | steps/s ours/TRL | FLOP/s | of matmul |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| completion tok/s | generation tok/s | peak RSS MiB |" + (" peak GPU MiB |" if gpu else "")
+             + " steps/s ours/TRL | FLOP/s | of matmul | update FLOP/s (of matmul) |"
+             + (" update MFU (datasheet) |" if gpu else ""),
+             "|---" * (14 + 2 * gpu) + "|"]
     work = {}  # size -> median necessary GFLOP of our steps, for the footnote
+    device_name = None
     for size, by_system in raw.items():
         matmul = statistics.median(m["flops_per_s"] for m in by_system["matmul"])
         dims = model_dims(models[size])
-        sums = {k: summarise(v, dims) for k, v in by_system.items() if k != "matmul" and v}
+        sums = {k: summarise(v, dims, args.group) for k, v in by_system.items() if k != "matmul" and v}
         if "ours" in sums:
             work[size] = sums["ours"]["flops"]
         for system, s in sums.items():
             ratio = (sums["trl"]["median"] / s["median"]) if "trl" in sums and system == "ours" else None
-            achieved = s["flops_per_s"]
+            achieved, upd = s["flops_per_s"], s["update_flops_per_s"]
+            device_name = device_name or s["device_name"]
+            peak = nominal_peak(s["device_name"] or "")
             lines.append(
                 f"| {size} | {system} | {s['median']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
                 f"{s['generation']:.3f} | {s['logprobs']:.3f} | {s['update']:.3f} | {s['tokens_per_s']:.0f} | "
-                f"{s['peak_rss_mib']:.0f} | {'%.2fx' % ratio if ratio else ''} | "
-                f"{achieved / 1e9:.1f} G | {100 * achieved / matmul:.0f}% |")
-        lines.append(f"| {size} | matmul 2048^2 fp32 | | | | | | | | | {matmul / 1e9:.1f} G | 100% |")
+                f"{s['gen_tokens_per_s']:.0f} | {s['peak_rss_mib']:.0f} |"
+                + (f" {s['peak_gpu_mib']:.0f} |" if gpu else "")
+                + f" {'%.2fx' % ratio if ratio else ''} | {achieved / 1e9:.1f} G | {100 * achieved / matmul:.0f}% | "
+                f"{upd / 1e9:.1f} G ({100 * upd / matmul:.0f}%) |"
+                + ((f" {100 * upd / peak:.1f}% |" if peak else " (unknown GPU) |") if gpu else ""))
+        label = f"matmul {'8192' if gpu else '2048'}^2 {args.dtype}"
+        lines.append(f"| {size} | {label} |" + " |" * (9 + gpu) + f" {matmul / 1e9:.1f} G | 100% | |"
+                     + (" |" if gpu else ""))
+    if device_name:
+        lines += ["", f"GPU: {device_name}."]
     lines += ["", "FLOP/s = the step's necessary matmul FLOPs (bench/common.py `step_flops`: the sampled "
               "completions up to EOS, each prompt once per group, generation + reference forward + "
               "forward and backward = 5 forwards, attention included) / its time; median over steps. "

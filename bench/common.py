@@ -15,22 +15,54 @@ import sys
 import time
 from pathlib import Path
 
-# The two model sizes of the issue. Both are Llama-architecture with the character tokenizer of
-# grpo.tasks; max_positions covers the longest scaling run (512-token prompt + 256 tokens).
+# The issue's model sizes, all with the character tokenizer of grpo.tasks. The two CPU sizes are
+# Llama-architecture; max_positions covers the longest scaling run (512-token prompt + 256 tokens).
+# qwen0.5b, for a GPU, has Qwen2-0.5B's shapes (its config.json: 24 layers, hidden 896, 14 query
+# and 2 key/value heads, qkv biases, tied 151,936-row embedding; 494M parameters); the tokenizer
+# only names its first 19 ids, so decoded completions drop the others (the same for both systems).
 MODELS = {
     "1m": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_positions=1024),
     "30m": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1792, max_positions=1024),
+    "qwen0.5b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                     intermediate_size=4864, vocab_size=151936, max_positions=4096),
 }
 
 
-def build_models(root: Path) -> dict[str, Path]:
-    """Build (once) and save each benchmark model; returns name -> directory."""
+def save_qwen2(directory: Path, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+               intermediate_size: int, vocab_size: int, max_positions: int, seed: int = 0) -> Path:
+    """A randomly initialised Qwen2-architecture model with the character tokenizer, saved."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo.tasks import build_char_tokenizer
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, use_sliding_window=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_models(root: Path, sizes=("1m", "30m")) -> dict[str, Path]:
+    """Build (once) and save the benchmark models named in `sizes`; name -> directory."""
     from grpo.tasks import save_tiny_model
     out = {}
-    for name, kwargs in MODELS.items():
+    for name in sizes:
+        kwargs = dict(MODELS[name])
         d = root / name
         if not (d / "config.json").exists():
-            save_tiny_model(d, seed=0, **kwargs)
+            if kwargs.pop("arch", "llama") == "qwen2":
+                save_qwen2(d, **kwargs)
+            else:
+                save_tiny_model(d, seed=0, **kwargs)
         out[name] = d
     return out
 
@@ -99,18 +131,36 @@ def step_flops(dims: dict, prompt_lengths: list[int], G: int, lengths: list[int]
     return {"generation": fwd, "logprobs": fwd, "update": 3 * fwd, "total": 5 * fwd}
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
-    """fp32 FLOP/s of a large square matmul: the machine's practical peak for these models."""
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype: str = "float32") -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device`: the machine's practical peak for
+    these models (fp32 2048^2 on the CPU; on a GPU, e.g. bf16 8192^2)."""
     import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     for _ in range(2):
         a @ b
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - t)
     return 2.0 * n ** 3 / statistics.median(times)
+
+
+# Vendor dense bf16 peaks (no sparsity), for model FLOP utilisation against the datasheet as well as
+# against the measured matmul. Matched against torch.cuda.get_device_name().
+NOMINAL_BF16_FLOPS = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12,
+                      "A100": 312.0e12, "L40S": 362.1e12}
+
+
+def nominal_peak(device_name: str) -> float | None:
+    return next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in device_name), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +172,10 @@ def peak_rss_mib() -> float:
 def emit(result: dict) -> None:
     """A worker's one line of output, picked up by the driver."""
     result["peak_rss_mib"] = peak_rss_mib()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        torch = sys.modules["torch"]
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["device_name"] = torch.cuda.get_device_name()
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
 

@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    models = build_models(Path(args.models_dir))
+    models = build_models(Path(args.models_dir), args.sizes)
     rows = args.prompts * args.group
     packed = args.prompts * args.prompt_len + rows * (args.completion - 1)
     print(f"Matmuls only, {args.threads} threads: decode {args.tokens - 1} steps x {rows} rows; "

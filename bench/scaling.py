@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--generation", default="sample", choices=["sample", "beam"],
                     help="ours: sampled groups, or beam search of width G (then TRL is not run)")
     args = ap.parse_args(argv)
-    model = str(build_models(Path(args.models_dir))[args.model_size])
+    model = str(build_models(Path(args.models_dir), [args.model_size])[args.model_size])
 
     points = []  # (axis, value, G, T, Lp, system, engine)
     if "group" in args.axes:

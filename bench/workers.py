@@ -26,26 +26,27 @@ def run_ours(args) -> dict:
 
     from grpo.config import TrainConfig
     from grpo.distributed import World
-    from grpo.modeling import load_causal_lm, load_tokenizer, make_optimizer, make_scheduler
+    from grpo.modeling import Precision, load_tokenizer, make_optimizer, make_scheduler, pick_device, pick_dtype
     from grpo.rewards import Reward
-    from grpo.rollout import collect_rollout
-    from grpo.trainer import update
+    from grpo.rollout import clock, collect_rollout
+    from grpo.trainer import load_models, update
 
     torch.manual_seed(0)
     cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
                       num_minibatches=1, micro_batch_size=args.prompts * args.group, learning_rate=1e-6,
-                      max_prompt_length=4096, dtype="float32", device="cpu", num_threads=args.threads,
+                      max_prompt_length=4096, dtype=args.dtype, device=args.device, num_threads=args.threads,
                       generation=args.generation,
                       rewards=[{"function": "exact_answer"}])
-    device, dtype = torch.device("cpu"), torch.float32
+    # As `grpo train` sets them up: float32 weights, forwards in cfg.dtype (grpo.modeling.Precision).
+    device = pick_device(cfg.device)
+    precision = Precision(device, pick_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(args.model)
-    policy = load_causal_lm(args.model, device, dtype)
-    reference = load_causal_lm(args.model, device, dtype, trainable=False)
+    policy, reference = load_models(cfg, device, precision.dtype)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, args.warmup + args.steps)
     rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     world = World()
     rows = workload_rows(args)
 
@@ -74,11 +75,11 @@ def run_ours(args) -> dict:
     for step in range(args.warmup + args.steps):
         batch = [rows[(step * args.prompts + i) % len(rows)] for i in range(args.prompts)]
         timings["prefill"] = 0.0
-        t0 = time.perf_counter()
-        rollout = collect_rollout(policy, reference, tokenizer, batch, rewards, cfg, generator)
-        t1 = time.perf_counter()
-        update(policy, optimizer, scheduler, rollout, cfg, world, generator)
-        t2 = time.perf_counter()
+        t0 = clock(device)
+        rollout = collect_rollout(policy, reference, tokenizer, batch, rewards, cfg, generator, precision=precision)
+        t1 = clock(device)
+        update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
+        t2 = clock(device)
         if step >= args.warmup:
             steps.append(dict(total=t2 - t0, generation=rollout.timings["generate"],
                               logprobs=rollout.timings["logprobs"], update=t2 - t1,
@@ -91,6 +92,12 @@ def run_ours(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+
+def _sync():
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
 
 class _Timer:
     """Accumulates wall time spent inside wrapped callables (one bucket per name)."""
@@ -106,11 +113,13 @@ class _Timer:
             if self.depth:
                 return fn(*a, **k)
             self.depth += 1
+            _sync()
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 self.depth -= 1
+                _sync()
                 self.buckets[name] = self.buckets.get(name, 0.0) + time.perf_counter() - t
         return timed
 
@@ -124,13 +133,16 @@ def run_trl(args) -> dict:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
+    # float32 weights; with --dtype bfloat16 the Trainer's bf16=True computes under autocast: the
+    # same master-weights arrangement as ours. TRL loads its reference in the model's dtype too.
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    cuda = args.device == "cuda"
     rows = workload_rows(args)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
     out = tempfile.mkdtemp(prefix="trl-bench-")
     total = args.warmup + args.steps
     config = GRPOConfig(
-        output_dir=out, report_to="none", use_cpu=True, bf16=False, fp16=False,
+        output_dir=out, report_to="none", use_cpu=not cuda, bf16=args.dtype == "bfloat16", fp16=False,
         gradient_checkpointing=False, per_device_train_batch_size=args.prompts * args.group,
         gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.tokens,
         beta=0.04, num_iterations=1, temperature=1.0, learning_rate=1e-6, max_steps=total,
@@ -170,9 +182,11 @@ def run_trl(args) -> dict:
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             timer.buckets.clear()
+            _sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            _sync()
             dt = time.perf_counter() - self.t0
             if state.global_step > args.warmup:
                 gen, lp = timer.buckets.get("generation", 0.0), timer.buckets.get("logprobs", 0.0)
@@ -219,12 +233,18 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engine", default="auto", choices=["auto", "plain"], help="ours: generation engine")
     ap.add_argument("--generation", default="sample", choices=["sample", "beam"], help="ours: groups by")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype (weights stay float32 in both systems)")
     ap.add_argument("--full-length", action="store_true",
                     help="no early EOS: every completion is --tokens long (both systems)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     if args.system == "matmul":
-        emit(dict(system="matmul", flops_per_s=matmul_flops_per_s()))
+        if args.device == "cuda":  # a bf16 8192^2 is the tensor cores' practical peak
+            emit(dict(system="matmul", flops_per_s=matmul_flops_per_s(8192, 20, "cuda", args.dtype)))
+        else:
+            emit(dict(system="matmul", flops_per_s=matmul_flops_per_s(dtype=args.dtype)))
         return
     result = run_ours(args) if args.system == "ours" else run_trl(args)
     emit(result)

@@ -41,3 +41,25 @@ def test_step_flops_equals_a_per_token_loop():
         for n in lengths[p * G:(p + 1) * G]:
             fwd += sum(token(Lp + j + 1) for j in range(max(n - 1, 0)))  # all completion tokens but the last
     assert step_flops(dims, prompt_lengths, G, lengths)["total"] == 5 * fwd
+
+
+def test_gpu_benchmark_path_runs_on_cpu_with_a_tied_qwen2_in_bf16(tmp_path, capsys, one_thread):
+    """The qwen0.5b benchmark's code (a Qwen2 with tied embeddings built from a config, bf16
+    compute over float32 weights, the update phase's FLOP/s) on a tiny model, so it cannot rot
+    while no GPU is at hand to run it for real."""
+    import json
+
+    from bench.bench_vs_trl import summarise
+    from bench.common import model_dims, save_qwen2
+    from bench.workers import main
+
+    d = save_qwen2(tmp_path / "q", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=64, vocab_size=300, max_positions=256)
+    dims = model_dims(d)
+    assert dims["V"] == 300 and dims["matmul_params"] == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64) + 32 * 300
+    main(["ours", "--model", str(d), "--steps", "2", "--warmup", "0", "--dtype", "bfloat16", "--threads", "1",
+          "--prompts", "2", "--group", "4", "--tokens", "6"])
+    result = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])
+    assert len(result["steps"]) == 2 and all(s["tokens"] > 0 for s in result["steps"])
+    s = summarise([result], dims, group=4)
+    assert s["update_flops_per_s"] > 0 and s["gen_tokens_per_s"] > 0
