@@ -198,12 +198,23 @@ class RewardModelScorer:
             raise RewardError(f"reward model {path!r}: expected one label (a scalar score), "
                               f"found num_labels={self.model.config.num_labels}")
         prepare_for_scoring(self.model, self.tokenizer)
+        head = getattr(self.model, "score", None)  # the one-label head of *ForSequenceClassification
+        if isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+            # A bf16 score keeps ~3 significant digits: enough to tie completions of one group that
+            # the reward model does rank apart, giving both zero advantage. The head (one row)
+            # runs in float32 on the backbone's bf16 features.
+            head.float()
+            head.register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.moments = RunningMoments() if normalize else None
         self.__name__ = Path(path).name or path
 
     @torch.no_grad()
     def raw_scores(self, texts: list[str]) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=False):  # the model's own dtype, wherever it is called from
+            return self._raw_scores(texts)
+
+    def _raw_scores(self, texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), self.batch_size):
             ids, mask = encode_for_scoring(self.tokenizer, texts[i:i + self.batch_size], self.max_length,

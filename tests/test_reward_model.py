@@ -132,6 +132,22 @@ def test_save_from_pretrained_identical_scores(trained_rm):
     assert batched == pytest.approx(plain, abs=1e-5)
 
 
+def test_bf16_scorer_keeps_a_float32_score(trained_rm):
+    """A bf16 reward model's score is read through a float32 head: not rounded to bf16's ~3 digits
+    (which ties completions the model ranks apart), close to the fp32 score, and the same inside
+    an outer autocast (held-out evaluation runs under one)."""
+    prompts = [f"{a}+{b}=" for a in range(8) for b in range(4)]
+    completions = [str(a + b + d) for a in range(8) for b, d in zip(range(4), (0, 1, 0, 2))]
+    full = RewardModelScorer(str(trained_rm["dir"]), torch.device("cpu"), torch.float32)(prompts, completions)
+    bf16 = RewardModelScorer(str(trained_rm["dir"]), torch.device("cpu"), torch.bfloat16)
+    half = torch.tensor(bf16(prompts, completions))
+    assert (half.to(torch.bfloat16).float() != half).sum() > len(half) // 2
+    spread = torch.tensor(full).std()
+    torch.testing.assert_close(half, torch.tensor(full), atol=0.1 * spread.item(), rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bf16(prompts, completions) == half.tolist()
+
+
 def test_eval_and_score_commands(trained_rm, tmp_path, capsys, one_thread):
     assert main(["reward-model", "eval", "--set", f"model={trained_rm['dir']}",
                  "--set", f"dataset={trained_rm['heldout']}"]) == 0
