@@ -56,7 +56,8 @@ def summarise(results: list[dict], dims: dict | None = None, group: int = 8) -> 
     return dict(n=len(steps), median=statistics.median(totals), min=min(totals), max=max(totals),
                 generation=med("generation"), logprobs=med("logprobs"), update=med("update"),
                 tokens_per_s=(statistics.median(tokens) / statistics.median(totals)) if tokens else float("nan"),
-                gen_tokens_per_s=statistics.median(s["tokens"] / s["generation"] for s in steps),
+                gen_tokens_per_s=statistics.median([s["tokens"] / s["generation"] for s in steps
+                                                    if s["tokens"] >= 0 and s["generation"] > 0] or [float("nan")]),
                 tokens=statistics.median(tokens) if tokens else float("nan"),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in results),
                 peak_gpu_mib=max(gpu) if gpu else None,
@@ -77,6 +78,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype of both systems (bfloat16 on a GPU)")
+    ap.add_argument("--trl-weights", default="float32", choices=["float32", "bfloat16"],
+                    help="TRL's weights: float32 (autocast, like ours) or bfloat16 (pure bf16, as many TRL "
+                         "GPU recipes load models)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16, help="max completion tokens")
@@ -100,7 +104,8 @@ def main(argv=None) -> None:
                 if system == "trl" and args.skip_trl:
                     continue
                 py = args.python if system == "ours" else args.trl_python
-                res = run_worker(py, system, ["--model", str(models[size]), *common])
+                extra = ["--trl-weights", args.trl_weights] if system == "trl" else []
+                res = run_worker(py, system, ["--model", str(models[size]), *common, *extra])
                 raw[size][system].append(res)
                 s = summarise([res])
                 print(f"[{size} round {r + 1}/{args.rounds}] {system:4s} median {s['median']:.3f}s "
@@ -135,7 +140,7 @@ def report(raw: dict, models: dict, args) -> str:
             ratio = (sums["trl"]["median"] / s["median"]) if "trl" in sums and system == "ours" else None
             achieved, upd = s["flops_per_s"], s["update_flops_per_s"]
             device_name = device_name or s["device_name"]
-            peak = nominal_peak(s["device_name"] or "")
+            peak = nominal_peak(s["device_name"] or "") if args.dtype == "bfloat16" else None
             lines.append(
                 f"| {size} | {system} | {s['median']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
                 f"{s['generation']:.3f} | {s['logprobs']:.3f} | {s['update']:.3f} | {s['tokens_per_s']:.0f} | "
@@ -143,12 +148,12 @@ def report(raw: dict, models: dict, args) -> str:
                 + (f" {s['peak_gpu_mib']:.0f} |" if gpu else "")
                 + f" {'%.2fx' % ratio if ratio else ''} | {achieved / 1e9:.1f} G | {100 * achieved / matmul:.0f}% | "
                 f"{upd / 1e9:.1f} G ({100 * upd / matmul:.0f}%) |"
-                + ((f" {100 * upd / peak:.1f}% |" if peak else " (unknown GPU) |") if gpu else ""))
+                + ((f" {100 * upd / peak:.1f}% |" if peak else " n/a |") if gpu else ""))
         label = f"matmul {'8192' if gpu else '2048'}^2 {args.dtype}"
         lines.append(f"| {size} | {label} |" + " |" * (9 + gpu) + f" {matmul / 1e9:.1f} G | 100% | |"
                      + (" |" if gpu else ""))
     if device_name:
-        lines += ["", f"GPU: {device_name}."]
+        lines += ["", f"GPU: {device_name}. TRL's weights: {args.trl_weights}."]
     lines += ["", "FLOP/s = the step's necessary matmul FLOPs (bench/common.py `step_flops`: the sampled "
               "completions up to EOS, each prompt once per group, generation + reference forward + "
               "forward and backward = 5 forwards, attention included) / its time; median over steps. "

@@ -133,9 +133,11 @@ def run_trl(args) -> dict:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
-    # float32 weights; with --dtype bfloat16 the Trainer's bf16=True computes under autocast: the
-    # same master-weights arrangement as ours. TRL loads its reference in the model's dtype too.
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # float32 weights by default; with --dtype bfloat16 the Trainer's bf16=True computes under
+    # autocast (accelerate wraps each forward): the same master-weights arrangement as ours. TRL
+    # loads its reference in the model's dtype too. --trl-weights bfloat16 is the pure-bf16 setup
+    # of many TRL GPU recipes (faster, but AdamW's small steps round away in bf16 weights).
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.trl_weights))
     cuda = args.device == "cuda"
     rows = workload_rows(args)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
@@ -236,6 +238,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype (weights stay float32 in both systems)")
+    ap.add_argument("--trl-weights", default="float32", choices=["float32", "bfloat16"],
+                    help="trl: the dtype its model (and so its reference) is loaded in")
     ap.add_argument("--full-length", action="store_true",
                     help="no early EOS: every completion is --tokens long (both systems)")
     args = ap.parse_args(argv)

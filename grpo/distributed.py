@@ -15,15 +15,14 @@ import torch.distributed as dist
 
 
 class World:
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
+        """`device`: where this process trains (grpo.modeling.pick_device gives each process the
+        GPU of its LOCAL_RANK). Collectives run there: NCCL between GPUs, gloo on CPU."""
         self.size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
-        # NCCL only moves CUDA tensors, and each process must own its GPU before the first
-        # collective (all_gather_object uses the current device): `device` is where the
-        # collectives run; sum/gather bring results back to the caller's device.
-        self.device = torch.device("cpu")
-        if self.size > 1 and torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = torch.device("cpu") if device is None else device
+        if self.size > 1 and self.device.type == "cuda":
+            # Before the first collective: all_gather_object works on the current device.
             torch.cuda.set_device(self.device)
         if self.size > 1 and not dist.is_initialized():
             # Rank 0 evaluates and saves alone while the others wait in the next collective:
@@ -52,13 +51,17 @@ class World:
         return torch.cat(parts).to(x.device)
 
     def sum_gradients(self, model) -> None:
+        """Sum every gradient over processes. A parameter that has a gradient on some process but
+        not on this one (its tokens were all masked) joins with zeros; one that has none anywhere
+        stays without, as on a single process (AdamW then leaves it alone)."""
         if self.size == 1:
             return
         params = [p for p in model.parameters() if p.requires_grad]
-        if not self.sum(torch.tensor(float(any(p.grad is not None for p in params)))).item():
-            return  # every process's minibatch was entirely masked: nothing to sum or apply
-        for p in params:
-            if p.grad is None:  # this process's tokens were all masked, others' were not
+        anywhere = self.sum(torch.tensor([float(p.grad is not None) for p in params])).tolist()
+        for p, n in zip(params, anywhere):
+            if n == 0:
+                continue
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 

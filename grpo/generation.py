@@ -326,8 +326,14 @@ class _GroupDecoder:
                 kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
         P = prompt_mask.shape[0]
         N = P * G
-        dtype, device = self.layers[0]["kp"].dtype, prompt_mask.device
+        device = prompt_mask.device
+        # Under autocast the prefill leaves keys in float32 (RoPE multiplies by float32 cos/sin) and
+        # values in the compute dtype: both caches are kept in the compute dtype (half the memory
+        # and no per-step cast of the prompt keys).
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.layers[0]["kp"].dtype
         for lay in self.layers:
+            lay["kp"], lay["vp"] = lay["kp"].to(dtype), lay["vp"].to(dtype)
             lay["kc"] = torch.empty(N, self.Hkv, max_new_tokens, self.hd, dtype=dtype, device=device)
             lay["vc"] = torch.empty_like(lay["kc"])
         # Additive mask over the prompt keys: -inf on left padding. [P, 1, 1, Lp]

@@ -59,15 +59,20 @@ class Precision:
         self.scaler.scale(loss).backward()
 
     def step(self, optimizer, parameters, max_grad_norm: float | None) -> torch.Tensor:
-        """Unscale, clip, step (skipped by the fp16 scaler when a gradient is inf/nan); returns the norm."""
+        """Unscale, clip and step; returns the gradient norm. A step whose gradient is not finite
+        is skipped: the fp16 scaler then lowers its scale; in bf16/fp32 applying it would turn every
+        weight it touches into NaN, and every later checkpoint with them."""
         parameters = [p for p in parameters if p.grad is not None]
         if not parameters:  # every token of the minibatch was masked out: nothing to unscale or apply
             optimizer.step()  # a no-op without gradients, kept so the schedule sees one optimizer step
             return torch.zeros(())
         self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler.step(optimizer)  # checks every gradient for inf/nan itself
+            self.scaler.update()
+        elif torch.isfinite(grad_norm):
+            optimizer.step()
         return grad_norm
 
 

@@ -169,6 +169,18 @@ def prepare_for_scoring(model, tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None or model.config.pad_token_id != tokenizer.pad_token_id:
         model.config.pad_token_id = tokenizer.pad_token_id
+    head = getattr(model, "score", None)  # the one-label head of *ForSequenceClassification
+    if isinstance(head, torch.nn.Linear):
+        # The score in float32, whatever the backbone computes in (bf16 weights, or autocast while
+        # training): a bf16 score keeps ~3 significant digits, enough to tie completions of one
+        # group that the model does rank apart (zero advantage for both) and preference pairs.
+        head.float()
+        linear = head.forward
+
+        def float32_score(hidden: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(hidden.device.type, enabled=False):
+                return linear(hidden.float())
+        head.forward = float32_score
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -198,13 +210,6 @@ class RewardModelScorer:
             raise RewardError(f"reward model {path!r}: expected one label (a scalar score), "
                               f"found num_labels={self.model.config.num_labels}")
         prepare_for_scoring(self.model, self.tokenizer)
-        head = getattr(self.model, "score", None)  # the one-label head of *ForSequenceClassification
-        if isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
-            # A bf16 score keeps ~3 significant digits: enough to tie completions of one group that
-            # the reward model does rank apart, giving both zero advantage. The head (one row)
-            # runs in float32 on the backbone's bf16 features.
-            head.float()
-            head.register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.moments = RunningMoments() if normalize else None
         self.__name__ = Path(path).name or path

@@ -38,7 +38,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     per_minibatch = groups // cfg.num_minibatches
     temperature = logprob_temperature(cfg)
     sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
-                entropy_sum=0.0, token_count=0.0, grad_norm=0.0)
+                entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0)
     steps = 0
     for _ in range(cfg.num_iterations):
         # Shuffle whole groups between minibatches so each minibatch still holds complete groups.
@@ -76,13 +76,18 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
             world.sum_gradients(policy)
             grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
             scheduler.step()
-            sums["grad_norm"] += float(grad_norm)
+            if torch.isfinite(grad_norm):
+                sums["grad_norm"] += float(grad_norm)
+            else:  # skipped (Precision.step); float16 also lowers its loss scale
+                sums["nonfinite_grad_steps"] += 1
             steps += 1
     tokens = max(sums["token_count"], 1.0)
     return {"loss": sums["loss"] / steps, "policy_loss": sums["policy_loss"] / steps,
             "kl": sums["kl_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
             "clip_frac_low": sums["clip_low_sum"] / tokens, "clip_frac_high": sums["clip_high_sum"] / tokens,
-            "grad_norm": sums["grad_norm"] / steps, "lr": scheduler.get_last_lr()[0], "optimizer_steps": steps}
+            "grad_norm": sums["grad_norm"] / max(steps - sums["nonfinite_grad_steps"], 1),
+            "nonfinite_grad_steps": sums["nonfinite_grad_steps"], "lr": scheduler.get_last_lr()[0],
+            "optimizer_steps": steps}
 
 
 def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | None) -> dict[str, float]:
@@ -115,11 +120,11 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
-    world = World()
+    device = pick_device(cfg.device)
+    world = World(device)
     seed_everything(cfg.seed + world.rank)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     precision = Precision(device, dtype)
     out = Path(cfg.output_dir)
@@ -149,7 +154,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), dtype).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
+        if state.get("scaler"):  # empty when the checkpoint was not float16
             precision.scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"][world.rank], generator)

@@ -56,10 +56,14 @@ def test_load_keeps_trainable_models_in_float32_and_frozen_ones_in_the_compute_d
 
 
 @pytest.mark.parametrize("make", [llama, qwen2], ids=["llama", "qwen2"])
-def test_autocast_generation_and_logprobs_agree_across_engines(make):
+def test_autocast_generation_and_logprobs_agree_across_engines(make, monkeypatch):
     """Under bf16 autocast over float32 weights (the policy on CUDA): the group engine and the plain
     loop, the packed forward and the plain forward agree to bf16 rounding, and both are close to
-    the float32 result; log-probs come back in float32."""
+    the float32 result; log-probs come back in float32; the group engine's KV caches are bf16."""
+    import grpo.generation
+    decoders, init = [], grpo.generation._GroupDecoder.__init__
+    monkeypatch.setattr(grpo.generation._GroupDecoder, "__init__",
+                        lambda self, *a, **k: decoders.append(self) or init(self, *a, **k))
     model = make()
     precision = Precision(torch.device("cpu"), torch.bfloat16)
     ids, mask = prompts()
@@ -75,6 +79,8 @@ def test_autocast_generation_and_logprobs_agree_across_engines(make):
     full = completion_logprobs(model, P, M, gen.completion_ids, cm, 1.0, engine="plain")[0]
     on = cm.bool()
     assert half["auto"].dtype == torch.float32 and gen.logprobs.dtype == torch.float32
+    assert decoders and {lay[k].dtype for lay in decoders[0].layers for k in ("kp", "vp", "kc", "vc")} \
+        == {torch.bfloat16}
     # The same tokens on both engines where bf16 rounding does not flip a draw; here it does not.
     assert torch.equal(out["plain"].completion_ids, gen.completion_ids)
     torch.testing.assert_close(half["auto"][on], half["plain"][on], atol=2e-2, rtol=0)
@@ -83,9 +89,23 @@ def test_autocast_generation_and_logprobs_agree_across_engines(make):
     assert (half["auto"][on] - full[on]).abs().max() > 0  # really computed in bf16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_with_a_nonfinite_gradient_is_skipped_in_every_precision(dtype):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    precision = Precision(torch.device("cpu"), dtype)
+    (w * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()
+    assert not torch.isfinite(precision.step(opt, [w], 1.0))
+    assert torch.equal(w.detach(), torch.ones(3))
+    opt.zero_grad()
+    precision.backward(w.sum())
+    precision.step(opt, [w], None)
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.9))
+
+
 def test_fp16_loss_scaling_skips_a_step_with_inf_gradients_and_keeps_weights_finite():
     w = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([w], lr=0.1)
+    opt = torch.optim.SGD([w], lr=0.1)  # the step is the gradient itself: an unscaled one shows
     precision = Precision(torch.device("cpu"), torch.float16)
     (w.sum() * float("inf")).backward()
     precision.step(opt, [w], 1.0)
@@ -94,7 +114,7 @@ def test_fp16_loss_scaling_skips_a_step_with_inf_gradients_and_keeps_weights_fin
     opt.zero_grad()
     precision.backward(w.sum())
     precision.step(opt, [w], None)
-    assert (w.detach() < 1).all()  # a finite gradient is applied, unscaled
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.9))  # d(sum)/dw = 1, applied unscaled
 
 
 @pytest.mark.parametrize("command", ["sft", "reward-model"])
@@ -116,3 +136,33 @@ def test_sft_and_reward_model_also_train_float32_master_weights_under_bf16(small
     assert len(shared) > 10 and all(after[k].dtype == torch.float32 for k in shared)
     changed = sum(int((before[k] != after[k]).sum()) for k in shared)
     assert changed > 0.9 * sum(before[k].numel() for k in shared)
+
+
+def test_fp16_resume_restores_the_loss_scale(small_model, addition_files, tmp_path, monkeypatch):
+    import shutil
+
+    import grpo.trainer
+    made = []
+
+    class Growing(Precision):  # the scale doubles after every step (far from overflow), so its state shows
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
+            self.scaler.scale(torch.ones(()))
+            made.append(self)
+    monkeypatch.setattr(grpo.trainer, "Precision", Growing)
+
+    def cfg(out):
+        return build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(out),
+                                       rewards=[{"function": "answer_distance"}], prompts_per_step=2, group_size=4,
+                                       max_completion_length=4, max_steps=4, save_steps=2, learning_rate=1e-3,
+                                       max_prompt_length=16, dtype="float16"))
+    train(cfg(tmp_path / "full"), quiet=True)
+    (tmp_path / "part").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "part" / "checkpoint-2")
+    train(cfg(tmp_path / "part"), resume=True, quiet=True)
+    state = torch.load(tmp_path / "full" / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert state["scaler"]["scale"] == 4.0
+    assert made[0].scaler.get_scale() == made[1].scaler.get_scale() == 16.0  # not 4.0 from a fresh scaler
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -146,6 +146,14 @@ def test_bf16_scorer_keeps_a_float32_score(trained_rm):
     torch.testing.assert_close(half, torch.tensor(full), atol=0.1 * spread.item(), rtol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert bf16(prompts, completions) == half.tolist()
+        # Training and held-out pair scoring under autocast (grpo reward-model train --set dtype=bfloat16).
+        from grpo.reward_model import Pair, load_reward_model, pair_scores
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(trained_rm["dir"])
+        model = load_reward_model(str(trained_rm["dir"]), torch.device("cpu"), torch.float32, tok)
+        pairs = [Pair(prompt=p, chosen=c, rejected=c + "1", margin=0.0, where="") for p, c in zip(prompts, completions)]
+        chosen, _ = pair_scores(model, tok, pairs, 16, torch.device("cpu"))
+    assert chosen.dtype == torch.float32 and (chosen.to(torch.bfloat16).float() != chosen).sum() > len(chosen) // 2
 
 
 def test_eval_and_score_commands(trained_rm, tmp_path, capsys, one_thread):
