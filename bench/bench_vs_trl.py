@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_worker(python: str, system: str, extra: list[str], timeout: float = 1800) -> dict:
     cmd = [python, "-m", "bench.workers", system, *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    # ROOT first; a PYTHONPATH already set (e.g. carried wheels on a GPU machine) stays behind it.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
