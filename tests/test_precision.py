@@ -28,20 +28,37 @@ def small_model(tmp_path_factory):
                                intermediate_size=64))
 
 
+def changed_fraction(before: dict, after: dict) -> float:
+    """Share of weights that differ, comparing in the saved (lower) precision of the two."""
+    changed = sum(int((before[k].to(after[k].dtype) != after[k]).sum()) for k in before)
+    return changed / sum(t.numel() for t in before.values())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_training_moves_float32_master_weights(small_model, addition_files, tmp_path, dtype):
+def test_half_precision_training_moves_float32_master_weights(small_model, addition_files, tmp_path, dtype,
+                                                              monkeypatch):
     # At a GRPO learning rate of 1e-6 an AdamW step is ~100x smaller than bf16's spacing near a
-    # weight of 0.02: weights stored in bf16 would mostly round back (measured before the fix:
-    # 402 of 21856 changed in 3 steps). With float32 master weights nearly all of them move.
-    cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(tmp_path / "run"),
-                                  rewards=[{"function": "answer_distance"}], prompts_per_step=2, group_size=4,
-                                  max_completion_length=4, max_steps=2, learning_rate=1e-6, beta=0.04,
-                                  max_prompt_length=16, dtype=dtype))
-    out = train(cfg, quiet=True)
+    # weight of 0.02: weights stored in bf16 mostly round back to where they were. With float32
+    # master weights nearly all of them move.
+    import grpo.trainer
+
+    def run(name):
+        cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(tmp_path / name),
+                                      rewards=[{"function": "answer_distance"}], prompts_per_step=2, group_size=4,
+                                      max_completion_length=4, max_steps=2, learning_rate=1e-6, beta=0.04,
+                                      max_prompt_length=16, dtype=dtype))
+        return train(cfg, quiet=True)
+    out = run("master")
     before, after = load_file(f"{small_model}/model.safetensors"), load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in after.values())
-    changed = sum(int((before[k] != after[k]).sum()) for k in before)
-    assert changed > 0.95 * sum(t.numel() for t in before.values())
+    assert changed_fraction(before, after) > 0.95
+    if dtype == "bfloat16":  # the same run with the policy stored in bf16, as before the fix
+        real = grpo.trainer.load_causal_lm
+        monkeypatch.setattr(grpo.trainer, "load_causal_lm", lambda path, device, dt, trainable=True:
+                            real(path, device, dt, trainable).to(torch.bfloat16))
+        stored = load_file(str(run("stored_bf16") / "model.safetensors"))
+        assert next(iter(stored.values())).dtype == torch.bfloat16
+        assert changed_fraction(before, stored) < 0.1
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     # pi_ref is computed exactly like pi_theta: before the first update the KL is exactly 0.
     assert lines[0]["kl"] == 0.0
