@@ -50,20 +50,36 @@ class World:
         dist.all_gather(parts, mine)
         return torch.cat(parts).to(x.device)
 
-    def sum_gradients(self, model) -> None:
+    def sum_gradients(self, model, bucket_bytes: int = 25 * 2**20) -> None:
         """Sum every gradient over processes. A parameter that has a gradient on some process but
         not on this one (its tokens were all masked) joins with zeros; one that has none anywhere
-        stays without, as on a single process (AdamW then leaves it alone)."""
+        stays without, as on a single process (AdamW then leaves it alone).
+
+        Gradients travel in flat buckets of about `bucket_bytes` (as DDP's do): one collective per
+        parameter would pay its latency ~300 times per step for a 0.5B model."""
         if self.size == 1:
             return
         params = [p for p in model.parameters() if p.requires_grad]
         anywhere = self.sum(torch.tensor([float(p.grad is not None) for p in params])).tolist()
+        grads = []
         for p, n in zip(params, anywhere):
-            if n == 0:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            if n:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        bucket, size = [], 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            last = i == len(grads) - 1
+            if size >= bucket_bytes or last or grads[i + 1].dtype != g.dtype:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = [], 0
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -104,3 +104,32 @@ def test_torchrun_cli(tiny_model_dir, addition_files, tmp_path):
     assert [l["step"] for l in lines] == [1, 2]
     assert (out / "model.safetensors").is_file() and (out / "checkpoint-1" / "trainer_state.pt").is_file()
     assert len(torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=False)["rng"]) == 2
+
+
+def bucket_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    world = World()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4), torch.nn.Linear(4, 2))
+    for i, p in enumerate(model.parameters()):
+        # Rank r's gradient of parameter i is (r + 1) * (i + 1); rank 1 has none for parameter 2,
+        # and nobody has one for parameter 5.
+        if i == 5 or (rank == 1 and i == 2):
+            continue
+        p.grad = torch.full_like(p, float((rank + 1) * (i + 1)))
+    world.sum_gradients(model, bucket_bytes=200)  # several buckets, some holding several parameters
+    if rank == 0:
+        torch.save([None if p.grad is None else p.grad.clone() for p in model.parameters()], out)
+    world.close()
+
+
+def test_gradient_sum_in_buckets_equals_the_sum_of_each_gradient(tmp_path):
+    mp.spawn(bucket_worker, args=(free_port(), tmp_path / "grads.pt"), nprocs=2)
+    grads = torch.load(tmp_path / "grads.pt")
+    for i, g in enumerate(grads):
+        if i == 5:
+            assert g is None  # no process had one: it stays without, as on one process
+        else:
+            expected = (i + 1) * (1 if i == 2 else 3)  # rank 0's alone where rank 1 had none
+            assert torch.equal(g, torch.full_like(g, float(expected))), i
