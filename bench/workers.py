@@ -42,7 +42,7 @@ def run_ours(args) -> dict:
     device = pick_device(cfg.device)
     precision = Precision(device, pick_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(args.model)
-    policy, reference = load_models(cfg, device, precision.dtype)
+    policy, reference = load_models(cfg, device)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, args.warmup + args.steps)
     rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
@@ -93,18 +93,15 @@ def run_ours(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 
-def _sync():
-    import torch
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 class _Timer:
-    """Accumulates wall time spent inside wrapped callables (one bucket per name)."""
+    """Accumulates wall time spent inside wrapped callables (one bucket per name), read with
+    grpo's `clock` (which first waits for queued CUDA work on a GPU)."""
 
-    def __init__(self):
+    def __init__(self, device):
+        from grpo.rollout import clock
         self.buckets: dict[str, float] = {}
         self.depth = 0
+        self.now = lambda: clock(device)
 
     def wrap(self, name, fn):
         def timed(*a, **k):
@@ -113,14 +110,12 @@ class _Timer:
             if self.depth:
                 return fn(*a, **k)
             self.depth += 1
-            _sync()
-            t = time.perf_counter()
+            t = self.now()
             try:
                 return fn(*a, **k)
             finally:
                 self.depth -= 1
-                _sync()
-                self.buckets[name] = self.buckets.get(name, 0.0) + time.perf_counter() - t
+                self.buckets[name] = self.buckets.get(name, 0.0) + self.now() - t
         return timed
 
 
@@ -160,7 +155,7 @@ def run_trl(args) -> dict:
     # helper called outside the loss (reference, and old when TRL computes it); update = the rest
     # of the step. The helper is called from the loss too, so time inside compute_loss is
     # excluded from the log-prob bucket.
-    timer = _Timer()
+    timer = _Timer(torch.device(args.device))
     trainer.model.generate = timer.wrap("generation", trainer.model.generate)
     lp_name = "_get_per_token_logps_and_entropies" if hasattr(trainer, "_get_per_token_logps_and_entropies") \
         else "_get_per_token_logps"
@@ -184,12 +179,10 @@ def run_trl(args) -> dict:
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             timer.buckets.clear()
-            _sync()
-            self.t0 = time.perf_counter()
+            self.t0 = timer.now()
 
         def on_step_end(self, a, state, control, **kw):
-            _sync()
-            dt = time.perf_counter() - self.t0
+            dt = timer.now() - self.t0
             if state.global_step > args.warmup:
                 gen, lp = timer.buckets.get("generation", 0.0), timer.buckets.get("logprobs", 0.0)
                 steps.append(dict(total=dt, generation=gen, logprobs=lp, update=dt - gen - lp,

@@ -289,8 +289,7 @@ def train_reward_model(cfg: RewardModelConfig, log=print) -> dict:
             for i in range(0, len(batch), cfg.micro_batch_size):
                 chunk = batch[i:i + cfg.micro_batch_size]
                 with precision.autocast():
-                    c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)
-                c, r = c.float(), r.float()
+                    c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)  # float32 head
                 m = torch.tensor([p.margin for p in chunk], device=c.device)
                 # Weight each chunk by its share so the gradient is that of the whole batch's mean.
                 loss = bradley_terry_loss(c, r, m) * (len(chunk) / len(batch))

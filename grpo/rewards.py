@@ -216,15 +216,12 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def raw_scores(self, texts: list[str]) -> torch.Tensor:
-        with torch.autocast(self.device.type, enabled=False):  # the model's own dtype, wherever it is called from
-            return self._raw_scores(texts)
-
-    def _raw_scores(self, texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), self.batch_size):
             ids, mask = encode_for_scoring(self.tokenizer, texts[i:i + self.batch_size], self.max_length,
                                            self.device)
-            out.append(sequence_scores(self.model, ids, mask).cpu())
+            with torch.autocast(self.device.type, enabled=False):  # the model's own dtype, wherever called from
+                out.append(sequence_scores(self.model, ids, mask).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def __call__(self, prompts, completions, **_) -> list[float]:

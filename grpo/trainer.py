@@ -109,12 +109,12 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
     return m
 
 
-def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+def load_models(cfg: TrainConfig, device: torch.device):
     """pi_theta, and pi_ref (None when the run never uses it: beta = 0 with the ratio anchored at
-    pi_old). Both hold float32 weights whatever `dtype` computes in (see modeling.Precision): the
-    reference like the policy so that the two agree bit for bit at step 0 (KL exactly 0, a
+    pi_old). Both hold float32 weights whatever the forwards compute in (see modeling.Precision):
+    the reference like the policy so that the two agree bit for bit at step 0 (KL exactly 0, a
     reference-anchored ratio exactly 1), under bf16 as under fp32."""
-    policy = load_causal_lm(cfg.model, device, dtype)
+    policy = load_causal_lm(cfg.model, device, torch.float32)
     reference = load_causal_lm(cfg.model, device, torch.float32, trainable=False) if needs_reference(cfg) else None
     return policy, reference
 
@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         require_columns(rows, ["answer"], cfg.dataset)
 
     tokenizer = load_tokenizer(cfg.model)
-    policy, reference = load_models(cfg, device, dtype)
+    policy, reference = load_models(cfg, device)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * cfg.num_iterations * cfg.num_minibatches)
     sampler = PromptSampler(len(rows), cfg.seed)
