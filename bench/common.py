@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-# The issue's model sizes, all with the character tokenizer of grpo.tasks. The two CPU sizes are
+# The issue's model sizes, all with the character tokenizer of grpo.recipes.tasks. The two CPU sizes are
 # Llama-architecture; max_positions covers the longest scaling run (512-token prompt + 256 tokens).
 # qwen0.5b, for a GPU, has Qwen2-0.5B's shapes (its config.json: 24 layers, hidden 896, 14 query
 # and 2 key/value heads, qkv biases, tied 151,936-row embedding; 494M parameters); the tokenizer
@@ -34,7 +34,7 @@ def save_qwen2(directory: Path, *, hidden_size: int, num_layers: int, num_heads:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from grpo.tasks import build_char_tokenizer
+    from grpo.recipes.tasks import build_char_tokenizer
     tokenizer = build_char_tokenizer()
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -53,7 +53,7 @@ def save_qwen2(directory: Path, *, hidden_size: int, num_layers: int, num_heads:
 
 def build_models(root: Path, sizes=("1m", "30m")) -> dict[str, Path]:
     """Build (once) and save the benchmark models named in `sizes`; name -> directory."""
-    from grpo.tasks import save_tiny_model
+    from grpo.recipes.tasks import save_tiny_model
     out = {}
     for name in sizes:
         kwargs = dict(MODELS[name])
@@ -68,7 +68,7 @@ def build_models(root: Path, sizes=("1m", "30m")) -> dict[str, Path]:
 
 
 def addition_rows(n: int = 2000):
-    from grpo.tasks import addition_problems
+    from grpo.recipes.tasks import addition_problems
     return addition_problems()[0][:n]
 
 

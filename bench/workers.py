@@ -25,11 +25,14 @@ def run_ours(args) -> dict:
     import torch
 
     from grpo.config import TrainConfig
-    from grpo.distributed import World
-    from grpo.modeling import Precision, load_tokenizer, make_optimizer, make_scheduler, pick_device, pick_dtype
+    from grpo.engine.models import load_tokenizer, pick_device, pick_dtype
     from grpo.rewards import Reward
-    from grpo.rollout import clock, collect_rollout
-    from grpo.trainer import load_models, update
+    from grpo.train.distributed import World
+    from grpo.train.loop import load_models
+    from grpo.train.optim import make_optimizer, make_scheduler
+    from grpo.train.precision import Precision
+    from grpo.train.rollout import clock, collect_rollout
+    from grpo.train.update import update
 
     torch.manual_seed(0)
     cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
@@ -38,7 +41,7 @@ def run_ours(args) -> dict:
                       max_prompt_length=4096, dtype=args.dtype, device=args.device, num_threads=args.threads,
                       generation=args.generation,
                       rewards=[{"function": "exact_answer"}])
-    # As `grpo train` sets them up: float32 weights, forwards in cfg.dtype (grpo.modeling.Precision).
+    # As `grpo train` sets them up: float32 weights, forwards in cfg.dtype (grpo.train.precision).
     device = pick_device(cfg.device)
     precision = Precision(device, pick_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(args.model)
@@ -50,10 +53,10 @@ def run_ours(args) -> dict:
     world = World()
     rows = workload_rows(args)
 
-    import grpo.generation
-    import grpo.rollout
+    import grpo.engine.backend
+    import grpo.engine.decoders
     timings = {"prefill": 0.0}
-    prefill = grpo.generation._prefill
+    prefill = grpo.engine.decoders.prefill
 
     def timed_prefill(*a, **k):
         t = time.perf_counter()
@@ -61,15 +64,15 @@ def run_ours(args) -> dict:
             return prefill(*a, **k)
         finally:
             timings["prefill"] += time.perf_counter() - t
-    grpo.generation._prefill = timed_prefill
+    grpo.engine.decoders.prefill = timed_prefill
     if args.engine != "auto" or args.full_length:
-        gen = grpo.rollout.generate_groups
+        gen = grpo.engine.backend.generate_groups
 
         def patched(*a, **k):
             if args.full_length:
                 k["eos_token_id"] = [-1]  # never sampled: every completion runs max_new_tokens
             return gen(*a, engine=args.engine, **k)
-        grpo.rollout.generate_groups = patched
+        grpo.engine.backend.generate_groups = patched
 
     steps = []
     for step in range(args.warmup + args.steps):
@@ -98,7 +101,7 @@ class _Timer:
     grpo's `clock` (which first waits for queued CUDA work on a GPU)."""
 
     def __init__(self, device):
-        from grpo.rollout import clock
+        from grpo.train.rollout import clock
         self.buckets: dict[str, float] = {}
         self.depth = 0
         self.now = lambda: clock(device)

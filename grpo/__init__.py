@@ -1,8 +1,19 @@
 """grpo: Group Relative Policy Optimization for Hugging Face causal language models.
 
 GRPO was introduced in DeepSeekMath (Shao et al. 2024, arXiv:2402.03300) and used with rule-based
-rewards by DeepSeek-R1 (DeepSeek-AI 2025, arXiv:2501.12948). The maths lives in `grpo.algorithm`
-as small pure functions; `grpo.trainer` wires generation, rewards and the update together.
+rewards by DeepSeek-R1 (DeepSeek-AI 2025, arXiv:2501.12948).
+
+Layers, each a subpackage whose imports point only downward (docs/DESIGN.md):
+
+    algorithm  the maths: advantages, policy losses, KL, aggregation (pure, registries)
+    engine     models, generation behind the rollout backend, log-probs, packed forwards
+    data       dataset rows, prompt text and tokens, the draw order
+    config     one typed config per command family, the single place a choice is made
+    rewards    reward functions, reward models, preference pairs
+    observe    metrics files, the console, the HTML report
+    train      the GRPO loop, rollout, update, checkpoints, processes, SFT, reward-model training
+    recipes    built-in tasks, the demo and the seed notes' pipeline
+    cli        the `grpo` command
 """
 
 __version__ = "0.1.0"

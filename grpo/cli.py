@@ -1,7 +1,7 @@
-"""The `grpo` command line: train, sft, demo, reward-model, report.
+"""The `grpo` command line: train, sft, demo, reward-model, report, config.
 
 Each command's work lives in its own module; this file only parses arguments and turns the
-library's input errors into one clear message and exit status 2.
+library's input errors (grpo.errors) into one clear message and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def _quiet_libraries() -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from grpo import __version__
+    from grpo.config import COMMANDS
+
     p = argparse.ArgumentParser(prog="grpo", description="Group Relative Policy Optimization for causal LMs")
+    p.add_argument("--version", action="version", version=f"grpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a policy with GRPO (or DAPO, Dr. GRPO, GSPO via preset)")
@@ -58,41 +62,62 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write report.html and PNG plots for one or more runs")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--output", help="where to write report.html (default: the first run directory)")
+
+    c = sub.add_parser("config", help="print every config key of a command with its default and meaning")
+    c.add_argument("family", choices=list(COMMANDS), help="the command whose keys to print")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet_libraries()
-    from .config import ConfigError, SFTConfig, TrainConfig, load_config
-    from .data import DataError
-    from .rewards import RewardError
+    from grpo.errors import GrpoError
 
     try:
-        if args.command == "train":
-            from .trainer import train
-            cfg = load_config(TrainConfig, args.config, args.set)
-            out = train(cfg, resume=args.resume, quiet=args.quiet)
-            if not args.quiet:
-                print(f"model saved to {out}")
-        elif args.command == "sft":
-            from .sft import train_sft
-            cfg = load_config(SFTConfig, args.config, args.set)
-            out = train_sft(cfg, log=(lambda *a: None) if args.quiet else print)
-            if not args.quiet:
-                print(f"model saved to {out}")
-        elif args.command == "demo":
-            from .demo import run_demo
-            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, pipeline=args.pipeline)
-        elif args.command == "reward-model":
-            from .reward_model import cli_main as reward_model_main
-            return reward_model_main(args)
-        elif args.command == "report":
-            from .report import cli_main as report_main
-            return report_main(args)
-    except (ConfigError, DataError, RewardError) as e:
+        return run_command(args)
+    except GrpoError as e:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_command(args) -> int:
+    from grpo.config import (COMMANDS, PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, SFTConfig,
+                             TrainConfig, describe, load_config)
+
+    if args.command == "train":
+        from grpo.train.loop import train
+        out = train(load_config(TrainConfig, args.config, args.set), resume=args.resume, quiet=args.quiet)
+        if not args.quiet:
+            print(f"model saved to {out}")
+    elif args.command == "sft":
+        from grpo.train.sft import train_sft
+        out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet)
+        if not args.quiet:
+            print(f"model saved to {out}")
+    elif args.command == "demo":
+        if args.pipeline == "seed":
+            from grpo.recipes.pipeline import run_seed_pipeline
+            run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet)
+        else:
+            from grpo.recipes.demo import run_demo
+            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet)
+    elif args.command == "reward-model":
+        from grpo.train import reward_model as rm
+        if args.rm_command == "train":
+            rm.train_reward_model(load_config(RewardModelConfig, args.config, args.set), quiet=args.quiet)
+        elif args.rm_command == "eval":
+            rm.eval_reward_model(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet)
+        elif args.rm_command == "score":
+            rm.score_file(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet)
+        else:
+            from grpo.recipes.preferences import make_preferences
+            make_preferences(load_config(PreferenceConfig, args.config, args.set), quiet=args.quiet)
+    elif args.command == "report":
+        from grpo.observe.report import cli_main as report_main
+        return report_main(args)
+    elif args.command == "config":
+        cls, command = COMMANDS[args.family]
+        print(describe(cls, command))
     return 0
 
 

@@ -37,7 +37,7 @@ def one_thread_module():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised ~1M-parameter Llama with the character tokenizer, saved to disk."""
-    from grpo.tasks import save_tiny_model
+    from grpo.recipes.tasks import save_tiny_model
 
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
@@ -45,7 +45,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def addition_files(tmp_path_factory):
     """The built-in addition task as JSONL: train (with completions) and held-out."""
-    from grpo.tasks import addition_problems, write_jsonl
+    from grpo.recipes.tasks import addition_problems, write_jsonl
 
     d = tmp_path_factory.mktemp("data")
     train, heldout = addition_problems()

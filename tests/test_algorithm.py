@@ -433,7 +433,7 @@ def test_policy_loss_by_hand():
     assert close(loss, -0.4 + 0.1 * (E - 2) / 3)
     # ratio anchored at the reference instead (the seed-literal variant): row 0 diffs (0, 0),
     # row 1 diff -2 - (-1) = -1 -> ratio e^-1 < 0.8 with A < 0: clipped low, L = -(0.8 * -1) = 0.8
-    loss, stats = policy_loss(l, old, ref, A, m, anchor_logprobs=ref, **norm)
+    loss, stats = policy_loss(l, old, ref, A, m, ratio_anchor="reference", **norm)
     assert close(stats["policy_loss"], ((-1 - 1) / 2 + 0.8) / 2)
     assert stats["clip_low_sum"] == 1 and stats["clip_high_sum"] == 0
     # beta = 0 with a reference given: the KL is reported but not in the loss
@@ -470,9 +470,9 @@ def test_policy_loss_one_update_per_rollout_has_unit_ratio():
         _, stats = policy_loss(b.logprobs, None, None, A, b.mask, ratio_level=level, **b.norm())
         assert stats["ratio_sum"] == stats["token_count"] == b.mask.sum()
         assert stats["clip_low_sum"] == stats["clip_high_sum"] == stats["kl_sum"] == 0
-    # anchor_logprobs wins over old_logprobs
-    l1, s1 = policy_loss(b.logprobs, b.old, b.ref, A, b.mask, anchor_logprobs=b.ref, **b.norm())
-    l2, s2 = policy_loss(b.logprobs, None, b.ref, A, b.mask, anchor_logprobs=b.ref, **b.norm())
+    # the reference anchor wins over old_logprobs
+    l1, s1 = policy_loss(b.logprobs, b.old, b.ref, A, b.mask, ratio_anchor="reference", **b.norm())
+    l2, s2 = policy_loss(b.logprobs, None, b.ref, A, b.mask, ratio_anchor="reference", **b.norm())
     assert close(l1, l2) and close(s1["ratio_sum"], s2["ratio_sum"])
 
 

@@ -9,7 +9,7 @@ from grpo.cli import main
 from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns, tokenize_prompts
 from grpo.rewards import (RewardError, RunningMoments, answer_distance, build_rewards, exact_answer,
                           load_function, score, think_format)
-from grpo.tasks import build_char_tokenizer
+from grpo.recipes.tasks import build_char_tokenizer
 
 
 def test_jsonl_csv_rows_remember_their_line(tmp_path):

@@ -14,11 +14,12 @@ import torch.multiprocessing as mp
 
 from grpo.config import TrainConfig, build
 from grpo.data import load_rows
-from grpo.distributed import World
-from grpo.modeling import load_causal_lm, load_tokenizer, make_scheduler
+from grpo.train.distributed import World
+from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.train.optim import make_scheduler
 from grpo.rewards import build_rewards
-from grpo.rollout import collect_rollout
-from grpo.trainer import update
+from grpo.train.rollout import collect_rollout
+from grpo.train.update import update
 
 
 def free_port() -> int:

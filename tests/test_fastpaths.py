@@ -1,12 +1,12 @@
 """The fast paths give the same results as the plain ones (speed itself is measured by bench/).
 
-- The group engine (`_sample_grouped`: shared prompt KV, preallocated completion KV, finished
-  groups dropped) against the plain HF-cache loop: the same tokens under the same seed, the same
-  masks, log-probs equal within fp32 tolerance, also with left padding, grouped-query attention,
-  qkv biases (Qwen2), top-k/top-p, temperature and early EOS. Beam search on the group engine
-  returns the same beams as on the plain loop.
+- The group decoder (`engine.decoders.GroupDecoder`: shared prompt KV, preallocated completion
+  KV, finished groups dropped) against the model's own KV cache (`CacheDecoder`): the same tokens
+  under the same seed, the same masks, log-probs equal within fp32 tolerance, also with left
+  padding, grouped-query attention, qkv biases (Qwen2), top-k/top-p, temperature and early EOS.
+  Beam search on the group decoder returns the same beams as on the model's own cache.
 - Greedy decoding through the group engine equals a plain uncached argmax loop.
-- The log-prob forward used by the update (`grpo.group_forward`'s packed forward for Llama-style
+- The log-prob forward used by the update (`grpo.engine.packed`'s packed forward for Llama-style
   models, the KV-cache hand-over for others) against a plain untrimmed full forward with a full
   log-softmax: the same log-probs, entropy, GRPO loss and gradients, also when a micro-batch cuts
   groups, rows are not scored at all, or the mask has holes.
@@ -17,8 +17,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from grpo import algorithm
-from grpo.generation import fast_engine_supported, generate_groups
-from grpo.logprobs import completion_logprobs, position_ids_from_mask
+from grpo.engine.generation import generate_groups
+from grpo.engine.llama import supported as fast_engine_supported
+from grpo.engine.logprobs import completion_logprobs
+from grpo.engine.models import position_ids_from_mask
 
 PAD, EOS, V = 0, 1, 19
 
@@ -211,9 +213,8 @@ def test_packed_forward_with_uneven_groups_and_unscored_rows():
     """A micro-batch that cuts groups (3, 2 and 1 rows of three prompts), rows whose mask is all
     zero, rows of one token, and a mask with holes: every scored token equals the plain forward,
     gradients included; nothing is NaN."""
-    from grpo import group_forward
     model = llama(init=0.1, kv_heads=2).train()
-    assert group_forward.supported(model)
+    assert fast_engine_supported(model)
     ids, mask = prompts(P=3, seed=7)
     pids, pmask = ids[[0, 0, 0, 1, 1, 2]], mask[[0, 0, 0, 1, 1, 2]]
     g = torch.Generator().manual_seed(3)

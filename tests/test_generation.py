@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo.generation import Generation, filter_logits, generate_groups
-from grpo.logprobs import completion_logprobs
-from grpo.tasks import build_char_tokenizer, build_tiny_model
+from grpo.engine.generation import Generation, filter_logits, generate_groups
+from grpo.engine.logprobs import completion_logprobs
+from grpo.recipes.tasks import build_char_tokenizer, build_tiny_model
 
 PAD, EOS = 0, 1
 
@@ -348,7 +348,7 @@ def test_beam_rejects_more_beams_than_completions():
 
 def test_top_k_1_is_greedy_even_with_tied_maxima():
     # bf16 logits tie often; greedy (evaluation's top_k=1) takes the first maximum, without a draw.
-    from grpo.generation import _draw
+    from grpo.engine.generation import _draw
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]]).repeat(64, 1)
     token, logp = _draw(logits, 1.0, 1, 1.0, torch.Generator().manual_seed(0))
     assert (token == 1).all()

@@ -7,15 +7,15 @@ then GRPO. Held-out accuracy is greedy, on the same 300 problems before and afte
 import json
 
 from grpo.config import SFTConfig, TrainConfig, build
-from grpo.demo import GRPO, SFT
-from grpo.sft import train_sft
-from grpo.trainer import train
+from grpo.recipes.addition import GRPO, SFT
+from grpo.train.sft import train_sft
+from grpo.train.loop import train
 
 
 def test_grpo_raises_heldout_accuracy(tiny_model_dir, addition_files, tmp_path):
     sft = build(SFTConfig, {"model": tiny_model_dir, "dataset": addition_files["train"],
                             "output_dir": str(tmp_path / "sft"), **SFT})
-    train_sft(sft, log=lambda *a: None)
+    train_sft(sft, quiet=True)
     cfg = build(TrainConfig, {**GRPO, "model": str(tmp_path / "sft"), "dataset": addition_files["train"],
                               "eval_dataset": addition_files["heldout"], "eval_max_prompts": 300,
                               "output_dir": str(tmp_path / "grpo"), "max_steps": 80, "eval_steps": 0})

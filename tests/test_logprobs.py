@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from grpo.logprobs import completion_logprobs
-from grpo.tasks import build_tiny_model
+from grpo.engine.logprobs import completion_logprobs
+from grpo.recipes.tasks import build_tiny_model
 
 V, PAD, EOS = 19, 0, 1
 

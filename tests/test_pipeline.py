@@ -4,7 +4,7 @@ import json
 import random
 
 from conftest import single_thread
-from grpo.preferences import TASKS, pairs_for_prompt
+from grpo.recipes.preferences import TASKS, pairs_for_prompt
 
 
 def test_pairs_for_prompt_correct_and_closer():
@@ -27,7 +27,7 @@ def test_reference_answer_stands_in_when_no_sample_is_right():
 
 
 def test_seed_pipeline_end_to_end(tmp_path):
-    from grpo.pipeline import run_seed_pipeline
+    from grpo.recipes.pipeline import run_seed_pipeline
 
     out = tmp_path / "seed"
     with single_thread():

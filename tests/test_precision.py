@@ -1,4 +1,4 @@
-"""Mixed precision (`grpo.modeling.Precision`): float32 master weights, half-precision compute.
+"""Mixed precision (`grpo.train.precision.Precision`): float32 master weights, half-precision compute.
 
 bf16 is what `dtype: auto` picks on CUDA. These tests run its code paths on the CPU (CPU autocast
 supports bf16 and fp16), on models small enough for that to be quick.
@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import TrainConfig, build
-from grpo.generation import generate_groups
-from grpo.logprobs import completion_logprobs
-from grpo.modeling import Precision, load_causal_lm
-from grpo.tasks import save_tiny_model
-from grpo.trainer import train
+from grpo.engine.generation import generate_groups
+from grpo.engine.logprobs import completion_logprobs
+from grpo.engine.models import load_causal_lm
+from grpo.train.precision import Precision
+from grpo.recipes.tasks import save_tiny_model
+from grpo.train.loop import train
 
 from test_fastpaths import EOS, PAD, llama, prompts, qwen2
 
@@ -40,7 +41,7 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     # At a GRPO learning rate of 1e-6 an AdamW step is ~100x smaller than bf16's spacing near a
     # weight of 0.02: weights stored in bf16 mostly round back to where they were. With float32
     # master weights nearly all of them move.
-    import grpo.trainer
+    import grpo.train.loop
 
     def run(name):
         cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(tmp_path / name),
@@ -53,8 +54,8 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     assert all(t.dtype == torch.float32 for t in after.values())
     assert changed_fraction(before, after) > 0.95
     if dtype == "bfloat16":  # the same run with the policy stored in bf16, as before the fix
-        real = grpo.trainer.load_causal_lm
-        monkeypatch.setattr(grpo.trainer, "load_causal_lm", lambda path, device, dt, trainable=True:
+        real = grpo.train.loop.load_causal_lm
+        monkeypatch.setattr(grpo.train.loop, "load_causal_lm", lambda path, device, dt, trainable=True:
                             real(path, device, dt, trainable).to(torch.bfloat16))
         stored = load_file(str(run("stored_bf16") / "model.safetensors"))
         assert next(iter(stored.values())).dtype == torch.bfloat16
@@ -77,9 +78,9 @@ def test_autocast_generation_and_logprobs_agree_across_engines(make, monkeypatch
     """Under bf16 autocast over float32 weights (the policy on CUDA): the group engine and the plain
     loop, the packed forward and the plain forward agree to bf16 rounding, and both are close to
     the float32 result; log-probs come back in float32; the group engine's KV caches are bf16."""
-    import grpo.generation
-    decoders, init = [], grpo.generation._GroupDecoder.__init__
-    monkeypatch.setattr(grpo.generation._GroupDecoder, "__init__",
+    import grpo.engine.decoders
+    decoders, init = [], grpo.engine.decoders.GroupDecoder.__init__
+    monkeypatch.setattr(grpo.engine.decoders.GroupDecoder, "__init__",
                         lambda self, *a, **k: decoders.append(self) or init(self, *a, **k))
     model = make()
     precision = Precision(torch.device("cpu"), torch.bfloat16)
@@ -158,7 +159,7 @@ def test_sft_and_reward_model_also_train_float32_master_weights_under_bf16(small
 def test_fp16_resume_restores_the_loss_scale(small_model, addition_files, tmp_path, monkeypatch):
     import shutil
 
-    import grpo.trainer
+    import grpo.train.setup
     made = []
 
     class Growing(Precision):  # the scale doubles after every step (far from overflow), so its state shows
@@ -167,7 +168,7 @@ def test_fp16_resume_restores_the_loss_scale(small_model, addition_files, tmp_pa
             self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
             self.scaler.scale(torch.ones(()))
             made.append(self)
-    monkeypatch.setattr(grpo.trainer, "Precision", Growing)
+    monkeypatch.setattr(grpo.train.setup, "Precision", Growing)
 
     def cfg(out):
         return build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(out),

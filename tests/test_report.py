@@ -11,9 +11,9 @@ import pytest
 
 from grpo.cli import main
 from grpo.config import TrainConfig, build
-from grpo.report import PLOTS, add_wall_clock, run_labels, write_report
-from grpo.tracking import SAMPLE_FIELDS
-from grpo.trainer import train
+from grpo.observe.report import PLOTS, add_wall_clock, run_labels, write_report
+from grpo.observe.tracking import SAMPLE_FIELDS
+from grpo.train.loop import train
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

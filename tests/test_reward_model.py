@@ -10,9 +10,10 @@ import yaml
 from conftest import single_thread
 from grpo.cli import main
 from grpo.data import DataError
-from grpo.reward_model import bradley_terry_loss, load_preferences
+from grpo.algorithm import bradley_terry_loss
+from grpo.rewards.preferences import load_preferences
 from grpo.rewards import RewardModelScorer, reward_model_text
-from grpo.tasks import build_char_tokenizer
+from grpo.recipes.tasks import build_char_tokenizer
 
 
 
@@ -90,7 +91,7 @@ def test_chat_messages_use_the_template():
 def trained_rm(tmp_path_factory, addition_files):
     """Preference pairs sampled from an untrained tiny policy (chosen: the reference answer when no
     sample is right), and a reward model trained on them with `grpo reward-model train`."""
-    from grpo.tasks import save_tiny_model
+    from grpo.recipes.tasks import save_tiny_model
 
     with single_thread():
         d = tmp_path_factory.mktemp("rm")
@@ -147,7 +148,8 @@ def test_bf16_scorer_keeps_a_float32_score(trained_rm):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert bf16(prompts, completions) == half.tolist()
         # Training and held-out pair scoring under autocast (grpo reward-model train --set dtype=bfloat16).
-        from grpo.reward_model import Pair, load_reward_model, pair_scores
+        from grpo.rewards.models import load_reward_model
+        from grpo.rewards.preferences import Pair, pair_scores
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(trained_rm["dir"])
         model = load_reward_model(str(trained_rm["dir"]), torch.device("cpu"), torch.float32, tok)

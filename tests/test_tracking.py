@@ -8,9 +8,9 @@ import types
 
 import torch
 
-from grpo.progress import Progress, safe_text, samples_table
-from grpo.rollout import Rollout
-from grpo.tracking import SAMPLE_FIELDS, RunLogger, pick_rows
+from grpo.observe.progress import Progress, safe_text, samples_table
+from grpo.train.rollout import Rollout
+from grpo.observe.tracking import SAMPLE_FIELDS, RunLogger, pick_rows
 
 RECORD = {"reward_mean": 0.5, "reward_std": 0.1, "rewards/exact_answer/mean": 0.25, "accuracy": 0.25,
           "kl": 0.01, "entropy": 2.0, "completion_length_mean": 3.5, "completion_length_max": 4.0,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from grpo.cli import main
 from grpo.config import TrainConfig, build
-from grpo.trainer import train
+from grpo.train.loop import train
 
 METRIC_KEYS = {"step", "reward_mean", "reward_std", "rewards/exact_answer/mean", "rewards/exact_answer/std",
                "rewards/exact_answer/zero_variance_frac",
@@ -94,6 +94,7 @@ def test_runs_are_reproducible_with_a_seed(tiny_model_dir, addition_files, tmp_p
     {"preset": "dapo"},
     {"preset": "dr_grpo"},
     {"preset": "gspo"},
+    {"preset": "cispo"},
     {"generation": "beam"},
     {"ratio_anchor": "reference", "beta": 0.0},
     {"scale_rewards": "batch", "loss_aggregation": "group_sum", "kl_estimator": "k1"},
@@ -112,7 +113,7 @@ def test_every_variant_trains(tiny_model_dir, addition_files, tmp_path, extra):
 
 
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_path, monkeypatch):
-    import grpo.trainer as trainer
+    import grpo.train.loop as trainer
     loads = []
     real = trainer.load_causal_lm
     monkeypatch.setattr(trainer, "load_causal_lm", lambda *a, **k: loads.append(k) or real(*a, **k))
@@ -124,7 +125,7 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_
 
 
 def test_sft_command_learns_completion_tokens_only(tiny_model_dir, addition_files, tmp_path):
-    from grpo.sft import collate
+    from grpo.train.sft import collate
     ids, mask, labels = collate([([5, 6], [7, 1]), ([5], [8, 9, 1])], pad_id=0, device="cpu")
     assert labels.tolist() == [[-100, -100, 7, 1], [-100, 8, 9, 1]]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]] and ids[0].tolist() == [5, 6, 7, 1]

@@ -1,0 +1,28 @@
+"""The GRPO maths: advantages, importance ratios, policy losses, KL penalty, aggregation.
+
+Pure functions over tensors and masks; nothing here loads a model, reads a file or knows about
+processes. The choices users extend are registered by name (`register_adv_est`,
+`register_policy_loss`); the small fixed ones (KL estimator, aggregation, ratio level and anchor)
+are plain branches. The names are the config values (docs/DESIGN.md, "The maths").
+
+- `advantages`: group / batch / none estimators (DeepSeekMath, Dr. GRPO)
+- `policy_losses`: importance ratio (token, or sequence as GSPO), PPO's clipped surrogate, CISPO
+- `kl`: the k1 / k2 / k3 estimators of KL(pi_theta || pi_ref)
+- `objective`: aggregation over the batch and the full per-batch loss `policy_loss`
+- `preference`: the Bradley-Terry loss of reward models
+"""
+
+from .advantages import (ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, compute_advantages, group_advantages,
+                         register_adv_est, zero_variance_groups)
+from .kl import KL_ESTIMATORS, KL_LOG_RATIO_CLAMP, kl_penalty
+from .objective import AGGREGATIONS, RATIO_ANCHORS, aggregate, loss_mask, policy_loss
+from .policy_losses import (POLICY_LOSSES, RATIO_LEVELS, Surrogate, clipped_surrogate, importance_ratio,
+                            register_policy_loss)
+from .preference import bradley_terry_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_LOG_RATIO_CLAMP",
+    "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate", "bradley_terry_loss",
+    "clipped_surrogate", "compute_advantages", "group_advantages", "importance_ratio", "kl_penalty",
+    "loss_mask", "policy_loss", "register_adv_est", "register_policy_loss", "zero_variance_groups",
+]

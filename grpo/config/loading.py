@@ -1,0 +1,197 @@
+"""From a YAML file and `--set key=value` overrides to a validated config object.
+
+A config is a dataclass whose fields are the keys; under each field a docstring says what it means
+(CleanRL's habit), and `field_docs` reads those docstrings back, so `grpo config <command>`
+and the README's reference come from the same lines as the defaults. Validation happens before
+any model is loaded: an unknown key, a wrong type or an impossible value stops the run with one
+message that names the key, the file it came from (or the `--set` flag) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpo.errors import ConfigError
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce) a value against a field's annotation."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), None)
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as a string; everyone writes learning rates that way.
+            try:
+                return True, float(value)
+            except ValueError:
+                pass
+        return False, value
+    if kind is str:
+        return isinstance(value, str), value
+    if kind in (list, dict):
+        return isinstance(value, kind), value
+    return True, value
+
+
+def type_name(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are parsed as YAML so `beta=0`, `rewards=[...]` work."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def choices(cls) -> dict[str, tuple]:
+    """Allowed values per key, merged over the class hierarchy (`CHOICES` class attributes)."""
+    out: dict[str, tuple] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("CHOICES", {}))
+    return {k: tuple(v() if callable(v) else v) for k, v in out.items()}
+
+
+def build(cls, values: dict[str, Any], source: str = "config"):
+    """Make a `cls` from a dict: unknown keys, wrong types and bad choices raise ConfigError.
+
+    `source` names where the values came from, for the message. A class may define `ALIASES`
+    (another name for a key) and `expand(values, source)` (e.g. a preset's bundle under the
+    user's keys); then each key is checked and `validate(bad)` checks the combinations.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    allowed = choices(cls)
+    values = dict(values)
+    for alias, key in getattr(cls, "ALIASES", {}).items():
+        if alias in values:
+            if key in values:
+                raise ConfigError(f"{source}: {alias} and {key} are the same key; give one")
+            values[key] = values.pop(alias)
+    if hasattr(cls, "expand"):
+        values = cls.expand(values, source)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        ok, value = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(f"{source}: {key}: expected {type_name(hints[key])}, got "
+                              f"{type(value).__name__} {value!r}")
+        if key in allowed and value not in allowed[key]:
+            raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, allowed[key]))}")
+        kwargs[key] = value
+    cfg = cls(**kwargs)
+
+    def bad(key: str, msg: str):
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+    cfg.validate(bad)
+    return cfg
+
+
+def at_least(cfg, bad, minimum, *keys: str) -> None:
+    """`bad(key, ...)` for the first of `keys` whose value is below `minimum`."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value < minimum:
+            bad(key, f"must be >= {minimum}, got {value}")
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    values = load_yaml(path) if path else {}
+    values.update(parse_overrides(overrides or []))
+    source = str(path) if path else "config"
+    return build(cls, values, source)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: every key, its default and its docstring.
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (and of its bases), by key."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def defaults(cls) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
+
+
+def describe(cls, title: str, width: int = 100) -> str:
+    """Every key of `cls` as a commented YAML file: the doc, the allowed values, the default.
+    Its output is a valid config (`grpo config train > my.yaml`) that says what each key means."""
+    docs, allowed, values = field_docs(cls), choices(cls), defaults(cls)
+    aliases = {v: k for k, v in getattr(cls, "ALIASES", {}).items()}
+    lines = [f"# {title}", "# Every key with its default. Any of them can go in the YAML file or in --set key=value.", ""]
+    for key, value in values.items():
+        doc = docs.get(key, "")
+        if key in allowed:
+            doc += f" One of: {', '.join(map(str, allowed[key]))}."
+        if key in aliases:
+            doc += f" Also accepted as `{aliases[key]}`."
+        for paragraph in doc.split("\n"):
+            lines += textwrap.wrap(paragraph, width - 2, initial_indent="# ", subsequent_indent="# ") or ["#"]
+        lines.append(yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip().strip("{}"))
+        nested = getattr(cls, "NESTED", {}).get(key)
+        if nested is not None:  # the fields of each entry of a list-valued key
+            lines.append(f"#   each entry of {key}:")
+            for name, doc in field_docs(nested).items():
+                default = defaults(nested)[name]
+                lines += textwrap.wrap(f"{name} (default {default!r}): {doc}", width - 6,
+                                       initial_indent="#     ", subsequent_indent="#       ")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""`grpo reward-model train | eval | score | make-preferences`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .common import CommonConfig, LoopConfig
+from .loading import at_least
+
+
+@dataclass
+class PreferenceColumns:
+    chosen_column: str = "chosen"
+    """The preferred completion of a pair (text or chat messages)."""
+    rejected_column: str = "rejected"
+    """The other completion of the pair."""
+    margin_column: str = "margin"
+    """An optional per-pair margin for the Bradley-Terry loss; a missing value means 0."""
+
+
+@dataclass
+class RewardModelConfig(PreferenceColumns, LoopConfig):
+    """`grpo reward-model train`. `model` is the backbone: any causal LM directory or hub id."""
+    output_dir: str = "runs/reward_model"
+    """Where the reward model (a directory `rewards: [{model: DIR}]` takes) and its metrics go."""
+    eval_dataset: str = ""
+    """Held-out preference pairs; "" holds out eval_fraction of `dataset` instead."""
+    eval_fraction: float = 0.1
+    """The share of `dataset` held out when there is no eval_dataset."""
+    learning_rate: float = 1e-4
+    adam_beta2: float = 0.999
+    batch_size: int = 32
+    """Preference pairs per optimizer step."""
+    micro_batch_size: int = 64
+    """Pairs per forward/backward pass (twice that many sequences)."""
+    max_steps: int = 300
+    """Optimizer steps."""
+    eval_steps: int = 50
+    """Every N steps the held-out pairs are evaluated; 0: only at the end."""
+    logging_steps: int = 10
+    max_length: int = 512
+    """Tokens of prompt + completion; a longer text loses its start."""
+
+    def validate(self, bad) -> None:
+        super().validate(bad)
+        if not 0 <= self.eval_fraction < 1:
+            bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        at_least(self, bad, 0, "eval_steps")
+        at_least(self, bad, 1, "batch_size", "max_length")
+
+
+@dataclass
+class RewardModelEvalConfig(PreferenceColumns, CommonConfig):
+    """`grpo reward-model eval` (pairwise accuracy on a preference file) and `score`
+    (a score for every prompt/completion row)."""
+    completion_column: str = "completion"
+    """score: the dataset column holding the completion to score."""
+    output_file: str = ""
+    """score: where the rows and their score go (.jsonl or .csv)."""
+    batch_size: int = 64
+    """Sequences per forward pass."""
+    max_length: int = 512
+    """Tokens of prompt + completion; a longer text loses its start."""
+
+    def validate(self, bad) -> None:
+        super().validate(bad)
+        at_least(self, bad, 1, "batch_size", "max_length")
+
+
+@dataclass
+class PreferenceConfig(CommonConfig):
+    """`grpo reward-model make-preferences`: `model` is the policy that is sampled; `dataset`
+    holds the task's prompts and answers."""
+    task: str = "addition"
+    """The built-in task whose verifier labels the samples (and, where it has one, whose distance
+    ranks two wrong answers)."""
+    answer_column: str = "answer"
+    """The dataset column holding the reference answer."""
+    output_file: str = "preferences.jsonl"
+    """Where the pairs go (JSONL rows: prompt, chosen, rejected, kind, answer)."""
+    num_prompts: int = 0
+    """Prompts sampled from the dataset; 0: every row."""
+    samples_per_prompt: int = 8
+    """Completions sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_completion_length: int = 8
+    """Tokens per sampled completion at most."""
+    max_prompt_length: int = 64
+    """Prompt tokens kept."""
+    batch_size: int = 64
+    """Prompts per generation batch."""
+    correct_pairs_per_prompt: int = 2
+    """Correct-vs-incorrect pairs per prompt, at most."""
+    closer_pairs_per_prompt: int = 1
+    """Closer-vs-farther wrong-answer pairs per prompt, at most."""
+    use_reference_answer: bool = True
+    """When no sample of a prompt is right, the reference answer stands in as the chosen one."""
+
+    def validate(self, bad) -> None:
+        super().validate(bad)
+        at_least(self, bad, 1, "samples_per_prompt", "max_completion_length", "batch_size")
+        at_least(self, bad, 0, "num_prompts")
+        if self.temperature <= 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")

@@ -1,0 +1,209 @@
+"""`grpo train`: every choice of a GRPO run, one key each (docs/DESIGN.md, "The maths").
+
+The algorithm keys default to DeepSeekMath's GRPO. A `preset` changes a coherent bundle of them
+(PRESETS below lists only what each changes); any key the user sets explicitly wins over it.
+Papers: DeepSeekMath (2402.03300), DAPO (2503.14476), Dr. GRPO (2503.20783), GSPO (2507.18071),
+CISPO (MiniMax-M1, 2506.13585).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from grpo.algorithm import (ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_ANCHORS,
+                            RATIO_LEVELS)
+from grpo.engine.backend import ROLLOUT_BACKENDS
+from grpo.engine.generation import STRATEGIES
+from grpo.errors import ConfigError
+
+from .common import LoopConfig
+from .loading import at_least
+
+# What each preset changes from the defaults (which are `grpo`, DeepSeekMath's).
+PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {},
+    "dapo": dict(loss_aggregation="token_mean", epsilon_high=0.28, beta=0.0),
+    "dr_grpo": dict(advantage_estimator="none", loss_aggregation="constant_normalizer", beta=0.0),
+    "gspo": dict(ratio_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4, beta=0.0),
+    # No lower bound on the IS weight (the paper's choice), the weight capped at 1 + 4 = 5.
+    "cispo": dict(policy_loss="cispo", loss_aggregation="token_mean", epsilon_low=1.0, epsilon_high=4.0,
+                  beta=0.0),
+}
+
+
+@dataclass
+class RewardSpec:
+    """One entry of `rewards:` (a plain string is short for {function: ...})."""
+    function: str = ""
+    """A built-in (exact_answer, answer_distance, think_format), path/to/file.py:fn or package.module:fn."""
+    model: str = ""
+    """A reward-model directory (`grpo reward-model train` saves one)."""
+    weight: float = 1.0
+    """Its weight in the sum of rewards; 0 logs it without rewarding it."""
+    name: str = ""
+    """Its name in metrics (rewards/<name>/mean); default: the function's name, or rm_<directory>."""
+    normalize: bool = False
+    """Reward models only: standardise scores with running moments of every score seen so far."""
+    batch_size: int = 64
+    """Reward models only: sequences per scoring forward."""
+    max_length: int = 1024
+    """Reward models only: tokens of prompt + completion scored; a longer text loses its start."""
+
+    FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length")
+
+    @classmethod
+    def parse(cls, spec: Any, where: str, bad) -> "RewardSpec":
+        if isinstance(spec, str):
+            spec = {"function": spec}
+        if not isinstance(spec, dict):
+            bad(where, f"expected a mapping like {{function: exact_answer, weight: 1.0}}, got {spec!r}")
+        unknown = set(spec) - set(cls.FIELDS)
+        if unknown:
+            bad(where, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(cls.FIELDS)}")
+        if bool(spec.get("function")) == bool(spec.get("model")):
+            bad(where, "give exactly one of 'function' (built-in name, file.py:fn or module:fn) "
+                       "or 'model' (a reward model directory)")
+        for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int)):
+            value = spec.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                bad(f"{where}.{key}", f"expected a number, got {value!r}")
+        for key in ("batch_size", "max_length"):
+            if spec.get(key, 1) < 1:
+                bad(f"{where}.{key}", f"must be >= 1, got {spec[key]}")
+        return cls(**spec)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    CHOICES: ClassVar[dict] = {
+        "preset": tuple(PRESETS),
+        "generation": STRATEGIES,
+        "rollout_backend": ROLLOUT_BACKENDS.names,
+        "advantage_estimator": ADVANTAGE_ESTIMATORS.names,
+        "policy_loss": POLICY_LOSSES.names,
+        "ratio_level": RATIO_LEVELS,
+        "ratio_anchor": RATIO_ANCHORS,
+        "kl_estimator": KL_ESTIMATORS,
+        "loss_aggregation": AGGREGATIONS,
+    }
+    # TRL's name for the same key.
+    ALIASES: ClassVar[dict] = {"scale_rewards": "advantage_estimator"}
+    # The fields of each entry of a list-valued key (for `grpo config train`).
+    NESTED: ClassVar[dict] = {"rewards": RewardSpec}
+
+    preset: str = "grpo"
+    """A bundle of algorithm keys (grpo: DeepSeekMath; dapo; dr_grpo; gspo; cispo); keys you set win."""
+
+    # --- Data and rewards
+    rewards: list = field(default_factory=lambda: [])
+    """The rewards, summed with their weights: [{function: exact_answer}, {model: DIR, weight: 0.5}]."""
+    accuracy_reward: str = ""
+    """The reward whose value 1.0 means "correct", for the accuracy metrics; "" picks exact_answer
+    when it is one of the rewards."""
+    eval_dataset: str = ""
+    """Held-out prompts: greedy accuracy and reward before, during (eval_steps) and after training."""
+    eval_steps: int = 0
+    """Every N steps the held-out set is evaluated; 0: only before and after training."""
+    eval_max_prompts: int = 500
+    """Held-out prompts used (the first N rows)."""
+    eval_batch_size: int = 256
+    """Prompts per greedy generation batch in evaluation."""
+
+    # --- Rollout
+    prompts_per_step: int = 8
+    """P: prompts per step and process."""
+    group_size: int = 8
+    """G, the seed's K: completions per prompt; each group is its own baseline."""
+    generation: str = "sample"
+    """How a group is made: `sample` (G i.i.d. samples, the papers) or `beam` (the G best beams of
+    one beam search, the seed's reading; deterministic)."""
+    rollout_backend: str = "local"
+    """The engine that generates (registered in grpo.engine.backend); `local` samples the training
+    model itself."""
+    max_completion_length: int = 256
+    """Tokens per completion at most; a completion without EOS by then is "truncated"."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs in the loss use the same tempered distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding top_p of the mass; 1 disables it."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 disables it."""
+    mask_truncated_completions: bool = False
+    """DAPO's overlong filtering: leave truncated completions out of the loss."""
+
+    # --- Advantages, ratio, loss
+    advantage_estimator: str = "group"
+    """The registered advantage estimator: group ((r - mean) / std in the group, DeepSeekMath),
+    batch (std over the whole batch), none (r - mean, Dr. GRPO)."""
+    advantage_eps: float = 1e-4
+    """Added to the standard deviation before dividing."""
+    policy_loss: str = "ppo_clip"
+    """The registered policy loss: ppo_clip (PPO's clipped surrogate, DeepSeekMath eq. 3) or
+    cispo (clipped importance weight on the REINFORCE term, MiniMax-M1)."""
+    ratio_level: str = "token"
+    """The importance ratio per token (PPO) or per sequence (GSPO's length-normalised ratio)."""
+    ratio_anchor: str = "old"
+    """The ratio's denominator: `old` (pi_old, the papers) or `reference` (pi_ref, the seed notes'
+    "Loss" section)."""
+    epsilon_low: float = 0.2
+    """The clip band's lower side: ratios below 1 - epsilon_low are clipped (1: no lower bound)."""
+    epsilon_high: float = 0.2
+    """The clip band's upper side: 1 + epsilon_high (DAPO's clip-higher raises it to 0.28)."""
+    beta: float = 0.04
+    """The KL penalty's weight; 0 loads no reference model at all."""
+    kl_estimator: str = "k3"
+    """The per-token estimator of KL(pi_theta || pi_ref): k1, k2, or k3 (DeepSeekMath eq. 4)."""
+    loss_aggregation: str = "sequence_mean"
+    """How token losses become one number: sequence_mean (DeepSeekMath), token_mean (DAPO),
+    constant_normalizer (Dr. GRPO), group_sum (the seed notes)."""
+    num_iterations: int = 1
+    """mu: passes over each rollout (more than 1 makes pi_old differ from pi_theta)."""
+    num_minibatches: int = 1
+    """Optimizer steps per pass, each over whole groups."""
+
+    # --- Watching
+    samples_steps: int = 0
+    """Every N steps (and at step 1) a table of sample completions goes to the console and samples.jsonl; 0: never."""
+    num_samples: int = 4
+    """Completions per sample table."""
+
+    @classmethod
+    def expand(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """The preset's bundle under the user's own keys."""
+        preset = values.get("preset", "grpo")
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: preset: {preset!r} is not one of {', '.join(PRESETS)}")
+        return {**PRESETS[preset], **values}
+
+    @property
+    def scale_rewards(self) -> str:
+        """TRL's name for advantage_estimator."""
+        return self.advantage_estimator
+
+    def validate(self, bad) -> None:
+        super().validate(bad)
+        if self.group_size < 2:
+            bad("group_size", f"must be >= 2: advantages are relative to the group, got {self.group_size}")
+        at_least(self, bad, 1, "prompts_per_step", "num_iterations", "max_completion_length", "eval_max_prompts",
+                 "eval_batch_size", "num_samples")
+        at_least(self, bad, 0, "top_k", "beta", "epsilon_high", "eval_steps", "samples_steps")
+        n = self.prompts_per_step * self.group_size
+        if self.num_minibatches < 1 or n % self.num_minibatches:
+            bad("num_minibatches", f"must divide prompts_per_step * group_size = {n} into whole "
+                                   f"minibatches, got {self.num_minibatches}")
+        if (n // self.num_minibatches) % self.group_size:
+            bad("num_minibatches", f"each minibatch must hold whole groups of {self.group_size}; "
+                                   f"{n} completions / {self.num_minibatches} minibatches does not")
+        if self.temperature <= 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.epsilon_low <= 1:
+            bad("epsilon_low", f"must be in [0, 1], got {self.epsilon_low}")
+        if self.advantage_eps <= 0:
+            bad("advantage_eps", f"must be > 0, got {self.advantage_eps}")
+        if not self.rewards:
+            bad("rewards", "at least one reward is required, e.g. rewards: [{function: exact_answer}]")
+        for i, spec in enumerate(self.rewards):
+            RewardSpec.parse(spec, f"rewards[{i}]", bad)

@@ -1,0 +1,80 @@
+"""The rollout backend: the one seam through which everything that samples a policy goes.
+
+Training (the rollout of every step), held-out evaluation, preference-pair generation and the
+seed pipeline all call
+
+    backend.generate(prompt_ids, prompt_mask, params, generator) -> Generation
+        completion token ids, their mask, the log-probs they were sampled with, truncation
+    backend.sync_weights(model)
+        after an optimizer step: make the next `generate` sample the updated weights
+
+so a second engine (vLLM, SGLang) plugs in here, registered by name (config key
+`rollout_backend`), without the trainer changing. The first implementation, `local`, is this
+package's own engine (`generation.generate_groups`) on the training model itself, where
+syncing weights is nothing: it samples from the very parameters the optimizer updates. A remote
+engine would copy them in `sync_weights` (and, since its numerics differ from the trainer's,
+the log-probs it returns are the sampler's, not the trainer's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from grpo.algorithm.registry import Registry
+
+from .generation import Generation, generate_groups
+
+ROLLOUT_BACKENDS = Registry("rollout_backend")
+register_backend = ROLLOUT_BACKENDS.register
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one call's groups are generated (the run's config keys of the same names)."""
+    group_size: int          # G completions per prompt
+    max_new_tokens: int      # max_completion_length
+    strategy: str            # generation: sample | beam
+    temperature: float
+    top_p: float
+    top_k: int               # 1: greedy
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> "SamplingParams":
+        """One greedy completion per prompt (held-out evaluation)."""
+        return cls(group_size=1, max_new_tokens=max_new_tokens, strategy="sample", temperature=1.0,
+                   top_p=1.0, top_k=1)
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
+                 generator: torch.Generator | None = None) -> Generation: ...
+
+    def sync_weights(self, model) -> None: ...
+
+
+@register_backend("local")
+class LocalBackend:
+    """This package's engine on the training model: prompt KV shared per group, exact beams."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
+                 generator: torch.Generator | None = None) -> Generation:
+        return generate_groups(self.model, prompt_ids, prompt_mask, group_size=params.group_size,
+                               max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_id,
+                               pad_token_id=self.pad_token_id, strategy=params.strategy,
+                               temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                               generator=generator)
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the same parameters the optimizer stepped: nothing to copy
+
+
+def make_backend(name: str, model, tokenizer) -> RolloutBackend:
+    return ROLLOUT_BACKENDS.get(name)(model, tokenizer)

@@ -1,0 +1,542 @@
+"""`grpo report RUN_DIR [RUN_DIR ...]`: the curves that say whether (and why) a run learned.
+
+Writes `report.html`, one self-contained file (plots embedded as base64 PNG, inline CSS, no
+scripts, nothing fetched) that opens offline, and the same plots as PNG files in `plots/` beside
+it. Several runs are overlaid, one colour per run, to compare e.g. beam vs sample or grpo vs dapo.
+
+Reads from each run directory: metrics.jsonl (required), train_config.json (the run's config),
+config.json (the model's), summary.json and samples.jsonl (each optional). Plotting needs
+matplotlib (the `report` extra), imported only here.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PHASES = (("seconds_generate", "generation"), ("seconds_score", "scoring"),
+          ("seconds_logprobs", "log-probs"), ("seconds_update", "update"))
+
+
+class ReportError(Exception):
+    """Bad input (no such run, no metrics) or matplotlib missing: one clear message."""
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    metrics: list[dict]
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    model_config: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run: the rest is still worth plotting
+    return rows
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def load_run(path: Path, label: str) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such run directory")
+    metrics = [r for r in read_jsonl(path / "metrics.jsonl") if "step" in r]
+    if not metrics:
+        raise ReportError(f"{path}: no metrics.jsonl with logged steps (is this a `grpo train` output_dir?)")
+    add_wall_clock(metrics)
+    # config.json in a run directory is normally the saved model's (it overwrites the trainer's);
+    # the training config is kept in train_config.json.
+    config, model_config = read_json(path / "train_config.json"), read_json(path / "config.json")
+    if not config and "model_type" not in model_config:
+        config, model_config = model_config, {}
+    return Run(path, label, metrics, config, read_json(path / "summary.json"), read_jsonl(path / "samples.jsonl"),
+               model_config)
+
+
+def add_wall_clock(metrics: list[dict]) -> None:
+    """`wall_clock`: seconds of training up to each step, continuing across resumes (the trainer's
+    `elapsed` restarts from zero in a resumed process)."""
+    offset = previous = 0.0
+    for r in metrics:
+        elapsed = r.get("elapsed")
+        if elapsed is None:
+            continue
+        if elapsed < previous:
+            offset += previous
+        previous = elapsed
+        r["wall_clock"] = offset + elapsed
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """The shortest path suffixes that tell the runs apart (runs/beam vs runs/sample -> beam,
+    sample; a/out vs b/out -> a/out, b/out)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{l} ({i + 1})" for i, l in enumerate("/".join(p) for p in parts)]
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("the report needs matplotlib: pip install 'grpo[report]'") from None
+    matplotlib.use("Agg")  # files only; never open a window or need a display
+    from matplotlib.figure import Figure
+    return Figure
+
+
+def series(run: Run, key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """The (x, y) points of one metric, skipping steps where it is absent or not finite."""
+    xs, ys = [], []
+    for r in run.metrics:
+        value, where = r.get(key), r.get(x)
+        if isinstance(value, (int, float)) and isinstance(where, (int, float)) and math.isfinite(value):
+            xs.append(where)
+            ys.append(value)
+    return xs, ys
+
+
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """TensorBoard's debiased exponential moving average: RL curves are too noisy to read raw."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def draw(ax, xs, ys, color, style, label, marker=False) -> None:
+    if len(xs) >= 20:
+        # Raw points faint, the trend on top: both honest and readable.
+        ax.plot(xs, ys, color=color, linestyle=style, alpha=0.25, linewidth=1)
+        ax.plot(xs, smooth(ys), color=color, linestyle=style, linewidth=1.8, label=label)
+    else:
+        ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.8, label=label,
+                marker="o" if marker or len(xs) < 8 else None, markersize=4)
+
+
+def time_axis(runs: list[Run]) -> tuple[float, str]:
+    longest = max((r.get("wall_clock", 0) for run in runs for r in run.metrics), default=0)
+    if longest > 2 * 3600:
+        return 3600.0, "wall-clock time (h)"
+    if longest > 300:
+        return 60.0, "wall-clock time (min)"
+    return 1.0, "wall-clock time (s)"
+
+
+def line_panel(ax, runs, colors, lines, x="step", title="", ylabel="", scale=1.0, fraction=False) -> None:
+    """One axes: for every run (a colour) every line (key, name, linestyle); a note when no run
+    recorded any of them, so a missing metric shows as such instead of as an empty box."""
+    drawn = 0
+    for run, color in zip(runs, colors):
+        for key, name, style in lines:
+            xs, ys = series(run, key, x)
+            if not xs:
+                continue
+            if x == "wall_clock":
+                xs = [v / scale for v in xs]
+            parts = [run.label] if len(runs) > 1 else []
+            parts += [name] if len(lines) > 1 else []
+            draw(ax, xs, ys, color, style, " - ".join(parts) or None, marker=key.startswith("eval_"))
+            drawn += 1
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if x == "step":
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if fraction:
+        # A fraction read on its full range: a flat 0 must not look like noise around 0.
+        ax.set_ylim(-0.03, 1.03)
+    if not drawn:
+        ax.text(0.5, 0.5, "not recorded in " + ("these runs" if len(runs) > 1 else "this run"),
+                ha="center", va="center", transform=ax.transAxes, color="#888", fontsize=10)
+    elif any(line.get_label() and not line.get_label().startswith("_") for line in ax.get_lines()):
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
+
+
+def reward_functions(runs: list[Run]) -> list[str]:
+    names = []
+    for run in runs:
+        for r in run.metrics:
+            for k in r:
+                if k.startswith("rewards/") and k.endswith("/mean") and k[8:-5] not in names:
+                    names.append(k[8:-5])
+    return names
+
+
+def plot_reward(fig, runs, colors, x, scale, xlabel) -> None:
+    names = reward_functions(runs)
+    # The overall reward, then one panel per reward function (their scales differ).
+    panels = [("reward (weighted total)", [("reward_mean", "train", "-"), ("eval_reward", "held-out", "--")])]
+    panels += [(f"reward: {n}", [(f"rewards/{n}/mean", n, "-")]) for n in names]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig.set_size_inches(4.2 * cols, 3.2 * rows)
+    for i, (title, lines) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        line_panel(ax, runs, colors, lines, x, title, "mean reward", scale)
+        ax.set_xlabel(xlabel, fontsize=9)
+
+
+def plot_time_split(fig, runs, colors, x, scale, xlabel) -> None:
+    """Where a step's time goes: mean seconds per phase for each run (stacked), and per step."""
+    fig.set_size_inches(11, 3.6)
+    ax = fig.add_subplot(1, 2, 1)
+    phase_colors = ["#4c72b0", "#dd8452", "#8172b3", "#55a868"]
+    left = [0.0] * len(runs)
+    for (key, name), color in zip(PHASES, phase_colors):
+        means = []
+        for run in runs:
+            _, ys = series(run, key)
+            means.append(sum(ys) / len(ys) if ys else 0.0)
+        ax.barh(range(len(runs)), means, left=left, color=color, label=name, height=0.4)
+        left = [a + b for a, b in zip(left, means)]
+    ax.set_yticks(range(len(runs)), [r.label for r in runs], fontsize=8)
+    ax.set_xlabel("mean seconds per step", fontsize=9)
+    ax.set_title("time per step by phase", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(PHASES), frameon=False)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_ylim(len(runs) - 0.5, -0.5)
+    ax.tick_params(labelsize=8)
+
+    ax = fig.add_subplot(1, 2, 2)
+    if len(runs) == 1:
+        xs, stack = None, []
+        for key, _ in PHASES:
+            px, ys = series(runs[0], key)
+            xs = xs or px
+            stack.append(ys if len(ys) == len(xs) else [0.0] * len(xs))
+        if xs:
+            ax.stackplot(xs, *stack, labels=[n for _, n in PHASES], colors=phase_colors, alpha=0.85)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(PHASES),
+                      frameon=False)
+        ax.set_title("seconds per step, by phase", fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.set_ylabel("seconds", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=8)
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        line_panel(ax, runs, colors, [("seconds_step", "step", "-")], "step", "seconds per step", "seconds")
+        ax.set_xlabel("step", fontsize=9)
+
+
+def simple(title, ylabel, lines, x="step", fraction=False):
+    """A plot of one panel: `lines` against step (or wall-clock time)."""
+    def plot(fig, runs, colors, _x, scale, xlabel):
+        fig.set_size_inches(6, 3.6)
+        ax = fig.add_subplot(1, 1, 1)
+        line_panel(ax, runs, colors, lines, x, title, ylabel, scale, fraction)
+        ax.set_xlabel(xlabel if x == "wall_clock" else "step", fontsize=9)
+    return plot
+
+
+ACCURACY = [("accuracy", "train", "-"), ("eval_accuracy", "held-out", "--")]
+# (file stem, caption, plot function, x axis). The order is the page's order.
+PLOTS = [
+    ("reward_vs_step", "Reward against step, overall and per reward function",
+     lambda *a: plot_reward(*a), "step"),
+    ("reward_vs_time", "Reward against wall-clock time", lambda *a: plot_reward(*a), "wall_clock"),
+    ("accuracy_vs_step", "Accuracy (train completions, greedy held-out) against step",
+     simple("accuracy", "fraction correct", ACCURACY, fraction=True), "step"),
+    ("accuracy_vs_time", "Accuracy against wall-clock time",
+     simple("accuracy", "fraction correct", ACCURACY, "wall_clock", fraction=True), "wall_clock"),
+    ("kl", "KL divergence to the reference policy", simple("KL to reference", "KL", [("kl", "kl", "-")]), "step"),
+    ("entropy", "Token entropy of the policy", simple("entropy", "nats / token", [("entropy", "entropy", "-")]),
+     "step"),
+    ("completion_length", "Completion length in tokens, mean and max",
+     simple("completion length", "tokens", [("completion_length_mean", "mean", "-"),
+                                             ("completion_length_max", "max", "--")]), "step"),
+    ("truncated_frac", "Fraction of completions cut at max_completion_length",
+     simple("truncated fraction", "fraction", [("truncated_frac", "truncated", "-")], fraction=True), "step"),
+    ("clip_fraction", "Fraction of tokens whose ratio was clipped, below and above",
+     simple("clip fraction", "fraction of tokens", [("clip_frac_low", "low (1 - eps_low)", "-"),
+                                                     ("clip_frac_high", "high (1 + eps_high)", "--")]), "step"),
+    ("zero_variance_frac", "Fraction of groups whose rewards were all equal (no learning signal)",
+     simple("zero-variance groups", "fraction of groups", [("zero_variance_frac", "zero variance", "-")], fraction=True), "step"),
+    ("time_per_step", "Time per step split into generation, scoring, log-probs and update",
+     lambda *a: plot_time_split(*a), "step"),
+]
+
+
+def run_colors(n: int) -> list[str]:
+    import matplotlib
+    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return [palette[i % len(palette)] for i in range(n)]
+
+
+def render_plots(runs: list[Run], plot_dir: Path) -> list[tuple[str, str, bytes]]:
+    """Every plot as PNG bytes, also written to plot_dir: [(stem, caption, png)]."""
+    Figure = require_matplotlib()
+    colors = run_colors(len(runs))
+    scale, time_label = time_axis(runs)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for stem, caption, plot, x in PLOTS:
+        fig = Figure(dpi=100)
+        plot(fig, runs, colors, x, scale, time_label if x == "wall_clock" else "step")
+        fig.tight_layout()
+        path = plot_dir / f"{stem}.png"
+        fig.savefig(path, format="png", dpi=100)
+        out.append((stem, caption, path.read_bytes()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Health checks: the quiet failures the issue lists, said in words
+
+
+def tail(run: Run, key: str, fraction: float = 0.25) -> list[float]:
+    _, ys = series(run, key)
+    return ys[-max(1, int(len(ys) * fraction)):] if ys else []
+
+
+def checks(run: Run) -> list[str]:
+    notes = []
+    zero = tail(run, "zero_variance_frac")
+    if zero and sum(zero) / len(zero) >= 0.8:
+        notes.append(f"{sum(zero) / len(zero):.0%} of groups had equal rewards late in training: almost no "
+                     "learning signal (sample at temperature ~1, use larger groups or a denser reward).")
+    truncated = tail(run, "truncated_frac")
+    if truncated and sum(truncated) / len(truncated) >= 0.5:
+        notes.append(f"{sum(truncated) / len(truncated):.0%} of completions hit max_completion_length late in "
+                     "training: raise it or reward shorter answers.")
+    kl = tail(run, "kl")
+    if kl and max(kl) > 1.0:
+        notes.append(f"KL to the reference reached {max(kl):.2f}: the policy is drifting far (lower the "
+                     "learning rate or raise beta).")
+    last = [s for s in run.samples if s.get("step") == max((x.get("step", 0) for x in run.samples), default=0)]
+    if len(last) >= 3 and len({s.get("completion") for s in last}) == 1:
+        notes.append("every sample completion of the last sampled step is the same string: the policy may "
+                     "have collapsed.")
+    return notes
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 0; color: #222;
+       background: #f6f7f9; }
+main { max-width: 1280px; margin: 0 auto; padding: 20px 28px 60px; }
+h1 { font-size: 24px; margin: 8px 0 4px; } h2 { font-size: 19px; margin: 34px 0 10px;
+border-bottom: 1px solid #ddd; padding-bottom: 4px; } h3 { font-size: 15px; margin: 20px 0 8px; }
+.meta { color: #666; font-size: 13px; }
+table { border-collapse: collapse; background: #fff; font-size: 13px; margin: 6px 0; }
+th, td { border: 1px solid #dde; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #eef0f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 16px; }
+.plot { background: #fff; border: 1px solid #dde; border-radius: 6px; padding: 10px; margin: 0; }
+.plot.wide { grid-column: 1 / -1; }
+.plot img { width: 100%; height: auto; display: block; }
+figcaption { font-size: 12px; color: #555; margin-top: 6px; }
+.text { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all;
+        max-width: 460px; }
+.warn { background: #fff4e5; border-left: 4px solid #f0a020; padding: 6px 10px; margin: 6px 0; font-size: 14px; }
+.ok { color: #2a7a2a; font-size: 14px; }
+.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 6px; }
+details { margin: 6px 0; } summary { cursor: pointer; font-weight: 600; font-size: 14px; }
+.grid { columns: 3 300px; column-gap: 28px; background: #fff; border: 1px solid #dde; padding: 8px 12px;
+        font-size: 12.5px; font-family: ui-monospace, Menlo, Consolas, monospace; }
+.grid div { break-inside: avoid; padding: 1px 0; overflow-wrap: anywhere; } .k { color: #666; }
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def key_value_table(d: dict) -> str:
+    if not d:
+        return "<p class='meta'>(not found)</p>"
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(fmt(v))}</td></tr>" for k, v in flatten(d).items())
+    return f"<table>{rows}</table>"
+
+
+def key_value_grid(d: dict) -> str:
+    """A long config as compact key/value pairs flowing in columns."""
+    if not d:
+        return "<p class='meta'>(not found)</p>"
+    items = "".join(f"<div><span class='k'>{esc(k)}</span> {esc(fmt(v))}</div>" for k, v in flatten(d).items())
+    return f"<div class='grid'>{items}</div>"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested summaries (eval_before: {...}) as dotted keys, one row each."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def last_value(run: Run, key: str):
+    _, ys = series(run, key)
+    return ys[-1] if ys else None
+
+
+def overview(runs: list[Run], colors: list[str]) -> str:
+    head = ("<tr><th>run</th><th>steps logged</th><th>last step</th><th>reward first &rarr; last</th>"
+            "<th>accuracy (last)</th><th>held-out accuracy before &rarr; after</th><th>KL (last)</th>"
+            "<th>training time</th></tr>")
+    rows = []
+    for run, color in zip(runs, colors):
+        _, reward = series(run, "reward_mean")
+        accuracy = last_value(run, "accuracy")
+        before = run.summary.get("eval_before", {}).get("eval_accuracy", run.summary.get("accuracy_before"))
+        after = run.summary.get("eval_after", {}).get("eval_accuracy", run.summary.get("accuracy_after"))
+        seconds = run.summary.get("train_seconds", run.metrics[-1].get("wall_clock"))
+        kl = last_value(run, "kl")
+        total = run.config.get("max_steps", "?")
+        cells = [f"<span class='swatch' style='background:{color}'></span>{esc(run.label)}",
+                 str(len(run.metrics)), f"{run.metrics[-1]['step']} / {esc(total)}",
+                 f"{reward[0]:.3f} &rarr; {reward[-1]:.3f}" if reward else "-",
+                 f"{accuracy:.1%}" if accuracy is not None else "-",
+                 f"{before:.1%} &rarr; {after:.1%}" if before is not None and after is not None else "-",
+                 f"{kl:.4f}" if kl is not None else "-",
+                 f"{seconds:.0f} s" if isinstance(seconds, (int, float)) else "-"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def samples_html(samples: list[dict]) -> str:
+    if not samples:
+        return "<p class='meta'>(no samples.jsonl: set samples_steps to log sample completions)</p>"
+    steps = sorted({s.get("step", 0) for s in samples})
+    shown = [steps[0]] + ([steps[-1]] if steps[-1] != steps[0] else [])
+    parts = []
+    for step in shown:
+        rows = [s for s in samples if s.get("step") == step]
+        names = list(dict.fromkeys(k for s in rows for k in s.get("rewards", {})))
+        head = ("<tr><th>#</th><th>prompt</th><th>completion</th><th>reward</th><th>advantage</th>"
+                + "".join(f"<th>{esc(n)}</th>" for n in names) + "<th>tokens</th></tr>")
+        body = []
+        for s in rows:
+            length = f"{s['length']}{' (truncated)' if s.get('truncated') else ''}" if "length" in s else "-"
+            body.append(
+                f"<tr><td>{esc(s.get('index', ''))}</td><td class='text'>{esc(s.get('prompt', ''))}</td>"
+                f"<td class='text'>{esc(s.get('completion', ''))}</td>"
+                f"<td class='num'>{s.get('reward', 0):.3f}</td><td class='num'>{s.get('advantage', 0):+.3f}</td>"
+                + "".join(f"<td class='num'>{s.get('rewards', {}).get(n, 0):.3f}</td>" for n in names)
+                + f"<td class='num'>{esc(length)}</td></tr>")
+        label = "first" if step == steps[0] else "last"
+        parts.append(f"<h3>Samples at step {esc(step)} ({label} sampled step)</h3><table>{head}{''.join(body)}</table>")
+    return "".join(parts)
+
+
+def render_html(runs: list[Run], plots: list[tuple[str, str, bytes]], colors: list[str]) -> str:
+    title = "GRPO report: " + ", ".join(r.label for r in runs)
+    figures = []
+    for stem, caption, png in plots:
+        data = base64.b64encode(png).decode("ascii")
+        wide = " wide" if stem.startswith("reward") or stem == "time_per_step" else ""
+        figures.append(f"<figure class='plot{wide}' id='{stem}'><img src='data:image/png;base64,{data}' "
+                       f"alt='{esc(caption)}'><figcaption>{esc(caption)} &middot; plots/{stem}.png"
+                       f"</figcaption></figure>")
+    health = []
+    for run in runs:
+        notes = checks(run)
+        prefix = f"<b>{esc(run.label)}</b>: " if len(runs) > 1 else ""
+        health += [f"<div class='warn'>{prefix}{esc(n)}</div>" for n in notes]
+    if not health:
+        health = ["<p class='ok'>No warning signs found (reward variance, truncation, KL, collapse).</p>"]
+    details = []
+    for run in runs:
+        details.append(
+            f"<h2>Run {esc(run.label)}</h2><p class='meta'>{esc(run.path)}</p>"
+            f"<h3>Summary (summary.json)</h3>{key_value_table(run.summary)}"
+            f"<h3>Training config</h3>{key_value_grid(run.config)}"
+            + (f"<details><summary>Model config (config.json)</summary>{key_value_grid(run.model_config)}"
+               "</details>" if run.model_config else "")
+            + samples_html(run.samples))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body><main>
+<h1>GRPO training report</h1>
+<p class="meta">{len(runs)} run{'s' if len(runs) > 1 else ''} &middot; written {esc(time.strftime('%Y-%m-%d %H:%M'))}
+ by <code>grpo report</code></p>
+{overview(runs, colors)}
+<h2>Checks</h2>{''.join(health)}
+<h2>Curves</h2>
+<div class="plots">{''.join(figures)}</div>
+{''.join(details)}
+</main></body></html>
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def write_report(run_dirs: list[Path], output: Path | None = None) -> Path:
+    """Write report.html (default: in the first run directory) and its plots as PNG files in
+    plots/ beside it; return the path of report.html. Raises ReportError on bad input or when
+    matplotlib is missing."""
+    if not run_dirs:
+        raise ReportError("give at least one run directory")
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(p, label) for p, label in zip(paths, run_labels(paths))]
+    output = Path(output) if output is not None else paths[0] / "report.html"
+    if output.is_dir() or output.suffix.lower() not in (".html", ".htm"):
+        output = output / "report.html"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plots = render_plots(runs, output.parent / "plots")
+    output.write_text(render_html(runs, plots, run_colors(len(runs))), encoding="utf-8")
+    return output
+
+
+def cli_main(args) -> int:
+    try:
+        path = write_report(args.run_dirs, args.output)
+    except ReportError as e:
+        print(f"grpo report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report written to {path} (plots in {path.parent / 'plots'})")
+    return 0

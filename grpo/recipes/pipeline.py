@@ -1,0 +1,209 @@
+"""`grpo demo --pipeline seed`: the seed notes' pipeline end to end, on a laptop CPU.
+
+  1. supervised warm start of the tiny addition model (the demo's SFT stage)
+  2. preference data: sample the warm policy, pair correct with incorrect answers and closer with
+     farther wrong ones (grpo.recipes.preferences)
+  3. a Bradley-Terry reward model on those pairs, its backbone the warm policy itself
+  4. GRPO whose reward is the reward model's score, run twice from the same start:
+       beam:   groups from beam search, as the seed says
+       sample: i.i.d. samples at temperature 1, as DeepSeekMath does
+  5. held-out accuracy by the exact-answer verifier before and after each run.
+
+The verifier is in every GRPO run with weight 0: it changes no advantage, but it makes the trainer
+log true accuracy next to the reward-model score at every step, which is how we see whether the
+policy learns to please the reward model rather than to be right (reward over-optimisation,
+Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from grpo.config import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, TrainConfig, build
+from grpo.data import decode_completions, format_prompt, load_rows, tokenize_prompts
+from grpo.engine.backend import LocalBackend, SamplingParams
+from grpo.engine.models import load_causal_lm, load_tokenizer, pick_device
+from grpo.rewards import is_exact_answer
+from grpo.train.loop import train
+from grpo.train.reward_model import eval_reward_model, train_reward_model
+
+from .addition import GRPO, SFT, warm_start
+from .preferences import make_preferences
+from .tasks import write_jsonl
+
+# Preference data: the warm policy sampled at temperature 1 on training prompts (and, for the
+# reward model's held-out accuracy, on held-out prompts it never trains on).
+PREFERENCES = dict(samples_per_prompt=8, temperature=1.0, max_completion_length=6, max_prompt_length=16,
+                   correct_pairs_per_prompt=2, closer_pairs_per_prompt=1, batch_size=128)
+PREFERENCE_PROMPTS, HELDOUT_PREFERENCE_PROMPTS = 2000, 250
+REWARD_MODEL = dict(max_steps=250, batch_size=32, learning_rate=3e-4, warmup_steps=20, eval_steps=50,
+                    logging_steps=25, max_length=32, micro_batch_size=64)
+# GRPO as in the plain demo, shorter (each step also runs the reward model), reward = RM score.
+SEED_GRPO = {**GRPO, "max_steps": 100, "eval_steps": 50}
+GENERATIONS = ("beam", "sample")
+ZERO_VARIANCE_PROMPTS = 200
+
+
+def _rewards(rm_dir: str) -> list[dict]:
+    # Raw scores: group normalisation already removes their scale and offset. The verifier rides
+    # along with weight 0 so `accuracy` is logged without being rewarded.
+    return [{"model": rm_dir, "name": "reward_model"}, {"function": "exact_answer", "weight": 0.0}]
+
+
+@torch.no_grad()
+def true_zero_variance_fraction(model_dir: str, rows: list[dict], strategy: str, group_size: int,
+                                max_new_tokens: int, seed: int) -> float:
+    """Fraction of groups whose exact-answer rewards are all equal (all right or all wrong).
+
+    The trainer's `zero_variance_frac` is about the total reward, here a continuous reward-model
+    score that almost never ties; what starves GRPO of signal is groups that do not differ in
+    correctness, which is what this counts, for the policy GRPO starts from.
+    """
+    tokenizer = load_tokenizer(model_dir)
+    device = pick_device("auto")
+    backend = LocalBackend(load_causal_lm(model_dir, device, torch.float32, trainable=False), tokenizer)
+    params = SamplingParams(group_size=group_size, max_new_tokens=max_new_tokens, strategy=strategy,
+                            temperature=1.0, top_p=1.0, top_k=0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    zero = 0
+    for i in range(0, len(rows), 50):
+        chunk = rows[i:i + 50]
+        ids, mask = tokenize_prompts(tokenizer, [format_prompt(tokenizer, r["prompt"]) for r in chunk], 16)
+        texts = decode_completions(tokenizer, backend.generate(ids, mask, params, generator).completion_ids)
+        for p, row in enumerate(chunk):
+            right = {is_exact_answer(t, row["answer"]) for t in texts[p * group_size:(p + 1) * group_size]}
+            zero += len(right) == 1
+    return zero / len(rows)
+
+
+def _correct_pairs_file(preferences: Path, out: Path) -> Path:
+    rows = [json.loads(line) for line in preferences.read_text().splitlines() if line.strip()]
+    return write_jsonl([r for r in rows if r["kind"] == "correct"], out)
+
+
+def _variant_summary(run_dir: Path, rm_correct_margin: float) -> dict:
+    run = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [s for s in steps if "reward_mean" in s]
+    before, after = run["eval_before"], run["eval_after"]
+    rm_gain = after["eval_reward"] - before["eval_reward"]
+    acc_gain = after["eval_accuracy"] - before["eval_accuracy"]
+    # Reward-model score gain in "accuracy units": how much accuracy would have had to rise to
+    # raise the score this much, at the RM's held-out gap between a correct and a wrong answer.
+    rm_gain_as_accuracy = rm_gain / rm_correct_margin if rm_correct_margin > 0 else float("nan")
+    return {
+        "accuracy_before": before["eval_accuracy"], "accuracy_after": after["eval_accuracy"],
+        "rm_score_before": before["eval_reward"], "rm_score_after": after["eval_reward"],
+        "rm_gain_in_accuracy_units": rm_gain_as_accuracy,
+        "pleased_rm_more_than_right": bool(rm_gain_as_accuracy > acc_gain + 0.05),
+        "zero_variance_frac_total_reward": sum(s["zero_variance_frac"] for s in steps) / max(1, len(steps)),
+        "train_seconds": run["train_seconds"],
+        # Side by side per logged step: the reward the policy is trained on and the truth.
+        "per_step": [{"step": s["step"], "rm_score": s.get("rewards/reward_model/mean"),
+                      "accuracy": s.get("accuracy"), "eval_accuracy": s.get("eval_accuracy")} for s in steps],
+    }
+
+
+def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool = False,
+                      sft_overrides: dict | None = None, preference_overrides: dict | None = None,
+                      rm_overrides: dict | None = None, grpo_overrides: dict | None = None,
+                      preference_prompts: int = PREFERENCE_PROMPTS,
+                      heldout_preference_prompts: int = HELDOUT_PREFERENCE_PROMPTS,
+                      generations: tuple[str, ...] = GENERATIONS,
+                      zero_variance_prompts: int = ZERO_VARIANCE_PROMPTS) -> dict:
+    """Run the whole pipeline into output_dir; write and return summary.json's content."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
+    out = Path(output_dir)
+    start = time.time()
+    say = (lambda *a: None) if quiet else print
+    timings = {}
+
+    # 1. The tiny model, the addition data and the supervised warm start.
+    say(f"[seed] 1/4 tiny model, addition data and supervised warm start under {out}")
+    t = time.time()
+    task = warm_start(out, seed, sft_overrides, quiet=True)
+    sft_dir, train_file, heldout_file, heldout_rows = task.sft_dir, task.train_file, task.heldout_file, task.heldout_rows
+    timings["sft"] = time.time() - t
+
+    # 2. Preference pairs from the warm policy's own samples.
+    say("[seed] 2/4 preference data from the warm policy's samples")
+    t = time.time()
+    prefs = {}
+    for name, data, n in (("train", train_file, preference_prompts),
+                          ("heldout", heldout_file, heldout_preference_prompts)):
+        prefs[name] = make_preferences(build(PreferenceConfig, {
+            "model": str(sft_dir), "dataset": str(data), "num_prompts": n, "seed": seed,
+            "output_file": str(out / "data" / f"preferences_{name}.jsonl"),
+            **PREFERENCES, **(preference_overrides or {})}, "seed preferences"), quiet=quiet)
+    timings["preferences"] = time.time() - t
+
+    # 3. The reward model, its backbone the warm policy; held-out pairs come from held-out prompts.
+    say("[seed] 3/4 Bradley-Terry reward model")
+    t = time.time()
+    rm_dir = out / "reward_model"
+    rm = train_reward_model(build(RewardModelConfig, {
+        "model": str(sft_dir), "dataset": prefs["train"]["output_file"],
+        "eval_dataset": prefs["heldout"]["output_file"], "output_dir": str(rm_dir), "seed": seed,
+        **REWARD_MODEL, **(rm_overrides or {})}, "seed reward model"), quiet=quiet)
+    # The RM's gap between a right and a wrong answer, to put its score gains in accuracy units.
+    correct_only = _correct_pairs_file(Path(prefs["heldout"]["output_file"]),
+                                       out / "data" / "heldout_correct_pairs.jsonl")
+    rm_correct = eval_reward_model(build(RewardModelEvalConfig, {"model": str(rm_dir), "dataset": str(correct_only),
+                                                                 "max_length": REWARD_MODEL["max_length"]}),
+                                   quiet=True)
+    timings["reward_model"] = time.time() - t
+
+    # 4. GRPO on the reward model's score, beam groups then sampled groups, from the same start.
+    heldout_sample = load_rows(heldout_file)[:zero_variance_prompts]
+    variants = {}
+    for generation in generations:
+        say(f"[seed] 4/4 GRPO with reward = reward-model score, groups by {generation}")
+        run_dir = out / generation
+        cfg = build(TrainConfig, {
+            "model": str(sft_dir), "dataset": str(train_file), "eval_dataset": str(heldout_file),
+            "eval_max_prompts": len(heldout_rows), "output_dir": str(run_dir), "seed": seed,
+            **SEED_GRPO, "rewards": _rewards(str(rm_dir)), "generation": generation,
+            **(grpo_overrides or {})}, f"seed grpo {generation}")
+        t = time.time()
+        train(cfg, quiet=quiet)
+        timings[f"grpo_{generation}"] = time.time() - t
+        variants[generation] = _variant_summary(run_dir, rm_correct["margin"])
+        variants[generation]["zero_variance_frac_true_reward_at_start"] = true_zero_variance_fraction(
+            str(sft_dir), heldout_sample, generation, cfg.group_size, cfg.max_completion_length, seed)
+
+    summary = {
+        "reward_model": {"heldout_pairwise_accuracy": rm["eval_accuracy"], "heldout_margin": rm["eval_margin"],
+                         "heldout_correct_vs_wrong_accuracy": rm_correct["accuracy"],
+                         "heldout_correct_vs_wrong_margin": rm_correct["margin"],
+                         "train_pairs": rm["train_pairs"], "heldout_pairs": rm["eval_pairs"], "model": str(rm_dir)},
+        "preferences": prefs,
+        "variants": variants,
+        "heldout_prompts": len(heldout_rows),
+        "seconds": {**timings, "total": time.time() - start},
+        "settings": {"sft": SFT | (sft_overrides or {}), "preferences": PREFERENCES | (preference_overrides or {}),
+                     "reward_model": REWARD_MODEL | (rm_overrides or {}),
+                     "grpo": {k: v for k, v in SEED_GRPO.items() if k != "rewards"} | (grpo_overrides or {})},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    say(format_table(summary))
+    say(f"[seed] summary: {out / 'summary.json'}")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    rm = summary["reward_model"]
+    lines = [f"[seed] reward model held-out pairwise accuracy {rm['heldout_pairwise_accuracy']:.1%} "
+             f"(correct vs wrong {rm['heldout_correct_vs_wrong_accuracy']:.1%})",
+             f"{'groups':<8}{'acc before':>12}{'acc after':>11}{'RM before':>11}{'RM after':>10}"
+             f"{'RM gain as acc':>16}{'zero-var (true)':>17}{'RM > right?':>13}"]
+    for name, v in summary["variants"].items():
+        lines.append(f"{name:<8}{v['accuracy_before']:>12.1%}{v['accuracy_after']:>11.1%}"
+                     f"{v['rm_score_before']:>11.3f}{v['rm_score_after']:>10.3f}"
+                     f"{v['rm_gain_in_accuracy_units']:>16.1%}{v['zero_variance_frac_true_reward_at_start']:>17.2f}"
+                     f"{'yes' if v['pleased_rm_more_than_right'] else 'no':>13}")
+    lines.append(f"[seed] total {summary['seconds']['total']:.0f}s")
+    return "\n".join(lines)

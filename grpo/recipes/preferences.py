@@ -1,0 +1,120 @@
+"""`grpo reward-model make-preferences`: preference pairs for a built-in task, from a policy's samples.
+
+This is how the seed pipeline gets preference data without downloading any: sample completions
+from a policy on the task's prompts, judge them with the task's verifier, and write pairs
+  correct vs incorrect            ("kind": "correct")
+  closer vs farther wrong answer  ("kind": "closer", where the task has a distance to the answer)
+as JSONL rows {prompt, chosen, rejected, kind, answer} that `grpo reward-model train` reads.
+
+When no sample of a prompt is correct, the dataset's reference answer can stand in as the chosen
+completion (`use_reference_answer`), as a human labeller would write the right answer; otherwise
+such prompts give only closer/farther pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from grpo.config import PreferenceConfig
+from grpo.data import decode_completions, format_prompt, load_rows, require_columns, tokenize_prompts
+from grpo.engine.backend import LocalBackend, SamplingParams
+from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.errors import ConfigError
+from grpo.rewards import first_number, is_exact_answer
+from grpo.train.setup import start_run
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: a verifier (is this completion right?) and, where it makes sense, a distance to the answer.
+
+@dataclass
+class Task:
+    is_correct: Callable[[str, str], bool]
+    distance: Callable[[str, str], float] | None   # smaller is closer; inf when unparsable
+
+
+def _numeric_distance(completion: str, answer: str) -> float:
+    x = first_number(completion)
+    return float("inf") if x is None else abs(x - float(answer))
+
+
+TASKS = {
+    # The exact-answer verifier of grpo.rewards.exact_answer, and |number - answer| as distance.
+    "addition": Task(is_correct=is_exact_answer, distance=_numeric_distance),
+}
+
+
+def pairs_for_prompt(completions: list[str], answer: str, task: Task, rng: random.Random,
+                     correct_pairs: int, closer_pairs: int, use_reference: bool) -> list[dict]:
+    """Preference pairs from one prompt's samples (duplicates removed, empty completions dropped)."""
+    unique = list(dict.fromkeys(c.strip() for c in completions if c.strip()))
+    right = [c for c in unique if task.is_correct(c, answer)]
+    wrong = [c for c in unique if not task.is_correct(c, answer)]
+    if not right and use_reference:
+        right = [str(answer).strip()]
+    pairs = []
+    for rejected in rng.sample(wrong, min(correct_pairs, len(wrong))) if right else []:
+        pairs.append({"chosen": rng.choice(right), "rejected": rejected, "kind": "correct"})
+    if task.distance is not None and closer_pairs and len(wrong) >= 2:
+        candidates = [(a, b) for i, a in enumerate(wrong) for b in wrong[i + 1:]
+                      if task.distance(a, answer) != task.distance(b, answer)]
+        for a, b in rng.sample(candidates, min(closer_pairs, len(candidates))):
+            closer, farther = (a, b) if task.distance(a, answer) < task.distance(b, answer) else (b, a)
+            pairs.append({"chosen": closer, "rejected": farther, "kind": "closer"})
+    return pairs
+
+
+@torch.no_grad()
+def make_preferences(cfg: PreferenceConfig, quiet: bool = False) -> dict:
+    """Sample the policy on the task's prompts, write preference pairs as JSONL; returns counts."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
+    task = TASKS[cfg.task]
+    run = start_run(cfg)
+    rows = load_rows(cfg.dataset)
+    require_columns(rows, [cfg.prompt_column, cfg.answer_column], cfg.dataset)
+    rng = random.Random(cfg.seed)
+    if cfg.num_prompts:
+        rows = rng.sample(rows, min(cfg.num_prompts, len(rows)))
+
+    tokenizer = load_tokenizer(cfg.model)
+    backend = LocalBackend(load_causal_lm(cfg.model, run.device, run.dtype, trainable=False), tokenizer)
+    params = SamplingParams(group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_completion_length,
+                            strategy="sample", temperature=cfg.temperature, top_p=1.0, top_k=0)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    G = cfg.samples_per_prompt
+    out_rows, sampled_correct = [], 0
+    for i in range(0, len(rows), cfg.batch_size):
+        chunk = rows[i:i + cfg.batch_size]
+        texts = [format_prompt(tokenizer, r[cfg.prompt_column], cfg.apply_chat_template) for r in chunk]
+        ids, mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length)
+        completions = decode_completions(tokenizer, backend.generate(ids, mask, params, generator).completion_ids)
+        for p, row in enumerate(chunk):
+            group = completions[p * G:(p + 1) * G]
+            answer = str(row[cfg.answer_column])
+            sampled_correct += sum(task.is_correct(c, answer) for c in group)
+            for pair in pairs_for_prompt(group, answer, task, rng, cfg.correct_pairs_per_prompt,
+                                         cfg.closer_pairs_per_prompt, cfg.use_reference_answer):
+                # The prompt is written as given (not formatted): training formats it like the policy.
+                out_rows.append({"prompt": row[cfg.prompt_column], **pair, "answer": answer})
+
+    path = Path(cfg.output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in out_rows:
+            f.write(json.dumps(r) + "\n")
+    stats = {"prompts": len(rows), "pairs": len(out_rows),
+             "correct_pairs": sum(r["kind"] == "correct" for r in out_rows),
+             "closer_pairs": sum(r["kind"] == "closer" for r in out_rows),
+             "sample_accuracy": sampled_correct / max(1, len(rows) * G), "output_file": str(path)}
+    if not quiet:
+        print(f"make-preferences: {stats['pairs']} pairs ({stats['correct_pairs']} correct/incorrect, "
+              f"{stats['closer_pairs']} closer/farther) from {len(rows)} prompts x {G} samples "
+              f"(sample accuracy {stats['sample_accuracy']:.1%}) -> {path}")
+    return stats

@@ -1,0 +1,93 @@
+"""Reward functions: the built-ins and the loading of a user's.
+
+A reward function has the TRL signature `fn(prompts, completions, **columns) -> list[float]`:
+`prompts` and `completions` are lists of strings of equal length N, each extra dataset column
+arrives as a list of N values. In a config it is
+  {function: exact_answer}                      a built-in (see BUILTIN)
+  {function: path/to/file.py:my_reward}         a function in a Python file
+  {function: my_package.rewards:my_reward}      a function in an importable module
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Callable
+
+from grpo.errors import RewardError
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in rewards
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def is_exact_answer(completion: str, answer) -> bool:
+    """The exact-answer verifier: the completion, stripped of whitespace, is the answer."""
+    return completion.strip() == str(answer).strip()
+
+
+def exact_answer(prompts, completions, answer, **_) -> list[float]:
+    """1.0 when the completion, stripped of whitespace, is exactly the `answer` column, else 0.0."""
+    return [float(is_exact_answer(c, a)) for c, a in zip(completions, answer)]
+
+
+def first_number(text: str) -> float | None:
+    m = _NUMBER.search(text)
+    return float(m.group()) if m else None
+
+
+def answer_distance(prompts, completions, answer, **_) -> list[float]:
+    """A dense reward: 1 / (1 + |first number in completion - answer|), 0 without a number."""
+    out = []
+    for c, a in zip(completions, answer):
+        x = first_number(c)
+        out.append(0.0 if x is None else 1.0 / (1.0 + abs(x - float(a))))
+    return out
+
+
+_THINK = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
+
+
+def think_format(prompts, completions, **_) -> list[float]:
+    """DeepSeek-R1's format reward: 1.0 for '<think>...</think> <answer>...</answer>', else 0.0."""
+    return [float(bool(_THINK.match(c.strip()))) for c in completions]
+
+
+BUILTIN: dict[str, Callable] = {
+    "exact_answer": exact_answer,
+    "answer_distance": answer_distance,
+    "think_format": think_format,
+}
+
+
+def load_function(spec: str) -> Callable:
+    """A built-in name, `path/to/file.py:function` or `package.module:function`."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    if ":" not in spec:
+        raise RewardError(f"reward function {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not of "
+                          f"the form path/to/file.py:function or package.module:function")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise RewardError(f"reward function {spec!r}: file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise RewardError(f"reward function {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:
+            raise RewardError(f"reward function {spec!r}: cannot import module {target!r}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardError(f"reward function {spec!r}: {target} has no function {name!r}")
+    return fn

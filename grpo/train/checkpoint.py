@@ -1,0 +1,95 @@
+"""Checkpoints: `checkpoint-<step>/` holds the model and tokenizer in Hugging Face format
+(safetensors) and `trainer_state.pt` with everything else a resumed run needs to continue exactly:
+optimizer, scheduler, RNG states, data position, step.
+
+A checkpoint is written to a temporary directory and renamed into place, so a crash while saving
+never leaves a half-written `checkpoint-<step>` that `--resume` would pick up.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from grpo.engine.models import load_causal_lm
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, state: dict, keep: int = 0) -> Path:
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_state(checkpoint: Path) -> dict:
+    # CPU first: optimizer.load_state_dict moves each state to its parameter's device, and the
+    # file may come from a GPU this machine (or this rank) does not have.
+    return torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# What `grpo train` keeps beside the weights, and how a resumed run gets it back.
+
+def train_state(step: int, optimizer, scheduler, precision, sampler, config: dict, rng: list, rewards_state: dict) -> dict:
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": precision.scaler.state_dict(), "sampler": sampler.state_dict(), "config": config,
+            "rng": rng, "reward_states": rewards_state}
+
+
+def restore_train_state(checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator,
+                        rank: int) -> dict:
+    """Weights, optimizer, schedule, loss scale, data position and this process's RNG streams from
+    `checkpoint`; returns its state (step, reward states, config)."""
+    state = load_state(checkpoint)
+    policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), torch.float32).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # empty when the checkpoint was not float16
+        precision.scaler.load_state_dict(state["scaler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"][rank], generator)
+    return state

@@ -1,0 +1,173 @@
+"""`grpo reward-model train | eval | score`: Bradley-Terry reward models from preference pairs.
+
+The seed's pipeline starts here: "train a reward model from preference data". The reward model
+is any causal LM with a one-label head, `AutoModelForSequenceClassification.from_pretrained(
+backbone, num_labels=1)` (for a Llama backbone: the transformer plus a fresh linear `score` head
+read at the last real token), trained so that r(prompt, chosen) > r(prompt, rejected):
+
+    loss = -log sigmoid(r_chosen - r_rejected - margin)          (grpo.algorithm.bradley_terry_loss)
+
+The result is saved with `save_pretrained` next to its tokenizer, so plain
+`AutoModelForSequenceClassification.from_pretrained(dir)` loads it and `grpo train` takes it as
+`rewards: [{model: dir}]`. It reads the same text the policy sees (`grpo.rewards.reward_model_text`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from grpo.algorithm import bradley_terry_loss
+from grpo.config import RewardModelConfig, RewardModelEvalConfig, to_dict
+from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns
+from grpo.engine.models import load_tokenizer
+from grpo.errors import ConfigError, RewardError
+from grpo.observe.progress import SUPERVISED_FIELDS
+from grpo.observe.tracking import RunLogger
+from grpo.rewards import load_reward_model, reward_model_text, score_texts
+from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
+
+from .optim import make_optimizer, make_scheduler
+from .setup import start_run
+
+
+def _preference_columns(cfg, log) -> dict:
+    return dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                rejected_column=cfg.rejected_column, margin_column=cfg.margin_column,
+                chat_template=cfg.apply_chat_template, log=log)
+
+
+def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict:
+    """Train, evaluate on held-out pairs during and after training, save. Returns the summary."""
+    log = (lambda *a: None) if quiet else print
+    run = start_run(cfg)
+    device, precision, out = run.device, run.precision, run.out
+    tokenizer = load_tokenizer(cfg.model)
+    pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
+    if cfg.eval_dataset:
+        eval_pairs = load_preferences(cfg.eval_dataset, tokenizer, **_preference_columns(cfg, log))
+    else:
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = int(len(pairs) * cfg.eval_fraction)
+        eval_pairs, pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+        if not pairs:
+            raise DataError(f"{cfg.dataset}: nothing left to train on after holding out eval_fraction")
+    log(f"reward model: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, backbone {cfg.model}")
+
+    # float32 master weights (train.precision), a fresh one-label head on the backbone.
+    model = load_reward_model(cfg.model, device, torch.float32, tokenizer, fresh_head=True)
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    sampler = PromptSampler(len(pairs), cfg.seed)
+    logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS)
+
+    def run_eval() -> dict:
+        if not eval_pairs:
+            return {}
+        with precision.autocast():
+            e = evaluate_pairs(model, tokenizer, eval_pairs, cfg.max_length, device, cfg.micro_batch_size)
+        return {"eval_accuracy": e["accuracy"], "eval_margin": e["margin"], "eval_loss": e["loss"]}
+
+    start = time.time()
+    history = [{"step": 0, **run_eval(), "elapsed": 0.0}]
+    logger.log(history[0])
+    for step in range(1, cfg.max_steps + 1):
+        batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
+        for i in range(0, len(batch), cfg.micro_batch_size):
+            chunk = batch[i:i + cfg.micro_batch_size]
+            with precision.autocast():
+                c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)  # float32 head
+            m = torch.tensor([p.margin for p in chunk], device=c.device)
+            # Weight each chunk by its share so the gradient is that of the whole batch's mean.
+            loss = bradley_terry_loss(c, r, m) * (len(chunk) / len(batch))
+            precision.backward(loss)
+            loss_sum += loss.item()
+            correct += (c > r).float().sum().item()
+            margin_sum += (c - r).sum().item()
+        grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
+        scheduler.step()
+        record = {}
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            record = {"loss": loss_sum, "accuracy": correct / len(batch), "margin": margin_sum / len(batch),
+                      "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+            record.update(run_eval())
+        if record:
+            history.append({"step": step, **record, "elapsed": time.time() - start})
+            logger.log(history[-1])
+    logger.close()
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    final = next((h for h in reversed(history) if "eval_accuracy" in h), {})
+    summary = {"model": str(out), "backbone": cfg.model, "train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
+               "eval_accuracy": final.get("eval_accuracy"), "eval_margin": final.get("eval_margin"),
+               "eval_loss": final.get("eval_loss"), "train_seconds": time.time() - start}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"reward model saved to {out} (held-out pairwise accuracy {summary['eval_accuracy']})")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# `grpo reward-model eval` and `score`
+
+def _load_for_use(cfg: RewardModelEvalConfig):
+    from transformers import AutoTokenizer
+
+    run = start_run(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError) as e:
+        raise RewardError(f"model: cannot load the tokenizer of {cfg.model!r}: {e}") from None
+    model = load_reward_model(cfg.model, run.device, run.dtype, tokenizer).eval()
+    return model, tokenizer, run.device
+
+
+def eval_reward_model(cfg: RewardModelEvalConfig, quiet: bool = False) -> dict:
+    """Pairwise accuracy and mean margin of a saved reward model on a preference file."""
+    log = (lambda *a: None) if quiet else print
+    model, tokenizer, device = _load_for_use(cfg)
+    pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
+    result = evaluate_pairs(model, tokenizer, pairs, cfg.max_length, device, cfg.batch_size)
+    log(f"{cfg.dataset}: {result['pairs']} pairs, pairwise accuracy {result['accuracy']:.4f}, "
+        f"mean margin {result['margin']:.4f}, loss {result['loss']:.4f}")
+    return result
+
+
+def score_file(cfg: RewardModelEvalConfig, quiet: bool = False) -> Path:
+    """Score every prompt/completion row; write the rows with a `score` column (.jsonl or .csv)."""
+    if not cfg.output_file:
+        raise ConfigError("output_file: required for `reward-model score` (a .jsonl or .csv path)")
+    rows = load_rows(cfg.dataset)
+    require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
+    model, tokenizer, device = _load_for_use(cfg)
+    texts = []
+    for row in rows:
+        try:
+            texts.append(reward_model_text(format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template),
+                                           row[cfg.completion_column]))
+        except (DataError, TypeError) as e:
+            raise DataError(f"{cfg.dataset}:{row['_line']}: {e}") from None
+    scores = score_texts(model, tokenizer, texts, cfg.max_length, device, cfg.batch_size).tolist()
+    path = Path(cfg.output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{**{k: v for k, v in row.items() if k != "_line"}, "score": s} for row, s in zip(rows, scores)]
+    if path.suffix.lower() == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with path.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    if not quiet:
+        print(f"scored {len(rows)} rows (mean {sum(scores) / len(scores):.4f}) -> {path}")
+    return path

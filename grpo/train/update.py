@@ -1,0 +1,101 @@
+"""The update of one step, and the numbers a step is judged by.
+
+`update` runs num_iterations passes over a rollout, each split into num_minibatches optimizer
+steps over whole groups; the loss is `grpo.algorithm.policy_loss` with every choice from the
+config. `rollout_metrics` is what the rollout itself says (rewards, lengths, zero-variance groups).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo import algorithm
+from grpo.config import TrainConfig
+from grpo.engine.logprobs import completion_logprobs
+
+from .distributed import World
+from .precision import Precision
+from .rollout import Rollout, logprob_temperature
+
+
+def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, world: World,
+           generator: torch.Generator, precision: Precision | None = None) -> dict[str, float]:
+    """num_iterations passes over the rollout, each split into num_minibatches optimizer steps.
+
+    Every optimizer step normalises its loss by counts over its whole minibatch (on every process),
+    so the gradient does not depend on micro_batch_size or on the number of processes.
+    """
+    precision = precision or Precision(next(policy.parameters()).device, torch.float32)
+    n, G = len(rollout), cfg.group_size
+    groups = n // G
+    per_minibatch = groups // cfg.num_minibatches
+    temperature = logprob_temperature(cfg)
+    sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
+                entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0)
+    steps = 0
+    for _ in range(cfg.num_iterations):
+        # Shuffle whole groups between minibatches so each minibatch still holds complete groups.
+        order = torch.randperm(groups, generator=generator, device=generator.device).cpu() \
+            if cfg.num_minibatches > 1 else torch.arange(groups)
+        for mb in range(cfg.num_minibatches):
+            rows = (order[mb * per_minibatch:(mb + 1) * per_minibatch, None] * G + torch.arange(G)).flatten()
+            mask = rollout.completion_mask[rows]
+            norm = dict(num_sequences=int(world.sum(torch.tensor(len(rows))).item()),
+                        num_tokens=max(world.sum(mask.sum()).item(), 1.0),
+                        group_size=G, max_completion_length=cfg.max_completion_length)
+            optimizer.zero_grad(set_to_none=True)
+            for i in range(0, len(rows), cfg.micro_batch_size):
+                idx = rows[i:i + cfg.micro_batch_size]
+                with precision.autocast():  # the forward only: backward follows the ops it recorded
+                    logprobs, entropy = completion_logprobs(
+                        policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
+                        rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False)
+                # old is None with one update per rollout: policy_loss then uses logprobs.detach().
+                old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
+                ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]
+                loss, stats = algorithm.policy_loss(
+                    logprobs.float(), old, ref, rollout.advantages[idx], rollout.completion_mask[idx],
+                    loss_mode=cfg.policy_loss, ratio_level=cfg.ratio_level, ratio_anchor=cfg.ratio_anchor,
+                    eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, beta=cfg.beta,
+                    kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation, **norm)
+                if loss.requires_grad:  # False only when every token of the micro-batch is masked out
+                    precision.backward(loss)
+                m = rollout.completion_mask[idx]
+                sums["loss"] += loss.item()
+                sums["entropy_sum"] += (entropy.float() * m).sum().item()
+                for key in ("policy_loss", "kl_sum", "clip_low_sum", "clip_high_sum", "token_count"):
+                    sums[key] += float(stats[key])
+            world.sum_gradients(policy)
+            grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
+            scheduler.step()
+            if torch.isfinite(grad_norm):
+                sums["grad_norm"] += float(grad_norm)
+            else:  # skipped (Precision.step); float16 also lowers its loss scale
+                sums["nonfinite_grad_steps"] += 1
+            steps += 1
+    tokens = max(sums["token_count"], 1.0)
+    return {"loss": sums["loss"] / steps, "policy_loss": sums["policy_loss"] / steps,
+            "kl": sums["kl_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
+            "clip_frac_low": sums["clip_low_sum"] / tokens, "clip_frac_high": sums["clip_high_sum"] / tokens,
+            "grad_norm": sums["grad_norm"] / max(steps - sums["nonfinite_grad_steps"], 1),
+            "nonfinite_grad_steps": sums["nonfinite_grad_steps"], "lr": scheduler.get_last_lr()[0],
+            "optimizer_steps": steps}
+
+
+def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | None) -> dict[str, float]:
+    lengths = rollout.lengths.float()
+    m = {"reward_mean": rollout.rewards.mean().item(), "reward_std": rollout.rewards.std().item(),
+         "completion_length_mean": lengths.mean().item(), "completion_length_max": lengths.max().item(),
+         "truncated_frac": rollout.truncated.float().mean().item(),
+         "zero_variance_frac": algorithm.zero_variance_groups(rollout.rewards, cfg.group_size).float().mean().item(),
+         "advantage_abs_mean": rollout.advantages.abs().mean().item()}
+    for name, values in rollout.rewards_per_function.items():
+        m[f"rewards/{name}/mean"] = values.mean().item()
+        m[f"rewards/{name}/std"] = values.std().item()
+        # Per function too: a continuous reward-model score is almost never tied, while the
+        # verifier beside it may be all-0 or all-1 in most groups.
+        m[f"rewards/{name}/zero_variance_frac"] = \
+            algorithm.zero_variance_groups(values, cfg.group_size).float().mean().item()
+    if accuracy_name:
+        m["accuracy"] = (rollout.rewards_per_function[accuracy_name] == 1).float().mean().item()
+    return m
