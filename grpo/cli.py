@@ -34,11 +34,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even if the config or data differ from the checkpoint's")
+    t.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
     t.add_argument("--quiet", action="store_true", help="no console output (metrics.jsonl is still written)")
 
     s = sub.add_parser("sft", help="supervised warm start on prompt/completion pairs")
     s.add_argument("--config", help="YAML config file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
     s.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
@@ -46,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
                    help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace what a non-empty --output-dir holds (an earlier demo's output is replaced anyway)")
     d.add_argument("--quiet", action="store_true")
 
     rm = sub.add_parser("reward-model", help="train, evaluate and use Bradley-Terry reward models")
@@ -57,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
         c = rm_sub.add_parser(name, help=text)
         c.add_argument("--config", help="YAML config file")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        c.add_argument("--overwrite", action="store_true", help="replace what the output holds")
         c.add_argument("--quiet", action="store_true")
 
     r = sub.add_parser("report", help="write report.html and PNG plots for one or more runs")
@@ -71,13 +78,28 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet_libraries()
-    from grpo.errors import GrpoError
+    from grpo.errors import GrpoError, RewardError
+    from grpo.train.interrupts import Interrupted
 
+    main_process = os.environ.get("RANK", "0") == "0"
     try:
         return run_command(args)
+    except Interrupted as e:
+        if main_process:
+            print(f"grpo {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except GrpoError as e:
-        print(f"grpo {args.command}: error: {e}", file=sys.stderr)
+        # The same input error on every torchrun process is said once; a reward's may be one process's own.
+        if main_process or isinstance(e, RewardError):
+            print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"grpo {args.command}: stopped at once, without saving (checkpoints already written are kept)",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a permission, a missing file: the system's own one line
+        print(f"grpo {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def run_command(args) -> int:
@@ -86,32 +108,36 @@ def run_command(args) -> int:
 
     if args.command == "train":
         from grpo.train.loop import train
-        out = train(load_config(TrainConfig, args.config, args.set), resume=args.resume, quiet=args.quiet)
+        out = train(load_config(TrainConfig, args.config, args.set), resume=args.resume, quiet=args.quiet,
+                    overwrite=args.overwrite, allow_changes=args.allow_changes)
         if not args.quiet:
             print(f"model saved to {out}")
     elif args.command == "sft":
         from grpo.train.sft import train_sft
-        out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet)
+        out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet, overwrite=args.overwrite)
         if not args.quiet:
             print(f"model saved to {out}")
     elif args.command == "demo":
         if args.pipeline == "seed":
             from grpo.recipes.pipeline import run_seed_pipeline
-            run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet)
+            run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
         else:
             from grpo.recipes.demo import run_demo
-            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet)
+            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
     elif args.command == "reward-model":
         from grpo.train import reward_model as rm
         if args.rm_command == "train":
-            rm.train_reward_model(load_config(RewardModelConfig, args.config, args.set), quiet=args.quiet)
+            rm.train_reward_model(load_config(RewardModelConfig, args.config, args.set), quiet=args.quiet,
+                                  overwrite=args.overwrite)
         elif args.rm_command == "eval":
             rm.eval_reward_model(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet)
         elif args.rm_command == "score":
-            rm.score_file(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet)
+            rm.score_file(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet,
+                          overwrite=args.overwrite)
         else:
             from grpo.recipes.preferences import make_preferences
-            make_preferences(load_config(PreferenceConfig, args.config, args.set), quiet=args.quiet)
+            make_preferences(load_config(PreferenceConfig, args.config, args.set), quiet=args.quiet,
+                             overwrite=args.overwrite)
     elif args.command == "report":
         from grpo.observe.report import cli_main as report_main
         return report_main(args)

@@ -19,3 +19,11 @@ class DataError(GrpoError):
 
 class RewardError(GrpoError):
     """A reward that cannot be loaded or returned something unusable; names the reward."""
+
+
+class ModelError(GrpoError):
+    """A model that does not exist, is not a model, or cannot be loaded; names the path."""
+
+
+class RunError(GrpoError):
+    """An output directory, checkpoint or resume that would lose or mix up a user's work."""

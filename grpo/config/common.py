@@ -81,6 +81,8 @@ class LoopConfig(CommonConfig):
     """Every N steps a resumable checkpoint-N/ is written; 0 keeps only the final model."""
     save_total_limit: int = 0
     """Checkpoints kept (the oldest are deleted); 0 keeps every checkpoint."""
+    save_on_interrupt: bool = True
+    """On Ctrl-C or SIGTERM: finish the step, save a checkpoint, say where, exit non-zero."""
     report_to: list = field(default_factory=lambda: ["tensorboard"])
     """Where metrics go besides metrics.jsonl: `tensorboard` (when installed), `wandb` (offline
     without an API key)."""

@@ -66,17 +66,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The top-level mapping of a YAML config file, and the line of each key (1-based)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-    return data
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    return data, lines
 
 
 def choices(cls) -> dict[str, tuple]:
@@ -87,41 +93,49 @@ def choices(cls) -> dict[str, tuple]:
     return {k: tuple(v() if callable(v) else v) for k, v in out.items()}
 
 
-def build(cls, values: dict[str, Any], source: str = "config"):
+def build(cls, values: dict[str, Any], source: str = "config", origins: dict[str, str] | None = None):
     """Make a `cls` from a dict: unknown keys, wrong types and bad choices raise ConfigError.
 
-    `source` names where the values came from, for the message. A class may define `ALIASES`
-    (another name for a key) and `expand(values, source)` (e.g. a preset's bundle under the
-    user's keys); then each key is checked and `validate(bad)` checks the combinations.
+    `source` names where the values came from, for the message; `origins` says, per key, more
+    precisely (`my.yaml:12`, `--set beta`). A class may define `ALIASES` (another name for a key)
+    and `expand(values, source)` (e.g. a preset's bundle under the user's keys); then each key is
+    checked and `validate(bad)` checks the combinations.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     allowed = choices(cls)
+    origins = dict(origins or {})
     values = dict(values)
+
+    def where(key: str) -> str:
+        return origins.get(key.split("[")[0].split(".")[0], source)
+
     for alias, key in getattr(cls, "ALIASES", {}).items():
         if alias in values:
             if key in values:
-                raise ConfigError(f"{source}: {alias} and {key} are the same key; give one")
+                raise ConfigError(f"{where(alias)}: {alias} and {key} are the same key; give one")
             values[key] = values.pop(alias)
+            if alias in origins:
+                origins[key] = origins[alias]
     if hasattr(cls, "expand"):
-        values = cls.expand(values, source)
+        values = cls.expand(values, where("preset"))
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{where(key)}: unknown key {key!r}{hint}")
         ok, value = _type_ok(value, hints[key])
         if not ok:
-            raise ConfigError(f"{source}: {key}: expected {type_name(hints[key])}, got "
+            raise ConfigError(f"{where(key)}: {key}: expected {type_name(hints[key])}, got "
                               f"{type(value).__name__} {value!r}")
         if key in allowed and value not in allowed[key]:
-            raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, allowed[key]))}")
+            raise ConfigError(f"{where(key)}: {key}: {value!r} is not one of {', '.join(map(str, allowed[key]))}")
         kwargs[key] = value
     cfg = cls(**kwargs)
 
     def bad(key: str, msg: str):
-        raise ConfigError(f"{source}: {key}: {msg}")
+        raise ConfigError(f"{where(key)}: {key}: {msg}")
 
     cfg.validate(bad)
     return cfg
@@ -136,10 +150,16 @@ def at_least(cfg, bad, minimum, *keys: str) -> None:
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    values = load_yaml(path) if path else {}
-    values.update(parse_overrides(overrides or []))
-    source = str(path) if path else "config"
-    return build(cls, values, source)
+    """A YAML file (optional) with `--set key=value` overrides on top; each key's errors name
+    where it came from: the file and line, or the --set flag."""
+    values, origins = {}, {}
+    if path:
+        values, lines = load_yaml(path)
+        origins = {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in values}
+    for key, value in parse_overrides(overrides or []).items():
+        values[key] = value
+        origins[key] = f"--set {key}"
+    return build(cls, values, str(path) if path else "config", origins)
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -109,6 +109,10 @@ class TrainConfig(LoopConfig):
     """Held-out prompts used (the first N rows)."""
     eval_batch_size: int = 256
     """Prompts per greedy generation batch in evaluation."""
+    reward_timeout: float = 300.0
+    """Seconds one call of a reward function may take; after that the run stops with an error
+    naming it (a function that never returns would otherwise hang the run, and under torchrun
+    every process with it)."""
 
     # --- Rollout
     prompts_per_step: int = 8
@@ -162,6 +166,12 @@ class TrainConfig(LoopConfig):
     num_minibatches: int = 1
     """Optimizer steps per pass, each over whole groups."""
 
+    # --- Checkpoints: a long run keeps something to resume from unless told otherwise.
+    save_steps: int = 100
+    """Every N steps a resumable checkpoint-N/ is written; 0 keeps only the final model."""
+    save_total_limit: int = 3
+    """Checkpoints kept (the oldest are deleted); 0 keeps every checkpoint."""
+
     # --- Watching
     samples_steps: int = 0
     """Every N steps (and at step 1) a table of sample completions goes to the console and samples.jsonl; 0: never."""
@@ -203,6 +213,8 @@ class TrainConfig(LoopConfig):
             bad("epsilon_low", f"must be in [0, 1], got {self.epsilon_low}")
         if self.advantage_eps <= 0:
             bad("advantage_eps", f"must be > 0, got {self.advantage_eps}")
+        if self.reward_timeout <= 0:
+            bad("reward_timeout", f"must be > 0 seconds, got {self.reward_timeout}")
         if not self.rewards:
             bad("rewards", "at least one reward is required, e.g. rewards: [{function: exact_answer}]")
         for i, spec in enumerate(self.rewards):

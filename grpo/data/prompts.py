@@ -39,6 +39,24 @@ def format_prompt(tokenizer, prompt: Any, mode: str = "auto") -> str:
     return prompt
 
 
+def check_prompts(tokenizer, rows: list[dict], column: str, source, mode: str) -> None:
+    """Format every row's prompt as the run will, before any model is loaded: a prompt that is not
+    text or messages, that the chat template rejects, or that comes out empty stops here with its
+    file and line, not at the step that first samples it."""
+    for row in rows:
+        where = f"{source}:{row.get('_line', '?')}"
+        prompt = row.get(column)
+        try:
+            text = format_prompt(tokenizer, prompt, mode)
+        except DataError as e:
+            raise DataError(f"{where}: {column}: {e}") from None
+        except Exception as e:  # the template's own error (jinja2.TemplateError, a missing role...)
+            raise DataError(f"{where}: {column}: the tokenizer's chat template rejects this prompt: "
+                            f"{type(e).__name__}: {e}") from None
+        if not text or not tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise DataError(f"{where}: {column}: the prompt is empty (it has no tokens)")
+
+
 def tokenize_prompts(tokenizer, texts: list[str], max_length: int, device=None):
     """Left-padded prompt ids and mask; long prompts keep their end (the part next to the answer)."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]

@@ -21,21 +21,22 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     rows: list[dict[str, Any]] = []
     if suffix in (".jsonl", ".json"):
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-                rows.append({**row, "_line": lineno})
+        for lineno, line in enumerate(_text_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append({**row, "_line": lineno})
     elif suffix == ".csv":
-        with path.open(newline="") as f:
-            for lineno, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
-                rows.append({**row, "_line": lineno})
+        reader = csv.DictReader(_text_lines(path, keepends=True))
+        end = 1 if reader.fieldnames else 0  # the header's line
+        for row in reader:  # a row starts on the line after the previous one ended
+            rows.append({**row, "_line": end + 1})
+            end = reader.line_num
     elif suffix in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
@@ -48,6 +49,29 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise DataError(f"{path}: the dataset has no rows")
     return rows
+
+
+def _text_lines(path: Path, keepends: bool = False) -> list[str]:
+    """The file's lines as text; a line that is not UTF-8 stops with its line and column."""
+    lines = []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        try:
+            lines.append(raw.decode("utf-8") if keepends else raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                            f"save the file as UTF-8") from None
+    return lines
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a dataset file's bytes: a resumed run checks it is reading the same data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def require_columns(rows: list[dict], columns: list[str], path: str | Path) -> None:

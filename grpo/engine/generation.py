@@ -226,6 +226,18 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
     return Generation(completion_ids, completion_mask, logprobs, truncated.view(-1))
 
 
+def count_completions(vocab_size: int, n_eos: int, max_new_tokens: int, at_least: int) -> int:
+    """Distinct completions of at most max_new_tokens tokens: those ending in one of n_eos EOS
+    tokens at each length, plus those cut at the limit; counting stops once `at_least` is reached
+    (the number grows as vocab^length)."""
+    other, total = vocab_size - n_eos, 0
+    for length in range(1, max_new_tokens + 1):
+        total += other ** (length - 1) * n_eos
+        if total >= at_least:
+            return total
+    return total + other ** max_new_tokens
+
+
 def _extend(ids: Tensor, lp: Tensor, token_lp: Tensor, parent: Tensor, tok: Tensor, t: int):
     """Beams [P, G, L] extended at step t: copies of beam parent[p, k] with token tok[p, k] appended."""
     ids, lp = _gather_beams(ids, parent), _gather_beams(lp, parent)  # gather copies: safe to write

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from grpo.errors import ConfigError, ModelError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,7 +23,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def pick_device(name: str) -> torch.device:
     """`auto`: the GPU of this process (LOCAL_RANK under torchrun) when CUDA is there, else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but CUDA is not available")
+        raise ConfigError("device: cuda was asked for but this machine has no usable CUDA device "
+                          "(torch.cuda.is_available() is False); use device: auto or cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu" if name == "auto" else name)
@@ -33,11 +37,38 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_model_source(path: str, key: str = "model"):
+    """The model's config; one line instead when `path` is neither a model directory nor a
+    reachable hub id, before anything heavy is loaded (reads config.json only)."""
+    from transformers import AutoConfig
+
+    if not path:
+        raise ModelError(f"{key}: required: a model directory or hub id")
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ModelError(f"{key}: {path} is a file; expected a model directory (what save_pretrained writes) "
+                         f"or a hub id")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ModelError(f"{key}: {path} is a directory but holds no model: there is no config.json in it "
+                         f"(a model directory is what save_pretrained writes)")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.is_dir() else path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local.is_dir():
+            raise ModelError(f"{key}: {path}/config.json is not a model config: {reason}") from None
+        raise ModelError(f"{key}: {path!r} is not a directory here ({local.resolve()}) and could not be "
+                         f"loaded as a hub id: {reason}") from None
+
+
 def load_tokenizer(path: str):
     """A tokenizer that left-pads (prompts end where completions start) and has a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model: cannot load the tokenizer of {path!r}: {e}") from None
     if tokenizer.pad_token_id is None:
         # Many causal LMs ship without a pad token; EOS is safe because every mask excludes padding.
         tokenizer.pad_token = tokenizer.eos_token
@@ -52,8 +83,8 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if trainable else dtype)
-    except OSError as e:
-        raise RuntimeError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
     model.to(device)
     if trainable:
         model.train()

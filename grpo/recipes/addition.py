@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.config import SFTConfig, build
+from grpo.errors import RunError
+from grpo.train.run_dir import clear_output_dir
 from grpo.train.sft import train_sft
 
 from .tasks import addition_problems, save_tiny_model, write_jsonl
@@ -21,6 +23,24 @@ GRPO = dict(max_steps=200, prompts_per_step=32, group_size=8, max_completion_len
             learning_rate=1e-4, warmup_steps=10, lr_scheduler="constant", temperature=1.0, beta=0.04,
             micro_batch_size=256, logging_steps=5, eval_steps=50, samples_steps=50, max_prompt_length=16,
             rewards=[{"function": "exact_answer"}])
+
+
+MARKER = ".grpo-recipe"
+
+
+def claim_recipe_dir(out: Path, recipe: str, overwrite: bool) -> None:
+    """A recipe (the demo, the seed pipeline) owns its output directory: it replaces what an earlier
+    run of the same recipe left there, and refuses any other non-empty directory unless told
+    `overwrite`."""
+    if out.exists() and any(out.iterdir()):
+        marker = out / MARKER
+        mine = marker.is_file() and marker.read_text().strip() == recipe
+        if not (mine or overwrite):
+            raise RunError(f"{out} is not empty and was not written by `grpo demo` ({recipe}); pass --overwrite "
+                           f"to replace what is there, or choose another --output-dir")
+        clear_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(recipe + "\n")
 
 
 @dataclass

@@ -18,13 +18,16 @@ from grpo.config import TrainConfig, build
 from grpo.observe.report import ReportError, write_report
 from grpo.train.loop import train
 
-from .addition import GRPO, SFT, warm_start
+from .addition import GRPO, SFT, claim_recipe_dir, warm_start
 
 
 def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False,
-             sft_overrides: dict | None = None, grpo_overrides: dict | None = None) -> dict:
+             sft_overrides: dict | None = None, grpo_overrides: dict | None = None, overwrite: bool = False) -> dict:
+    """Everything under `output_dir`: base/ (the tiny model), data/, sft/ (the warm start),
+    grpo/ (the GRPO run), summary.json and report.html."""
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     out = Path(output_dir)
+    claim_recipe_dir(out, "demo", overwrite)
     start = time.time()
     say = (lambda *a: None) if quiet else print
 
@@ -36,11 +39,11 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False,
 
     grpo_cfg = build(TrainConfig, {"model": str(out / "sft"), "dataset": str(train_file),
                                    "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
-                                   "output_dir": str(out), "seed": seed, **GRPO, **(grpo_overrides or {})},
+                                   "output_dir": str(out / "grpo"), "seed": seed, **GRPO, **(grpo_overrides or {})},
                      "demo grpo")
     say("[demo] GRPO on the exact-answer reward (grpo train)")
     train(grpo_cfg, quiet=quiet)
-    run = json.loads((out / "summary.json").read_text())
+    run = json.loads((out / "grpo" / "summary.json").read_text())
 
     summary = {
         "accuracy_before": run["eval_before"]["eval_accuracy"],
@@ -49,14 +52,14 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False,
         "train_seconds": run["train_seconds"],
         "sft_seconds": sft_seconds,
         "total_seconds": time.time() - start,
-        "metrics": str(out / "metrics.jsonl"),
-        "model": str(out),
+        "metrics": str(out / "grpo" / "metrics.jsonl"),
+        "model": str(out / "grpo"),
         "sft": SFT | (sft_overrides or {}),
         "grpo": {k: v for k, v in GRPO.items()} | (grpo_overrides or {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
-        summary["report"] = str(write_report([out]))
+        summary["report"] = str(write_report([out / "grpo"], out / "report.html"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         say(f"[demo] report: {summary['report']}")
     except ReportError as e:  # e.g. matplotlib (the `report` extra) is not installed

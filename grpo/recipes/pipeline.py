@@ -31,7 +31,7 @@ from grpo.rewards import is_exact_answer
 from grpo.train.loop import train
 from grpo.train.reward_model import eval_reward_model, train_reward_model
 
-from .addition import GRPO, SFT, warm_start
+from .addition import GRPO, SFT, claim_recipe_dir, warm_start
 from .preferences import make_preferences
 from .tasks import write_jsonl
 
@@ -114,10 +114,11 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
                       preference_prompts: int = PREFERENCE_PROMPTS,
                       heldout_preference_prompts: int = HELDOUT_PREFERENCE_PROMPTS,
                       generations: tuple[str, ...] = GENERATIONS,
-                      zero_variance_prompts: int = ZERO_VARIANCE_PROMPTS) -> dict:
+                      zero_variance_prompts: int = ZERO_VARIANCE_PROMPTS, overwrite: bool = False) -> dict:
     """Run the whole pipeline into output_dir; write and return summary.json's content."""
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     out = Path(output_dir)
+    claim_recipe_dir(out, "seed pipeline", overwrite)
     start = time.time()
     say = (lambda *a: None) if quiet else print
     timings = {}

@@ -24,9 +24,10 @@ import torch
 from grpo.config import PreferenceConfig
 from grpo.data import decode_completions, format_prompt, load_rows, require_columns, tokenize_prompts
 from grpo.engine.backend import LocalBackend, SamplingParams
-from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import ConfigError
 from grpo.rewards import first_number, is_exact_answer
+from grpo.train.run_dir import check_output_file
 from grpo.train.setup import start_run
 
 
@@ -71,10 +72,11 @@ def pairs_for_prompt(completions: list[str], answer: str, task: Task, rng: rando
 
 
 @torch.no_grad()
-def make_preferences(cfg: PreferenceConfig, quiet: bool = False) -> dict:
+def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool = False) -> dict:
     """Sample the policy on the task's prompts, write preference pairs as JSONL; returns counts."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
+    check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset}, overwrite=overwrite)
     task = TASKS[cfg.task]
     run = start_run(cfg)
     rows = load_rows(cfg.dataset)
@@ -83,6 +85,7 @@ def make_preferences(cfg: PreferenceConfig, quiet: bool = False) -> dict:
     if cfg.num_prompts:
         rows = rng.sample(rows, min(cfg.num_prompts, len(rows)))
 
+    check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     backend = LocalBackend(load_causal_lm(cfg.model, run.device, run.dtype, trainable=False), tokenizer)
     params = SamplingParams(group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_completion_length,

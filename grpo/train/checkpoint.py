@@ -1,13 +1,16 @@
 """Checkpoints: `checkpoint-<step>/` holds the model and tokenizer in Hugging Face format
-(safetensors) and `trainer_state.pt` with everything else a resumed run needs to continue exactly:
-optimizer, scheduler, RNG states, data position, step.
+(safetensors), `trainer_state.pt` with everything else a resumed run needs to continue exactly
+(optimizer, scheduler, RNG states, data position, step) and `run.json`, what run it belongs to
+(its config and the fingerprints of its data), which `--resume` checks.
 
 A checkpoint is written to a temporary directory and renamed into place, so a crash while saving
-never leaves a half-written `checkpoint-<step>` that `--resume` would pick up.
+never leaves a half-written `checkpoint-<step>` that `--resume` would pick up; a write that fails
+(a full disk) removes the partial directory and says which checkpoint is the last good one.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -16,8 +19,10 @@ from pathlib import Path
 import torch
 
 from grpo.engine.models import load_causal_lm
+from grpo.errors import RunError
 
 STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -35,13 +40,33 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, state: dict, keep: int = 0) -> Path:
+def save_model(directory: Path, model, tokenizer) -> None:
+    """The model and tokenizer as a Hugging Face directory; a failed write names the directory."""
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    except OSError as e:
+        last = latest_checkpoint(directory)
+        raise RunError(f"could not save the model to {directory}: {e.strerror or e}"
+                       + (f"; the last complete checkpoint is {last}" if last else "")) from None
+
+
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, state: dict, keep: int = 0,
+                    run: dict | None = None) -> Path:
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if run is not None:
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(output_dir)
+        raise RunError(f"could not write checkpoint-{step} in {output_dir}: {getattr(e, 'strerror', None) or e}; "
+                       + (f"the last complete checkpoint is {last.name}" if last else "no checkpoint was saved")) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if keep:

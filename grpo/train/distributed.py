@@ -51,6 +51,12 @@ class World:
         dist.all_gather(parts, mine)
         return torch.cat(parts).to(x.device)
 
+    def any(self, flag: bool) -> bool:
+        """True on every process when `flag` is True on any of them (a collective every process joins)."""
+        if self.size == 1:
+            return bool(flag)
+        return bool(self.sum(torch.tensor([float(flag)])).item() > 0)
+
     def average_floats(self, record: dict) -> dict:
         """The record with every float value averaged over processes (metrics of one step)."""
         if self.size == 1:

@@ -36,7 +36,7 @@ def evaluate(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg,
         ids, mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length)  # the backend moves them
         done = decode_completions(tokenizer, backend.generate(ids, mask, greedy).completion_ids)
         columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k not in (cfg.prompt_column, "_line")}
-        total, parts = score(rewards, texts, done, columns)
+        total, parts = score(rewards, texts, done, columns, timeout=cfg.reward_timeout)
         totals.append(total)
         for k, v in parts.items():
             per_function.setdefault(k, []).append(v)

@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 
 from grpo.config import TrainConfig, to_dict
-from grpo.data import PromptSampler, load_rows, require_columns
+from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
-from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.engine.models import load_causal_lm
 from grpo.observe.tracking import RunLogger
-from grpo.rewards import build_rewards, load_reward_states, reward_states
+from grpo.rewards import load_reward_states, reward_states
 
-from .checkpoint import latest_checkpoint, restore_train_state, rng_state, save_checkpoint, train_state
-from .evaluate import accuracy_reward_name, evaluate
+from .checkpoint import restore_train_state, rng_state, save_checkpoint, save_model, train_state
+from .evaluate import evaluate
+from .inputs import check_inputs
+from .interrupts import Interrupted, StopRequests
 from .optim import make_optimizer, make_scheduler
 from .rollout import clock, collect_rollout, needs_reference
 from .setup import start_run
@@ -38,22 +40,19 @@ def load_models(cfg: TrainConfig, device: torch.device):
     return policy, reference
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False,
+          allow_changes: bool = False) -> Path:
+    """Run GRPO. `resume`: continue the latest checkpoint in output_dir (refused when there is none,
+    or when it belongs to a different run, unless `allow_changes`); `overwrite`: replace what a
+    non-empty output_dir holds (refused otherwise)."""
     run = start_run(cfg, distributed=True)
     device, world, precision, out = run.device, run.world, run.precision, run.out
+    say = (lambda *a: None) if quiet or not world.main else print
 
-    # Everything that can fail on bad input is checked before the models are loaded.
-    rows = load_rows(cfg.dataset)
-    require_columns(rows, [cfg.prompt_column], cfg.dataset)
-    eval_rows = load_rows(cfg.eval_dataset)[: cfg.eval_max_prompts] if cfg.eval_dataset else []
-    if eval_rows:
-        require_columns(eval_rows, [cfg.prompt_column], cfg.eval_dataset)
-    rewards = build_rewards(cfg.rewards, device, run.dtype)
-    accuracy_name = accuracy_reward_name(rewards, cfg.accuracy_reward)
-    if accuracy_name == "exact_answer":
-        require_columns(rows, ["answer"], cfg.dataset)
+    # Every input is checked before any model is loaded (data, rewards, output dir, resume, prompts).
+    inputs = check_inputs(cfg, run, resume=resume, overwrite=overwrite, allow_changes=allow_changes, say=say)
+    rows, eval_rows, rewards, tokenizer = inputs.rows, inputs.eval_rows, inputs.rewards, inputs.tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
     policy, reference = load_models(cfg, device)
     backend = make_backend(cfg.rollout_backend, policy, tokenizer)
     optimizer = make_optimizer(policy, cfg)
@@ -62,9 +61,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + world.rank)
 
     start_step = 0
-    checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        state = restore_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator,
+    if inputs.checkpoint is not None:
+        state = restore_train_state(inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator,
                                     world.rank)
         load_reward_states(rewards, state.get("reward_states", {}))
         start_step = state["step"]
@@ -73,62 +71,81 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     # The run's config goes to train_config.json (RunLogger): config.json is the model's.
     logger = RunLogger(out, cfg.max_steps, enabled=world.main, quiet=quiet, resume_step=start_step,
                        config=to_dict(cfg))
-    if world.main and checkpoint is not None:
-        logger.info(f"resumed from {checkpoint} at step {start_step}")
+    if inputs.checkpoint is not None:
+        logger.info(f"resumed from {inputs.checkpoint} at step {start_step}")
+        if inputs.config_changes:
+            logger.log({"step": start_step, "resumed_with_changes": {k: list(v) for k, v in inputs.config_changes.items()}})
 
     def run_eval() -> dict:
         with precision.autocast():
-            result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, accuracy_name)
+            result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, inputs.accuracy_name)
         return {"eval_reward": result["reward"], **({"eval_accuracy": result["accuracy"]} if "accuracy" in result else {})}
+
+    def save(step: int) -> Path | None:
+        rng = world.gather_objects(rng_state(generator))  # every process takes part
+        if not world.main:
+            return None
+        state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, reward_states(rewards))
+        return save_checkpoint(out, step, policy, tokenizer, state, cfg.save_total_limit,
+                               run={"config": to_dict(cfg), "data": inputs.fingerprints, "step": step})
 
     summary = {}
     if eval_rows and start_step == 0 and world.main:
         summary["eval_before"] = run_eval()
-        logger.info(f"held-out before training: {summary['eval_before']}")
+        logger.info(f"held-out before training: {format_eval(summary['eval_before'])}")
         logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
     train_start = time.time()
-    for step in range(start_step + 1, cfg.max_steps + 1):
-        t0 = clock(device)
-        # Every process draws the same global order and takes its own slice of it.
-        indices = sampler.next(cfg.prompts_per_step * world.size)
-        mine = indices[world.rank * cfg.prompts_per_step:(world.rank + 1) * cfg.prompts_per_step]
-        rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg, generator,
-                                  gather=world.gather if world.size > 1 else None, precision=precision,
-                                  backend=backend)
-        t1 = clock(device)
-        stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
-        backend.sync_weights(policy)
-        t2 = clock(device)
+    try:
+        with StopRequests() as stop:
+            for step in range(start_step + 1, cfg.max_steps + 1):
+                t0 = clock(device)
+                # Every process draws the same global order and takes its own slice of it.
+                indices = sampler.next(cfg.prompts_per_step * world.size)
+                mine = indices[world.rank * cfg.prompts_per_step:(world.rank + 1) * cfg.prompts_per_step]
+                rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg,
+                                          generator, gather=world.gather if world.size > 1 else None,
+                                          precision=precision, backend=backend)
+                t1 = clock(device)
+                stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
+                backend.sync_weights(policy)
+                t2 = clock(device)
 
-        record = {"step": step, **rollout_metrics(rollout, cfg, accuracy_name), **stats,
-                  "seconds_generate": rollout.timings["generate"], "seconds_score": rollout.timings["score"],
-                  "seconds_logprobs": rollout.timings["logprobs"], "seconds_update": t2 - t1,
-                  "seconds_step": t2 - t0,
-                  "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
-                  "elapsed": time.time() - train_start}
-        record = world.average_floats(record)
-        if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and world.main:
-            record.update(run_eval())
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            logger.log(record)
-        if cfg.samples_steps and (step % cfg.samples_steps == 0 or step == 1):
-            logger.samples(step, rollout)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            rng = world.gather_objects(rng_state(generator))  # every process takes part
-            if world.main:
-                save_checkpoint(out, step, policy, tokenizer, train_state(
-                    step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, reward_states(rewards)),
-                    cfg.save_total_limit)
+                record = {"step": step, **rollout_metrics(rollout, cfg, inputs.accuracy_name), **stats,
+                          "seconds_generate": rollout.timings["generate"], "seconds_score": rollout.timings["score"],
+                          "seconds_logprobs": rollout.timings["logprobs"], "seconds_update": t2 - t1,
+                          "seconds_step": t2 - t0,
+                          "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
+                          "elapsed": time.time() - train_start}
+                record = world.average_floats(record)
+                if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and world.main:
+                    record.update(run_eval())
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                    logger.log(record)
+                if cfg.samples_steps and (step % cfg.samples_steps == 0 or step == 1):
+                    logger.samples(step, rollout)
+                stopping = world.any(stop.requested) and step < cfg.max_steps
+                if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0)
+                                             or (stopping and cfg.save_on_interrupt)):
+                    saved = save(step)
+                if stopping:
+                    where = f"saved {saved}; continue with --resume" if cfg.save_on_interrupt else \
+                        "not saved (save_on_interrupt is off)"
+                    raise Interrupted(f"interrupted by {stop.name() or 'another process'} at step {step}: {where}",
+                                      stop.signum or 2)
 
-    if world.main:
-        policy.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        summary["train_seconds"] = time.time() - train_start
-        if eval_rows:
-            summary["eval_after"] = run_eval()
-            logger.info(f"held-out after training: {summary['eval_after']}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
+        if world.main:
+            save_model(out, policy, tokenizer)
+            summary["train_seconds"] = time.time() - train_start
+            if eval_rows:
+                summary["eval_after"] = run_eval()
+                logger.info(f"held-out after training: {format_eval(summary['eval_after'])}")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        logger.close()
     world.barrier()
     world.close()
     return out
+
+
+def format_eval(result: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in result.items())

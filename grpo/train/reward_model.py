@@ -24,14 +24,17 @@ import torch
 from grpo.algorithm import bradley_terry_loss
 from grpo.config import RewardModelConfig, RewardModelEvalConfig, to_dict
 from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns
-from grpo.engine.models import load_tokenizer
+from grpo.engine.models import check_model_source, load_tokenizer
 from grpo.errors import ConfigError, RewardError
 from grpo.observe.progress import SUPERVISED_FIELDS
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_model, reward_model_text, score_texts
 from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
 
+from .checkpoint import save_model
+from .interrupts import Interrupted, StopRequests
 from .optim import make_optimizer, make_scheduler
+from .run_dir import check_output_dir, check_output_file, clear_output_dir
 from .setup import start_run
 
 
@@ -41,11 +44,14 @@ def _preference_columns(cfg, log) -> dict:
                 chat_template=cfg.apply_chat_template, log=log)
 
 
-def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict:
+def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: bool = False) -> dict:
     """Train, evaluate on held-out pairs during and after training, save. Returns the summary."""
     log = (lambda *a: None) if quiet else print
     run = start_run(cfg)
     device, precision, out = run.device, run.precision, run.out
+    check_output_dir(out, inputs={"model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset},
+                     resume=False, overwrite=overwrite)
+    check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
     if cfg.eval_dataset:
@@ -57,6 +63,8 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict:
         if not pairs:
             raise DataError(f"{cfg.dataset}: nothing left to train on after holding out eval_fraction")
     log(f"reward model: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, backbone {cfg.model}")
+    if overwrite:
+        clear_output_dir(out)
 
     # float32 master weights (train.precision), a fresh one-label head on the backbone.
     model = load_reward_model(cfg.model, device, torch.float32, tokenizer, fresh_head=True)
@@ -76,36 +84,44 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict:
     start = time.time()
     history = [{"step": 0, **run_eval(), "elapsed": 0.0}]
     logger.log(history[0])
-    for step in range(1, cfg.max_steps + 1):
-        batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
-        for i in range(0, len(batch), cfg.micro_batch_size):
-            chunk = batch[i:i + cfg.micro_batch_size]
-            with precision.autocast():
-                c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)  # float32 head
-            m = torch.tensor([p.margin for p in chunk], device=c.device)
-            # Weight each chunk by its share so the gradient is that of the whole batch's mean.
-            loss = bradley_terry_loss(c, r, m) * (len(chunk) / len(batch))
-            precision.backward(loss)
-            loss_sum += loss.item()
-            correct += (c > r).float().sum().item()
-            margin_sum += (c - r).sum().item()
-        grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
-        scheduler.step()
-        record = {}
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            record = {"loss": loss_sum, "accuracy": correct / len(batch), "margin": margin_sum / len(batch),
-                      "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
-            record.update(run_eval())
-        if record:
-            history.append({"step": step, **record, "elapsed": time.time() - start})
-            logger.log(history[-1])
-    logger.close()
+    try:
+        with StopRequests() as stop:
+            for step in range(1, cfg.max_steps + 1):
+                batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
+                for i in range(0, len(batch), cfg.micro_batch_size):
+                    chunk = batch[i:i + cfg.micro_batch_size]
+                    with precision.autocast():
+                        c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)  # float32 head
+                    m = torch.tensor([p.margin for p in chunk], device=c.device)
+                    # Weight each chunk by its share so the gradient is that of the whole batch's mean.
+                    loss = bradley_terry_loss(c, r, m) * (len(chunk) / len(batch))
+                    precision.backward(loss)
+                    loss_sum += loss.item()
+                    correct += (c > r).float().sum().item()
+                    margin_sum += (c - r).sum().item()
+                grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
+                scheduler.step()
+                record = {}
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                    record = {"loss": loss_sum, "accuracy": correct / len(batch), "margin": margin_sum / len(batch),
+                              "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+                    record.update(run_eval())
+                if record:
+                    history.append({"step": step, **record, "elapsed": time.time() - start})
+                    logger.log(history[-1])
+                if stop.requested and step < cfg.max_steps:
+                    where = "not saved (save_on_interrupt is off)"
+                    if cfg.save_on_interrupt:
+                        save_model(out / f"checkpoint-{step}", model, tokenizer)
+                        where = f"saved the reward model to {out / f'checkpoint-{step}'}"
+                    raise Interrupted(f"interrupted by {stop.name()} at step {step}: {where}", stop.signum)
+    finally:
+        logger.close()
 
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_model(out, model, tokenizer)
     final = next((h for h in reversed(history) if "eval_accuracy" in h), {})
     summary = {"model": str(out), "backbone": cfg.model, "train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
                "eval_accuracy": final.get("eval_accuracy"), "eval_margin": final.get("eval_margin"),
@@ -122,6 +138,7 @@ def _load_for_use(cfg: RewardModelEvalConfig):
     from transformers import AutoTokenizer
 
     run = start_run(cfg)
+    check_model_source(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
@@ -141,10 +158,11 @@ def eval_reward_model(cfg: RewardModelEvalConfig, quiet: bool = False) -> dict:
     return result
 
 
-def score_file(cfg: RewardModelEvalConfig, quiet: bool = False) -> Path:
+def score_file(cfg: RewardModelEvalConfig, quiet: bool = False, overwrite: bool = False) -> Path:
     """Score every prompt/completion row; write the rows with a `score` column (.jsonl or .csv)."""
     if not cfg.output_file:
         raise ConfigError("output_file: required for `reward-model score` (a .jsonl or .csv path)")
+    check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset}, overwrite=overwrite)
     rows = load_rows(cfg.dataset)
     require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
     model, tokenizer, device = _load_for_use(cfg)

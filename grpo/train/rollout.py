@@ -107,7 +107,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     prompts = [t for t in texts for _ in range(G)]
     columns = {k: [row.get(k) for row in rows for _ in range(G)]
                for k in rows[0] if k not in (cfg.prompt_column, "_line")}
-    total, per_function = score(rewards, prompts, completions, columns)
+    total, per_function = score(rewards, prompts, completions, columns, timeout=cfg.reward_timeout)
     advantages = algorithm.compute_advantages(cfg.advantage_estimator, total, G, eps=cfg.advantage_eps,
                                               batch_rewards=gather(total) if gather is not None else None)
     t2 = clock(device)

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 
 from grpo.config import SFTConfig, to_dict
 from grpo.data import PromptSampler, format_prompt, load_rows, require_columns
-from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import DataError
 from grpo.observe.progress import SUPERVISED_FIELDS
 from grpo.observe.tracking import RunLogger
 
+from .checkpoint import save_model
+from .interrupts import Interrupted, StopRequests
 from .optim import make_optimizer, make_scheduler
+from .run_dir import check_output_dir, clear_output_dir
 from .setup import start_run
 
 
@@ -56,42 +59,53 @@ def completion_loss(model, ids, mask, labels) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def train_sft(cfg: SFTConfig, quiet: bool = False) -> Path:
+def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> Path:
     run = start_run(cfg)
     device, precision, out = run.device, run.precision, run.out
-    tokenizer = load_tokenizer(cfg.model)
     rows = load_rows(cfg.dataset)
     require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
+    check_output_dir(out, inputs={"model": cfg.model, "dataset": cfg.dataset}, resume=False, overwrite=overwrite)
+    check_model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     pairs = encode_pairs(tokenizer, rows, cfg)
+    if overwrite:
+        clear_output_dir(out)
     model = load_causal_lm(cfg.model, device, precision.dtype)  # float32 master weights
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     sampler = PromptSampler(len(pairs), cfg.seed)
     logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS)
     start = time.time()
-    for step in range(1, cfg.max_steps + 1):
-        batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
-        # Gradient accumulation: the mean over the batch is the mean of equal-sized chunks' means
-        # only when chunks carry equal token counts, so weight each chunk by its token share.
-        n_tokens = sum(len(c) for _, c in batch)
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, len(batch), cfg.micro_batch_size):
-            chunk = batch[i:i + cfg.micro_batch_size]
-            ids, mask, labels = collate(chunk, tokenizer.pad_token_id, device)
-            with precision.autocast():
-                loss = completion_loss(model, ids, mask, labels) * (sum(len(c) for _, c in chunk) / n_tokens)
-            precision.backward(loss)
-            total += loss.item()
-        grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
-        scheduler.step()
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            logger.log({"step": step, "loss": total, "grad_norm": float(grad_norm),
-                        "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - start})
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            model.save_pretrained(out / f"checkpoint-{step}")
-            tokenizer.save_pretrained(out / f"checkpoint-{step}")
-    logger.close()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    try:
+        with StopRequests() as stop:
+            for step in range(1, cfg.max_steps + 1):
+                batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
+                # Gradient accumulation: the mean over the batch is the mean of equal-sized chunks' means
+                # only when chunks carry equal token counts, so weight each chunk by its token share.
+                n_tokens = sum(len(c) for _, c in batch)
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for i in range(0, len(batch), cfg.micro_batch_size):
+                    chunk = batch[i:i + cfg.micro_batch_size]
+                    ids, mask, labels = collate(chunk, tokenizer.pad_token_id, device)
+                    with precision.autocast():
+                        loss = completion_loss(model, ids, mask, labels) * (sum(len(c) for _, c in chunk) / n_tokens)
+                    precision.backward(loss)
+                    total += loss.item()
+                grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
+                scheduler.step()
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                    logger.log({"step": step, "loss": total, "grad_norm": float(grad_norm),
+                                "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - start})
+                stopping = stop.requested and step < cfg.max_steps
+                if (cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps) or \
+                        (stopping and cfg.save_on_interrupt):
+                    save_model(out / f"checkpoint-{step}", model, tokenizer)
+                if stopping:
+                    where = f"saved the model to {out / f'checkpoint-{step}'}" if cfg.save_on_interrupt \
+                        else "not saved (save_on_interrupt is off)"
+                    raise Interrupted(f"interrupted by {stop.name()} at step {step}: {where}", stop.signum)
+    finally:
+        logger.close()
+    save_model(out, model, tokenizer)
     return out
