@@ -152,9 +152,9 @@ def test_bf16_scorer_keeps_a_float32_score(trained_rm):
         from grpo.rewards.preferences import Pair, pair_scores
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(trained_rm["dir"])
-        model = load_reward_model(str(trained_rm["dir"]), torch.device("cpu"), torch.float32, tok)
+        rm = load_reward_model(str(trained_rm["dir"]), torch.device("cpu"), torch.float32, tok, max_length=16)
         pairs = [Pair(prompt=p, chosen=c, rejected=c + "1", margin=0.0, where="") for p, c in zip(prompts, completions)]
-        chosen, _ = pair_scores(model, tok, pairs, 16, torch.device("cpu"))
+        chosen, _ = pair_scores(rm, pairs)
     assert chosen.dtype == torch.float32 and (chosen.to(torch.bfloat16).float() != chosen).sum() > len(chosen) // 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .common import CommonConfig, LoopConfig
 from .loading import at_least
@@ -21,6 +22,19 @@ class PreferenceColumns:
 @dataclass
 class RewardModelConfig(PreferenceColumns, LoopConfig):
     """`grpo reward-model train`. `model` is the backbone: any causal LM directory or hub id."""
+    CHOICES: ClassVar[dict] = {"kind": ("score_head", "likelihood", "dpo"), "score_reduction": ("mean", "sum")}
+
+    kind: str = "score_head"
+    """What scores: `score_head` (a linear head on the backbone, InstructGPT), `likelihood` (the
+    completion's log-likelihood under the causal LM itself, a generative verifier) or `dpo`
+    (DPO's implicit reward dpo_beta * log pi/pi_ref, pi_ref the backbone)."""
+    nll_coef: float = 0.0
+    """likelihood / dpo: weight of the NLL of the chosen completion added to the Bradley-Terry loss
+    (0: none); it keeps the scoring model a model of good answers."""
+    score_reduction: str = "mean"
+    """likelihood: the score is the mean (or the sum) of the completion's token log-probs."""
+    dpo_beta: float = 0.1
+    """dpo: beta of the implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
     output_dir: str = "runs/reward_model"
     """Where the reward model (a directory `rewards: [{model: DIR}]` takes) and its metrics go."""
     eval_dataset: str = ""
@@ -45,8 +59,12 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
         super().validate(bad)
         if not 0 <= self.eval_fraction < 1:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        at_least(self, bad, 0, "eval_steps")
+        at_least(self, bad, 0, "eval_steps", "nll_coef")
         at_least(self, bad, 1, "batch_size", "max_length")
+        if self.dpo_beta <= 0:
+            bad("dpo_beta", f"must be > 0, got {self.dpo_beta}")
+        if self.nll_coef and self.kind == "score_head":
+            bad("nll_coef", "a score_head reward model has no likelihood to train; use kind: likelihood or dpo")
 
 
 @dataclass

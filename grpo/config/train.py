@@ -38,7 +38,8 @@ class RewardSpec:
     function: str = ""
     """A built-in (exact_answer, answer_distance, think_format), path/to/file.py:fn or package.module:fn."""
     model: str = ""
-    """A reward-model directory (`grpo reward-model train` saves one)."""
+    """A reward-model directory (`grpo reward-model train` saves one, of any kind), or a list of
+    them: an ensemble, combined by `ensemble`."""
     weight: float = 1.0
     """Its weight in the sum of rewards; 0 logs it without rewarding it."""
     name: str = ""
@@ -49,8 +50,14 @@ class RewardSpec:
     """Reward models only: sequences per scoring forward."""
     max_length: int = 1024
     """Reward models only: tokens of prompt + completion scored; a longer text loses its start."""
+    clip: float = 0.0
+    """Reward models only: the (normalised) score is clipped to [-clip, clip]; 0: not clipped."""
+    ensemble: str = "mean"
+    """Reward-model ensembles only: `mean` of the members' scores, or `min` (worst case: a
+    completion scores well only when every member agrees; Coste et al. 2023)."""
 
-    FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length")
+    FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length",
+                               "clip", "ensemble")
 
     @classmethod
     def parse(cls, spec: Any, where: str, bad) -> "RewardSpec":
@@ -64,13 +71,20 @@ class RewardSpec:
         if bool(spec.get("function")) == bool(spec.get("model")):
             bad(where, "give exactly one of 'function' (built-in name, file.py:fn or module:fn) "
                        "or 'model' (a reward model directory)")
-        for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int)):
+        models = spec.get("model")
+        if isinstance(models, list) and not (models and all(isinstance(m, str) and m for m in models)):
+            bad(f"{where}.model", f"expected a directory or a non-empty list of directories, got {models!r}")
+        if spec.get("ensemble", "mean") not in ("mean", "min"):
+            bad(f"{where}.ensemble", f"{spec['ensemble']!r} is not one of mean, min")
+        for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float))):
             value = spec.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 bad(f"{where}.{key}", f"expected a number, got {value!r}")
         for key in ("batch_size", "max_length"):
             if spec.get(key, 1) < 1:
                 bad(f"{where}.{key}", f"must be >= 1, got {spec[key]}")
+        if spec.get("clip", 0) < 0:
+            bad(f"{where}.clip", f"must be >= 0 (0: not clipped), got {spec['clip']}")
         return cls(**spec)
 
 

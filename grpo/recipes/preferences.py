@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -26,49 +24,9 @@ from grpo.data import decode_completions, format_prompt, load_rows, require_colu
 from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import ConfigError
-from grpo.rewards import first_number, is_exact_answer
+from grpo.rewards.preferences import TASKS, pairs_for_prompt
 from grpo.train.run_dir import check_output_file
 from grpo.train.setup import start_run
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks: a verifier (is this completion right?) and, where it makes sense, a distance to the answer.
-
-@dataclass
-class Task:
-    is_correct: Callable[[str, str], bool]
-    distance: Callable[[str, str], float] | None   # smaller is closer; inf when unparsable
-
-
-def _numeric_distance(completion: str, answer: str) -> float:
-    x = first_number(completion)
-    return float("inf") if x is None else abs(x - float(answer))
-
-
-TASKS = {
-    # The exact-answer verifier of grpo.rewards.exact_answer, and |number - answer| as distance.
-    "addition": Task(is_correct=is_exact_answer, distance=_numeric_distance),
-}
-
-
-def pairs_for_prompt(completions: list[str], answer: str, task: Task, rng: random.Random,
-                     correct_pairs: int, closer_pairs: int, use_reference: bool) -> list[dict]:
-    """Preference pairs from one prompt's samples (duplicates removed, empty completions dropped)."""
-    unique = list(dict.fromkeys(c.strip() for c in completions if c.strip()))
-    right = [c for c in unique if task.is_correct(c, answer)]
-    wrong = [c for c in unique if not task.is_correct(c, answer)]
-    if not right and use_reference:
-        right = [str(answer).strip()]
-    pairs = []
-    for rejected in rng.sample(wrong, min(correct_pairs, len(wrong))) if right else []:
-        pairs.append({"chosen": rng.choice(right), "rejected": rejected, "kind": "correct"})
-    if task.distance is not None and closer_pairs and len(wrong) >= 2:
-        candidates = [(a, b) for i, a in enumerate(wrong) for b in wrong[i + 1:]
-                      if task.distance(a, answer) != task.distance(b, answer)]
-        for a, b in rng.sample(candidates, min(closer_pairs, len(candidates))):
-            closer, farther = (a, b) if task.distance(a, answer) < task.distance(b, answer) else (b, a)
-            pairs.append({"chosen": closer, "rejected": farther, "kind": "closer"})
-    return pairs
 
 
 @torch.no_grad()

@@ -7,14 +7,17 @@ with plain text or chat messages. Bad rows are reported with file:line and skipp
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from grpo.algorithm import bradley_terry_loss
 from grpo.data import DataError, format_prompt, is_messages, load_rows
 
-from .models import completion_text, encode_for_scoring, reward_model_text, sequence_scores
+from .functions import is_exact_answer
+from .models import completion_text
 
 
 @dataclass
@@ -90,28 +93,72 @@ def load_preferences(path: str, tokenizer, *, prompt_column="prompt", chosen_col
     return pairs
 
 
-def pair_scores(model, tokenizer, pairs: list[Pair], max_length: int, device):
-    """(r_chosen [B], r_rejected [B]) in one forward over the 2B texts."""
-    texts = ([reward_model_text(p.prompt, p.chosen) for p in pairs]
-             + [reward_model_text(p.prompt, p.rejected) for p in pairs])
-    ids, mask = encode_for_scoring(tokenizer, texts, max_length, device)
-    scores = sequence_scores(model, ids, mask)
+def pair_scores(rm, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) of a reward model of any kind, in one pass over the 2B texts."""
+    scores = rm.scores([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
     return scores[:len(pairs)], scores[len(pairs):]
 
 
 @torch.no_grad()
-def evaluate_pairs(model, tokenizer, pairs: list[Pair], max_length: int, device, batch_size: int) -> dict:
+def evaluate_pairs(rm, pairs: list[Pair], batch_size: int) -> dict:
     """Pairwise accuracy (a tie counts half), mean margin r_chosen - r_rejected and the BT loss."""
+    model = rm.model
     was_training = model.training
     model.eval()
     chosen, rejected, margins = [], [], []
     for i in range(0, len(pairs), batch_size):
-        c, r = pair_scores(model, tokenizer, pairs[i:i + batch_size], max_length, device)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
+        c, r = pair_scores(rm, pairs[i:i + batch_size])
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
         margins += [p.margin for p in pairs[i:i + batch_size]]
     model.train(was_training)
     c, r, m = torch.cat(chosen), torch.cat(rejected), torch.tensor(margins)
     diff = c - r
     return {"accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(),
             "margin": diff.mean().item(), "loss": bradley_terry_loss(c, r, m).item(), "pairs": len(pairs)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Making pairs from samples: a verifier (is this completion right?) and, where it makes sense, a
+# distance to the answer (which of two wrong answers is closer).
+
+@dataclass
+class Task:
+    is_correct: Callable[[str, str], bool]
+    distance: Callable[[str, str], float] | None   # smaller is closer; inf when not an answer
+
+
+def numeric_distance(completion: str, answer: str) -> float:
+    """|completion - answer| when the whole completion is a number, else inf: a malformed string
+    ("12+3") is never "closer" than a wrong number because of its first digits."""
+    try:
+        return abs(float(completion.strip()) - float(answer))
+    except ValueError:
+        return float("inf")
+
+
+TASKS = {
+    # The exact-answer verifier of grpo.rewards.exact_answer, and |number - answer| as distance.
+    "addition": Task(is_correct=is_exact_answer, distance=numeric_distance),
+}
+
+
+def pairs_for_prompt(completions: list[str], answer: str, task: Task, rng: random.Random,
+                     correct_pairs: int, closer_pairs: int, use_reference: bool) -> list[dict]:
+    """Preference pairs from one prompt's samples (duplicates removed, empty completions dropped):
+    correct vs incorrect ("correct"), and the closer of two wrong answers vs the farther ("closer")."""
+    unique = list(dict.fromkeys(c.strip() for c in completions if c.strip()))
+    right = [c for c in unique if task.is_correct(c, answer)]
+    wrong = [c for c in unique if not task.is_correct(c, answer)]
+    if not right and use_reference:
+        right = [str(answer).strip()]
+    pairs = []
+    for rejected in rng.sample(wrong, min(correct_pairs, len(wrong))) if right else []:
+        pairs.append({"chosen": rng.choice(right), "rejected": rejected, "kind": "correct"})
+    if task.distance is not None and closer_pairs and len(wrong) >= 2:
+        candidates = [(a, b) for i, a in enumerate(wrong) for b in wrong[i + 1:]
+                      if task.distance(a, answer) != task.distance(b, answer)]
+        for a, b in rng.sample(candidates, min(closer_pairs, len(candidates))):
+            closer, farther = (a, b) if task.distance(a, answer) < task.distance(b, answer) else (b, a)
+            pairs.append({"chosen": closer, "rejected": farther, "kind": "closer"})
+    return pairs

@@ -20,7 +20,7 @@ from grpo.config.train import RewardSpec
 from grpo.errors import RewardError
 
 from .functions import load_function
-from .models import RewardModelScorer
+from .models import EnsembleScorer, RewardModelScorer
 
 
 @dataclass
@@ -40,8 +40,10 @@ def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> li
             fn = load_function(spec.function)
             default_name = spec.function.rsplit(":", 1)[-1]
         else:
-            fn = RewardModelScorer(spec.model, device, dtype, batch_size=spec.batch_size,
-                                   normalize=spec.normalize, max_length=spec.max_length)
+            members = [RewardModelScorer(path, device, dtype, batch_size=spec.batch_size, normalize=spec.normalize,
+                                         max_length=spec.max_length, clip=spec.clip)
+                       for path in (spec.model if isinstance(spec.model, list) else [spec.model])]
+            fn = members[0] if len(members) == 1 else EnsembleScorer(members, spec.ensemble)
             default_name = "rm_" + fn.__name__
         name = spec.name or default_name
         while name in names:

@@ -25,17 +25,24 @@ from grpo.algorithm import bradley_terry_loss
 from grpo.config import RewardModelConfig, RewardModelEvalConfig, to_dict
 from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns
 from grpo.engine.models import check_model_source, load_tokenizer
-from grpo.errors import ConfigError, RewardError
+from grpo.errors import ConfigError, RewardError, RunError
 from grpo.observe.progress import SUPERVISED_FIELDS
 from grpo.observe.tracking import RunLogger
-from grpo.rewards import load_reward_model, reward_model_text, score_texts
+from grpo.rewards.models import completion_text, load_reward_model, score_batches
 from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
 
-from .checkpoint import save_model
 from .interrupts import Interrupted, StopRequests
 from .optim import make_optimizer, make_scheduler
 from .run_dir import check_output_dir, check_output_file, clear_output_dir
 from .setup import start_run
+
+
+def save_reward_model(rm, out: Path) -> None:
+    """The reward model of its kind, as a directory transformers loads (a failed write names it)."""
+    try:
+        rm.save(out)
+    except OSError as e:
+        raise RunError(f"could not save the reward model to {out}: {e.strerror or e}") from None
 
 
 def _preference_columns(cfg, log) -> dict:
@@ -66,8 +73,10 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
     if overwrite:
         clear_output_dir(out)
 
-    # float32 master weights (train.precision), a fresh one-label head on the backbone.
-    model = load_reward_model(cfg.model, device, torch.float32, tokenizer, fresh_head=True)
+    # float32 master weights (train.precision): a new reward model of the configured kind.
+    rm = load_reward_model(cfg.model, device, torch.float32, tokenizer, max_length=cfg.max_length, fresh=cfg.kind,
+                           settings={"score_reduction": cfg.score_reduction, "beta": cfg.dpo_beta})
+    model = rm.model
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -78,7 +87,7 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
         if not eval_pairs:
             return {}
         with precision.autocast():
-            e = evaluate_pairs(model, tokenizer, eval_pairs, cfg.max_length, device, cfg.micro_batch_size)
+            e = evaluate_pairs(rm, eval_pairs, cfg.micro_batch_size)
         return {"eval_accuracy": e["accuracy"], "eval_margin": e["margin"], "eval_loss": e["loss"]}
 
     start = time.time()
@@ -93,10 +102,11 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
                 for i in range(0, len(batch), cfg.micro_batch_size):
                     chunk = batch[i:i + cfg.micro_batch_size]
                     with precision.autocast():
-                        c, r = pair_scores(model, tokenizer, chunk, cfg.max_length, device)  # float32 head
+                        c, r = pair_scores(rm, chunk)  # float32 scores
+                        nll = rm.nll([p.prompt for p in chunk], [p.chosen for p in chunk]) if cfg.nll_coef else 0.0
                     m = torch.tensor([p.margin for p in chunk], device=c.device)
                     # Weight each chunk by its share so the gradient is that of the whole batch's mean.
-                    loss = bradley_terry_loss(c, r, m) * (len(chunk) / len(batch))
+                    loss = (bradley_terry_loss(c, r, m) + cfg.nll_coef * nll) * (len(chunk) / len(batch))
                     precision.backward(loss)
                     loss_sum += loss.item()
                     correct += (c > r).float().sum().item()
@@ -115,15 +125,16 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
                 if stop.requested and step < cfg.max_steps:
                     where = "not saved (save_on_interrupt is off)"
                     if cfg.save_on_interrupt:
-                        save_model(out / f"checkpoint-{step}", model, tokenizer)
+                        rm.save(out / f"checkpoint-{step}")
                         where = f"saved the reward model to {out / f'checkpoint-{step}'}"
                     raise Interrupted(f"interrupted by {stop.name()} at step {step}: {where}", stop.signum)
     finally:
         logger.close()
 
-    save_model(out, model, tokenizer)
+    save_reward_model(rm, out)
     final = next((h for h in reversed(history) if "eval_accuracy" in h), {})
-    summary = {"model": str(out), "backbone": cfg.model, "train_pairs": len(pairs), "eval_pairs": len(eval_pairs),
+    summary = {"model": str(out), "kind": cfg.kind, "backbone": cfg.model, "train_pairs": len(pairs),
+               "eval_pairs": len(eval_pairs),
                "eval_accuracy": final.get("eval_accuracy"), "eval_margin": final.get("eval_margin"),
                "eval_loss": final.get("eval_loss"), "train_seconds": time.time() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -143,16 +154,17 @@ def _load_for_use(cfg: RewardModelEvalConfig):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
         raise RewardError(f"model: cannot load the tokenizer of {cfg.model!r}: {e}") from None
-    model = load_reward_model(cfg.model, run.device, run.dtype, tokenizer).eval()
-    return model, tokenizer, run.device
+    rm = load_reward_model(cfg.model, run.device, run.dtype, tokenizer, max_length=cfg.max_length)
+    rm.model.eval()
+    return rm, tokenizer
 
 
 def eval_reward_model(cfg: RewardModelEvalConfig, quiet: bool = False) -> dict:
     """Pairwise accuracy and mean margin of a saved reward model on a preference file."""
     log = (lambda *a: None) if quiet else print
-    model, tokenizer, device = _load_for_use(cfg)
+    rm, tokenizer = _load_for_use(cfg)
     pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
-    result = evaluate_pairs(model, tokenizer, pairs, cfg.max_length, device, cfg.batch_size)
+    result = evaluate_pairs(rm, pairs, cfg.batch_size)
     log(f"{cfg.dataset}: {result['pairs']} pairs, pairwise accuracy {result['accuracy']:.4f}, "
         f"mean margin {result['margin']:.4f}, loss {result['loss']:.4f}")
     return result
@@ -165,15 +177,15 @@ def score_file(cfg: RewardModelEvalConfig, quiet: bool = False, overwrite: bool 
     check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset}, overwrite=overwrite)
     rows = load_rows(cfg.dataset)
     require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
-    model, tokenizer, device = _load_for_use(cfg)
-    texts = []
+    rm, tokenizer = _load_for_use(cfg)
+    prompts, completions = [], []
     for row in rows:
         try:
-            texts.append(reward_model_text(format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template),
-                                           row[cfg.completion_column]))
+            prompts.append(format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template))
+            completions.append(completion_text(row[cfg.completion_column]))
         except (DataError, TypeError) as e:
             raise DataError(f"{cfg.dataset}:{row['_line']}: {e}") from None
-    scores = score_texts(model, tokenizer, texts, cfg.max_length, device, cfg.batch_size).tolist()
+    scores = score_batches(rm, prompts, completions, cfg.batch_size).tolist()
     path = Path(cfg.output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{**{k: v for k, v in row.items() if k != "_line"}, "score": s} for row, s in zip(rows, scores)]
