@@ -15,6 +15,8 @@ Lp - 1 + t for every row and one slice picks them all.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ from . import packed
 from .lmhead import check_head, chunked_token_stats, forward_hidden, token_stats
 from .models import (cache_kwarg, checkpointing_active, model_device, output_cache, position_ids_from_mask,
                      supports_logits_to_keep, unwrap)
-from .moe import load_balancing_loss
+from .moe import RouterLogits, load_balancing_loss
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -128,32 +130,37 @@ def _pad(lp: Tensor, ent: Tensor | None, T: int) -> tuple[Tensor, Tensor | None]
 
 class _Scorer:
     """The forwards of one `completion_logprobs` call and what it asked of them: the LM head
-    whole or chunked (`chunk`), and the router logits each forward produced (`aux`)."""
+    whole or chunked (`chunk`), and the router logits of each forward (`aux`)."""
 
     def __init__(self, model, temperature, compute_entropy, entropy_grad, chunk, aux):
         self.model, self.temperature, self.chunk, self.aux = model, temperature, chunk, aux
         self.compute_entropy, self.entropy_grad = compute_entropy, entropy_grad
-        self.router: list = []  # (router_logits per layer, counted-token mask) per forward
+        self.router: list = []  # (router logits per MoE layer, counted-token mask) per forward
         if chunk and not supports_logits_to_keep(model):
             raise ValueError(f"logprob_chunk_size: {type(unwrap(model)).__name__}.forward has no logits_to_keep, "
                              "so its full logits cannot be skipped; set logprob_chunk_size: 0")
-        self.extra = {"output_router_logits": True} if aux else {}
 
-    def call(self, keep, check_at=None, **kwargs):
-        """`model(**kwargs)`: (logits at positions `keep`, output) without chunking; with it
-        (final hidden states, output), the LM head run by the model on one row `check_at`
-        (first use per model only) to check that ours reproduces it."""
-        kwargs.update(self.extra)
-        if not self.chunk:
-            out = self.model(**kwargs, logits_to_keep=keep)
-            return out.logits, out
-        base = unwrap(self.model)
-        check = check_at is not None and not getattr(base, "_grpo_head_checked", False)
-        hidden, out = forward_hidden(self.model, check_at if check else None, **kwargs)
-        if check:
-            check_head(self.model, hidden[:, check_at], out.logits)
-            base._grpo_head_checked = True
-        return hidden, out
+    def call(self, counted: Tensor, keep=None, check_at: Tensor | None = None, **kwargs) -> tuple[Tensor, object]:
+        """One `model(**kwargs)`: (its logits at positions `keep` (the last `keep` for an int, those
+        of a 1-D tensor, all for None), output). Chunked: (its final hidden states, output), the
+        model's own LM head run on the one position `check_at` the first time, to check that ours
+        reproduces it. With `aux`, records the router logits of the tokens `counted`."""
+        with RouterLogits(self.model) if self.aux else contextlib.nullcontext() as router:
+            if self.chunk:
+                base = unwrap(self.model)
+                check = check_at is not None and not getattr(base, "_grpo_head_checked", False)
+                x, out = forward_hidden(self.model, check_at if check else None, **kwargs)
+                if check:
+                    check_head(self.model, x[:, check_at], out.logits)
+                    base._grpo_head_checked = True
+            else:
+                if keep is not None and supports_logits_to_keep(self.model):
+                    kwargs["logits_to_keep"] = keep  # the LM head ([hidden x vocab]) runs on those only
+                out = self.model(**kwargs)
+                x = out.logits
+        if self.aux:
+            self.router.append((router.logits, counted))
+        return x, out
 
     def stats(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
         """Log-probs and entropy of targets [...] from logits [..., V] or, chunked, from final
@@ -167,10 +174,6 @@ class _Scorer:
             lp, ent = token_stats(x, targets, self.temperature, self.compute_entropy, self.entropy_grad)
         return lp.view(shape), (None if ent is None else ent.view(shape))
 
-    def record(self, out, counted: Tensor) -> None:
-        if self.aux:
-            self.router.append((out.router_logits, counted))
-
     def result(self, logprobs, entropy):
         if not self.aux:
             return logprobs, entropy
@@ -178,28 +181,15 @@ class _Scorer:
 
     def plain(self, input_ids, attention_mask, targets, counted):
         T_used = targets.shape[1]
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        if self.chunk:
-            x, out = self.call(None, check_at=torch.tensor([input_ids.shape[1] - 1], device=input_ids.device), **kwargs)
-        elif supports_logits_to_keep(self.model):
-            x, out = self.call(T_used, **kwargs)  # the LM head ([hidden x vocab]) runs on T columns only
-        else:
-            out = self.model(**kwargs, **self.extra)
-            x = out.logits
-        self.record(out, counted)
+        last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+        x, _ = self.call(counted, T_used, last, input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return self.stats(x[:, -T_used:], targets)
 
     def packed(self, pk: packed.PackedGroups):
         """The packed forward (`grpo.engine.packed`): stats of `pk.score_targets` [K]."""
-        if self.chunk:
-            hidden, out = packed.forward(self.model, pk, lambda **kw: self.call(None, check_at=pk.score_index[:1], **kw))
-            x = hidden[0, pk.score_index]
-        else:
-            x, out = packed.forward(self.model, pk, lambda **kw: self.call(pk.score_index, **kw))
-            x = x[0]
-        self.record(out, pk.real)
-        return self.stats(x, pk.score_targets)
+        x, _ = packed.forward(self.model, pk, lambda **kw: self.call(pk.real, pk.score_index, pk.score_index[:1], **kw))
+        return self.stats(x[0, pk.score_index] if self.chunk else x[0], pk.score_targets)
 
     def shared_prompt(self, prompts: Tensor, masks: Tensor, inverse: Tensor, targets: Tensor, lengths: Tensor):
         """Stats [N, T_used] of `targets`, with each distinct prompt run once.
@@ -208,16 +198,9 @@ class _Scorer:
         row's completion o_<T, attending to its prompt's keys/values, selected out of pass 1's
         cache by `inverse` (autograd sums the G rows' gradients back into the one prompt pass).
         """
-        model, kwarg = self.model, cache_kwarg(self.model)
-        keep = supports_logits_to_keep(model)
         last = torch.tensor([prompts.shape[1] - 1], device=prompts.device)
-        kw = dict(input_ids=prompts, attention_mask=masks, position_ids=position_ids_from_mask(masks), use_cache=True)
-        if keep:
-            x1, out = self.call(last if self.chunk else 1, check_at=last, **kw)
-        else:
-            out = model(**kw, **self.extra)
-            x1 = out.logits
-        self.record(out, masks.bool())
+        x1, out = self.call(masks.bool(), 1, last, input_ids=prompts, attention_mask=masks,
+                            position_ids=position_ids_from_mask(masks), use_cache=True)
         cache = output_cache(out)
         first = x1[:, -1:][inverse]                                       # [N, 1, V or D]: predicts o_1
         cache.batch_select_indices(inverse)                               # U -> N rows (a gather)
@@ -225,12 +208,7 @@ class _Scorer:
         mask = masks[inverse]
         attention_mask = torch.cat([mask, mask.new_ones(N, T_used - 1)], dim=1)
         position_ids = mask.sum(-1, keepdim=True) + torch.arange(T_used - 1, device=mask.device)
-        kw = {kwarg: cache, "input_ids": targets[:, :-1], "attention_mask": attention_mask,
-              "position_ids": position_ids, "use_cache": True}
-        if keep:
-            x2, out = self.call(None if self.chunk else T_used - 1, **kw)
-        else:
-            out = model(**kw, **self.extra)
-            x2 = out.logits
-        self.record(out, torch.arange(T_used - 1, device=mask.device) < lengths[:, None] - 1)
+        fed = torch.arange(T_used - 1, device=mask.device) < lengths[:, None] - 1
+        x2, _ = self.call(fed, T_used - 1, **{cache_kwarg(self.model): cache}, input_ids=targets[:, :-1],
+                          attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
         return self.stats(torch.cat([first, x2[:, -(T_used - 1):]], dim=1), targets)

@@ -151,13 +151,14 @@ def model_device(model) -> torch.device:
 
 
 def supports_logits_to_keep(model) -> bool:
-    """Whether `model.forward` can run its LM head on the last k positions only (most HF causal LMs)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether `model.forward` can run its LM head on the last k positions only (most HF causal
+    LMs; a PEFT wrapper hands the keyword to the model it wraps)."""
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def cache_kwarg(model) -> str:
     """The KV-cache argument of `model.forward`: `cache` in Transformers 5.x, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 def output_cache(out):

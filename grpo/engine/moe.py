@@ -35,10 +35,41 @@ def is_moe(model) -> bool:
     return getattr(base, "num_experts_per_tok", None) is not None and _loss_func(model) is not None
 
 
+class RouterLogits:
+    """Inside the block, records the router logits [tokens, experts] of every MoE layer the model
+    runs (hooks on the router modules named by the model's own `_can_record_outputs`, as
+    `output_router_logits=True` would, without the model's forward computing its own aux loss:
+    that one assumes the attention mask covers only the new tokens, which a KV-cache pass breaks).
+    `logits`: one tensor per MoE layer, in call order."""
+
+    def __init__(self, model):
+        base = unwrap(model)
+        spec = getattr(base, "_can_record_outputs", None) or {}
+        spec = spec.get("router_logits")
+        if spec is None:
+            raise ValueError(f"router_aux_loss: {type(base).__name__} records no router logits")
+        target = getattr(spec, "target_class", spec)
+        self.index = getattr(spec, "index", 0)
+        layer_name = getattr(spec, "layer_name", None)
+        self.logits: list[Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for n, m in base.named_modules()
+                        if isinstance(m, target) and (layer_name is None or layer_name in n)]
+
+    def _hook(self, module, args, output):
+        self.logits.append(output[self.index] if isinstance(output, (tuple, list)) else output)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
 def load_balancing_loss(model, parts: list[tuple[tuple[Tensor, ...], Tensor]]) -> Tensor:
     """The model's router auxiliary loss over several forwards: `parts` holds, per forward, its
-    `output.router_logits` (one [tokens, experts] tensor per MoE layer) and a bool mask over
-    those tokens (True: counted)."""
+    router logits (one [tokens, experts] tensor per MoE layer, `RouterLogits.logits`) and a bool
+    mask over those tokens (True: counted)."""
     if not is_moe(model):
         raise ValueError(f"router_aux_loss: {type(unwrap(model)).__name__} is not a mixture-of-experts model "
                          "with a load-balancing loss")

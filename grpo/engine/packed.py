@@ -41,7 +41,7 @@ import sys
 import torch
 from torch import Tensor
 
-from .models import unwrap
+from .models import supports_logits_to_keep, unwrap
 
 # Architectures (config.model_type) whose packed forward is tested against their plain forward
 # (tests/test_architectures.py). Any model that runs its attention through AttentionInterface and
@@ -241,6 +241,8 @@ def unsupported_reason(model) -> str | None:
     cfg = base.config
     if getattr(cfg, "model_type", None) not in PACKED_MODEL_TYPES:
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not among the tested PACKED_MODEL_TYPES"
+    if not supports_logits_to_keep(base):
+        return f"{type(base).__name__}.forward has no logits_to_keep (the LM head would run on every packed token)"
     if not base._can_set_attn_implementation():
         return f"{type(base).__name__} does not route attention through transformers' AttentionInterface"
     impl = cfg._attn_implementation
