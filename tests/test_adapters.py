@@ -70,7 +70,10 @@ def test_packed_scoring_on_lora_layers_equals_plain(name):
         return lp.detach() * cmask, [p.grad.clone() for p in m.parameters() if p.requires_grad]
 
     lp, grads = run(model, "auto")
-    assert adapters.is_peft(model) and model.get_base_model().config._attn_implementation.startswith(packed.PREFIX)
+    switched = model.get_base_model().config._attn_implementation.startswith(packed.PREFIX)
+    # Llama takes the hand-written packed forward (calling the adapted projections), the others
+    # the general one (the model's own layers).
+    assert adapters.is_peft(model) and switched == (name != "llama") == (not packed.hand_written(model, 13))
     lp_ref, grads_ref = run(oracle, "plain")
     torch.testing.assert_close(lp, lp_ref, atol=1e-5, rtol=0)
     for a, b in zip(grads, grads_ref):
@@ -128,3 +131,52 @@ def test_merge_and_unload_loads_in_plain_transformers(tmp_path):
 def test_bad_lora_settings_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         adapters.add_lora(build("llama"), **kwargs)
+
+
+def test_a_lora_step_scores_its_reference_with_the_adapter_off(tiny_model_dir):
+    """collect_rollout with reference=policy (a LoRA policy): pi_ref is the base model exactly,
+    also through the chunked head (cfg.logprob_chunk_size); the update then moves the adapter
+    only."""
+    from grpo.config import TrainConfig
+    from grpo.engine.models import load_causal_lm, load_tokenizer
+    from grpo.rewards import Reward, exact_answer
+    from grpo.train.distributed import World
+    from grpo.train.optim import make_optimizer, make_scheduler
+    from grpo.train.rollout import collect_rollout
+    from grpo.train.update import update
+
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(model=tiny_model_dir, prompts_per_step=2, group_size=4, max_completion_length=6, beta=0.04,
+                      micro_batch_size=8, learning_rate=1e-2, rewards=["exact_answer"])
+    base = load_causal_lm(tiny_model_dir, cpu, torch.float32, trainable=False)
+    policy = adapters.add_lora(load_causal_lm(tiny_model_dir, cpu, torch.float32), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    rows = [{"prompt": "12+7=", "answer": "19"}, {"prompt": "3+4=", "answer": "7"}]
+    rewards, tokenizer = [Reward("exact_answer", exact_answer)], load_tokenizer(tiny_model_dir)
+    ref = {}
+    for chunk in (0, 3):
+        cfg.logprob_chunk_size = chunk
+        rollout = collect_rollout(policy, policy, tokenizer, rows, rewards, cfg, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = completion_logprobs(base, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                           rollout.completion_mask, cfg.temperature)[0]
+            adapted = completion_logprobs(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                          rollout.completion_mask, cfg.temperature)[0]
+        m = rollout.completion_mask.bool()
+        torch.testing.assert_close(rollout.ref_logprobs[m], expected[m], atol=1e-5 if chunk else 0, rtol=0)
+        assert not torch.allclose(rollout.ref_logprobs[m], adapted[m], atol=1e-3)
+        ref[chunk] = rollout
+
+    frozen = {n: p.clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    lora_before = {n: p.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(policy, cfg)
+    rollout = ref[3]
+    rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)  # a gradient whatever the rewards
+    metrics = update(policy, optimizer, make_scheduler(optimizer, cfg, 1), rollout, cfg, World(),
+                     torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in policy.named_parameters() if p.requires_grad)

@@ -34,7 +34,8 @@ def scored(model, batch, engine, chunk=0):
 
 @pytest.mark.parametrize("chunk", [0, 4])
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_packed_forward_equals_padded_forward(name, chunk):
+def test_packed_forward_equals_padded_forward(name, chunk, monkeypatch):
+    monkeypatch.setattr(packed, "hand_written", lambda model, positions: False)  # the general path, always
     model = build(name).train()
     disable_dropout(model)
     oracle = copy.deepcopy(model)  # never switched to the packed attention
@@ -60,6 +61,34 @@ def test_packed_forward_equals_padded_forward(name, chunk):
         assert torch.equal(model(**kw).logits, oracle(**kw).logits)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral_window_4096"])
+def test_hand_written_llama_forward_equals_the_general_one(name, monkeypatch):
+    """Llama-style models take the hand-written packed forward (`packed.llama_hidden`) unless
+    activation checkpointing is on; it gives the general forward's numbers, gradients included."""
+    model = build(name).train()
+    batch = group_batch(seed=5)
+    assert packed.hand_written(model, 13)
+    lp, ent, grads = scored(model, batch, "auto")
+    assert not model.config._attn_implementation.startswith(packed.PREFIX)  # the general path did not run
+    monkeypatch.setattr(packed, "hand_written", lambda model, positions: False)
+    lp_g, ent_g, grads_g = scored(model, batch, "auto")
+    assert model.config._attn_implementation.startswith(packed.PREFIX)
+    torch.testing.assert_close(lp, lp_g, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ent_g, atol=1e-5, rtol=0)
+    for a, b in zip(grads, grads_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_hand_written_forward_is_not_taken_where_it_would_bypass_the_layers():
+    from grpo.engine.models import enable_gradient_checkpointing
+    model = build("llama").train()
+    assert packed.hand_written(model, 13)
+    assert not packed.hand_written(build("mistral_window_4"), 13)
+    assert not packed.hand_written(build("qwen3"), 13)  # q_norm / k_norm
+    enable_gradient_checkpointing(model)
+    assert not packed.hand_written(model, 13)
+
+
 def test_other_architectures_fall_back_to_the_shared_prompt_path():
     """A model outside PACKED_MODEL_TYPES (BLOOM: ALiBi biases from the attention mask) keeps the
     KV-cache hand-over, with the plain forward's numbers."""
@@ -82,7 +111,7 @@ def test_other_architectures_fall_back_to_the_shared_prompt_path():
 def test_packed_forward_refuses_a_model_that_drops_its_kwargs():
     """If an architecture did not hand `grpo_packed` down to its attention call, that layer would
     attend causally over the whole packed list: the forward raises instead of returning it."""
-    model = build("llama").eval()
+    model = build("qwen3").eval()
     attn = model.model.layers[1].self_attn
     forward = attn.forward
 

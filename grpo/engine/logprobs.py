@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import packed
-from .lmhead import check_head, chunked_token_stats, forward_hidden, token_stats
+from .lmhead import check_head, chunked_token_stats, forward_hidden, head_logits, token_stats
 from .models import (cache_kwarg, checkpointing_active, model_device, output_cache, position_ids_from_mask,
                      supports_logits_to_keep, unwrap)
 from .moe import RouterLogits, load_balancing_loss
@@ -93,7 +93,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         Lp = prompt_ids.shape[1]
         if packed.supported(model):
             pk = packed.PackedGroups(unique[:, :Lp], unique[:, Lp:], inverse, targets, lengths)
-            lp, ent = scorer.packed(pk)
+            lp, ent = scorer.packed(pk, hand_written=not router_aux_loss and packed.hand_written(model, Lp + T_used))
             # Out-of-place index_copy: autograd carries the gradient back to the scored tokens.
             where = pk.score_row * T + pk.score_col
             logprobs = logprobs.view(-1).index_copy(0, where, lp).view(N, T)
@@ -186,8 +186,12 @@ class _Scorer:
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return self.stats(x[:, -T_used:], targets)
 
-    def packed(self, pk: packed.PackedGroups):
-        """The packed forward (`grpo.engine.packed`): stats of `pk.score_targets` [K]."""
+    def packed(self, pk: packed.PackedGroups, hand_written: bool):
+        """The packed forward (`grpo.engine.packed`): stats of `pk.score_targets` [K].
+        `hand_written`: its Llama-style version (`packed.llama_hidden`)."""
+        if hand_written:
+            hidden = packed.llama_hidden(self.model, pk)
+            return self.stats(hidden if self.chunk else head_logits(self.model, hidden), pk.score_targets)
         x, _ = packed.forward(self.model, pk, lambda **kw: self.call(pk.real, pk.score_index, pk.score_index[:1], **kw))
         return self.stats(x[0, pk.score_index] if self.chunk else x[0], pk.score_targets)
 
