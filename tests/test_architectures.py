@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from grpo.engine import packed
+from grpo.engine.generation import generate_groups
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.models import disable_dropout, position_ids_from_mask
 from tiny_archs import ARCHS, build, group_batch
@@ -59,6 +60,11 @@ def test_packed_forward_equals_padded_forward(name, chunk, monkeypatch):
     with torch.no_grad():
         kw = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn))
         assert torch.equal(model(**kw).logits, oracle(**kw).logits)
+    if chunk == 0:  # and generation, through the model's own KV cache
+        gen = dict(group_size=2, max_new_tokens=5, eos_token_id=1, pad_token_id=0)
+        a, b = (generate_groups(m.eval(), pids[::3], pmask[::3], generator=torch.Generator().manual_seed(0), **gen)
+                for m in (model, oracle))
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral_window_4096"])

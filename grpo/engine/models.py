@@ -71,7 +71,10 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
     except OSError as e:
         raise RuntimeError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
     except (TypeError, ValueError) as e:  # an unknown or invalid keyword, e.g. attn_implementation
-        raise ConfigError(f"model_init_kwargs {sorted(kwargs)}: from_pretrained({path!r}) rejected them: {e}") from None
+        if not model_init_kwargs:
+            raise
+        raise ConfigError(f"model_init_kwargs {sorted(model_init_kwargs)}: from_pretrained({path!r}) "
+                          f"rejected them: {e}") from None
     model.to(device)
     if trainable:
         model.train()
