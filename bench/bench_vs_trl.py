@@ -33,8 +33,9 @@ from bench.common import build_models, model_dims, nominal_peak, step_flops
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_worker(python: str, system: str, extra: list[str], timeout: float = 1800) -> dict:
-    cmd = [python, "-m", "bench.workers", system, *extra]
+def run_worker(python: str, system: str, extra: list[str], timeout: float = 1800,
+               module: str = "bench.workers") -> dict:
+    cmd = [python, "-m", module, system, *extra]
     # ROOT first; a PYTHONPATH already set (e.g. carried wheels on a GPU machine) stays behind it.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .llama import attention_shape, rope, rope_tables, supported
-from .models import cache_kwarg, output_cache, position_ids_from_mask, supports_logits_to_keep
+from .models import cache_kwarg, output_cache, position_ids_from_mask, supports_logits_to_keep, unwrap
 
 
 def _forward(model, kwarg: str, logits_to_keep: bool, input_ids, attention_mask, position_ids, cache):
@@ -54,8 +54,10 @@ def start(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens
     logits, cache = prefill(model, kwarg, keep, prompt_ids, prompt_mask)
     # The next token of each row sits right after its last real token: position = its length.
     next_pos = prompt_mask.sum(-1, keepdim=True)
-    if fast and supported(model):
-        state = GroupDecoder(model, cache, prompt_mask, G, max_new_tokens)
+    # Positions used: up to the longest prompt plus max_new_tokens (a sliding window at least that
+    # long never hides a key).
+    if fast and supported(model, prompt_ids.shape[1] + max_new_tokens):
+        state = GroupDecoder(unwrap(model), cache, prompt_mask, G, max_new_tokens)
     else:
         cache.batch_repeat_interleave(G)
         state = CacheDecoder(model, kwarg, keep, cache, prompt_mask.repeat_interleave(G, dim=0))

@@ -11,16 +11,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .models import unwrap
+
 _ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def supported(model) -> bool:
+def supported(model, max_positions: int | None = None) -> bool:
     """Whether the hand-written Llama-style forwards compute exactly what this model's own
-    forward does."""
+    forward does. A PEFT-wrapped model is judged by the model under the wrapper (its adapted
+    Linear layers are called like the plain ones). A sliding window is harmless when it is at
+    least `max_positions` long (the number of positions the caller will use): every key is then
+    inside every query's window."""
+    model = unwrap(model)
     cfg = model.config
     if type(model).__name__ not in _ARCHS:
         return False
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and (max_positions is None or window < max_positions):
         return False
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
         return False
@@ -34,6 +41,7 @@ def supported(model) -> bool:
 
 def attention_shape(model) -> tuple[int, int, int, float]:
     """(query heads, key/value heads, head size, softmax scale) of a supported model."""
+    model = unwrap(model)
     cfg = model.config
     H = cfg.num_attention_heads
     Hkv = getattr(cfg, "num_key_value_heads", None) or H
@@ -44,7 +52,7 @@ def attention_shape(model) -> tuple[int, int, int, float]:
 def rope_tables(model, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """The model's own rotary cos/sin at `position_ids`, shaped [M, 1, hd] to broadcast over
     heads, with sin's first half negated for `rope` (x [M, D] only supplies the dtype)."""
-    cos, sin = model.model.rotary_emb(x[None], position_ids.reshape(1, -1))
+    cos, sin = unwrap(model).model.rotary_emb(x[None], position_ids.reshape(1, -1))
     cos, sin = cos[0, :, None], sin[0, :, None]
     half = sin.shape[-1] // 2
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)

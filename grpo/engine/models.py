@@ -76,26 +76,105 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainable: bool = True):
+def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainable: bool = True,
+                   model_init_kwargs: dict | None = None):
     """A trainable model is loaded in float32 whatever `dtype` is (master weights); a frozen one
-    in `dtype`, in eval mode and without gradients."""
+    in `dtype`, in eval mode and without gradients. Every dropout is off either way
+    (`disable_dropout`).
+
+    `model_init_kwargs` go to `AutoModelForCausalLM.from_pretrained` as TRL's
+    `GRPOConfig.model_init_kwargs` do: `attn_implementation` ("sdpa", "eager", ...),
+    `trust_remote_code`, and `dtype` (or its old name `torch_dtype`: a name such as "bfloat16",
+    "auto" or a torch.dtype), which then replaces the storage dtype chosen above.
+    """
     from transformers import AutoModelForCausalLM
 
+    kwargs = dict(model_init_kwargs or {})
+    if "torch_dtype" in kwargs:
+        if "dtype" in kwargs:
+            raise ConfigError("model_init_kwargs: give dtype or torch_dtype, not both")
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    kwargs["dtype"] = _init_dtype(kwargs.get("dtype", torch.float32 if trainable else dtype))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if trainable else dtype)
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
         raise ModelError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown or invalid keyword, e.g. attn_implementation
+        if not model_init_kwargs:
+            raise ModelError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
+        raise ConfigError(f"model_init_kwargs {sorted(model_init_kwargs)}: from_pretrained({path!r}) "
+                          f"rejected them: {e}") from None
     model.to(device)
     if trainable:
         model.train()
     else:
         model.eval()
         model.requires_grad_(False)
-    # Dropout would make pi_old differ from pi_theta at identical weights; GRPO implementations turn it off.
+    disable_dropout(model)
+    return model
+
+
+def _init_dtype(value):
+    if isinstance(value, torch.dtype) or value == "auto":
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ConfigError(f"model_init_kwargs.dtype: expected one of {sorted(DTYPES)} or 'auto', got {value!r}")
+
+
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop")
+
+
+def disable_dropout(model) -> None:
+    """Every dropout off, in training mode too: dropout would make pi_old differ from pi_theta at
+    identical weights (GRPO implementations turn it off; TRL's `disable_dropout`).
+
+    Three places hold a probability: `nn.Dropout` modules; float attributes that modules copied
+    from the config at init and pass to the attention function (`LlamaAttention.attention_dropout`,
+    handed to SDPA as `dropout_p` in training mode); and the config itself, which some models read
+    at every forward (Falcon, GPT-Neo). All three are zeroed, so the saved config says 0 too: the
+    model was trained without dropout.
+    """
+    configs = [model.config, *(getattr(model.config, k, None) for k in getattr(model.config, "sub_configs", {}))]
+    for cfg in filter(None, configs):
+        for key, value in list(vars(cfg).items()):
+            if _is_dropout_name(key) and isinstance(value, float) and value:
+                setattr(cfg, key, 0.0)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return model
+        for key, value in list(vars(module).items()):
+            if _is_dropout_name(key) and isinstance(value, float) and value:
+                setattr(module, key, 0.0)
+
+
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (its Linear layers carry the adapter); the
+    model itself otherwise."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Hugging Face's own activation checkpointing, non-reentrant: each decoder layer keeps only its
+    input and recomputes itself in the backward. It reaches every forward that runs the model's
+    layers, the packed one included (`packed` calls the model's own forward)."""
+    base = unwrap(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it")
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointing_active(model) -> bool:
+    """Whether a forward now would run under activation checkpointing (it only acts in training
+    mode with grad enabled, and then drops every KV cache its layers are handed)."""
+    return model.training and torch.is_grad_enabled() and \
+        any(getattr(m, "gradient_checkpointing", False) is True for m in unwrap(model).modules())
 
 
 def model_device(model) -> torch.device:
@@ -104,13 +183,14 @@ def model_device(model) -> torch.device:
 
 
 def supports_logits_to_keep(model) -> bool:
-    """Whether `model.forward` can run its LM head on the last k positions only (most HF causal LMs)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether `model.forward` can run its LM head on the last k positions only (most HF causal
+    LMs; a PEFT wrapper hands the keyword to the model it wraps)."""
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def cache_kwarg(model) -> str:
     """The KV-cache argument of `model.forward`: `cache` in Transformers 5.x, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 def output_cache(out):

@@ -1,31 +1,67 @@
-"""The scoring forward written for groups: log-prob logits of G completions per prompt, packed.
+"""The scoring forward written for groups: G completions per prompt, packed, through the model's
+own layers.
 
-`completion_logprobs` needs, for every completion token it will score, the logits that predict
-it: for the policy in the update (with grad) and for pi_ref / pi_old (without). Run through
-`model(...)` on a padded batch [N, Lp + T], that costs
+`completion_logprobs` needs, for every completion token it will score, the hidden state that
+predicts it: for the policy in the update (with grad) and for pi_ref / pi_old (without). Run
+through `model(...)` on a padded batch [N, Lp + T], that costs
 
 - the prompt G times (every row of a group carries the same prompt), and
 - every row padded to the longest completion: with EOS at ~12 of 16 tokens, a quarter of the
   completion columns are padding whose forward and backward are paid for and thrown away.
 
-Here, for Llama-style decoders (the models `llama.supported` accepts), one forward runs over a packed
-token list instead: each distinct prompt once, then each row's completion tokens up to the last
-one that is scored, nothing else. Every projection and MLP (all but a few percent of the FLOPs)
-runs on that list. Attention alone uses a padded layout: each row's completion queries attend,
-in one call of PyTorch's fused attention, to their group's prompt keys followed by their own
-earlier completion tokens. Gradients flow through all of it, so the prompt's projections and MLP,
-forward and backward, are paid once per group.
+Here one forward of the model's own `forward` runs over a packed token list instead (batch 1):
+each distinct prompt once, then each row's completion tokens up to the last one that is scored,
+nothing else, each at its true position id. Everything but attention is the model's own code:
+embeddings, norms (q_norm/k_norm included), biases, rotary tables, MLPs and MoE blocks,
+LoRA-wrapped Linear layers, Hugging Face's gradient checkpointing and FSDP2's module hooks. Only
+the attention function is ours, registered with transformers' `AttentionInterface`: each row's
+completion queries attend, in one call of PyTorch's fused attention, to their group's prompt keys
+followed by their own earlier completion tokens (`_packed_attention`), with the model's sliding
+window and attention-logit softcapping where it has them.
 
-Same numbers as `model(...)` on the padded batch (fp32 tolerance; tests/test_fastpaths.py checks
-log-probs, entropy and gradients against it).
+How the function is reached: `prepare(model)` switches the model's attention implementation to
+`grpo_packed_<original>` (once; the original is `sdpa` or `eager`). That function does the packed
+attention when the forward carries `grpo_packed=PackedGroups` among its keyword arguments (the
+model hands its **kwargs down to the attention call) and is the original implementation, called
+with the original mask, otherwise: generation and every other forward of the model compute what
+they did before. The switch is permanent rather than per call because Hugging Face's gradient
+checkpointing recomputes the layers in the backward, after the call has returned: the recompute
+must still find the packed function, and it finds `grpo_packed` in its recorded kwargs.
+
+For Llama-style models (`llama.supported`) a hand-written version of the same forward
+(`llama_hidden`, at the end of this file) is a few percent faster on small models and is taken
+when it is the same computation (no activation checkpointing, no FSDP2-sharded layers).
+
+Same numbers as `model(...)` on the padded batch (fp32 tolerance; tests/test_fastpaths.py and
+tests/test_architectures.py check log-probs, entropy and gradients against it for every
+architecture in `PACKED_MODEL_TYPES`). A model outside that set, or one `unsupported_reason`
+turns away, is scored by `logprobs`' KV-cache hand-over or plain forward instead, with the same
+numbers.
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
+
 import torch
 from torch import Tensor
 
-from .llama import attention_shape, rope, rope_tables
+from .models import supports_logits_to_keep, unwrap
+
+# Architectures (config.model_type) whose packed forward is tested against their plain forward
+# (tests/test_architectures.py). Any model that runs its attention through AttentionInterface and
+# takes position_ids should work; a new one joins this set together with its test.
+PACKED_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3",
+    "gpt2", "gpt_neox", "qwen2_moe", "qwen3_moe", "mixtral",
+})
+PREFIX = "grpo_packed_"
+_ORIGINALS = ("sdpa", "eager")
+# Set while a packed forward builds its masks: the mask functions then return None (the packed
+# attention builds its own from PackedGroups). Masks are built once per forward, before the
+# layers, so the backward's recompute never needs this.
+_PACKED_MASKS = contextvars.ContextVar("grpo_packed_masks", default=False)
 
 
 class PackedGroups:
@@ -58,22 +94,18 @@ class PackedGroups:
         feeds = col[None, :] < fed[:, None]                              # [N, Tc]
         row_of, col_of = feeds.nonzero(as_tuple=True)
         prompt_len = prompt_mask.sum(-1)
+        self.prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)     # [U, Lp]
         self.input_ids = torch.cat([prompts.reshape(-1), targets[row_of, col_of]])
-        self.position_ids = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0).reshape(-1),
-                                       prompt_len[inverse][row_of] + col_of])
+        self.position_ids = torch.cat([self.prompt_pos.reshape(-1), prompt_len[inverse][row_of] + col_of])
+        # Real tokens of the packed list (prompt padding is not): what the MoE router loss counts.
+        self.real = torch.cat([prompt_mask.reshape(-1) != 0, torch.ones_like(row_of, dtype=torch.bool)])
         # Where each fed token goes in the attention layout [U * Gmax * Tc].
         self.layout_index = slot[row_of] * self.Tc + col_of
-        # Attention masks (True = may attend). Prompts: causal within the prompt, padding keys
-        # hidden; a padding query would see no key at all (NaN), so it sees itself.
-        key_real = prompt_mask != 0                                      # [U, Lp]
-        causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
-        self.prompt_attend = (causal & (key_real[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device)))[:, None]
-        # Completions: the group's real prompt tokens, then the row's own tokens causally; one
-        # mask per row of the attention layout [U * Gmax, 1, Tc, Lp + Tc].
-        own = torch.ones(self.Tc, self.Tc, dtype=torch.bool, device=device).tril()
-        self.completion_attend = torch.cat([key_real[:, None, :].expand(U, self.Tc, Lp),
-                                            own.expand(U, self.Tc, self.Tc)], dim=-1)[:, None] \
-            .repeat_interleave(self.Gmax, dim=0)
+        self.key_real = prompt_mask != 0                                 # [U, Lp]
+        # Query positions of the layout's completion columns, per group: [U, Tc].
+        self.completion_pos = prompt_len[:, None] + col[None, :]
+        self._masks: dict = {}
+        self.calls = 0  # attention calls that took the packed path in the last forward
 
         # The hidden states that predict scored token t of row i: the prompt's last position for
         # t = 0, fed completion token t - 1 otherwise. `score_index` picks them out of the packed
@@ -87,41 +119,242 @@ class PackedGroups:
         self.score_row, self.score_col = srow, scol
         self.score_targets = targets[srow, scol]
 
+    def masks(self, window: int | None) -> tuple[Tensor, Tensor]:
+        """(prompt mask [U, 1, Lp, Lp], completion mask [U * Gmax, 1, Tc, Lp + Tc]), True = may
+        attend, for a layer with this sliding window (None: none).
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) -> Tensor:
-    """q [M, H, hd], k/v [M, Hkv, hd] in packed order -> attention output [M, H * hd].
+        Prompts: causal within the prompt, padding keys hidden; a padding query would see no key
+        at all (NaN), so it sees itself. Completions: the group's real prompt tokens, then the
+        row's own tokens causally. A sliding window W keeps the keys whose position is within
+        W - 1 of the query's (Hugging Face's `kv_idx > q_idx - W`; in a left-padded row the
+        column distance of two real tokens is their position distance)."""
+        if window in self._masks:
+            return self._masks[window]
+        device, Lp, Tc = self.key_real.device, self.Lp, self.Tc
+        causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(Lp, dtype=torch.bool, device=device)
+        prompt = causal & (self.key_real[:, None, :] | eye)             # [U, Lp(q), Lp(k)]
+        own = torch.ones(Tc, Tc, dtype=torch.bool, device=device).tril()
+        completion = torch.cat([self.key_real[:, None, :].expand(-1, Tc, Lp),
+                                own.expand(self.U, Tc, Tc)], dim=-1)     # [U, Tc, Lp + Tc]
+        if window is not None:
+            pp, cp = self.prompt_pos, self.completion_pos
+            prompt = prompt & (pp[:, :, None] - pp[:, None, :] < window)
+            keys = torch.cat([pp, cp], dim=-1)                           # [U, Lp + Tc]
+            completion = completion & (cp[:, :, None] - keys[:, None, :] < window)
+        out = prompt[:, None], completion[:, None].repeat_interleave(self.Gmax, dim=0)
+        self._masks[window] = out
+        return out
 
-    Two calls of PyTorch's fused attention (no [.., T, T] probabilities kept for the backward):
-    the prompts among themselves, then every row's completion against its group's prompt keys
-    followed by its own keys. The prompt keys are expanded to the G rows of a group, not copied
-    into the packed list: its projections, like everything else about the prompt, ran once."""
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """softmax(q k^T * scale [softcapped], masked) v. Fused SDPA, or with softcapping (Gemma 2/3)
+    the eager maths of the model's own attention: scores / cap, tanh, * cap, before the mask."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _packed_attention(module, query: Tensor, key: Tensor, value: Tensor, pk: PackedGroups, *,
+                      scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+                      softcap: float | None = None, is_causal: bool | None = None, **kwargs) -> Tensor:
+    """query [1, H, M, hd], key/value [1, Hkv, M, hd] in packed order -> [1, M, H, hd].
+
+    Two attention calls: the prompts among themselves, then every row's completion against its
+    group's prompt keys followed by its own keys. The prompt keys are expanded to the G rows of a
+    group, not copied into the packed list: its projections, like everything else about the
+    prompt, ran once."""
+    if dropout:
+        raise RuntimeError("packed attention: attention dropout is on (engine.models.disable_dropout turns it off)")
+    if is_causal is False or any(kwargs.get(k) is not None for k in ("s_aux", "position_bias")):
+        raise RuntimeError(f"packed attention: {type(module).__name__} needs an attention this path does not have")
+    pk.calls += 1
+    q, k, v = query[0], key[0], value[0]                                 # [H(kv), M, hd], as the model made them
+    H, _, hd = q.shape
+    rep = H // k.shape[0]
+    if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+    scale = hd ** -0.5 if scaling is None else scaling
+    U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
+    n_prompt, rows = U * Lp, U * Gmax
+    prompt_mask, completion_mask = pk.masks(sliding_window)
+
+    def prompts(x):  # [H, M, d] -> the prompts' [U, H, Lp, d]
+        return x[:, :n_prompt].reshape(H, U, Lp, x.shape[-1]).transpose(0, 1)
+
+    qp, kp, vp = prompts(q), prompts(k), prompts(v)
+    out_prompt = _attend(qp, kp, vp, prompt_mask, scale, softcap)      # [U, H, Lp, dv]
+
+    # The completions, scattered into [U * Gmax rows, Tc] (empty slots stay zero, never read).
+    def layout(x):  # [H, M, d] -> [rows, H, Tc, d]
+        d = x.shape[-1]
+        return x.new_zeros(H, rows * Tc, d).index_copy(1, pk.layout_index, x[:, n_prompt:]) \
+            .view(H, rows, Tc, d).transpose(0, 1)
+    keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)   # [rows, H, Lp + Tc, hd]
+    values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
+    out = _attend(layout(q), keys, values, completion_mask, scale, softcap)     # [rows, H, Tc, dv]
+    dv = out.shape[-1]
+    out_completion = out.transpose(1, 2).reshape(rows * Tc, H, dv).index_select(0, pk.layout_index)
+    return torch.cat([out_prompt.transpose(1, 2).reshape(n_prompt, H, dv), out_completion])[None]
+
+
+def _original_attention(module, name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if name == "eager":  # every modeling file defines its own eager attention
+        for cls in type(module).__mro__:  # (a wrapper's subclass, e.g. FSDP2's, lives elsewhere)
+            fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+            if fn is not None:
+                return fn
+        raise RuntimeError(f"packed attention: no eager attention found for {type(module).__name__}")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _make_attention(original: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        pk = kwargs.pop("grpo_packed", None)
+        if pk is None:
+            return _original_attention(module, original)(module, query, key, value, attention_mask, **kwargs)
+        return _packed_attention(module, query, key, value, pk, **kwargs), None
+    return attention
+
+
+def _make_mask(original: str):
+    def mask(**kwargs):
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        if _PACKED_MASKS.get():
+            return None
+        return ALL_MASK_ATTENTION_FUNCTIONS[original](**kwargs)
+    return mask
+
+
+def _register(original: str) -> str:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    name = PREFIX + original
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(original))
+        AttentionMaskInterface.register(name, _make_mask(original))
+    assert name in ALL_MASK_ATTENTION_FUNCTIONS
+    return name
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the packed forward would not compute exactly what `model(...)` does (None: it would)."""
+    base = unwrap(model)
+    cfg = base.config
+    if getattr(cfg, "model_type", None) not in PACKED_MODEL_TYPES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not among the tested PACKED_MODEL_TYPES"
+    if not supports_logits_to_keep(base):
+        return f"{type(base).__name__}.forward has no logits_to_keep (the LM head would run on every packed token)"
+    if not base._can_set_attn_implementation():
+        return f"{type(base).__name__} does not route attention through transformers' AttentionInterface"
+    impl = cfg._attn_implementation
+    if not (impl in _ORIGINALS or impl.startswith(PREFIX)):
+        return f"attention implementation {impl!r} (the packed path wraps sdpa or eager)"
+    if getattr(cfg, "reorder_and_upcast_attn", False) or getattr(cfg, "use_bidirectional_attention", False):
+        return "an attention variant the packed attention does not implement"
+    if base.training and attention_dropout_on(base):
+        return "attention dropout is on in training mode"
+    return None
+
+
+def supported(model) -> bool:
+    return unsupported_reason(model) is None
+
+
+def attention_dropout_on(model) -> bool:
+    """Whether the config asks for attention-probability dropout. (Modules copy it at init;
+    `models.disable_dropout` zeroes both, and the packed attention refuses a non-zero one.)"""
+    cfg = model.config
+    return any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "attn_pdrop"))
+
+
+def prepare(model) -> None:
+    """Switch the model's attention implementation to the packed-aware wrapper of the original
+    one (idempotent). Every forward without `grpo_packed` computes exactly what it did."""
+    base = unwrap(model)
+    impl = base.config._attn_implementation
+    if not impl.startswith(PREFIX):
+        base.set_attn_implementation(_register(impl))
+
+
+def forward(model, pk: PackedGroups, call):
+    """`call(**inputs)` (the model, or a function that calls it) on the packed token list (batch
+    1, true position ids, `grpo_packed=pk` for the attention function); returns what it returns.
+    The caller picks the LM head's positions (`logits_to_keep=pk.score_index`)."""
+    prepare(model)
+    pk.calls = 0
+    token = _PACKED_MASKS.set(True)
+    try:
+        result = call(input_ids=pk.input_ids[None], position_ids=pk.position_ids[None], use_cache=False, grpo_packed=pk)
+    finally:
+        _PACKED_MASKS.reset(token)
+    layers = unwrap(model).config.num_hidden_layers
+    if pk.calls != layers:  # the kwarg did not reach every attention call: its numbers would be wrong
+        raise RuntimeError(f"packed forward: {pk.calls} of {layers} attention layers took the packed path "
+                           f"({type(unwrap(model)).__name__} does not pass its kwargs down to attention)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The hand-written Llama-style forward over the same packed list. It computes what `forward` does
+# for the models `llama.supported` accepts, a few percent faster on the ~1M-parameter models this
+# repository's CPU tests and benchmarks train (no Hugging Face layer machinery per op; measured
+# against `forward`, 2026-12-01: 30-33 vs 29-31 ms forward + backward on the 1M Llama, 4 x 8
+# rows of 16 tokens). It calls the layers' submodules directly, so it is only taken where that
+# is the same thing: no activation checkpointing (which it would bypass) and no FSDP2-sharded
+# layers (whose parameters only exist whole inside their layer's own forward).
+
+def hand_written(model, positions: int) -> bool:
+    """Whether `llama_hidden` may stand in for `forward` on this model (`positions`: the
+    longest prompt + completion it will see, for sliding windows)."""
+    from .llama import supported as llama_supported
+    from .models import checkpointing_active
+    if not llama_supported(model, positions) or checkpointing_active(model):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed
+        return True
+    base = unwrap(model)
+    return not isinstance(base, FSDPModule) and not isinstance(base.model.layers[0], FSDPModule)
+
+
+def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) -> Tensor:
+    """`_packed_attention` for q [M, H, hd], k/v [M, Hkv, hd] -> [M, H * hd] (no sliding window,
+    no softcapping: what `llama.supported` models have)."""
     _, H, hd = q.shape
     rep = H // k.shape[1]
-    if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
+    if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
     n_prompt, rows = U * Lp, U * Gmax
+    prompt_mask, completion_mask = pk.masks(None)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def heads_first(x, n):  # [n * L, H, hd] -> [n, H, L, hd]
         return x.reshape(n, -1, H, hd).transpose(1, 2)
 
     qp, kp, vp = heads_first(q[:n_prompt], U), heads_first(k[:n_prompt], U), heads_first(v[:n_prompt], U)
-    out_prompt = sdpa(qp, kp, vp, attn_mask=pk.prompt_attend, scale=scale).transpose(1, 2).reshape(n_prompt, H * hd)
+    out_prompt = sdpa(qp, kp, vp, attn_mask=prompt_mask, scale=scale).transpose(1, 2).reshape(n_prompt, H * hd)
 
-    # The completions, scattered into [U * Gmax rows, Tc] (empty slots stay zero, never read).
     def layout(x):
         return heads_first(x.new_zeros(rows * Tc, H, hd).index_copy(0, pk.layout_index, x[n_prompt:]), rows)
-    keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)   # [rows, H, Lp + Tc, hd]
+    keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)
     values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
-    out = sdpa(layout(q), keys, values, attn_mask=pk.completion_attend, scale=scale)  # [rows, H, Tc, hd]
+    out = sdpa(layout(q), keys, values, attn_mask=completion_mask, scale=scale)
     out_completion = out.transpose(1, 2).reshape(rows * Tc, H * hd).index_select(0, pk.layout_index)
     return torch.cat([out_prompt, out_completion])
 
 
-def scored_logits(model, pk: PackedGroups) -> Tensor:
-    """Logits [K, V] predicting `pk.score_targets` (K scored tokens), from one packed forward."""
-    base = model.model
+def llama_hidden(model, pk: PackedGroups) -> Tensor:
+    """Final hidden states [K, D] (after the last norm) at `pk.score_index`, for `hand_written`
+    models: their embedding, norms, projections, rotary tables and MLPs, our attention."""
+    from .llama import attention_shape, rope, rope_tables
+    base = unwrap(model).model
     H, Hkv, hd, scale = attention_shape(model)
     x = base.embed_tokens(pk.input_ids)                                  # [M, D]
     cos, sin = rope_tables(model, x, pk.position_ids)                   # [M, 1, hd]
@@ -132,6 +365,6 @@ def scored_logits(model, pk: PackedGroups) -> Tensor:
         q = rope(a.q_proj(h).view(M, H, hd), cos, sin)
         k = rope(a.k_proj(h).view(M, Hkv, hd), cos, sin)
         v = a.v_proj(h).view(M, Hkv, hd)
-        x = x + a.o_proj(_attention(q, k, v, pk, scale))
+        x = x + a.o_proj(_llama_attention(q, k, v, pk, scale))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(base.norm(x.index_select(0, pk.score_index)))
+    return base.norm(x.index_select(0, pk.score_index))

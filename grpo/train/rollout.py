@@ -6,6 +6,7 @@ p*G .. p*G+G-1 are prompt p's group throughout.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import torch
 
 from grpo import algorithm
 from grpo.data import decode_completions, format_prompt, tokenize_prompts
+from grpo.engine.adapters import reference_policy
 from grpo.engine.backend import LocalBackend, RolloutBackend, SamplingParams
 from grpo.engine.logprobs import completion_logprobs
 from grpo.rewards import score
@@ -63,12 +65,14 @@ def needs_reference(cfg) -> bool:
 
 
 @torch.no_grad()
-def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
+def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int,
+                     logprob_chunk_size: int = 0) -> torch.Tensor:
     out = []
     for i in range(0, len(rollout), micro_batch_size):
         s = slice(i, i + micro_batch_size)
         lp, _ = completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s],
-                                    rollout.completion_ids[s], rollout.completion_mask[s], temperature)
+                                    rollout.completion_ids[s], rollout.completion_mask[s], temperature,
+                                    logprob_chunk_size=logprob_chunk_size)
         out.append(lp.float())
     return torch.cat(out)
 
@@ -87,7 +91,8 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     """Generate, score and normalise one step's groups.
 
     `backend` generates (default: the local engine on `policy`); `policy` and `reference` give the
-    trainer-side log-probs. `gather` all-gathers a tensor across processes (None on one
+    trainer-side log-probs (`reference` may be `policy` itself when it carries a LoRA adapter:
+    pi_ref is then the policy with its adapter off). `gather` all-gathers a tensor across processes (None on one
     process), so batch-wide advantage statistics are counted over the global batch. `precision`
     says what the forward passes compute in (float32 when None).
     """
@@ -121,11 +126,14 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         prompts=prompts, completions=completions)
 
     temperature = logprob_temperature(cfg)
+    chunk = getattr(cfg, "logprob_chunk_size", 0)
     with precision.autocast():
         if needs_old_logprobs(cfg):
-            rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size)
+            rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk)
         if reference is not None:
-            rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size)
+            # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter off).
+            with reference_policy(policy) if reference is policy else contextlib.nullcontext():
+                rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
     t3 = clock(device)
     rollout.timings = {"generate": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2}
     return rollout

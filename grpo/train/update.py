@@ -49,7 +49,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 with precision.autocast():  # the forward only: backward follows the ops it recorded
                     logprobs, entropy = completion_logprobs(
                         policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                        rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False)
+                        rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False,
+                        logprob_chunk_size=getattr(cfg, "logprob_chunk_size", 0))
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
                 ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]

@@ -1,0 +1,234 @@
+"""Peak memory of one GRPO step, grpo vs TRL, for full fine-tuning, LoRA, gradient checkpointing
+and both, as the completion length grows.
+
+    .venv/bin/python -m bench.memory --trl-python .venv-bench/bin/python
+
+Model: Qwen2 architecture with Qwen2-0.5B's vocabulary and width (151,936 x 896, tied embedding,
+14 query / 2 key-value heads, MLP 4864, qkv biases) and `--layers` decoder layers (default 2):
+the LM head and the logits are what a 0.5B-8B model's memory is about at these lengths, and a few
+layers keep a CPU step to minutes. Random weights, the character tokenizer of grpo.recipes.tasks.
+
+Work, the same for both systems: 8 prompts x 8 completions (`--prompts/--group`), every
+completion forced to its full length (EOS never sampled: ours drops EOS from the stop set, TRL
+generates with `min_new_tokens`), completion lengths 32/64/128 (`--tokens`), temperature 1,
+beta 0.04 (both compute reference log-probs), one update per rollout, float32 weights and AdamW,
+one forward over the whole batch (ours: micro_batch_size 64; TRL: per_device_train_batch_size 64).
+LoRA: r 16, alpha 32, dropout 0, all linear layers (peft, in both); the reference is the base
+model with the adapter off (both). Gradient checkpointing: Hugging Face's, non-reentrant (both).
+Ours also scores with the chunked LM head (`--chunk` tokens at a time; 0: off).
+
+Each measurement is one step in a fresh subprocess; its peak RSS (ru_maxrss) includes the Python
+process, torch and the loaded model, so the baseline after loading is printed too. Measurements
+are interleaved (ours, TRL, ours, TRL, ...) so that machine drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from bench.bench_vs_trl import run_worker
+from bench.common import MODELS, emit, exact_answer, peak_rss_mib, save_qwen2, set_threads
+
+MODES = {"full": dict(lora=False, gc=False), "lora": dict(lora=True, gc=False),
+         "checkpointing": dict(lora=False, gc=True), "lora+checkpointing": dict(lora=True, gc=True)}
+LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+
+
+def build_model(root: Path, layers: int) -> Path:
+    d = root / f"qwen0.5b-vocab-{layers}layers"
+    if not (d / "config.json").exists():
+        shape = {k: v for k, v in MODELS["qwen0.5b"].items() if k != "arch"}
+        save_qwen2(d, **{**shape, "num_layers": layers})
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers: one step of one system in this process.
+
+def run_ours(args) -> dict:
+    import torch
+
+    import grpo.engine.backend
+    from grpo.config import TrainConfig
+    from grpo.engine.adapters import add_lora, trainable_parameters
+    from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+    from grpo.rewards import Reward
+    from grpo.train.distributed import World
+    from grpo.train.optim import make_optimizer, make_scheduler
+    from grpo.train.precision import Precision
+    from grpo.train.rollout import collect_rollout
+    from grpo.train.update import update
+
+    torch.manual_seed(0)
+    n = args.prompts * args.group
+    cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
+                      max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
+                      num_minibatches=1, micro_batch_size=n, learning_rate=1e-6, max_prompt_length=4096,
+                      dtype="float32", device="cpu", num_threads=args.threads, rewards=[{"function": "exact_answer"}])
+    # Read by grpo.train.rollout / update with getattr until the config has the key.
+    cfg.logprob_chunk_size = args.chunk
+    device = torch.device("cpu")
+    precision = Precision(device, torch.float32)
+    tokenizer = load_tokenizer(args.model)
+    policy = load_causal_lm(args.model, device, torch.float32)
+    if args.lora:
+        policy = add_lora(policy, **LORA)
+        reference = policy  # pi_ref = the base model: the policy with its adapter off
+    else:
+        reference = load_causal_lm(args.model, device, torch.float32, trainable=False)
+    if args.gc:
+        enable_gradient_checkpointing(policy)
+    optimizer = make_optimizer(policy, cfg)
+    scheduler = make_scheduler(optimizer, cfg, 1)
+    loaded = peak_rss_mib()
+
+    generate = grpo.engine.backend.generate_groups
+
+    def full_length(*a, **k):
+        k["eos_token_id"] = [-1]  # never sampled: every completion runs max_new_tokens
+        return generate(*a, **k)
+    grpo.engine.backend.generate_groups = full_length
+
+    from grpo.recipes.tasks import addition_problems
+    rows = addition_problems()[0][:args.prompts]
+    generator = torch.Generator(device=device).manual_seed(0)
+    rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
+    rollout = collect_rollout(policy, reference, tokenizer, rows, rewards, cfg, generator, precision=precision)
+    update(policy, optimizer, scheduler, rollout, cfg, World(), generator, precision)
+    return dict(system="ours", rss_after_load_mib=loaded, tokens=int(rollout.completion_mask.sum()),
+                trainable=trainable_parameters(policy))
+
+
+def run_trl(args) -> dict:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bench.workers import trl_version_kwargs
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    from grpo.recipes.tasks import addition_problems
+    rows = addition_problems()[0][:args.prompts]
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-memory-"), report_to="none", use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=args.gc, per_device_train_batch_size=args.prompts * args.group,
+        gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.tokens,
+        beta=0.04, num_iterations=1, temperature=1.0, learning_rate=1e-6, max_steps=1,
+        logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        seed=0, loss_type="grpo", scale_rewards="group", use_vllm=False, shuffle_dataset=False,
+        generation_kwargs={"min_new_tokens": args.tokens}, **trl_version_kwargs(args))
+    trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config)
+    loaded = peak_rss_mib()
+    trainer.train()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return dict(system="trl", rss_after_load_mib=loaded, trl_version=__import__("trl").__version__,
+                trainable=trainable)
+
+
+def worker(argv) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("system", choices=["ours", "trl"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--gc", action="store_true")
+    args = ap.parse_args(argv)
+    # Names bench.workers' TRL helpers read.
+    args.device, args.dtype, args.full_length = "cpu", "float32", True
+    set_threads(args.threads)
+    emit(run_ours(args) if args.system == "ours" else run_trl(args))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "worker":
+        return worker(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=256, help="ours: LM-head chunk (tokens); 0: whole logits")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models-dir", default="/tmp/grpo-bench-models")
+    ap.add_argument("--model", default="", help="use this model directory instead of building one")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
+    ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl and peft installed")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
+    ap.add_argument("--json", default="", help="also write raw results here")
+    args = ap.parse_args(argv)
+    command = "python -m bench.memory " + " ".join(shlex.quote(a) for a in argv)
+
+    model = args.model or str(build_model(Path(args.models_dir), args.layers))
+    systems = ["ours"] + ([] if args.skip_trl else ["trl"])
+    raw = []
+    for T in args.tokens:
+        for mode in args.modes:
+            for system in systems:
+                extra = [system, "--model", model, "--prompts", str(args.prompts), "--group", str(args.group),
+                         "--tokens", str(T), "--threads", str(args.threads), "--chunk", str(args.chunk)]
+                extra += ["--lora"] * MODES[mode]["lora"] + ["--gc"] * MODES[mode]["gc"]
+                py = args.python if system == "ours" else args.trl_python
+                res = run_worker(py, "worker", extra, timeout=args.timeout, module="bench.memory")
+                res.update(T=T, mode=mode)
+                raw.append(res)
+                print(f"[T={T} {mode}] {system:4s} peak RSS {res['peak_rss_mib']:.0f} MiB "
+                      f"(after loading {res['rss_after_load_mib']:.0f})", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    print()
+    print(report(raw, args, command, model))
+
+
+def report(raw: list[dict], args, command: str, model: str) -> str:
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    lines = [f"Peak RSS of one GRPO step: {args.prompts} prompts x {args.group} completions forced to T tokens, "
+             f"beta 0.04, float32, CPU, {args.threads} threads; Qwen2 {cfg['vocab_size']} x {cfg['hidden_size']} "
+             f"(tied), {cfg['num_hidden_layers']} layers; ours with logprob_chunk_size {args.chunk}.",
+             f"Command: `{command}`", "",
+             "| T | mode | ours peak MiB | TRL peak MiB | ours / TRL | ours after load | TRL after load "
+             "| trainable params (ours / TRL) |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["T"], r["mode"], r["system"]): r for r in raw}
+    for T in args.tokens:
+        for mode in args.modes:
+            ours, trl = by.get((T, mode, "ours")), by.get((T, mode, "trl"))
+            ratio = f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.0%}" if ours and trl else ""
+
+            def cell(r, key, fmt="{:.0f}"):
+                return fmt.format(r[key]) if r else ""
+            lines.append(f"| {T} | {mode} | {cell(ours, 'peak_rss_mib')} | {cell(trl, 'peak_rss_mib')} | {ratio} | "
+                         f"{cell(ours, 'rss_after_load_mib')} | {cell(trl, 'rss_after_load_mib')} | "
+                         f"{cell(ours, 'trainable', '{:,}')} / {cell(trl, 'trainable', '{:,}')} |")
+    versions = {r.get("trl_version") for r in raw if r.get("trl_version")}
+    if versions:
+        lines += ["", f"TRL {', '.join(sorted(versions))}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

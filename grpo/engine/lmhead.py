@@ -1,0 +1,122 @@
+"""From the last hidden states to per-token log-probs and entropy, optionally a chunk at a time.
+
+The LM head turns K scored positions into [K, V] logits; with Qwen2's 151,936-token vocabulary
+and K = 8 x 8 x 128 scored tokens that is 8k x 152k float32 = 5 GB for the logits alone, plus
+the softmax that the backward keeps. `chunked_token_stats` never holds more than
+[chunk, V] of it: each chunk runs the head, the log-softmax gather and the entropy, and under
+grad is wrapped in `torch.utils.checkpoint` so that the backward recomputes that chunk's logits
+instead of keeping them (saved for the backward: the chunk's hidden states only). Values and
+gradients are those of the whole-logits path (tests/test_lmhead.py).
+
+The head is the model's own output layer followed by what its forward does to the logits after
+it: final-logit softcapping (Gemma 2/3), a scale (Cohere's `logit_scale`) or a divisor
+(Granite's `logits_scaling`). `check_head` compares this against the model's own logits once
+per model and raises if they differ, so an unknown transform cannot silently change the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .models import unwrap
+
+
+def token_stats(logits: Tensor, targets: Tensor, temperature: float, compute_entropy: bool,
+                entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """log-prob of each target [...] under logits [..., V] / temperature, and the entropy."""
+    # float32 maths whatever the model dtype (bf16 log-probs are too coarse for ratios near 1).
+    logits = logits.float() / temperature
+    # log_softmax(z)[o] = z[o] - logsumexp(z): gather first, so no [N, T, V] log-prob tensor is
+    # ever materialised next to the logits (the vocabulary can be 150k wide).
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if compute_entropy:
+        # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z). When it is only a
+        # metric (entropy_grad=False) it is computed without grad, so autograd does not keep
+        # [N, T, V] softmax outputs alive until the backward (with a 150k vocabulary, gigabytes).
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            z = logits if entropy_grad else logits.detach()
+            probs = torch.softmax(z, dim=-1)
+            entropy = (lse if entropy_grad else lse.detach()) - (probs * z).sum(-1)
+    return token_logprobs, entropy
+
+
+def head_logits(model, hidden: Tensor) -> Tensor:
+    """The model's logits for final hidden states [..., D]: its output layer, then the final
+    transform its forward applies (softcapping, a scale)."""
+    base = unwrap(model)
+    cfg = base.config
+    logits = base.get_output_embeddings()(hidden)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is not None:                                   # Gemma 2/3: cap * tanh(logits / cap)
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(base, "logit_scale", None) is not None:    # Cohere: logits * logit_scale
+        logits = logits * base.logit_scale
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        logits = logits / cfg.logits_scaling
+    return logits
+
+
+def check_head(model, hidden: Tensor, model_logits: Tensor) -> None:
+    """`head_logits(hidden)` must be the model's own logits `model_logits` for the same rows."""
+    with torch.no_grad():
+        ours = head_logits(model, hidden).float()
+    theirs = model_logits.detach().float()
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"logprob_chunk_size: the chunked LM head does not reproduce the logits of "
+                         f"{type(unwrap(model)).__name__} (its forward transforms them in a way "
+                         f"grpo.engine.lmhead.head_logits does not know); set logprob_chunk_size: 0")
+
+
+def chunked_token_stats(model, hidden: Tensor, targets: Tensor, temperature: float, compute_entropy: bool,
+                        entropy_grad: bool, chunk_size: int) -> tuple[Tensor, Tensor | None]:
+    """`token_stats(head_logits(hidden), targets)` for hidden [K, D], targets [K], chunk_size
+    rows of logits at a time, in the forward and (recomputed) in the backward."""
+    def stats(h, t):
+        return token_stats(head_logits(model, h), t, temperature, compute_entropy, entropy_grad)
+
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or
+                                        any(p.requires_grad for p in unwrap(model).get_output_embeddings().parameters()))
+    lps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        lp, ent = checkpoint(stats, h, t, use_reentrant=False) if grad else stats(h, t)
+        lps.append(lp)
+        ents.append(ent)
+    if not lps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if compute_entropy else None)
+    return torch.cat(lps), (torch.cat(ents) if compute_entropy else None)
+
+
+class _Capture:
+    """Forward hook on the model's decoder: keeps its output's last hidden state (what the
+    causal-LM forward feeds its LM head)."""
+
+    def __init__(self, model):
+        self.hidden = None
+        self.handle = unwrap(model).get_decoder().register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def forward_hidden(model, keep: Tensor | None = None, **kwargs):
+    """`model(**kwargs)` with its LM head on the positions `keep` only (1-D tensor; None or empty:
+    on none) and its final hidden states [B, L, D] captured. Returns (hidden, output)."""
+    device = kwargs["input_ids"].device
+    keep = torch.zeros(0, dtype=torch.long, device=device) if keep is None else keep
+    with _Capture(model) as cap:
+        out = model(**kwargs, logits_to_keep=keep)
+    if cap.hidden is None:
+        raise RuntimeError(f"logprob_chunk_size: could not read the final hidden states of {type(unwrap(model)).__name__}")
+    return cap.hidden, out

@@ -1,0 +1,130 @@
+"""Log-probs without the full logits: the chunked LM head equals the whole one (values and
+gradients), and no [tokens x vocab] tensor is ever made, in the forward or the backward."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from grpo.engine.lmhead import chunked_token_stats, head_logits, token_stats
+from grpo.engine.logprobs import completion_logprobs
+from tiny_archs import build, group_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op returns while active (autograd's backward ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), (func.__name__, tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_chunked_stats_equal_whole_logits_with_gradients(entropy_grad):
+    model = build("gemma2", vocab_size=301)  # final-logit softcapping in the head
+    K, D = 23, model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(K, D, generator=g, dtype=torch.float64).float().requires_grad_()
+    targets = torch.randint(0, 301, (K,), generator=g)
+    w_lp, w_ent = torch.randn(K, generator=g), torch.randn(K, generator=g)
+
+    def run(chunk):
+        model.zero_grad()
+        hidden.grad = None
+        if chunk:
+            lp, ent = chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
+        else:
+            lp, ent = token_stats(head_logits(model, hidden), targets, 0.7, True, entropy_grad)
+        ((lp * w_lp) + (ent * w_ent if entropy_grad else 0)).sum().backward()
+        return lp.detach(), ent.detach(), hidden.grad.clone(), model.lm_head.weight.grad.clone()
+
+    whole, chunked = run(0), run(5)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The head really is Gemma 2's: the model's own logits for these hidden states.
+    with torch.no_grad():
+        capped = model.config.final_logit_softcapping * torch.tanh(model.lm_head(hidden) / model.config.final_logit_softcapping)
+        torch.testing.assert_close(head_logits(model, hidden), capped)
+
+
+def test_no_tokens_x_vocab_tensor_in_forward_or_backward():
+    """A 4096-token vocabulary and ~100 scored tokens: the unchunked update makes [K, V] logits
+    (the check can fail); with logprob_chunk_size=4 no op in the forward or the backward returns
+    a tensor with a quarter of that many elements, and the gradients are the same."""
+    V = 4096
+    model = build("llama", vocab_size=V, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                  num_key_value_heads=1).train()
+    pids, pmask, comp, cmask, w = group_batch(seed=2, P=4, G=4, T=12)
+    K = int(cmask.sum())
+    assert K / 4 > 2 * model.config.hidden_size  # a quarter of [K, V] is larger than any weight [V, D]
+
+    def step(chunk):
+        model.zero_grad()
+        with LargestTensor() as forward:
+            lp, ent = completion_logprobs(model, pids, pmask, comp, cmask, compute_entropy=True,
+                                          entropy_grad=False, logprob_chunk_size=chunk)
+            loss = (lp * cmask * w).sum()
+        with LargestTensor() as backward:
+            loss.backward()
+        return lp.detach() * cmask, ent * cmask, [p.grad.clone() for p in model.parameters()], forward, backward
+
+    lp, ent, grads, fwd, bwd = step(0)
+    assert fwd.numel >= K * V and bwd.numel >= K * V
+    lp_c, ent_c, grads_c, fwd_c, bwd_c = step(4)
+    assert fwd_c.numel < K * V / 4, fwd_c.op
+    assert bwd_c.numel < K * V / 4, bwd_c.op
+    torch.testing.assert_close(lp_c, lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_c, ent, atol=1e-5, rtol=0)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["auto", "plain"])
+def test_chunked_head_on_every_path(engine):
+    """The plain forward, the packed forward (Llama) and the KV-cache hand-over (BLOOM) all take
+    the chunked head, with the unchunked numbers."""
+    from transformers import BloomConfig, BloomForCausalLM
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=37, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
+                                         bos_token_id=None, eos_token_id=1, hidden_dropout=0.0,
+                                         attention_dropout=0.0))
+    for model in (build("llama"), bloom):
+        pids, pmask, comp, cmask, _ = group_batch(seed=3)
+        with torch.no_grad():
+            whole = completion_logprobs(model, pids, pmask, comp, cmask, compute_entropy=True, engine=engine)
+            chunked = completion_logprobs(model, pids, pmask, comp, cmask, compute_entropy=True, engine=engine,
+                                          logprob_chunk_size=3)
+        for a, b in zip(chunked, whole):
+            torch.testing.assert_close(a * cmask, b * cmask, atol=1e-5, rtol=0)
+
+
+def test_a_head_transform_it_does_not_know_is_refused():
+    """A model whose forward rescales its logits in a way head_logits does not reproduce: the
+    first chunked call compares against the model's own logits and raises."""
+    model = build("llama").eval()
+    model.config.logits_scaling = None
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+    model.forward = scaled
+    pids, pmask, comp, cmask, _ = group_batch()
+    with torch.no_grad(), pytest.raises(ValueError, match="logprob_chunk_size"):
+        completion_logprobs(model, pids, pmask, comp, cmask, logprob_chunk_size=4)
+
+
+def test_rejects_bad_chunk_size():
+    model = build("llama")
+    with pytest.raises(ValueError, match="logprob_chunk_size"):
+        completion_logprobs(model, *group_batch()[:4], logprob_chunk_size=-1)
