@@ -97,17 +97,15 @@ def grads_and_weights(policy):
 
 
 def train_steps(policy, reference, optimizer, scheduler, sampler, generator, rows, cfg, world, steps):
-    """`grpo train`'s step, sharded: rollout inside `gathered`, then the update through FSDP."""
-    from grpo.train.sharding import gathered
-
+    """`grpo train`'s step, sharded: the rollout gathers each model for its passes, the update
+    runs through FSDP's hooks."""
     tokenizer, rewards = load_tokenizer(cfg.model), build_rewards(cfg.rewards, None, None)
     completions = []
     for _ in range(steps):
         indices = sampler.next(cfg.prompts_per_step * world.size)
         mine = indices[world.rank * cfg.prompts_per_step:(world.rank + 1) * cfg.prompts_per_step]
-        with gathered(policy, reference):
-            rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg, generator,
-                                      gather=world.gather)
+        rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg, generator,
+                                  gather=world.gather)
         update(policy, optimizer, scheduler, rollout, cfg, world, generator)
         completions.append(rollout.completion_ids)
     return completions
@@ -126,7 +124,7 @@ def fresh_run(cfg, world, seed):
     policy = shard_model(load_causal_lm(cfg.model, CPU, torch.float32), world, torch.float32)
     reference = shard_model(load_causal_lm(cfg.model, CPU, torch.float32, trainable=False), world, torch.float32)
     optimizer = make_optimizer(policy, cfg)
-    scheduler = make_scheduler(optimizer, cfg, 4)
+    scheduler = make_scheduler(optimizer, cfg, 3 * cfg.num_iterations)
     return policy, reference, optimizer, scheduler, PromptSampler(64, cfg.seed), torch.Generator().manual_seed(seed)
 
 
@@ -149,9 +147,9 @@ def worker(rank, port, cfg, tied_cfg, batch, out):
     policy = shard_model(load_causal_lm(cfg.model, CPU, torch.float32), world, torch.float32)
     reference = shard_model(load_causal_lm(cfg.model, CPU, torch.float32, trainable=False), world, torch.float32)
     with gathered(policy, reference):
-        assert not hasattr(next(policy.parameters()), "full_tensor")  # plain tensors inside
-        seen["rollout"] = half_rollout(policy, reference, tokenizer, rows, cfg, rank)
-    assert hasattr(next(policy.parameters()), "full_tensor")          # sharded again after
+        assert not any(hasattr(p, "full_tensor") for p in policy.parameters())  # plain tensors inside
+    assert all(hasattr(p, "full_tensor") for p in policy.parameters())          # sharded again after
+    seen["rollout"] = half_rollout(policy, reference, tokenizer, rows, cfg, rank)  # gathers each model itself
 
     # The update on this process's half of the fixed batch.
     stats, optimizer = one_update(policy, cfg, take(batch, half), world)
@@ -214,7 +212,7 @@ def two_processes(tiny_model_dir, addition_files, tmp_path_factory):
     tied.save_pretrained(out / "tied")
     tokenizer.save_pretrained(out / "tied")
     cfg = config(tiny_model_dir, addition_files["train"])
-    tied_cfg = config(str(out / "tied"), addition_files["train"], warmup_steps=2)
+    tied_cfg = config(str(out / "tied"), addition_files["train"], warmup_steps=2, num_iterations=2)  # pi_old too
     rows = load_rows(cfg.dataset)[:P]
     policy = load_causal_lm(cfg.model, CPU, torch.float32)
     reference = load_causal_lm(cfg.model, CPU, torch.float32, trainable=False)

@@ -18,6 +18,7 @@ from grpo.engine.logprobs import completion_logprobs
 from grpo.rewards import score
 
 from .precision import Precision
+from .sharding import gathered
 
 
 @dataclass
@@ -89,7 +90,9 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     `backend` generates (default: the local engine on `policy`); `policy` and `reference` give the
     trainer-side log-probs. `gather` all-gathers a tensor across processes (None on one
     process), so batch-wide advantage statistics are counted over the global batch. `precision`
-    says what the forward passes compute in (float32 when None).
+    says what the forward passes compute in (float32 when None). Sharded models (`fsdp`) are
+    gathered whole for their own passes only (`sharding.gathered`: the policy for generation and
+    for pi_old, the reference for pi_ref, never both at once); every process must call this.
     """
     device = next(policy.parameters()).device
     precision = precision or Precision(device, torch.float32)
@@ -98,7 +101,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     t0 = clock(device)
     texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
-    with precision.autocast():
+    with precision.autocast(), gathered(policy):
         out = backend.generate(prompt_ids, prompt_mask, sampling_params(cfg), generator)
     t1 = clock(device)
 
@@ -121,10 +124,11 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         prompts=prompts, completions=completions)
 
     temperature = logprob_temperature(cfg)
-    with precision.autocast():
-        if needs_old_logprobs(cfg):
+    if needs_old_logprobs(cfg):
+        with precision.autocast(), gathered(policy):
             rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size)
-        if reference is not None:
+    if reference is not None:
+        with precision.autocast(), gathered(reference):
             rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size)
     t3 = clock(device)
     rollout.timings = {"generate": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2}

@@ -68,14 +68,19 @@ def shard_model(model: nn.Module, world: World, dtype: torch.dtype) -> nn.Module
                                   reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    # The root's parameters (embeddings, LM head) are used first in forward and last in backward:
-    # kept gathered in between, as FSDP2 does by default for the root.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=_reshard_after_forward(model, model))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)           # sum, not average (module docstring)
             module.set_force_sum_reduction_for_comms(True)   # ReduceOp.SUM, no PREMUL_SUM (gloo has none)
     return model
+
+
+def _reshard_after_forward(unit: nn.Module, root: nn.Module) -> bool:
+    """Layers free their gathered weights after each forward. A trained root (embeddings, LM
+    head: used first in forward, last in backward) keeps them until its backward, as FSDP2 does
+    by default; a frozen one has no backward to wait for."""
+    return unit is not root or not any(p.requires_grad for p in root.parameters())
 
 
 def is_sharded(model) -> bool:
@@ -106,7 +111,7 @@ def gathered(*models):
         yield
     finally:
         for root, unit in units:
-            unit.set_reshard_after_forward(unit is not root, recurse=False)  # shard_model's settings
+            unit.set_reshard_after_forward(_reshard_after_forward(unit, root), recurse=False)
             unit.reshard()
 
 
