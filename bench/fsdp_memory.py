@@ -72,8 +72,21 @@ def worker(rank: int, world_size: int, mode: str, port: int, args, out: Path) ->
         k["eos_token_id"] = [-1]  # never sampled: every completion runs max_new_tokens on every process
         return generate(*a, **k, **({"engine": "plain"} if mode == "hooks" else {}))
     grpo.engine.backend.generate_groups = full_length
-    if mode == "hooks":  # the alternative measured here: no gathering, every forward through FSDP's hooks
-        grpo.train.rollout.gathered = lambda *models: contextlib.nullcontext()
+    if mode == "hooks":
+        # The alternative measured here: nothing gathered up front, every forward through FSDP's
+        # hooks; on leaving a pass every unit is resharded (a trained root would otherwise stay
+        # gathered from its no-grad forward until the update's backward).
+        @contextlib.contextmanager
+        def per_layer(*models):
+            from torch.distributed.fsdp import FSDPModule
+            try:
+                yield
+            finally:
+                for m in models:
+                    for unit in (m.modules() if m is not None else ()):
+                        if isinstance(unit, FSDPModule):
+                            unit.reshard()
+        grpo.train.rollout.gathered = per_layer
 
     world = World()
     cpu = torch.device("cpu")
@@ -85,6 +98,9 @@ def worker(rank: int, world_size: int, mode: str, port: int, args, out: Path) ->
     policy = load_causal_lm(args.model, cpu, torch.float32)
     reference = load_causal_lm(args.model, cpu, torch.float32, trainable=False)
     n_params = sum(p.numel() for p in policy.parameters())
+    with torch.no_grad():  # from_pretrained leaves CPU weights mapped from the file until first
+        for p in [*policy.parameters(), *reference.parameters()]:  # read: resident from the start
+            p.data = p.data.clone()
     if mode != "single":
         policy = shard_model(policy, world, torch.float32)
         reference = shard_model(reference, world, torch.float32)

@@ -361,3 +361,12 @@ def test_gathered_model_loads_in_plain_transformers(two_processes):
         assert torch.equal(state[name].detach(), w), name
         assert not torch.equal(w, initial[name]), name  # trained, not the starting weights
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_resuming_an_unsharded_checkpoint_with_fsdp_is_a_config_error(tmp_path):
+    from grpo.errors import ConfigError
+    from grpo.train.sharded_checkpoint import restore_sharded_train_state
+
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(ConfigError, match="fsdp: .*checkpoint-3 holds no sharded/"):
+        restore_sharded_train_state(tmp_path / "checkpoint-3", None, None, None, None, None, None, 0)

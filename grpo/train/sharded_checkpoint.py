@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from grpo.errors import ConfigError
+
 from .checkpoint import STATE_FILE, list_checkpoints, load_state, set_rng_state
 from .distributed import World
 
@@ -67,7 +69,8 @@ def restore_sharded_train_state(checkpoint: Path, policy, optimizer, scheduler, 
 
     checkpoint = Path(checkpoint)
     if not is_sharded_checkpoint(checkpoint):
-        raise RuntimeError(f"{checkpoint} holds no {SHARDS_DIR}/ directory: it was not saved by a run with fsdp: true")
+        raise ConfigError(f"fsdp: {checkpoint} holds no {SHARDS_DIR}/ directory (it was saved by a run without "
+                          f"fsdp); resume it with fsdp: false")
     state = load_state(checkpoint)
     model_state, optimizer_state = get_state_dict(policy, optimizer)
     shards = {"model": model_state, "optimizer": optimizer_state}
