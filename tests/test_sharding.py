@@ -148,6 +148,7 @@ def worker(rank, port, cfg, tied_cfg, batch, out):
     reference = shard_model(load_causal_lm(cfg.model, CPU, torch.float32, trainable=False), world, torch.float32)
     with gathered(policy, reference):
         assert not any(hasattr(p, "full_tensor") for p in policy.parameters())  # plain tensors inside
+        assert not torch.is_grad_enabled()  # a gradient there would be lost at the reshard
     assert all(hasattr(p, "full_tensor") for p in policy.parameters())          # sharded again after
     seen["rollout"] = half_rollout(policy, reference, tokenizer, rows, cfg, rank)  # gathers each model itself
 

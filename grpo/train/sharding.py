@@ -21,7 +21,7 @@ The engine's fast paths call submodules directly (`decoders.GroupDecoder`, `pack
 FSDP's forward hooks never see. `gathered` unshards the whole model once for a rollout; inside
 it no forward communicates, which is also what lets processes generate different numbers of
 tokens (with per-layer all-gathers, every process would have to run the same number of forward
-calls, or the collectives mismatch and the run hangs).
+calls, or the collectives mismatch: the run hangs, or pairs up unrelated collectives).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def gathered(*models):
 
     Costs one full copy of each model in the compute dtype for as long as it lasts: for a rollout
     (generation, pi_old and pi_ref passes, evaluation), not for the update, whose backward must
-    run through FSDP's hooks to reduce-scatter the gradients."""
+    run through FSDP's hooks to reduce-scatter the gradients. The body runs without grad: a
+    gradient computed inside would land on the gathered copies and vanish when they are freed."""
     from torch.distributed.fsdp import FSDPModule
 
     roots = [m for m in models if m is not None and is_sharded(m)]
@@ -108,7 +109,8 @@ def gathered(*models):
     for handle in handles:
         handle.wait()
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         for root, unit in units:
             unit.set_reshard_after_forward(_reshard_after_forward(unit, root), recurse=False)
