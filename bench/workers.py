@@ -28,7 +28,8 @@ def run_ours(args) -> dict:
     from grpo.engine.models import load_tokenizer, pick_device, pick_dtype
     from grpo.rewards import Reward
     from grpo.train.distributed import World
-    from grpo.train.loop import load_models
+    from grpo.train.models import load_models
+    from grpo.train.setup import RunSetup
     from grpo.train.optim import make_optimizer, make_scheduler
     from grpo.train.precision import Precision
     from grpo.train.rollout import clock, collect_rollout
@@ -45,12 +46,12 @@ def run_ours(args) -> dict:
     device = pick_device(cfg.device)
     precision = Precision(device, pick_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(args.model)
-    policy, reference = load_models(cfg, device)
+    world = World()
+    policy, reference = load_models(cfg, RunSetup(device, precision, world, None))
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, args.warmup + args.steps)
     rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
     generator = torch.Generator(device=device).manual_seed(0)
-    world = World()
     rows = workload_rows(args)
 
     import grpo.engine.backend

@@ -41,7 +41,7 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     # At a GRPO learning rate of 1e-6 an AdamW step is ~100x smaller than bf16's spacing near a
     # weight of 0.02: weights stored in bf16 mostly round back to where they were. With float32
     # master weights nearly all of them move.
-    import grpo.train.loop
+    import grpo.train.models
 
     def run(name):
         cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(tmp_path / name),
@@ -54,8 +54,8 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     assert all(t.dtype == torch.float32 for t in after.values())
     assert changed_fraction(before, after) > 0.95
     if dtype == "bfloat16":  # the same run with the policy stored in bf16, as before the fix
-        real = grpo.train.loop.load_causal_lm
-        monkeypatch.setattr(grpo.train.loop, "load_causal_lm", lambda path, device, dt, trainable=True:
+        real = grpo.train.models.load_causal_lm
+        monkeypatch.setattr(grpo.train.models, "load_causal_lm", lambda path, device, dt, trainable=True:
                             real(path, device, dt, trainable).to(torch.bfloat16))
         stored = load_file(str(run("stored_bf16") / "model.safetensors"))
         assert next(iter(stored.values())).dtype == torch.bfloat16

@@ -113,7 +113,7 @@ def test_every_variant_trains(tiny_model_dir, addition_files, tmp_path, extra):
 
 
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_path, monkeypatch):
-    import grpo.train.loop as trainer
+    import grpo.train.models as trainer
     loads = []
     real = trainer.load_causal_lm
     monkeypatch.setattr(trainer, "load_causal_lm", lambda *a, **k: loads.append(k) or real(*a, **k))

@@ -205,7 +205,7 @@ def describe(cls, title: str, width: int = 100) -> str:
             doc += f" Also accepted as `{aliases[key]}`."
         for paragraph in doc.split("\n"):
             lines += textwrap.wrap(paragraph, width - 2, initial_indent="# ", subsequent_indent="# ") or ["#"]
-        lines.append(yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip().strip("{}"))
+        lines.append(yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1])  # {key: v}
         nested = getattr(cls, "NESTED", {}).get(key)
         if nested is not None:  # the fields of each entry of a list-valued key
             lines.append(f"#   each entry of {key}:")

@@ -180,6 +180,30 @@ class TrainConfig(LoopConfig):
     num_minibatches: int = 1
     """Optimizer steps per pass, each over whole groups."""
 
+    # --- Real model sizes: adapters, sharding, memory.
+    model_init_kwargs: dict = field(default_factory=dict)
+    """Passed to from_pretrained for the policy and the reference, as TRL's: e.g.
+    {attn_implementation: sdpa, trust_remote_code: true}; the trained weights stay float32."""
+    peft: dict = field(default_factory=dict)
+    """LoRA through peft ({r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}); {}: full
+    fine-tuning. The reference is the base model with the adapter off: beta > 0 costs no copy."""
+    merge_adapter: bool = False
+    """With peft: the output directory holds the merged model (plain transformers loads it) and
+    adapter/ the adapter; otherwise it holds the adapter."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state over the processes with
+    PyTorch's FSDP2 (per decoder layer, then the root); checkpoints are sharded
+    (torch.distributed.checkpoint), the final model is gathered into one directory."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them."""
+    logprob_chunk_size: int = -1
+    """Scored tokens per pass through the LM head, so the [tokens x vocabulary] logits never exist
+    at once (forward or backward); 0: all at once; -1: 1024 when the vocabulary has 65,536
+    tokens or more (Qwen2's 151,936), else all at once."""
+    router_aux_loss_coef: float = 0.0
+    """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss
+    (e.g. Mixtral's 0.02); 0: none."""
+
     # --- Checkpoints: a long run keeps something to resume from unless told otherwise.
     save_steps: int = 100
     """Every N steps a resumable checkpoint-N/ is written; 0 keeps only the final model."""
@@ -227,6 +251,15 @@ class TrainConfig(LoopConfig):
             bad("epsilon_low", f"must be in [0, 1], got {self.epsilon_low}")
         if self.advantage_eps <= 0:
             bad("advantage_eps", f"must be > 0, got {self.advantage_eps}")
+        unknown = set(self.peft) - {"r", "alpha", "dropout", "target_modules"}
+        if unknown:
+            bad("peft", f"unknown field(s) {sorted(unknown)}; allowed: alpha, dropout, r, target_modules")
+        if self.merge_adapter and not self.peft:
+            bad("merge_adapter", "there is no adapter to merge without peft")
+        if self.fsdp and self.peft:
+            bad("fsdp", "LoRA (peft) with fsdp is not supported yet: the adapter is small enough to replicate")
+        at_least(self, bad, -1, "logprob_chunk_size")
+        at_least(self, bad, 0, "router_aux_loss_coef")
         if self.reward_timeout <= 0:
             bad("reward_timeout", f"must be > 0 seconds, got {self.reward_timeout}")
         if not self.rewards:

@@ -105,12 +105,27 @@ def train_state(step: int, optimizer, scheduler, precision, sampler, config: dic
             "rng": rng, "reward_states": rewards_state}
 
 
+def load_weights(checkpoint: Path, policy) -> None:
+    """The checkpoint's weights into `policy`: the whole model, or a LoRA policy's adapter only
+    (what its save_pretrained wrote)."""
+    adapter = Path(checkpoint) / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(policy, load_file(str(adapter)))
+        if getattr(result, "unexpected_keys", None):
+            raise RunError(f"--resume: {checkpoint}'s adapter does not fit this model ({result.unexpected_keys[:3]} ...)")
+        return
+    policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), torch.float32).state_dict())
+
+
 def restore_train_state(checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator,
                         rank: int) -> dict:
     """Weights, optimizer, schedule, loss scale, data position and this process's RNG streams from
     `checkpoint`; returns its state (step, reward states, config)."""
     state = load_state(checkpoint)
-    policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), torch.float32).state_dict())
+    load_weights(checkpoint, policy)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # empty when the checkpoint was not float16

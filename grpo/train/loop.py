@@ -16,28 +16,19 @@ import torch
 from grpo.config import TrainConfig, to_dict
 from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
-from grpo.engine.models import load_causal_lm
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_states, reward_states
 
-from .checkpoint import restore_train_state, rng_state, save_checkpoint, save_model, train_state
+from .checkpoint import rng_state, train_state
 from .evaluate import evaluate
 from .inputs import check_inputs
 from .interrupts import Interrupted, StopRequests
+from .models import load_models, restore, save_final, save_train_checkpoint
 from .optim import make_optimizer, make_scheduler
-from .rollout import clock, collect_rollout, needs_reference
+from .rollout import clock, collect_rollout
 from .setup import start_run
+from .sharding import gathered
 from .update import rollout_metrics, update
-
-
-def load_models(cfg: TrainConfig, device: torch.device):
-    """pi_theta, and pi_ref (None when the run never uses it: beta = 0 with the ratio anchored at
-    pi_old). Both hold float32 weights whatever the forwards compute in (train.precision): the
-    reference like the policy so that the two agree bit for bit at step 0 (KL exactly 0, a
-    reference-anchored ratio exactly 1), under bf16 as under fp32."""
-    policy = load_causal_lm(cfg.model, device, torch.float32)
-    reference = load_causal_lm(cfg.model, device, torch.float32, trainable=False) if needs_reference(cfg) else None
-    return policy, reference
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False,
@@ -53,7 +44,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     inputs = check_inputs(cfg, run, resume=resume, overwrite=overwrite, allow_changes=allow_changes, say=say)
     rows, eval_rows, rewards, tokenizer = inputs.rows, inputs.eval_rows, inputs.rewards, inputs.tokenizer
 
-    policy, reference = load_models(cfg, device)
+    policy, reference = load_models(cfg, run)
     backend = make_backend(cfg.rollout_backend, policy, tokenizer)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * cfg.num_iterations * cfg.num_minibatches)
@@ -62,8 +53,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
 
     start_step = 0
     if inputs.checkpoint is not None:
-        state = restore_train_state(inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator,
-                                    world.rank)
+        state = restore(cfg, inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world)
         load_reward_states(rewards, state.get("reward_states", {}))
         start_step = state["step"]
         backend.sync_weights(policy)
@@ -77,20 +67,22 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             logger.log({"step": start_step, "resumed_with_changes": {k: list(v) for k, v in inputs.config_changes.items()}})
 
     def run_eval() -> dict:
-        with precision.autocast():
-            result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, inputs.accuracy_name)
+        """Greedy held-out accuracy on rank 0 (every process joins the gather of sharded weights)."""
+        with gathered(policy):
+            if not world.main:
+                return {}
+            with precision.autocast():
+                result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, inputs.accuracy_name)
         return {"eval_reward": result["reward"], **({"eval_accuracy": result["accuracy"]} if "accuracy" in result else {})}
 
     def save(step: int) -> Path | None:
         rng = world.gather_objects(rng_state(generator))  # every process takes part
-        if not world.main:
-            return None
         state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, reward_states(rewards))
-        return save_checkpoint(out, step, policy, tokenizer, state, cfg.save_total_limit,
-                               run={"config": to_dict(cfg), "data": inputs.fingerprints, "step": step})
+        return save_train_checkpoint(cfg, out, step, policy, optimizer, tokenizer, state, world,
+                                     run={"config": to_dict(cfg), "data": inputs.fingerprints, "step": step})
 
     summary = {}
-    if eval_rows and start_step == 0 and world.main:
+    if eval_rows and start_step == 0:
         summary["eval_before"] = run_eval()
         logger.info(f"held-out before training: {format_eval(summary['eval_before'])}")
         logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
@@ -117,7 +109,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
                           "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
                           "elapsed": time.time() - train_start}
                 record = world.average_floats(record)
-                if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and world.main:
+                if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0:
                     record.update(run_eval())
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                     logger.log(record)
@@ -133,12 +125,12 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
                     raise Interrupted(f"interrupted by {stop.name() or 'another process'} at step {step}: {where}",
                                       stop.signum or 2)
 
+        summary["train_seconds"] = time.time() - train_start
+        if eval_rows:
+            summary["eval_after"] = run_eval()
+            logger.info(f"held-out after training: {format_eval(summary['eval_after'])}")
+        save_final(cfg, out, policy, tokenizer, world)
         if world.main:
-            save_model(out, policy, tokenizer)
-            summary["train_seconds"] = time.time() - train_start
-            if eval_rows:
-                summary["eval_after"] = run_eval()
-                logger.info(f"held-out after training: {format_eval(summary['eval_after'])}")
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         logger.close()

@@ -20,6 +20,7 @@ from grpo.engine.logprobs import completion_logprobs
 from grpo.rewards import score
 
 from .precision import Precision
+from .sharding import gathered
 
 
 @dataclass
@@ -60,6 +61,16 @@ def needs_old_logprobs(cfg) -> bool:
     return cfg.ratio_anchor == "old" and (cfg.num_iterations > 1 or cfg.num_minibatches > 1)
 
 
+def logprob_chunk_size(cfg, model) -> int:
+    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 1024 for vocabularies of
+    65,536 tokens or more, else all at once)."""
+    size = getattr(cfg, "logprob_chunk_size", 0)
+    if size >= 0:
+        return size
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    return 1024 if vocab >= 65536 else 0
+
+
 def needs_reference(cfg) -> bool:
     return cfg.beta > 0 or cfg.ratio_anchor == "reference"
 
@@ -94,7 +105,9 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     trainer-side log-probs (`reference` may be `policy` itself when it carries a LoRA adapter:
     pi_ref is then the policy with its adapter off). `gather` all-gathers a tensor across processes (None on one
     process), so batch-wide advantage statistics are counted over the global batch. `precision`
-    says what the forward passes compute in (float32 when None).
+    says what the forward passes compute in (float32 when None). Sharded models (`fsdp`) are
+    gathered whole for their own passes only (`sharding.gathered`: the policy for generation and
+    for pi_old, the reference for pi_ref, never both at once); every process must call this.
     """
     device = next(policy.parameters()).device
     precision = precision or Precision(device, torch.float32)
@@ -103,7 +116,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     t0 = clock(device)
     texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
-    with precision.autocast():
+    with precision.autocast(), gathered(policy):
         out = backend.generate(prompt_ids, prompt_mask, sampling_params(cfg), generator)
     t1 = clock(device)
 
@@ -126,14 +139,15 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         prompts=prompts, completions=completions)
 
     temperature = logprob_temperature(cfg)
-    chunk = getattr(cfg, "logprob_chunk_size", 0)
-    with precision.autocast():
-        if needs_old_logprobs(cfg):
+    chunk = logprob_chunk_size(cfg, policy)
+    if needs_old_logprobs(cfg):
+        with precision.autocast(), gathered(policy):
             rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk)
-        if reference is not None:
-            # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter off).
-            with reference_policy(policy) if reference is policy else contextlib.nullcontext():
-                rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
+    if reference is not None:
+        # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter off).
+        with precision.autocast(), gathered(reference), \
+                (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
+            rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
     t3 = clock(device)
     rollout.timings = {"generate": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2}
     return rollout

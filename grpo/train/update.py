@@ -15,7 +15,8 @@ from grpo.engine.logprobs import completion_logprobs
 
 from .distributed import World
 from .precision import Precision
-from .rollout import Rollout, logprob_temperature
+from .rollout import Rollout, logprob_chunk_size, logprob_temperature
+from .sharding import is_sharded
 
 
 def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, world: World,
@@ -24,6 +25,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
 
     Every optimizer step normalises its loss by counts over its whole minibatch (on every process),
     so the gradient does not depend on micro_batch_size or on the number of processes.
+    On a sharded policy (`grpo.train.sharding`) FSDP's reduce-scatter sums the gradients in the
+    backward, in place of `World.sum_gradients`.
     """
     precision = precision or Precision(next(policy.parameters()).device, torch.float32)
     n, G = len(rollout), cfg.group_size
@@ -33,6 +36,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
                 entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0)
     steps = 0
+    sharded = is_sharded(policy)
+    chunk = logprob_chunk_size(cfg, policy)
     for _ in range(cfg.num_iterations):
         # Shuffle whole groups between minibatches so each minibatch still holds complete groups.
         order = torch.randperm(groups, generator=generator, device=generator.device).cpu() \
@@ -46,11 +51,17 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
             optimizer.zero_grad(set_to_none=True)
             for i in range(0, len(rows), cfg.micro_batch_size):
                 idx = rows[i:i + cfg.micro_batch_size]
+                scored = rollout.completion_mask[idx]
+                if sharded and not bool(scored.any()):
+                    # Sharded, each forward and backward is a collective per layer that every process
+                    # joins: a micro-batch with nothing to score still runs (every column scored),
+                    # and its loss, 0 under the real mask, is backpropagated as zero gradients.
+                    scored = torch.ones_like(scored)
                 with precision.autocast():  # the forward only: backward follows the ops it recorded
                     logprobs, entropy = completion_logprobs(
                         policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                        rollout.completion_mask[idx], temperature, compute_entropy=True, entropy_grad=False,
-                        logprob_chunk_size=getattr(cfg, "logprob_chunk_size", 0))
+                        scored, temperature, compute_entropy=True, entropy_grad=False,
+                        logprob_chunk_size=chunk)
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
                 ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]
@@ -66,7 +77,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 sums["entropy_sum"] += (entropy.float() * m).sum().item()
                 for key in ("policy_loss", "kl_sum", "clip_low_sum", "clip_high_sum", "token_count"):
                     sums[key] += float(stats[key])
-            world.sum_gradients(policy)
+            if not sharded:
+                world.sum_gradients(policy)
             grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
             scheduler.step()
             if torch.isfinite(grad_norm):

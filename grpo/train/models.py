@@ -1,0 +1,79 @@
+"""The policy and the reference as the config asks for them, and how they are saved.
+
+Full fine-tuning: two float32 models (the reference only when beta > 0 or the ratio is anchored
+at it). LoRA (`peft`): one model, the reference being the same modules with the adapter off.
+FSDP2 (`fsdp`): each loaded on the CPU and sharded over the torchrun processes. Gradient
+checkpointing and the model's own `model_init_kwargs` apply to both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from grpo.config import TrainConfig
+from grpo.engine.adapters import add_lora, is_peft, merge_and_unload
+from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm
+
+from .checkpoint import restore_train_state, save_checkpoint, save_model
+from .rollout import needs_reference
+from .sharded_checkpoint import (is_sharded_checkpoint, restore_sharded_train_state, save_gathered_pretrained,
+                                 save_sharded_checkpoint)
+from .sharding import shard_model
+
+
+def load_models(cfg: TrainConfig, run):
+    """pi_theta, and pi_ref (None when the run never uses it: beta = 0 with the ratio anchored at
+    pi_old; the policy itself under LoRA). Both hold float32 weights whatever the forwards compute
+    in (train.precision): the reference like the policy so that the two agree bit for bit at
+    step 0 (KL exactly 0, a reference-anchored ratio exactly 1), under bf16 as under fp32."""
+    where = torch.device("cpu") if cfg.fsdp else run.device  # fully_shard moves each shard to the device
+    kwargs = dict(model_init_kwargs=cfg.model_init_kwargs) if cfg.model_init_kwargs else {}
+    policy = load_causal_lm(cfg.model, where, torch.float32, **kwargs)
+    if cfg.peft:
+        policy = add_lora(policy, **cfg.peft)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    reference = None
+    if needs_reference(cfg):
+        reference = policy if cfg.peft else load_causal_lm(cfg.model, where, torch.float32, trainable=False, **kwargs)
+    if cfg.fsdp:
+        policy = shard_model(policy, run.world, run.dtype)
+        reference = shard_model(reference, run.world, run.dtype) if reference is not None else None
+    return policy, reference
+
+
+def restore(cfg: TrainConfig, checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator, world):
+    if cfg.fsdp:
+        return restore_sharded_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator,
+                                           world.rank)
+    if is_sharded_checkpoint(checkpoint):
+        from grpo.errors import RunError
+        raise RunError(f"--resume: {checkpoint} was saved sharded (fsdp: true); resume it with fsdp: true")
+    return restore_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world.rank)
+
+
+def save_train_checkpoint(cfg: TrainConfig, out: Path, step: int, policy, optimizer, tokenizer, state: dict,
+                          world, run: dict) -> Path | None:
+    """Every process calls this (a sharded checkpoint is written by all of them)."""
+    if cfg.fsdp:
+        return save_sharded_checkpoint(out, step, policy, optimizer, tokenizer, state, world, cfg.save_total_limit, run)
+    if world.main:
+        return save_checkpoint(out, step, policy, tokenizer, state, cfg.save_total_limit, run=run)
+    return None
+
+
+def save_final(cfg: TrainConfig, out: Path, policy, tokenizer, world) -> None:
+    """The trained model: one directory plain transformers loads (gathered from the shards under
+    fsdp); under LoRA the adapter, or with merge_adapter the merged model and adapter/ beside it."""
+    if cfg.fsdp:
+        save_gathered_pretrained(policy, tokenizer, out, world)
+        return
+    if not world.main:
+        return
+    if is_peft(policy) and cfg.merge_adapter:
+        save_model(out / "adapter", policy, tokenizer)
+        save_model(out, merge_and_unload(policy), tokenizer)
+    else:
+        save_model(out, policy, tokenizer)

@@ -1,0 +1,118 @@
+"""Real model sizes through `grpo train`: LoRA (peft), gradient checkpointing, FSDP2 under torchrun,
+chunked log-probs; each exact where the maths says it must be, and each resumable exactly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo.config import TrainConfig, build
+from grpo.train.loop import train
+from test_distributed import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small(tiny_model_dir, addition_files, out, **kw):
+    values = dict(model=tiny_model_dir, dataset=addition_files["train"], output_dir=str(out),
+                  rewards=["answer_distance"], prompts_per_step=2, group_size=4, max_completion_length=4,
+                  max_steps=2, learning_rate=1e-2, max_prompt_length=16, report_to=[], beta=0.04)
+    values.update(kw)
+    return build(TrainConfig, values)
+
+
+def metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+
+
+def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_exactly(tiny_model_dir, addition_files, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = train(small(tiny_model_dir, addition_files, tmp_path / "lora", peft=LORA), quiet=True)
+    # pi_ref is the base model with the adapter off: at the first step (B = 0) it is pi_theta exactly.
+    assert metrics(out)[0]["kl"] == 0.0 and metrics(out)[1]["kl"] > 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    lora = {k: v for k, v in adapted.state_dict().items() if "lora_" in k}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    for k, v in base.state_dict().items():  # the base weights did not move
+        assert torch.equal(adapted.get_base_model().state_dict()[k.replace(".weight", ".base_layer.weight")]
+                           if k.replace(".weight", ".base_layer.weight") in adapted.get_base_model().state_dict()
+                           else adapted.get_base_model().state_dict()[k], v), k
+
+
+def test_lora_merge_adapter_writes_a_plain_model(tiny_model_dir, addition_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = train(small(tiny_model_dir, addition_files, tmp_path / "merged", peft=LORA, merge_adapter=True), quiet=True)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in merged.state_dict().items())
+
+
+@pytest.mark.parametrize("extra", [{"peft": LORA}, {"gradient_checkpointing": True}, {"logprob_chunk_size": 3}])
+def test_resume_is_exact_in_every_mode(tiny_model_dir, addition_files, tmp_path, extra):
+    full = tmp_path / "full"
+    train(small(tiny_model_dir, addition_files, full, max_steps=4, save_steps=2, **extra), quiet=True)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    train(small(tiny_model_dir, addition_files, part, max_steps=4, save_steps=2, **extra), resume=True, quiet=True)
+    name = "adapter_model.safetensors" if "peft" in extra else "model.safetensors"
+    a, b = load_file(str(full / name)), load_file(str(part / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra", [{"gradient_checkpointing": True}, {"logprob_chunk_size": 3}])
+def test_checkpointing_and_chunked_logprobs_change_no_result(tiny_model_dir, addition_files, tmp_path, extra):
+    """End to end (the gradients themselves are compared in tests/test_engine_options.py and
+    tests/test_lmhead.py): the same samples, losses and, to AdamW's amplification of fp32
+    rounding in near-zero gradients, the same weights."""
+    plain = train(small(tiny_model_dir, addition_files, tmp_path / "plain", learning_rate=1e-3), quiet=True)
+    other = train(small(tiny_model_dir, addition_files, tmp_path / "other", learning_rate=1e-3, **extra), quiet=True)
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    for x, y in zip(metrics(plain), metrics(other)):
+        assert x["reward_mean"] == y["reward_mean"]  # the same samples
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
+
+
+def torchrun(args, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "grpo.cli", "train", "--quiet", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tiny_model_dir, addition_files, tmp_path):
+    common = ["--set", f"model={tiny_model_dir}", "--set", f"dataset={addition_files['train']}",
+              "--set", "rewards=[answer_distance]", "--set", "prompts_per_step=2", "--set", "group_size=4",
+              "--set", "max_completion_length=4", "--set", "max_steps=4", "--set", "save_steps=2",
+              "--set", "num_threads=1", "--set", "learning_rate=1e-3", "--set", "report_to=[]"]
+    torchrun([*common, "--set", f"output_dir={tmp_path / 'ddp'}"], tmp_path)
+    torchrun([*common, "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "fsdp=true"], tmp_path)
+    assert (tmp_path / "fsdp" / "checkpoint-2" / "sharded").is_dir()
+    ddp, fsdp = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert ddp.keys() == fsdp.keys()
+    for k in ddp:  # sharded gradients are the summed ones: the same training, to fp32 rounding
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", part / "checkpoint-2")
+    torchrun([*common, "--set", f"output_dir={part}", "--set", "fsdp=true", "--resume"], tmp_path)
+    resumed = load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
