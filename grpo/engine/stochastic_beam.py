@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from .decoders import start
-from .generation import Generation, _gather_beams, sampling_distribution
+from .sequences import Generation, gather_beams, sampling_distribution
 
 NEG = float("-inf")
 
@@ -145,10 +145,10 @@ def stochastic_beam(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_
         parent = torch.where(sel >= G, child // K, sel)
         new_tok = torch.where(extend, tok.view(P, G * K).gather(1, child), pad_token_id)
 
-        ids, lp, slp = _gather_beams(ids, parent), _gather_beams(lp, parent), _gather_beams(slp, parent)
+        ids, lp, slp = gather_beams(ids, parent), gather_beams(lp, parent), gather_beams(slp, parent)
         phi, length, ended = phi.gather(1, parent), length.gather(1, parent), ended.gather(1, parent)
-        token_full = _gather_beams(full_lp, parent).gather(2, new_tok.unsqueeze(-1)).squeeze(-1)
-        token_samp = _gather_beams(samp_lp, parent).gather(2, new_tok.unsqueeze(-1)).squeeze(-1)
+        token_full = gather_beams(full_lp, parent).gather(2, new_tok.unsqueeze(-1)).squeeze(-1)
+        token_samp = gather_beams(samp_lp, parent).gather(2, new_tok.unsqueeze(-1)).squeeze(-1)
         ids[:, :, t] = torch.where(extend, new_tok, ids[:, :, t])
         lp[:, :, t] = torch.where(extend, token_full, lp[:, :, t])
         slp[:, :, t] = torch.where(extend, token_samp, slp[:, :, t])
