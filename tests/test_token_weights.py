@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo.algorithm import (POLICY_LOSSES, group_advantages, high_entropy_mask, policy_loss,
+from grpo.algorithm import (POLICY_LOSSES, entropy_threshold, group_advantages, high_entropy_mask, policy_loss,
                             truncated_is_weights)
 from test_algorithm import SHAPES, close, random_batch, t
 
@@ -107,8 +107,9 @@ def test_entropy_mask_by_hand():
     m = torch.ones(2, 6, dtype=torch.bool)
     m[1, 4:] = False
     assert high_entropy_mask(H, m, 0.2).nonzero().tolist() == [[1, 2], [1, 3]]
-    # Against a population (the whole batch over processes), not the rows passed in.
-    assert high_entropy_mask(t([[0.2, 0.4]]), t([[1, 1]]).bool(), 0.5, population=t([0.0, 0.1, 0.2, 0.3])).all()
+    # Against the threshold of a population (the whole batch over processes), not of the rows passed.
+    tau = entropy_threshold(t([0.0, 0.1, 0.2, 0.3]), 0.5)
+    assert close(tau, 0.15, 1e-6) and high_entropy_mask(t([[0.2, 0.4]]), t([[1, 1]]).bool(), 0.5, tau).all()
 
 
 def test_entropy_selection_keeps_the_normaliser_and_zeroes_other_tokens():

@@ -63,8 +63,8 @@ def entropy_threshold(population: Tensor, rho: float) -> Tensor:
     return torch.quantile(population.float(), 1.0 - rho)
 
 
-def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float, population: Tensor | None = None) -> Tensor:
-    """Bool [N, T]: the valid tokens whose entropy is at least the threshold of `entropy_threshold`.
+def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float, threshold: Tensor | None = None) -> Tensor:
+    """Bool [N, T]: the valid tokens whose entropy is at least `threshold` (`entropy_threshold`).
 
     Wang et al. 2025 (arXiv:2506.01939): DAPO's objective with the indicator 1[H_t >= tau_rho]
     inside the token sum, J = (1 / sum_i |o_i|) sum_i sum_t 1[H_t >= tau_rho] * surrogate_t,
@@ -73,15 +73,13 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float, population: Ten
     only on the "forking" tokens, the normaliser still over every token. TRL's `top_entropy_quantile` is rho (its threshold is the
     1 - rho quantile of the non-padding tokens, gathered over processes, H >= tau kept).
 
-    `population` defaults to the valid entries of `entropy` itself. The trainer passes the
-    entropies of the whole optimizer batch, gathered over processes, so that the selection (like
-    the normalisers) does not depend on micro_batch_size or on the number of processes; TRL
-    computes it per micro-batch.
+    `threshold` defaults to the one of the valid entries of `entropy` itself. The trainer passes
+    the threshold of the whole optimizer batch's entropies, gathered over processes, so that the
+    selection (like the normalisers) does not depend on micro_batch_size or on the number of
+    processes; TRL computes it per micro-batch.
     """
     valid = mask.bool()
     if rho >= 1:
         return valid
-    if population is None:
-        population = entropy[valid]
-    tau = entropy_threshold(population.detach(), rho)
+    tau = entropy_threshold(entropy.detach()[valid], rho) if threshold is None else threshold
     return valid & (torch.where(valid, entropy.detach().float(), float("-inf")) >= tau)
