@@ -142,10 +142,10 @@ def policy_loss(
 
     Returns ``(loss, stats)``. The stats are detached scalars, each a SUM over this micro-batch's
     valid tokens, so the caller adds them over micro-batches and divides once: ``kl_sum``,
-    ``clip_low_sum``, ``clip_high_sum``, ``ratio_sum``, ``token_count``, ``pg_token_count`` (tokens
-    with a policy gradient), ``is_weight_sum``; plus ``policy_loss`` and ``kl_loss``, the surrogate
-    and the (beta-less) KL terms aggregated with the same normaliser, which also sum over
-    micro-batches.
+    ``clip_low_sum``, ``clip_high_sum``, ``ratio_sum``, ``token_count``, and with the factors above
+    ``pg_token_count`` (tokens with a policy gradient) and ``is_weight_sum``; plus ``policy_loss``
+    and ``kl_loss``, the surrogate and the (beta-less) KL terms aggregated with the same
+    normaliser, which also sum over micro-batches.
     """
     surrogate = POLICY_LOSSES.get(loss_mode)
     _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
@@ -197,9 +197,11 @@ def policy_loss(
         "clip_high_sum": masked_sum(clipped_high),
         "ratio_sum": masked_sum(ratio),
         "token_count": valid.sum().to(ratio.dtype),
-        "pg_token_count": pg_valid.sum().to(ratio.dtype),
-        "is_weight_sum": masked_sum(is_weights) if is_weights is not None else valid.sum().to(ratio.dtype),
         "policy_loss": pg_loss.detach(),
         "kl_loss": kl_loss.detach(),
     }
+    if pg_mask is not None:
+        stats["pg_token_count"] = pg_valid.sum().to(ratio.dtype)
+    if is_weights is not None:
+        stats["is_weight_sum"] = masked_sum(is_weights)
     return loss, stats

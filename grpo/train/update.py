@@ -117,7 +117,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 sums["entropy_sum"] += (entropy.float() * m).sum().item()
                 for key in ("policy_loss", "kl_sum", "clip_low_sum", "clip_high_sum", "token_count",
                             "pg_token_count", "is_weight_sum"):
-                    sums[key] += float(stats[key])
+                    sums[key] += float(stats.get(key, 0.0))
             world.sum_gradients(policy)
             grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
             scheduler.step()
