@@ -15,8 +15,9 @@ import torch
 from grpo.engine.generation import generate_groups
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.stochastic_beam import priority_weights, truncated_gumbel
-from test_generation import (EOS, PAD, check_layout, completions_by_row, model, prompts, recompute_logprobs,  # noqa: F401
-                             tiny_peaked_llama, tokenizer)
+# model, prompts and tokenizer are test_generation's fixtures.
+from test_generation import (EOS, PAD, check_layout, completions_by_row, model, prompts,  # noqa: F401
+                             recompute_logprobs, tiny_peaked_llama, tokenizer)
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -21,12 +21,13 @@ from .objective import AGGREGATIONS, RATIO_ANCHORS, aggregate, loss_mask, policy
 from .policy_losses import (POLICY_LOSSES, RATIO_LEVELS, Surrogate, clipped_surrogate, importance_ratio,
                             register_policy_loss)
 from .preference import bradley_terry_loss
-from .token_weights import OFF_POLICY_CORRECTIONS, entropy_threshold, high_entropy_mask, truncated_is_weights
+from .token_weights import (OFF_POLICY_CORRECTIONS, entropy_threshold, high_entropy_mask,
+                            truncated_is_weights)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_LOG_RATIO_CLAMP",
     "OFF_POLICY_CORRECTIONS", "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate",
-    "bradley_terry_loss", "clipped_surrogate", "compute_advantages", "entropy_threshold", "group_advantages", "high_entropy_mask",
-    "importance_ratio", "kl_penalty", "loss_mask", "policy_loss", "register_adv_est", "register_policy_loss",
-    "truncated_is_weights", "zero_variance_groups",
+    "bradley_terry_loss", "clipped_surrogate", "compute_advantages", "entropy_threshold", "group_advantages",
+    "high_entropy_mask", "importance_ratio", "kl_penalty", "loss_mask", "policy_loss", "register_adv_est",
+    "register_policy_loss", "truncated_is_weights", "zero_variance_groups",
 ]

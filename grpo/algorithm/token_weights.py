@@ -28,7 +28,8 @@ def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: T
     truncated the distribution that was sampled. E_sampler[w L] with w = pi_old / pi_sampler
     is the on-policy objective again; truncating the weight at C bounds its variance at the price
     of a small bias (Ionides 2008; Yao et al. 2025's TIS, verl's rollout correction, TRL's
-    `vllm_importance_sampling_correction` with `vllm_importance_sampling_cap`):
+    `vllm_importance_sampling_correction` with `vllm_importance_sampling_cap`, called
+    `vllm_importance_sampling_clip_max` since TRL 1.x, default 3; verl's threshold defaults to 2):
 
     - ``token``: w_t = min(exp(l^old_t - l^samp_t), C), one weight per token (TRL's
       `token_truncate`, verl's `rollout_is: token`).
@@ -70,8 +71,9 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float, threshold: Tens
     inside the token sum, J = (1 / sum_i |o_i|) sum_i sum_t 1[H_t >= tau_rho] * surrogate_t,
     tau_rho the entropy above which a fraction rho of the batch's tokens lie (rho = 0.2 in the
     paper), H_t the entropy of the current policy's next-token distribution: the policy gradient
-    only on the "forking" tokens, the normaliser still over every token. TRL's `top_entropy_quantile` is rho (its threshold is the
-    1 - rho quantile of the non-padding tokens, gathered over processes, H >= tau kept).
+    only on the "forking" tokens, the normaliser still over every token. TRL's
+    `top_entropy_quantile` is rho (its threshold is the 1 - rho quantile of the non-padding
+    tokens, gathered over processes, H >= tau kept).
 
     `threshold` defaults to the one of the valid entries of `entropy` itself. The trainer passes
     the threshold of the whole optimizer batch's entropies, gathered over processes, so that the

@@ -187,7 +187,8 @@ class TrainConfig(LoopConfig):
     top_k/top_p) to the trainer's pi_old: none, token (a weight per token) or sequence (one per
     completion). generation: sample only."""
     off_policy_cap: float = 2.0
-    """C in the weight min(pi_old / pi_sampler, C) (TRL's vllm_importance_sampling_cap)."""
+    """C in the weight min(pi_old / pi_sampler, C) (verl's rollout_is_threshold; TRL's
+    vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max)."""
     top_entropy_quantile: float = 1.0
     """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
     "Beyond the 80/20 rule"); 1 keeps every token."""

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .decoders import start
 from .models import model_device
-from .sequences import Generation, filter_logits, filters_on, sampling_distribution  # noqa: F401 (re-exported)
+from .sequences import Generation, filter_logits, filters_on  # Generation, filter_logits: also imported from here
 from .sequences import gather_beams as _gather_beams
 from .stochastic_beam import stochastic_beam
 

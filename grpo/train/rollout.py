@@ -149,7 +149,7 @@ def _cat(parts: list[_Groups], tokenizer, cfg, device) -> _Groups:
 
 
 def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[list[_Groups], dict]:
-    """DAPO's dynamic sampling (arXiv:2503.14476, section 3.2, eq. 11's constraint
+    """DAPO's dynamic sampling (arXiv:2503.14476, section 3.2: the objective's constraint
     0 < |{o_i correct}| < G): keep the groups whose rewards do not all tie, and draw and generate
     more prompts until prompts_per_step of them are kept.
 
@@ -164,7 +164,7 @@ def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[
     dropped (DAPO's, verl's choice), as are the tied ones.
     """
     G, P = cfg.group_size, cfg.prompts_per_step
-    kept, tied, generated, rounds = [], [], 0, 0
+    kept, tied, generated = [], [], 0
 
     def absorb(groups: _Groups) -> None:
         nonlocal generated
