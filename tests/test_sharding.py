@@ -223,7 +223,7 @@ def two_processes(tiny_model_dir, addition_files, tmp_path_factory):
     for h in halves:
         pad = T - h.completion_ids.shape[1]
         h.completion_ids = torch.nn.functional.pad(h.completion_ids, (0, pad), value=tokenizer.pad_token_id)
-        for name in ("completion_mask", "old_logprobs", "ref_logprobs"):
+        for name in ("completion_mask", "old_logprobs", "ref_logprobs", "sampling_logprobs"):
             if getattr(h, name) is not None:
                 setattr(h, name, torch.nn.functional.pad(getattr(h, name), (0, pad)))
     batch = cat(*halves)

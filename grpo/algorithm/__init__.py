@@ -5,8 +5,10 @@ processes. The choices users extend are registered by name (`register_adv_est`,
 `register_policy_loss`); the small fixed ones (KL estimator, aggregation, ratio level and anchor)
 are plain branches. The names are the config values (docs/DESIGN.md, "The maths").
 
-- `advantages`: group / batch / none estimators (DeepSeekMath, Dr. GRPO)
-- `policy_losses`: importance ratio (token, or sequence as GSPO), PPO's clipped surrogate, CISPO
+- `advantages`: group / batch / none (DeepSeekMath, Dr. GRPO), rloo, reinforce_pp(_baseline),
+  priority (stochastic-beam groups)
+- `policy_losses`: importance ratio (token, or sequence as GSPO), PPO's clipped surrogate, CISPO, GMPO
+- `token_weights`: truncated importance sampling (off-policy correction), high-entropy token selection
 - `kl`: the k1 / k2 / k3 estimators of KL(pi_theta || pi_ref)
 - `objective`: aggregation over the batch and the full per-batch loss `policy_loss`
 - `preference`: the Bradley-Terry loss of reward models
@@ -19,10 +21,13 @@ from .objective import AGGREGATIONS, RATIO_ANCHORS, aggregate, loss_mask, policy
 from .policy_losses import (POLICY_LOSSES, RATIO_LEVELS, Surrogate, clipped_surrogate, importance_ratio,
                             register_policy_loss)
 from .preference import bradley_terry_loss
+from .token_weights import (OFF_POLICY_CORRECTIONS, entropy_threshold, high_entropy_mask,
+                            truncated_is_weights)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_LOG_RATIO_CLAMP",
-    "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate", "bradley_terry_loss",
-    "clipped_surrogate", "compute_advantages", "group_advantages", "importance_ratio", "kl_penalty",
-    "loss_mask", "policy_loss", "register_adv_est", "register_policy_loss", "zero_variance_groups",
+    "OFF_POLICY_CORRECTIONS", "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate",
+    "bradley_terry_loss", "clipped_surrogate", "compute_advantages", "entropy_threshold", "group_advantages",
+    "high_entropy_mask", "importance_ratio", "kl_penalty", "loss_mask", "policy_loss", "register_adv_est",
+    "register_policy_loss", "truncated_is_weights", "zero_variance_groups",
 ]

@@ -119,6 +119,8 @@ def policy_loss(
     num_tokens: int | float,
     group_size: int,
     max_completion_length: int,
+    pg_mask: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss of one (micro-)batch: the negated DeepSeekMath eq. 3 objective and its variants.
 
@@ -133,11 +135,17 @@ def policy_loss(
     numbers. ``reference`` is pi_ref (the seed notes' "Loss" section, written with pi_ref).
     ``ref_logprobs`` may be None when beta == 0 and the anchor is ``old``.
 
+    Two optional per-token factors act on the surrogate only (`token_weights`), never on the KL
+    term or the normalisers: ``is_weights`` [N_micro, T], truncated importance weights
+    pi_old / pi_sampler (off-policy correction; constants), and ``pg_mask`` [N_micro, T] bool, the
+    tokens that get a policy gradient at all (high-entropy selection): L_t -> 1[pg_mask] * w_t * L_t.
+
     Returns ``(loss, stats)``. The stats are detached scalars, each a SUM over this micro-batch's
     valid tokens, so the caller adds them over micro-batches and divides once: ``kl_sum``,
-    ``clip_low_sum``, ``clip_high_sum``, ``ratio_sum``, ``token_count``; plus ``policy_loss`` and
-    ``kl_loss``, the surrogate and the (beta-less) KL terms aggregated with the same normaliser,
-    which also sum over micro-batches.
+    ``clip_low_sum``, ``clip_high_sum``, ``ratio_sum``, ``token_count``, and with the factors above
+    ``pg_token_count`` (tokens with a policy gradient) and ``is_weight_sum``; plus ``policy_loss``
+    and ``kl_loss``, the surrogate and the (beta-less) KL terms aggregated with the same
+    normaliser, which also sum over micro-batches.
     """
     surrogate = POLICY_LOSSES.get(loss_mode)
     _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
@@ -163,6 +171,11 @@ def policy_loss(
     surrogate_t, ratio, clipped_low, clipped_high = surrogate(
         logprobs, anchor.detach(), advantages.detach(), valid,
         ratio_level=ratio_level, eps_low=eps_low, eps_high=eps_high)
+    if is_weights is not None:
+        surrogate_t = surrogate_t * torch.where(valid, is_weights.detach(), 1.0)
+    pg_valid = valid if pg_mask is None else valid & pg_mask.bool()
+    if pg_mask is not None:
+        surrogate_t = torch.where(pg_valid, surrogate_t, 0.0)
     pg_loss = aggregate(surrogate_t, valid, aggregation, **normalisers)
 
     if ref_logprobs is None:
@@ -187,4 +200,8 @@ def policy_loss(
         "policy_loss": pg_loss.detach(),
         "kl_loss": kl_loss.detach(),
     }
+    if pg_mask is not None:
+        stats["pg_token_count"] = pg_valid.sum().to(ratio.dtype)
+    if is_weights is not None:
+        stats["is_weight_sum"] = masked_sum(is_weights)
     return loss, stats

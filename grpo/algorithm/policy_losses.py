@@ -10,6 +10,7 @@ with ``anchor_logprobs`` already detached (pi_old, or pi_ref for the seed's lite
 them reach its output there as NaN (`torch.where`, never a multiplication by the mask).
 
 Adding a loss is one function here plus its test (docs/DESIGN.md, "Adding a policy loss").
+Registered: ppo_clip (PPO / DeepSeekMath), cispo (MiniMax-M1), gmpo (geometric mean, GMPO).
 """
 
 from __future__ import annotations
@@ -116,3 +117,45 @@ def cispo(logprobs: Tensor, anchor_logprobs: Tensor, advantages: Tensor, mask: T
     l_t = torch.where(mask, logprobs, 0.0)  # masked garbage (even -inf) never enters the product
     loss_t = -weight * a * l_t
     return Surrogate(loss_t, ratio, ratio < 1.0 - eps_low, ratio > 1.0 + eps_high)
+
+
+@register_policy_loss("gmpo")
+def gmpo(logprobs: Tensor, anchor_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+         ratio_level: str, eps_low: float, eps_high: float) -> Surrogate:
+    """GMPO (Zhao et al. 2025, arXiv:2507.20673): maximise the GEOMETRIC mean of the
+    token-level clipped terms instead of their arithmetic mean,
+
+        J_i = sgn(A_i) * prod_t |min(rho_t A_i, clip(rho_t, e^-eps_low, e^eps_high) A_i)|^(1/|o_i|)
+            = A_i * exp( (1/|o_i|) sum_t c_t ),
+        c_t = sgn(A_i) * min(sgn(A_i) d_t, sgn(A_i) clip(d_t, -eps_low, eps_high)),  d_t = l_t - l^old_t.
+
+    The clip acts on each token's LOG-ratio, before the mean (so ``epsilon_low`` / ``epsilon_high``
+    are log-space bounds here: the paper's (e^-0.4, e^0.4) is 0.4 / 0.4), and only on the side
+    PPO's pessimism picks: for A > 0 a log-ratio above eps_high is capped (its gradient stops),
+    for A < 0 one below -eps_low is floored; on the other side it is left alone, so an update
+    can always undo itself. A single extreme token moves the geometric mean by d_t / |o_i| only,
+    which is why the band can be wider than PPO's.
+
+    L_t = -A_i * s_i on every valid token of o_i, s_i = exp(mean_t c_t) the clipped geometric-mean
+    ratio; with ``sequence_mean`` aggregation that is the paper's (1/G) sum_i over the group. Its
+    gradient is -A_i s_i / |o_i| on each unclipped token (0 on clipped ones), and at one update
+    per rollout (s_i = 1) -A_i / |o_i|: sequence_mean PPO's. The advantage must be one per
+    sequence, and the ratio is already a per-sequence one: ``ratio_level`` must be ``token``
+    (the level at which the clip acts). `ratio` is the token ratio exp(d_t), for the statistics.
+    """
+    if ratio_level != "token":
+        raise ValueError("gmpo clips token log-ratios before their geometric mean; ratio_level must be "
+                         f"'token', got {ratio_level!r}")
+    if advantages.dim() != 1:
+        raise ValueError(f"gmpo needs one advantage per sequence ([N]); got shape {tuple(advantages.shape)}")
+    valid = mask.bool()
+    d = torch.where(valid, logprobs - anchor_logprobs, 0.0)
+    a = advantages.unsqueeze(-1)
+    sign = torch.sign(a)
+    c = sign * torch.minimum(sign * d, sign * d.clamp(-eps_low, eps_high))
+    length = valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    s = (torch.where(valid, c, 0.0).sum(dim=-1, keepdim=True) / length).exp()
+    loss_t = torch.where(valid, -a * s, 0.0)
+    clipped_low = valid & (d < -eps_low) & (a < 0)
+    clipped_high = valid & (d > eps_high) & (a > 0)
+    return Surrogate(loss_t, d.exp(), clipped_low, clipped_high)

@@ -3,7 +3,7 @@
 The algorithm keys default to DeepSeekMath's GRPO. A `preset` changes a coherent bundle of them
 (PRESETS below lists only what each changes); any key the user sets explicitly wins over it.
 Papers: DeepSeekMath (2402.03300), DAPO (2503.14476), Dr. GRPO (2503.20783), GSPO (2507.18071),
-CISPO (MiniMax-M1, 2506.13585).
+CISPO (MiniMax-M1, 2506.13585), GMPO (2507.20673).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from grpo.algorithm import (ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_ANCHORS,
-                            RATIO_LEVELS)
+from grpo.algorithm import (ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, OFF_POLICY_CORRECTIONS, POLICY_LOSSES,
+                            RATIO_ANCHORS, RATIO_LEVELS)
 from grpo.engine.backend import ROLLOUT_BACKENDS
 from grpo.engine.generation import STRATEGIES
 from grpo.errors import ConfigError
@@ -29,6 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No lower bound on the IS weight (the paper's choice), the weight capped at 1 + 4 = 5.
     "cispo": dict(policy_loss="cispo", loss_aggregation="token_mean", epsilon_low=1.0, epsilon_high=4.0,
                   beta=0.0),
+    # GMPO's clip band is in log space: the paper's (e^-0.4, e^0.4).
+    "gmpo": dict(policy_loss="gmpo", epsilon_low=0.4, epsilon_high=0.4),
 }
 
 
@@ -100,6 +102,7 @@ class TrainConfig(LoopConfig):
         "ratio_anchor": RATIO_ANCHORS,
         "kl_estimator": KL_ESTIMATORS,
         "loss_aggregation": AGGREGATIONS,
+        "off_policy_correction": OFF_POLICY_CORRECTIONS,
     }
     # TRL's name for the same key.
     ALIASES: ClassVar[dict] = {"scale_rewards": "advantage_estimator"}
@@ -107,7 +110,7 @@ class TrainConfig(LoopConfig):
     NESTED: ClassVar[dict] = {"rewards": RewardSpec}
 
     preset: str = "grpo"
-    """A bundle of algorithm keys (grpo: DeepSeekMath; dapo; dr_grpo; gspo; cispo); keys you set win."""
+    """A bundle of algorithm keys (grpo: DeepSeekMath; dapo; dr_grpo; gspo; cispo; gmpo); keys you set win."""
 
     # --- Data and rewards
     rewards: list = field(default_factory=lambda: [])
@@ -134,8 +137,9 @@ class TrainConfig(LoopConfig):
     group_size: int = 8
     """G, the seed's K: completions per prompt; each group is its own baseline."""
     generation: str = "sample"
-    """How a group is made: `sample` (G i.i.d. samples, the papers) or `beam` (the G best beams of
-    one beam search, the seed's reading; deterministic)."""
+    """How a group is made: `sample` (G i.i.d. samples, the papers), `beam` (the G best beams of
+    one beam search, the seed's reading; deterministic) or `stochastic_beam` (G distinct samples
+    without replacement, Kool et al. 2019)."""
     rollout_backend: str = "local"
     """The engine that generates (registered in grpo.engine.backend); `local` samples the training
     model itself."""
@@ -153,12 +157,14 @@ class TrainConfig(LoopConfig):
     # --- Advantages, ratio, loss
     advantage_estimator: str = "group"
     """The registered advantage estimator: group ((r - mean) / std in the group, DeepSeekMath),
-    batch (std over the whole batch), none (r - mean, Dr. GRPO)."""
+    batch (std over the whole batch), none (r - mean, Dr. GRPO), rloo (leave-one-out mean),
+    reinforce_pp / reinforce_pp_baseline (REINFORCE++), priority (stochastic_beam groups)."""
     advantage_eps: float = 1e-4
     """Added to the standard deviation before dividing."""
     policy_loss: str = "ppo_clip"
-    """The registered policy loss: ppo_clip (PPO's clipped surrogate, DeepSeekMath eq. 3) or
-    cispo (clipped importance weight on the REINFORCE term, MiniMax-M1)."""
+    """The registered policy loss: ppo_clip (PPO's clipped surrogate, DeepSeekMath eq. 3), cispo
+    (clipped importance weight on the REINFORCE term, MiniMax-M1) or gmpo (geometric mean of the
+    token terms; its epsilons are log-space bounds)."""
     ratio_level: str = "token"
     """The importance ratio per token (PPO) or per sequence (GSPO's length-normalised ratio)."""
     ratio_anchor: str = "old"
@@ -216,6 +222,25 @@ class TrainConfig(LoopConfig):
     num_samples: int = 4
     """Completions per sample table."""
 
+    # --- Groups that teach (issue 13)
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (section 3.2): groups whose rewards all tie (zero variance, so zero
+    advantage and no policy gradient) are dropped, and more prompts are generated until the step
+    holds prompts_per_step groups that teach."""
+    max_generation_rounds: int = 4
+    """With dynamic_sampling: generation calls per step at most, each of at most prompts_per_step
+    prompts; a batch still short after them is topped up with tied groups (logged)."""
+    off_policy_correction: str = "none"
+    """Truncated importance sampling from the distribution completions were drawn from (with its
+    top_k/top_p) to the trainer's pi_old: none, token (a weight per token) or sequence (one per
+    completion). generation: sample only."""
+    off_policy_cap: float = 2.0
+    """C in the weight min(pi_old / pi_sampler, C) (verl's rollout_is_threshold; TRL's
+    vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max)."""
+    top_entropy_quantile: float = 1.0
+    """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
+    "Beyond the 80/20 rule"); 1 keeps every token."""
+
     @classmethod
     def expand(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
         """The preset's bundle under the user's own keys."""
@@ -266,3 +291,19 @@ class TrainConfig(LoopConfig):
             bad("rewards", "at least one reward is required, e.g. rewards: [{function: exact_answer}]")
         for i, spec in enumerate(self.rewards):
             RewardSpec.parse(spec, f"rewards[{i}]", bad)
+        self.validate_groups_that_teach(bad)
+
+    def validate_groups_that_teach(self, bad) -> None:
+        at_least(self, bad, 1, "max_generation_rounds")
+        if self.off_policy_cap < 1:
+            bad("off_policy_cap", f"must be >= 1 (a cap below 1 shrinks even the weights of tokens the sampler "
+                                  f"and the trainer agree on), got {self.off_policy_cap}")
+        if self.off_policy_correction != "none" and self.generation != "sample":
+            bad("off_policy_correction", f"corrects towards the distribution tokens were sampled from; "
+                                         f"generation: {self.generation} samples no tokens i.i.d. (use sample)")
+        if not 0 < self.top_entropy_quantile <= 1:
+            bad("top_entropy_quantile", f"must be in (0, 1], got {self.top_entropy_quantile}")
+        if self.advantage_estimator == "priority" and self.generation != "stochastic_beam":
+            bad("advantage_estimator", "priority needs the sampling weights of generation: stochastic_beam")
+        if self.policy_loss == "gmpo" and self.ratio_level != "token":
+            bad("ratio_level", "gmpo clips token log-ratios before their geometric mean: use ratio_level: token")

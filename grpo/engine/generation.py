@@ -1,12 +1,15 @@
 """Group generation: G completions for each of P prompts.
 
-Two strategies, one output format (`Generation`):
+Three strategies, one output format (`Generation`):
 
 - `sample` (the papers: DeepSeekMath, DAPO, ...): G i.i.d. samples per prompt. The prompt is the
   same for all G rows, so it is run through the model once (P rows, not P*G) and its keys/values
   serve the G rows (`decoders.start`); then one batched decode loop of P*G rows.
 - `beam` (the seed's reading): one beam search of width G per prompt, returning its G best beams.
   Deterministic and mode-seeking, so its groups often have near-identical rewards.
+- `stochastic_beam`: G distinct completions per prompt drawn WITHOUT replacement (Kool et al.
+  2019's stochastic beam search, `stochastic_beam.py`), with the weights that make estimates
+  from them unbiased.
 
 Plain PyTorch around `model(...)`: no `model.generate`, so that what is sampled, and under which
 distribution its log-probability is recorded, is visible here. Works with any Hugging Face causal
@@ -17,65 +20,52 @@ Rows p*G .. p*G + G - 1 of every output belong to prompt p.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .decoders import start
 from .models import model_device
+from .sequences import Generation, filter_logits, filters_on  # Generation, filter_logits: also imported from here
+from .sequences import gather_beams as _gather_beams
+from .stochastic_beam import stochastic_beam
 
-STRATEGIES = ("sample", "beam")
-
-
-@dataclass
-class Generation:
-    """G completions per prompt, right-padded to the longest one actually generated (T <= max_new_tokens)."""
-    completion_ids: Tensor   # [P*G, T] long, pad_token_id after EOS
-    completion_mask: Tensor  # [P*G, T] long, 1 on generated tokens up to and including EOS
-    logprobs: Tensor         # [P*G, T] float32, log-prob of each token (0 where the mask is 0)
-    truncated: Tensor        # [P*G] bool, True if no EOS within max_new_tokens
+STRATEGIES = ("sample", "beam", "stochastic_beam")
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set to -inf every logit outside the top-k tokens and outside the top-p nucleus.
-
-    top_k = 0 and top_p = 1 disable them. Top-p keeps the smallest set of most likely tokens whose
-    probability reaches top_p (always at least one token), the same rule as Hugging Face's warper.
-    Ties at the k-th value are all kept.
-    """
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token if the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator) -> tuple[Tensor, Tensor]:
-    """One token per row [B] from softmax(logits / temperature) within top-k/top-p, and its log-prob [B]."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    # Filtering log-probs is filtering logits (same order, same softmax); multinomial
-    # renormalises what survives.
+    """One token per row [B] from softmax(logits / temperature) within top-k/top-p, and its log-prob [B]
+    under the full tempered distribution."""
+    token, logprob, _ = _draw_recorded(logits, temperature, top_k, top_p, generator)
+    return token, logprob
+
+
+def _draw_recorded(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                   generator) -> tuple[Tensor, Tensor, Tensor]:
+    """`_draw`, and the token's log-prob under the distribution it was actually drawn from [B]."""
     if top_k == 1:
         # Greedy: the first of tied maxima, with no random draw (bf16 logits tie often, and greedy
-        # evaluation must not depend on an RNG).
+        # evaluation must not depend on an RNG). The distribution drawn from is a point mass.
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
         token = logp.argmax(-1, keepdim=True)
-    else:
-        token = torch.multinomial(filter_logits(logp, top_k, top_p).exp(), 1, generator=generator)
-    # Recorded log-prob: under the full tempered distribution, before top-k/top-p. That is what
-    # `completion_logprobs(..., temperature)` recomputes in the update, so pi_old from here and
-    # pi_theta there are the same quantity (with top_k/top_p off they also equal the probability
-    # the token was actually drawn with).
-    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
+        full = logp.gather(-1, token).squeeze(-1)
+        return token.squeeze(-1), full, torch.zeros_like(full)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    kept = filter_logits(logp, top_k, top_p)
+    token = torch.multinomial(kept.exp(), 1, generator=generator)  # multinomial renormalises what survives
+    full = logp.gather(-1, token).squeeze(-1)
+    sampled = full
+    if filters_on(top_k, top_p, logits.shape[-1]):
+        sampled = full - torch.logsumexp(kept, dim=-1)  # log of p / (mass the filter kept)
+    # Two log-probs are recorded. Under the full tempered distribution, before top-k/top-p: that
+    # is what `completion_logprobs(..., temperature)` recomputes in the update, so pi_old from
+    # here and pi_theta there are the same quantity. And under the filtered, renormalised
+    # distribution the token was really drawn from, pi_sampler, for the off-policy correction
+    # (algorithm.truncated_is_weights): with top-p / top-k on, pi_old / pi_sampler is the mass the
+    # filter kept (< 1), not 1. Without filters the two are the same numbers.
+    return token.squeeze(-1), full, sampled
 
 
 def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id,
@@ -93,6 +83,7 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
 
     completion_ids = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    sampling_logprobs = torch.zeros_like(logprobs)
     ended = torch.zeros(N, dtype=torch.bool, device=device)
     rows = torch.arange(N, device=device)                  # batch row -> output row
     live = torch.ones(N, dtype=torch.bool, device=device)  # per batch row: not ended yet
@@ -101,7 +92,8 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
         all_live = bool(live.all())
         lg = logits if all_live else logits[live]
         out_rows = rows if all_live else rows[live]
-        drawn, logprobs[out_rows, t] = _draw(lg, temperature, top_k, top_p, generator)
+        drawn, logprobs[out_rows, t], sampling_logprobs[out_rows, t] = _draw_recorded(
+            lg, temperature, top_k, top_p, generator)
         completion_ids[out_rows, t] = drawn
         is_eos = torch.isin(drawn, eos_ids)
         ended[out_rows] = is_eos
@@ -127,7 +119,8 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
     completion_ids, logprobs = completion_ids[:, :steps], logprobs[:, :steps]
     completion_mask = _mask_through_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
-    return Generation(completion_ids, completion_mask, logprobs * completion_mask, ~ended)
+    return Generation(completion_ids, completion_mask, logprobs * completion_mask, ~ended,
+                      sampling_logprobs[:, :steps] * completion_mask)
 
 
 def _mask_through_eos(completion_ids: Tensor, eos_ids: Tensor) -> Tensor:
@@ -246,12 +239,6 @@ def _extend(ids: Tensor, lp: Tensor, token_lp: Tensor, parent: Tensor, tok: Tens
     return ids, lp
 
 
-def _gather_beams(x: Tensor, idx: Tensor) -> Tensor:
-    """x [P, K, ...] -> x[p, idx[p, g], ...] for idx [P, G]: pick (and reorder) beams per prompt."""
-    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
-    return x.gather(1, idx)
-
-
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -264,10 +251,14 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
 
     `sample`: i.i.d. samples from softmax(logits / temperature), restricted to the top_k tokens
     and the top_p nucleus when those are set; `generator` (on the model's device) makes it
-    reproducible. `Generation.logprobs` are under the full tempered distribution (see `_sample`).
+    reproducible. `Generation.logprobs` are under the full tempered distribution, and
+    `Generation.sampling_logprobs` under the filtered one actually sampled (see `_draw_recorded`).
     `beam`: beam search of width group_size per prompt, scored by the sum of token log-probs at
     temperature 1 with no length penalty, its G best distinct hypotheses best first. It is
     deterministic and ignores temperature, top_p, top_k and generator.
+    `stochastic_beam`: group_size distinct completions per prompt drawn without replacement from
+    the same distribution `sample` draws from (`stochastic_beam.stochastic_beam`), in the order
+    drawn; `Generation.inclusion_probs` holds their inclusion probabilities.
 
     `engine`: "auto" decodes Llama-style models on the group decoder (`decoders.GroupDecoder`)
     and others on their own KV cache (`decoders.CacheDecoder`); "plain" forces the latter (the
@@ -293,7 +284,7 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
         raise ValueError(f"prompt_ids and prompt_mask must both be [P, Lp], got "
                          f"{tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
     device = model_device(model)
-    if strategy == "sample" and generator is not None and generator.device.type != device.type:
+    if strategy != "beam" and generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator must be on the model's device ({device}), got {generator.device}")
     eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not eos_list:
@@ -309,6 +300,9 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
         if strategy == "sample":
             return _sample(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
                            pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto")
+        if strategy == "stochastic_beam":
+            return stochastic_beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
+                                   pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto")
         return _beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_token_id,
                      fast=engine == "auto")
     finally:

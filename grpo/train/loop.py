@@ -66,6 +66,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
         if inputs.config_changes:
             logger.log({"step": start_step, "resumed_with_changes": {k: list(v) for k, v in inputs.config_changes.items()}})
 
+    def draw(n: int) -> list[dict]:
+        """n rows for this process: every process draws the same global order, each its own slice."""
+        indices = sampler.next(n * world.size)
+        return [rows[i] for i in indices[world.rank * n:(world.rank + 1) * n]]
+
     def run_eval() -> dict:
         """Greedy held-out accuracy on rank 0 (every process joins the gather of sharded weights)."""
         with gathered(policy):
@@ -91,12 +96,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
         with StopRequests() as stop:
             for step in range(start_step + 1, cfg.max_steps + 1):
                 t0 = clock(device)
-                # Every process draws the same global order and takes its own slice of it.
-                indices = sampler.next(cfg.prompts_per_step * world.size)
-                mine = indices[world.rank * cfg.prompts_per_step:(world.rank + 1) * cfg.prompts_per_step]
-                rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg,
+                rollout = collect_rollout(policy, reference, tokenizer, draw(cfg.prompts_per_step), rewards, cfg,
                                           generator, gather=world.gather if world.size > 1 else None,
-                                          precision=precision, backend=backend)
+                                          precision=precision, backend=backend, more_rows=draw)
                 t1 = clock(device)
                 stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
                 backend.sync_weights(policy)

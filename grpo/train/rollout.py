@@ -2,13 +2,19 @@
 
 One `Rollout` (a dataclass of tensors) carries a step's data from generation to the update. Rows
 p*G .. p*G+G-1 are prompt p's group throughout.
+
+With `dynamic_sampling` (DAPO, Yu et al. 2025, arXiv:2503.14476, section 3.2) groups whose
+rewards all tie are dropped and more prompts are drawn (`more_rows`) until the step holds
+prompts_per_step groups that teach, in at most `max_generation_rounds` generation calls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -16,7 +22,9 @@ from grpo import algorithm
 from grpo.data import decode_completions, format_prompt, tokenize_prompts
 from grpo.engine.adapters import reference_policy
 from grpo.engine.backend import LocalBackend, RolloutBackend, SamplingParams
+from grpo.engine.generation import Generation
 from grpo.engine.logprobs import completion_logprobs
+from grpo.engine.stochastic_beam import priority_weights
 from grpo.rewards import score
 
 from .precision import Precision
@@ -39,6 +47,9 @@ class Rollout:
     prompts: list[str] = field(default_factory=list)      # formatted prompt text, one per row
     completions: list[str] = field(default_factory=list)  # decoded completion text, one per row
     timings: dict[str, float] = field(default_factory=dict)
+    sampling_logprobs: torch.Tensor | None = None  # [N, T] pi_sampler: what the tokens were drawn from
+    sample_weights: torch.Tensor | None = None     # [N] priority weights of stochastic-beam groups
+    sampling_stats: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -50,15 +61,19 @@ def sampling_params(cfg) -> SamplingParams:
 
 
 def logprob_temperature(cfg) -> float:
-    # Training log-probs use the distribution completions were drawn from: tempered for sampling,
-    # the plain model for beam search (which scores beams at temperature 1).
-    return cfg.temperature if cfg.generation == "sample" else 1.0
+    # Training log-probs use the distribution completions were drawn from: tempered for sampling
+    # (with or without replacement), the plain model for beam search (which scores beams at
+    # temperature 1).
+    return cfg.temperature if cfg.generation in ("sample", "stochastic_beam") else 1.0
 
 
 def needs_old_logprobs(cfg) -> bool:
     # With one optimizer step per rollout pi_old == pi_theta at update time, so the ratio is
-    # exp(l - l.detach()) and no second forward pass is needed (algorithm.policy_loss does that).
-    return cfg.ratio_anchor == "old" and (cfg.num_iterations > 1 or cfg.num_minibatches > 1)
+    # exp(l - l.detach()) and no second forward pass is needed (algorithm.policy_loss does that,
+    # and the off-policy weights take pi_old = l.detach() the same way: the special case of
+    # tests/test_token_weights.py). Otherwise pi_old is computed here, before any update.
+    uses_old = cfg.ratio_anchor == "old" or cfg.off_policy_correction != "none"
+    return uses_old and (cfg.num_iterations > 1 or cfg.num_minibatches > 1)
 
 
 def logprob_chunk_size(cfg, model) -> int:
@@ -96,48 +111,169 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+@dataclass
+class _Groups:
+    """Some generated groups, scored: the unit dynamic sampling keeps or drops."""
+    rows: list[dict]
+    texts: list[str]
+    out: Generation
+    completions: list[str]
+    total: torch.Tensor                    # [n*G]
+    per_function: dict[str, torch.Tensor]  # name -> [n*G]
+    prompt_ids: torch.Tensor               # [n, Lp] as generated
+    prompt_mask: torch.Tensor
+
+    def take(self, groups: list[int], G: int) -> "_Groups":
+        rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
+        on = rows.to(self.total.device)
+        return _Groups([self.rows[g] for g in groups], [self.texts[g] for g in groups], self.out.select(on),
+                       [self.completions[i] for i in rows.tolist()], self.total[on],
+                       {k: v[on] for k, v in self.per_function.items()},
+                       self.prompt_ids[groups], self.prompt_mask[groups])
+
+
+def _generate_and_score(rows, policy, tokenizer, backend, rewards, cfg, generator, precision, device,
+                        times) -> _Groups:
+    t0 = clock(device)
+    texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
+    with precision.autocast(), gathered(policy):  # a sharded policy is whole for its rollout only
+        out = backend.generate(prompt_ids, prompt_mask, sampling_params(cfg), generator)
+    t1 = clock(device)
+    # Score: every dataset column except the prompt goes to the reward functions, repeated per completion.
+    G = cfg.group_size
+    completions = decode_completions(tokenizer, out.completion_ids)
+    columns = {k: [row.get(k) for row in rows for _ in range(G)]
+               for k in rows[0] if k not in (cfg.prompt_column, "_line")}
+    total, per_function = score(rewards, [t for t in texts for _ in range(G)], completions, columns,
+                                timeout=cfg.reward_timeout)
+    times["generate"] += t1 - t0
+    times["score"] += clock(device) - t1
+    return _Groups(list(rows), texts, out, completions, total, per_function, prompt_ids, prompt_mask)
+
+
+def _cat(parts: list[_Groups], tokenizer, cfg, device) -> _Groups:
+    if len(parts) == 1:
+        return parts[0]
+    texts = [t for p in parts for t in p.texts]
+    # Prompts of different rounds were padded to different lengths: tokenize the kept ones together.
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
+    return _Groups([r for p in parts for r in p.rows], texts, Generation.cat([p.out for p in parts],
+                                                                                 tokenizer.pad_token_id),
+                   [c for p in parts for c in p.completions], torch.cat([p.total for p in parts]),
+                   {k: torch.cat([p.per_function[k] for p in parts]) for k in parts[0].per_function},
+                   prompt_ids, prompt_mask)
+
+
+def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[list[_Groups], dict]:
+    """DAPO's dynamic sampling (arXiv:2503.14476, section 3.2: the objective's constraint
+    0 < |{o_i correct}| < G): keep the groups whose rewards do not all tie, and draw and generate
+    more prompts until prompts_per_step of them are kept.
+
+    The filter is on the VARIANCE of the rewards (all G equal or not), not on their mean: with
+    a continuous or weighted reward a mean-only rule (e.g. "mean strictly between 0 and 1") keeps
+    tied groups, whose advantages are all zero. Round r > 1 draws n = ceil(deficit / rate) rows
+    (rate: the fraction of groups kept so far; at most prompts_per_step), with n equal on every
+    process (the deficits are gathered), so that `more_rows(n)` can take each process's slice of
+    one global order. At most `max_generation_rounds` generation calls; a batch still short after
+    them is topped up with tied groups (zero advantage: no policy gradient, only the KL term),
+    so the update keeps its shape, and that is logged. Informative groups beyond the batch are
+    dropped (DAPO's, verl's choice), as are the tied ones.
+    """
+    G, P = cfg.group_size, cfg.prompts_per_step
+    kept, tied, generated = [], [], 0
+
+    def absorb(groups: _Groups) -> None:
+        nonlocal generated
+        zero = algorithm.zero_variance_groups(groups.total, G).tolist()
+        kept.extend((groups, g) for g, z in enumerate(zero) if not z)
+        tied.extend((groups, g) for g, z in enumerate(zero) if z)
+        generated += len(zero)
+
+    absorb(first)
+    rounds = 1
+    while True:
+        mine = torch.tensor([P - min(len(kept), P), len(kept), generated], dtype=torch.float64,
+                            device=first.total.device)
+        every = mine.view(1, 3) if gather is None else gather(mine).view(-1, 3)
+        need = int(every[:, 0].max())
+        if need == 0 or rounds >= cfg.max_generation_rounds:
+            break
+        if more_rows is None:
+            raise ValueError("dynamic_sampling needs more prompts: pass collect_rollout(more_rows=...)")
+        rate = float(every[:, 1].sum() / every[:, 2].sum())
+        n = P if rate == 0 else min(P, math.ceil(need / rate))
+        rows = more_rows(n)
+        rounds += 1
+        if len(kept) < P:  # a full process still draws its rows, so every process's order advances alike
+            absorb(generate(rows))
+    chosen = kept[:P]
+    short = P - len(chosen)
+    chosen += tied[:short]
+    # One _Groups per round that contributed, its groups in generation order.
+    parts: dict[int, tuple[_Groups, list[int]]] = {}
+    for groups, g in chosen:
+        parts.setdefault(id(groups), (groups, []))[1].append(g)
+    selected = [groups.take(sorted(gs), G) for groups, gs in parts.values()]
+    stats = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/prompts_generated": float(generated),
+             "dynamic_sampling/groups_dropped": float(generated - P),
+             "dynamic_sampling/tied_groups_kept": float(short),
+             "dynamic_sampling/zero_variance_frac": len(tied) / max(generated, 1)}
+    return selected, stats
+
+
 def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg, generator: torch.Generator,
                     gather=None, precision: Precision | None = None,
-                    backend: RolloutBackend | None = None) -> Rollout:
+                    backend: RolloutBackend | None = None,
+                    more_rows: Callable[[int], list[dict]] | None = None) -> Rollout:
     """Generate, score and normalise one step's groups.
 
     `backend` generates (default: the local engine on `policy`); `policy` and `reference` give the
     trainer-side log-probs (`reference` may be `policy` itself when it carries a LoRA adapter:
-    pi_ref is then the policy with its adapter off). `gather` all-gathers a tensor across processes (None on one
-    process), so batch-wide advantage statistics are counted over the global batch. `precision`
-    says what the forward passes compute in (float32 when None). Sharded models (`fsdp`) are
-    gathered whole for their own passes only (`sharding.gathered`: the policy for generation and
-    for pi_old, the reference for pi_ref, never both at once); every process must call this.
+    pi_ref is then the policy with its adapter off). `gather` all-gathers a tensor across
+    processes (None on one process), so batch-wide advantage statistics are counted over the
+    global batch. `precision` says what the forward passes compute in (float32 when None).
+    Sharded models (`fsdp`) are gathered whole for their own passes only (`sharding.gathered`:
+    the policy for generation and for pi_old, the reference for pi_ref, never both at once);
+    every process must call this.
+
+    `more_rows(n)` (dynamic_sampling only) returns n more dataset rows for this process; every
+    process calls it with the same n in the same rounds, so it can take this process's slice of
+    the next n * world_size rows of the global order, as the step's own rows are taken.
     """
     device = next(policy.parameters()).device
     precision = precision or Precision(device, torch.float32)
     backend = backend or LocalBackend(policy, tokenizer)
     G = cfg.group_size
-    t0 = clock(device)
-    texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
-    with precision.autocast(), gathered(policy):
-        out = backend.generate(prompt_ids, prompt_mask, sampling_params(cfg), generator)
-    t1 = clock(device)
+    times = {"generate": 0.0, "score": 0.0}
 
-    # Score: every dataset column except the prompt goes to the reward functions, repeated per completion.
-    completions = decode_completions(tokenizer, out.completion_ids)
-    prompts = [t for t in texts for _ in range(G)]
-    columns = {k: [row.get(k) for row in rows for _ in range(G)]
-               for k in rows[0] if k not in (cfg.prompt_column, "_line")}
-    total, per_function = score(rewards, prompts, completions, columns, timeout=cfg.reward_timeout)
-    advantages = algorithm.compute_advantages(cfg.advantage_estimator, total, G, eps=cfg.advantage_eps,
-                                              batch_rewards=gather(total) if gather is not None else None)
+    def generate(batch_rows):
+        return _generate_and_score(batch_rows, policy, tokenizer, backend, rewards, cfg, generator, precision,
+                                   device, times)
+
+    first = generate(rows)
+    stats = {}
+    if cfg.dynamic_sampling:
+        parts, stats = dynamic_sampling(first, more_rows, generate, cfg, gather)
+        first = _cat(parts, tokenizer, cfg, device)
+    out, total = first.out, first.total
     t2 = clock(device)
+    weights = priority_weights(out) if out.inclusion_probs is not None else None
+    advantages = algorithm.compute_advantages(cfg.advantage_estimator, total, G, eps=cfg.advantage_eps,
+                                              batch_rewards=gather(total) if gather is not None else None,
+                                              weights=weights)
+    times["score"] += clock(device) - t2
 
     rollout = Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        prompt_ids=first.prompt_ids.repeat_interleave(G, 0), prompt_mask=first.prompt_mask.repeat_interleave(G, 0),
         completion_ids=out.completion_ids,
         completion_mask=algorithm.loss_mask(out.completion_mask, out.truncated, cfg.mask_truncated_completions),
         truncated=out.truncated, lengths=out.completion_mask.sum(1),
-        rewards=total, advantages=advantages.to(device), rewards_per_function=per_function,
-        prompts=prompts, completions=completions)
+        rewards=total, advantages=advantages.to(device), rewards_per_function=first.per_function,
+        prompts=[t for t in first.texts for _ in range(G)], completions=first.completions,
+        sampling_logprobs=out.sampling_logprobs, sample_weights=weights, sampling_stats=stats)
 
+    t2 = clock(device)
     temperature = logprob_temperature(cfg)
     chunk = logprob_chunk_size(cfg, policy)
     if needs_old_logprobs(cfg):
@@ -149,5 +285,5 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
                 (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
             rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
     t3 = clock(device)
-    rollout.timings = {"generate": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2}
+    rollout.timings = {"generate": times["generate"], "score": times["score"], "logprobs": t3 - t2}
     return rollout

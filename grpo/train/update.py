@@ -19,12 +19,43 @@ from .rollout import Rollout, logprob_chunk_size, logprob_temperature
 from .sharding import is_sharded
 
 
+def gather_varlen(world: World, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate 1-D tensors of different lengths from every process, in rank order."""
+    if world.size == 1:
+        return x
+    sizes = world.gather(torch.tensor([x.numel()], device=x.device))
+    longest = int(sizes.max())
+    padded = torch.cat([x, x.new_zeros(longest - x.numel())])
+    every = world.gather(padded).view(world.size, longest)
+    return torch.cat([every[r, :int(n)] for r, n in enumerate(sizes.tolist())])
+
+
+@torch.no_grad()
+def minibatch_entropy_threshold(policy, rollout: Rollout, rows: torch.Tensor, cfg: TrainConfig, world: World,
+                                temperature: float, precision: Precision) -> torch.Tensor:
+    """tau of `top_entropy_quantile` over the valid tokens of the whole minibatch on every process
+    (a pass without grad when the minibatch spans several micro-batches)."""
+    entropies = []
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        idx = rows[i:i + cfg.micro_batch_size]
+        with precision.autocast():
+            _, entropy = completion_logprobs(policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx],
+                                             rollout.completion_ids[idx], rollout.completion_mask[idx], temperature,
+                                             compute_entropy=True, entropy_grad=False,
+                                             logprob_chunk_size=logprob_chunk_size(cfg, policy))
+        entropies.append(entropy.float()[rollout.completion_mask[idx].bool()])
+    return algorithm.entropy_threshold(gather_varlen(world, torch.cat(entropies)), cfg.top_entropy_quantile)
+
+
 def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, world: World,
            generator: torch.Generator, precision: Precision | None = None) -> dict[str, float]:
     """num_iterations passes over the rollout, each split into num_minibatches optimizer steps.
 
     Every optimizer step normalises its loss by counts over its whole minibatch (on every process),
-    so the gradient does not depend on micro_batch_size or on the number of processes.
+    so the gradient does not depend on micro_batch_size or on the number of processes; so does the
+    entropy threshold of `top_entropy_quantile`. With `off_policy_correction` each micro-batch's
+    surrogate is weighted by min(pi_old / pi_sampler, C), pi_old = the rollout's old log-probs, or
+    at one update per rollout the current policy's own (detached): the same weights, no extra pass.
     On a sharded policy (`grpo.train.sharding`) FSDP's reduce-scatter sums the gradients in the
     backward, in place of `World.sum_gradients`.
     """
@@ -34,10 +65,16 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     per_minibatch = groups // cfg.num_minibatches
     temperature = logprob_temperature(cfg)
     sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
-                entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0)
-    steps = 0
+                entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0,
+                pg_token_count=0.0, is_weight_sum=0.0)
+    select = cfg.top_entropy_quantile < 1
+    correct = cfg.off_policy_correction != "none"
     sharded = is_sharded(policy)
     chunk = logprob_chunk_size(cfg, policy)
+    if correct and rollout.sampling_logprobs is None:
+        raise ValueError(f"off_policy_correction={cfg.off_policy_correction!r} needs the sampler's log-probs; "
+                         f"generation: {cfg.generation} records none")
+    steps = 0
     for _ in range(cfg.num_iterations):
         # Shuffle whole groups between minibatches so each minibatch still holds complete groups.
         order = torch.randperm(groups, generator=generator, device=generator.device).cpu() \
@@ -49,6 +86,10 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                         num_tokens=max(world.sum(mask.sum()).item(), 1.0),
                         group_size=G, max_completion_length=cfg.max_completion_length)
             optimizer.zero_grad(set_to_none=True)
+            # One micro-batch: its own forward gives the entropies (the threshold is taken below).
+            one_pass = len(rows) <= cfg.micro_batch_size
+            tau = minibatch_entropy_threshold(policy, rollout, rows, cfg, world, temperature, precision) \
+                if select and not one_pass else None
             for i in range(0, len(rows), cfg.micro_batch_size):
                 idx = rows[i:i + cfg.micro_batch_size]
                 scored = rollout.completion_mask[idx]
@@ -62,21 +103,34 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                         policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
                         scored, temperature, compute_entropy=True, entropy_grad=False,
                         logprob_chunk_size=chunk)
+                mask = rollout.completion_mask[idx]
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
                 ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[idx]
+                pg_mask = is_weights = None
+                if select:
+                    if tau is None:
+                        tau = algorithm.entropy_threshold(gather_varlen(world, entropy.float()[mask.bool()]),
+                                                          cfg.top_entropy_quantile)
+                    pg_mask = algorithm.high_entropy_mask(entropy.float(), mask, cfg.top_entropy_quantile, tau)
+                if correct:
+                    behaviour = logprobs.detach().float() if old is None else old
+                    is_weights = algorithm.truncated_is_weights(behaviour, rollout.sampling_logprobs[idx], mask,
+                                                                cfg.off_policy_correction, cfg.off_policy_cap)
                 loss, stats = algorithm.policy_loss(
-                    logprobs.float(), old, ref, rollout.advantages[idx], rollout.completion_mask[idx],
+                    logprobs.float(), old, ref, rollout.advantages[idx], mask,
                     loss_mode=cfg.policy_loss, ratio_level=cfg.ratio_level, ratio_anchor=cfg.ratio_anchor,
                     eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, beta=cfg.beta,
-                    kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation, **norm)
+                    kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation, pg_mask=pg_mask,
+                    is_weights=is_weights, **norm)
                 if loss.requires_grad:  # False only when every token of the micro-batch is masked out
                     precision.backward(loss)
                 m = rollout.completion_mask[idx]
                 sums["loss"] += loss.item()
                 sums["entropy_sum"] += (entropy.float() * m).sum().item()
-                for key in ("policy_loss", "kl_sum", "clip_low_sum", "clip_high_sum", "token_count"):
-                    sums[key] += float(stats[key])
+                for key in ("policy_loss", "kl_sum", "clip_low_sum", "clip_high_sum", "token_count",
+                            "pg_token_count", "is_weight_sum"):
+                    sums[key] += float(stats.get(key, 0.0))
             if not sharded:
                 world.sum_gradients(policy)
             grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
@@ -87,12 +141,17 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 sums["nonfinite_grad_steps"] += 1
             steps += 1
     tokens = max(sums["token_count"], 1.0)
-    return {"loss": sums["loss"] / steps, "policy_loss": sums["policy_loss"] / steps,
-            "kl": sums["kl_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
-            "clip_frac_low": sums["clip_low_sum"] / tokens, "clip_frac_high": sums["clip_high_sum"] / tokens,
-            "grad_norm": sums["grad_norm"] / max(steps - sums["nonfinite_grad_steps"], 1),
-            "nonfinite_grad_steps": sums["nonfinite_grad_steps"], "lr": scheduler.get_last_lr()[0],
-            "optimizer_steps": steps}
+    out = {"loss": sums["loss"] / steps, "policy_loss": sums["policy_loss"] / steps,
+           "kl": sums["kl_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
+           "clip_frac_low": sums["clip_low_sum"] / tokens, "clip_frac_high": sums["clip_high_sum"] / tokens,
+           "grad_norm": sums["grad_norm"] / max(steps - sums["nonfinite_grad_steps"], 1),
+           "nonfinite_grad_steps": sums["nonfinite_grad_steps"], "lr": scheduler.get_last_lr()[0],
+           "optimizer_steps": steps}
+    if select:
+        out["pg_token_frac"] = sums["pg_token_count"] / tokens
+    if correct:
+        out["is_weight_mean"] = sums["is_weight_sum"] / tokens
+    return out
 
 
 def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | None) -> dict[str, float]:
@@ -111,4 +170,5 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
             algorithm.zero_variance_groups(values, cfg.group_size).float().mean().item()
     if accuracy_name:
         m["accuracy"] = (rollout.rewards_per_function[accuracy_name] == 1).float().mean().item()
+    m.update(rollout.sampling_stats)  # dynamic sampling: rounds, prompts generated, groups dropped
     return m

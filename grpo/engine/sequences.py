@@ -1,0 +1,93 @@
+"""What a generation call returns (`Generation`), and the per-step distribution every strategy
+draws from: softmax(logits / temperature) within top-k / top-p. Shared by `generation.py`
+(sampling, beam search) and `stochastic_beam.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Generation:
+    """G completions per prompt, right-padded to the longest one actually generated (T <= max_new_tokens)."""
+    completion_ids: Tensor   # [P*G, T] long, pad_token_id after EOS
+    completion_mask: Tensor  # [P*G, T] long, 1 on generated tokens up to and including EOS
+    logprobs: Tensor         # [P*G, T] float32, log-prob of each token (0 where the mask is 0)
+    truncated: Tensor        # [P*G] bool, True if no EOS within max_new_tokens
+    # [P*G, T] float32: log-prob of each token under the distribution it was actually drawn from
+    # (tempered, then top-k/top-p filtered and renormalised); equal to `logprobs` without filters.
+    # None for beam search, which draws nothing.
+    sampling_logprobs: Tensor | None = None
+    # [P*G] float64, stochastic_beam only: q_i(kappa), the probability that completion i is in a
+    # group drawn without replacement given the group's threshold (stochastic_beam.py).
+    inclusion_probs: Tensor | None = None
+
+    def select(self, rows: Tensor) -> "Generation":
+        """The rows `rows` (e.g. the completions of some groups), same padding."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return Generation(self.completion_ids[rows], self.completion_mask[rows], self.logprobs[rows],
+                          self.truncated[rows], pick(self.sampling_logprobs), pick(self.inclusion_probs))
+
+    @staticmethod
+    def cat(parts: list["Generation"], pad_token_id: int) -> "Generation":
+        """Rows of several generations one after another, right-padded to the longest."""
+        T = max(g.completion_ids.shape[1] for g in parts)
+
+        def pad(x: Tensor, value) -> Tensor:
+            return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+        def cat_optional(name: str, value):
+            xs = [getattr(g, name) for g in parts]
+            if any(x is None for x in xs):
+                return None
+            return torch.cat([pad(x, value) if x.dim() == 2 else x for x in xs])
+
+        return Generation(torch.cat([pad(g.completion_ids, pad_token_id) for g in parts]),
+                          torch.cat([pad(g.completion_mask, 0) for g in parts]),
+                          torch.cat([pad(g.logprobs, 0.0) for g in parts]),
+                          torch.cat([g.truncated for g in parts]),
+                          cat_optional("sampling_logprobs", 0.0), cat_optional("inclusion_probs", None))
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the top-k tokens and outside the top-p nucleus.
+
+    top_k = 0 and top_p = 1 disable them. Top-p keeps the smallest set of most likely tokens whose
+    probability reaches top_p (always at least one token), the same rule as Hugging Face's warper.
+    Ties at the k-th value are all kept.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token if the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def filters_on(top_k: int, top_p: float, vocab_size: int) -> bool:
+    return 0 < top_k < vocab_size or top_p < 1.0
+
+
+def sampling_distribution(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """(full, filtered) log-probs [B, V]: log softmax(logits / temperature), and the distribution a
+    token is actually drawn from, the same restricted to top-k / top-p and renormalised (-inf
+    outside). Without filters the two are the same tensor."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if not filters_on(top_k, top_p, logits.shape[-1]):
+        return logp, logp
+    # Filtering log-probs is filtering logits (same order, same softmax).
+    return logp, torch.log_softmax(filter_logits(logp, top_k, top_p), dim=-1)
+
+
+def gather_beams(x: Tensor, idx: Tensor) -> Tensor:
+    """x [P, K, ...] -> x[p, idx[p, g], ...] for idx [P, G]: pick (and reorder) beams per prompt."""
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+    return x.gather(1, idx)
