@@ -226,6 +226,9 @@ def jsonable(value: Any) -> Any:
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_dict(value)
+    if type(value).__module__.split(".")[0] == "datasets":  # before dict: a DatasetDict is one
+        fingerprint = getattr(value, "_fingerprint", None)
+        return f"<datasets.{type(value).__name__}" + (f" {fingerprint}>" if fingerprint else ">")
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -234,10 +237,6 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if callable(value):
         return qualified_name(value)
-    module = type(value).__module__.split(".")[0]
-    if module == "datasets":
-        fingerprint = getattr(value, "_fingerprint", None)
-        return f"<datasets.{type(value).__name__}" + (f" {fingerprint}>" if fingerprint else ">")
     return repr(value)
 
 

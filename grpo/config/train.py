@@ -110,8 +110,9 @@ class TrainConfig(LoopConfig):
     accuracy_reward: str = ""
     """The reward whose value 1.0 means "correct", for the accuracy metrics; "" picks exact_answer
     when it is one of the rewards."""
-    eval_dataset: str = ""
-    """Held-out prompts: greedy accuracy and reward before, during (eval_steps) and after training."""
+    eval_dataset: Any = ""
+    """Held-out prompts (any form `dataset` takes): accuracy and reward of greedy completions (or
+    num_generations_eval samples) before, during (eval_steps) and after training."""
     eval_steps: int = 0
     """Every N steps the held-out set is evaluated; 0: only before and after training."""
     eval_max_prompts: int = 500

@@ -50,12 +50,12 @@ def load_source(source: Any, *, key: str = "dataset", split: str = "", config_na
         source = str(source)
     if isinstance(source, str):
         loaded = _from_string(source, key, split, config_name)
+    elif type(source).__module__.split(".")[0] == "datasets":  # before dict: a DatasetDict is one
+        loaded = _from_datasets_object(source, key, split)
     elif isinstance(source, (list, tuple)):
         loaded = _from_list(list(source), f"{key} (a Python list)", key)
     elif isinstance(source, dict):
         loaded = _from_columns(source, key)
-    elif type(source).__module__.split(".")[0] == "datasets":
-        loaded = _from_datasets_object(source, key, split)
     else:
         raise DataError(f"{key}: expected a file, a directory, a hub id, a datasets.Dataset or a list of "
                         f"dicts, got {type(source).__name__}")

@@ -122,10 +122,10 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
         with StopRequests() as stop:
             for step in range(start_step + 1, cfg.max_steps + 1):
                 t0 = clock(device)
+                state = trainer_state(cfg, (step - 1) * steps_per_rollout, sampler.epochs_done)  # before the draw
                 # Every process draws the same global order and takes its own slice of it.
                 indices = sampler.next(cfg.prompts_per_step * world.size)
                 mine = indices[world.rank * cfg.prompts_per_step:(world.rank + 1) * cfg.prompts_per_step]
-                state = trainer_state(cfg, (step - 1) * steps_per_rollout, sampler.epochs_done)
                 rollout = collect_rollout(policy, reference, tokenizer, [rows[i] for i in mine], rewards, cfg,
                                           generator, gather=world.gather if world.size > 1 else None,
                                           precision=precision, backend=backend, trainer_state=state)
