@@ -168,3 +168,59 @@ def test_training_on_a_datasets_dataset_with_a_split_and_renamed_columns(tiny_mo
     assert "eval_accuracy" in summary["eval_before"]
     config = json.loads((out / "train_config.json").read_text())
     assert config["dataset"].startswith("<datasets.DatasetDict")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt formatting: TRL's rule
+
+class FakeTokenizer:
+    """A tokenizer whose special tokens are visible: one id per character, BOS (99) added to
+    plain text as `tokenizer(text)` does for Llama-style tokenizers."""
+    chat_template = "set"
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([99] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt, continue_final_message=False, **kwargs):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        if kwargs.get("enable_thinking") is False:
+            text += "<no_think>"
+        return text + ("<assistant>" if add_generation_prompt else "") + ("..." if continue_final_message else "")
+
+
+def test_prompts_are_formatted_as_trl_does():
+    from grpo.data import encode_prompt, format_prompt
+
+    tok = FakeTokenizer()
+    user = [{"role": "user", "content": "hi"}]
+    assert format_prompt(tok, "plain text") == "plain text"  # TRL leaves plain text alone
+    assert format_prompt(tok, user) == "<user>hi<assistant>"
+    assert format_prompt(tok, user, template_kwargs={"enable_thinking": False}) == "<user>hi<no_think><assistant>"
+    assert format_prompt(tok, user + [{"role": "assistant", "content": "Sure"}]) == "<user>hi<assistant>Sure..."
+    assert format_prompt(tok, "hi", "always") == "<user>hi<assistant>"
+    # Plain text gets the tokenizer's own special tokens (TRL: processing_class(text=prompts)); the
+    # template's text is tokenized as written (apply_chat_template(tokenize=True)).
+    assert encode_prompt(tok, "ab")[1] == [99, ord("a"), ord("b")]
+    assert encode_prompt(tok, user)[1][0] == ord("<")
+
+
+def test_chat_template_kwargs_reach_the_rollout(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from grpo.train.loop import train
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}="
+                         "{% if short is defined and short %}{% else %}?{% endif %}{% endif %}")
+    tok.save_pretrained(model)
+    rows = [{"prompt": [{"role": "user", "content": "1+1"}], "answer": "2"}] * 2
+    for short, expected in ((True, "1+1="), (False, "1+1=?")):
+        out = train(dict(model=str(model), dataset=rows, output_dir=str(tmp_path / str(short)), rewards=["exact_answer"],
+                         chat_template_kwargs={"short": short}, prompts_per_step=1, group_size=2,
+                         max_completion_length=2, max_steps=1, samples_steps=1, report_to=[]), quiet=True)
+        samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+        assert {s["prompt"] for s in samples} == {expected}
