@@ -224,3 +224,10 @@ def test_chat_template_kwargs_reach_the_rollout(tiny_model_dir, tmp_path):
                          max_completion_length=2, max_steps=1, samples_steps=1, report_to=[]), quiet=True)
         samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
         assert {s["prompt"] for s in samples} == {expected}
+
+
+def test_in_memory_data_is_fingerprinted_by_its_content(ds):
+    # A resumed run must recognise the same rows given again (a Dataset's own _fingerprint is random).
+    assert load_source(ds).fingerprint == load_source(datasets.Dataset.from_list(ROWS)).fingerprint \
+        == load_source(ROWS).fingerprint
+    assert load_source(ROWS[:2]).fingerprint != load_source(ROWS).fingerprint

@@ -301,3 +301,12 @@ def test_config_reference_is_a_config_that_builds():
     assert values["rename_columns"] == {} and values["generation_kwargs"] == {}
     build(TrainConfig, {**values, **BASE})  # every default, as printed, is valid
     assert "Also accepted as\n# `num_generations`" in text and "loss_type:" in text
+
+
+def test_every_key_of_every_command_is_documented():
+    from grpo.config import COMMANDS, field_docs
+    from grpo.config.loading import defaults
+
+    for name, (cls, _) in COMMANDS.items():
+        docs = field_docs(cls)
+        assert [k for k in defaults(cls) if not docs.get(k)] == [], name

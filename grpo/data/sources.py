@@ -70,13 +70,15 @@ def load_source(source: Any, *, key: str = "dataset", split: str = "", config_na
 # From Python
 
 def _from_list(rows: list, label: str, key: str) -> Source:
-    out = []
+    """Rows given as dicts; their fingerprint hashes their content (row by row), so the same data
+    given again, in another process or another session, is recognised as the same."""
+    out, digest = [], hashlib.sha256()
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataError(f"{label} row {i}: expected a dict of column values, got {type(row).__name__}")
         out.append({**row, "_row": i})
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=repr).encode()).hexdigest()
-    return Source(out, label, f"sha256:{digest}")
+        digest.update(json.dumps(row, sort_keys=True, default=repr).encode())
+    return Source(out, label, f"sha256:{digest.hexdigest()}")
 
 
 def _from_columns(columns: dict, key: str) -> Source:
@@ -97,11 +99,9 @@ def _from_datasets_object(obj, key: str, split: str, label: str | None = None) -
                         f"the part you train on, e.g. Dataset.from_list(list(ds.take(10000)))")
     if isinstance(obj, datasets.DatasetDict):
         obj = _pick_split(obj, split, label, key)
-    rows = obj.to_list()
-    fingerprint = getattr(obj, "_fingerprint", None)
-    if not fingerprint:
-        return _from_list(rows, label, key)
-    return Source([{**r, "_row": i} for i, r in enumerate(rows, 1)], label, f"datasets:{fingerprint}")
+    # The content's hash, not the Dataset's own _fingerprint: that one is random for a Dataset
+    # built in memory, so a resumed run could not tell the same data from other data.
+    return _from_list(obj.to_list(), label, key)
 
 
 def _pick_split(splits, split: str, label: str, key: str):
