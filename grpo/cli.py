@@ -13,6 +13,7 @@ import sys
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers.utils import logging as hf_logging
@@ -22,15 +23,55 @@ def _quiet_libraries() -> None:
         pass
 
 
+# Shown under each command's --help: a few real invocations, and where every key is described.
+EPILOGS = {
+    "train": """examples:
+  grpo train --config my.yaml
+  grpo train --config my.yaml --set beta=0 --set preset=dapo --set generation=beam
+  grpo train --set model=Qwen/Qwen2.5-0.5B-Instruct --set dataset=data/train.jsonl \\
+             --set 'rewards=[{function: my_rewards.py:accuracy}]' --set output_dir=runs/q
+  grpo train --config my.yaml --resume          # continue the last checkpoint
+  torchrun --nproc_per_node 8 -m grpo.cli train --config my.yaml
+
+every key, its default and meaning: grpo config train  (grpo config train > my.yaml starts a config)
+TRL's names work too (num_generations, loss_type, epsilon, reward_weights, ...): see the README""",
+    "sft": """examples:
+  grpo sft --config sft.yaml
+  grpo sft --set model=runs/base --set dataset=data/train.jsonl --set eval_dataset=data/test.jsonl
+
+every key, its default and meaning: grpo config sft""",
+    "demo": """examples:
+  grpo demo                                # tiny model, supervised warm start, GRPO on addition
+  grpo demo --pipeline seed --output-dir runs/seed
+
+the settings it uses are in the README ("The demo"); grpo config train / sft describe each key""",
+    "reward-model": """examples:
+  grpo reward-model make-preferences --config prefs.yaml
+  grpo reward-model train --config rm.yaml
+  grpo reward-model eval --config eval.yaml
+  grpo reward-model score --config score.yaml
+
+every key: grpo config reward-model, grpo config reward-model-eval, grpo config make-preferences""",
+    "config": """examples:
+  grpo config train            # every key of grpo train, as a commented YAML file
+  grpo config train > my.yaml  # a config to start from""",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     from grpo import __version__
     from grpo.config import COMMANDS
 
-    p = argparse.ArgumentParser(prog="grpo", description="Group Relative Policy Optimization for causal LMs")
+    p = argparse.ArgumentParser(prog="grpo", description="Group Relative Policy Optimization for causal LMs",
+                                epilog="each command's keys: grpo config train | sft | reward-model | "
+                                       "reward-model-eval | make-preferences; examples: grpo <command> --help")
     p.add_argument("--version", action="version", version=f"grpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a policy with GRPO (or DAPO, Dr. GRPO, GSPO via preset)")
+    def command(name: str, **kw):
+        return sub.add_parser(name, epilog=EPILOGS.get(name), formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    t = command("train", help="train a policy with GRPO (or DAPO, Dr. GRPO, GSPO via preset)")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
@@ -39,13 +80,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
     t.add_argument("--quiet", action="store_true", help="no console output (metrics.jsonl is still written)")
 
-    s = sub.add_parser("sft", help="supervised warm start on prompt/completion pairs")
+    s = command("sft", help="supervised warm start on prompt/completion pairs")
     s.add_argument("--config", help="YAML config file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
     s.add_argument("--quiet", action="store_true")
 
-    d = sub.add_parser("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
+    d = command("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
@@ -54,13 +95,14 @@ def parser() -> argparse.ArgumentParser:
                    help="replace what a non-empty --output-dir holds (an earlier demo's output is replaced anyway)")
     d.add_argument("--quiet", action="store_true")
 
-    rm = sub.add_parser("reward-model", help="train, evaluate and use Bradley-Terry reward models")
+    rm = command("reward-model", help="train, evaluate and use Bradley-Terry reward models")
     rm_sub = rm.add_subparsers(dest="rm_command", required=True)
     for name, text in (("train", "train a reward model on prompt/chosen/rejected pairs"),
                        ("eval", "pairwise accuracy and mean margin on a preference file"),
                        ("score", "score prompt/completion rows and write them to a file"),
                        ("make-preferences", "sample a policy on a built-in task and write preference pairs")):
-        c = rm_sub.add_parser(name, help=text)
+        family = {"train": "reward-model", "make-preferences": "make-preferences"}.get(name, "reward-model-eval")
+        c = rm_sub.add_parser(name, help=text, epilog=f"every key, its default and meaning: grpo config {family}")
         c.add_argument("--config", help="YAML config file")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         c.add_argument("--overwrite", action="store_true", help="replace what the output holds")
@@ -70,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--output", help="where to write report.html (default: the first run directory)")
 
-    c = sub.add_parser("config", help="print every config key of a command with its default and meaning")
+    c = command("config", help="print every config key of a command with its default and meaning")
     c.add_argument("family", choices=list(COMMANDS), help="the command whose keys to print")
     return p
 

@@ -58,7 +58,8 @@ def test_format_prompt_plain_and_chat():
         format_prompt(tok, [{"role": "user", "content": "1+2="}])
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}{% if add_generation_prompt %}?{% endif %}"
     assert format_prompt(tok, [{"role": "user", "content": "1+2"}]) == "1+2=?"
-    assert format_prompt(tok, "1+2") == "1+2=?"          # auto: plain text becomes one user turn
+    assert format_prompt(tok, "1+2") == "1+2"            # auto (TRL's rule): plain text is left as is
+    assert format_prompt(tok, "1+2", "always") == "1+2=?"  # always: plain text becomes one user turn
     assert format_prompt(tok, "1+2", "never") == "1+2"
 
 

@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from grpo.engine.backend import blocked_token_ids
+
 from grpo import algorithm
 from grpo.config import TrainConfig, build
 from grpo.engine.models import load_causal_lm, load_tokenizer
@@ -123,12 +125,15 @@ def test_sampler_logprobs_are_the_filtered_distribution_and_weights_correct_towa
     Lp = rollout.prompt_ids.shape[1]
     step_logits = logits[:, Lp - 1:-1].float() / 1.2
     full = torch.log_softmax(step_logits, -1)
-    kept = torch.log_softmax(filter_logits(full.view(-1, full.shape[-1]), 0, 0.7), -1).view_as(full)
+    # What the sampler draws from: padding blocked (backend.blocked_token_ids), then the nucleus.
+    blocked = torch.zeros(full.shape[-1], dtype=torch.bool)
+    blocked[blocked_token_ids(tokenizer)] = True
+    kept = torch.log_softmax(filter_logits(full.view(-1, full.shape[-1]), 0, 0.7, blocked=blocked), -1).view_as(full)
     token = rollout.completion_ids.unsqueeze(-1)
     torch.testing.assert_close(rollout.sampling_logprobs[m], kept.gather(2, token).squeeze(-1)[m], atol=1e-4, rtol=0)
     trainer = batched_logprobs(policy, rollout, 1.2, 64)
     w = algorithm.truncated_is_weights(trainer, rollout.sampling_logprobs, m, "token", 2.0)
-    mass = torch.logsumexp(filter_logits(full.view(-1, full.shape[-1]), 0, 0.7), -1).exp().view(m.shape)
+    mass = torch.logsumexp(filter_logits(full.view(-1, full.shape[-1]), 0, 0.7, blocked=blocked), -1).exp().view(m.shape)
     torch.testing.assert_close(w[m], mass[m], atol=1e-4, rtol=0)
     assert (w[m] < 1 + 1e-5).all() and (w[m] < 0.999).any()
     model = copy.deepcopy(policy)

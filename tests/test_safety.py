@@ -133,12 +133,13 @@ def test_beam_wider_than_the_distinct_completions_stops_before_touching_the_dire
     out = tmp_path / "run"
     train(small(tiny_model_dir, addition_files, out), quiet=True)
     metrics = (out / "metrics.jsonl").read_text()
-    # 19 tokens: at most 1 token gives 19 completions (the EOS alone, 18 cut after one token).
-    with pytest.raises(ConfigError, match=r"group_size: beam search of width 20 needs 20 distinct completions.*only 19"):
-        train(small(tiny_model_dir, addition_files, out, generation="beam", group_size=20, max_completion_length=1),
+    # 19 tokens, padding never written: at most 1 token gives 18 completions (the EOS alone, 17 cut
+    # after one token).
+    with pytest.raises(ConfigError, match=r"group_size: beam search of width 19 needs 19 distinct completions.*only 18"):
+        train(small(tiny_model_dir, addition_files, out, generation="beam", group_size=19, max_completion_length=1),
               overwrite=True, quiet=True)
     assert (out / "metrics.jsonl").read_text() == metrics
-    train(small(tiny_model_dir, addition_files, tmp_path / "ok", generation="beam", group_size=19,
+    train(small(tiny_model_dir, addition_files, tmp_path / "ok", generation="beam", group_size=18,
                 max_completion_length=1), quiet=True)
 
 

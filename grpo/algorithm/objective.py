@@ -115,6 +115,7 @@ def policy_loss(
     beta: float = 0.0,
     kl_estimator: str = "k3",
     aggregation: str = "sequence_mean",
+    delta: float | None = None,
     num_sequences: int,
     num_tokens: int | float,
     group_size: int,
@@ -127,7 +128,8 @@ def policy_loss(
     loss = aggregate(L_t + beta * KL_t), L_t the surrogate of the registered policy loss
     ``loss_mode`` (config key `policy_loss`; ``ppo_clip`` is DeepSeekMath's) on the ratio to the
     anchor, and KL_t the ``kl_estimator`` estimate of KL(pi_theta || pi_ref), all [N_micro, T].
-    (The defaults are DeepSeekMath's; a run passes every value from its config.)
+    (The defaults are DeepSeekMath's; a run passes every value from its config.) ``delta``, when
+    given, is passed to the surrogate (ppo_clip's two-sided clipping).
 
     The ratio anchor (``ratio_anchor``): ``old`` is pi_old (the papers): ``old_logprobs``, or,
     when they are None, ``logprobs.detach()``. That is the special case of one update per
@@ -170,7 +172,7 @@ def policy_loss(
     # The anchor is a constant of the objective: only pi_theta is optimised.
     surrogate_t, ratio, clipped_low, clipped_high = surrogate(
         logprobs, anchor.detach(), advantages.detach(), valid,
-        ratio_level=ratio_level, eps_low=eps_low, eps_high=eps_high)
+        ratio_level=ratio_level, eps_low=eps_low, eps_high=eps_high, **({} if delta is None else {"delta": delta}))
     if is_weights is not None:
         surrogate_t = surrogate_t * torch.where(valid, is_weights.detach(), 1.0)
     pg_valid = valid if pg_mask is None else valid & pg_mask.bool()

@@ -62,7 +62,7 @@ def importance_ratio(logprobs: Tensor, anchor_logprobs: Tensor, mask: Tensor, le
 
 
 def clipped_surrogate(
-    ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float
+    ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, delta: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate as a per-token loss (DeepSeekMath eq. 3, with DAPO's asymmetric band).
 
@@ -77,22 +77,29 @@ def clipped_surrogate(
     clipped branch is the minimum and is constant, i.e. where the gradient is exactly zero:
     rho < 1 - eps_low with A < 0, and rho > 1 + eps_high with A > 0. (On the other side of the
     band the unclipped term is the smaller one, so the update is never blocked from undoing itself.)
+
+    ``delta`` (two-sided clipping, INTELLECT-2, arXiv:2505.07291; TRL's `delta`): the unclipped
+    term uses min(rho_t, delta), so with A < 0 a huge ratio no longer makes a huge loss: the
+    gradient is zero there too (counted in ``clipped_high``). None: one-sided, as PPO.
     """
     a = advantages.unsqueeze(-1) if advantages.dim() == ratio.dim() - 1 else advantages
-    unclipped = ratio * a
+    unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * a
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a
     loss_t = -torch.minimum(unclipped, clipped)
     clipped_low = (ratio < 1.0 - eps_low) & (a < 0)
     clipped_high = (ratio > 1.0 + eps_high) & (a > 0)
+    if delta is not None:
+        clipped_high = clipped_high | ((ratio > delta) & (a < 0))
     return loss_t, clipped_low, clipped_high
 
 
 @register_policy_loss("ppo_clip")
 def ppo_clip(logprobs: Tensor, anchor_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
-             ratio_level: str, eps_low: float, eps_high: float) -> Surrogate:
-    """PPO's clipped surrogate (Schulman et al. 2017), as GRPO uses it (DeepSeekMath eq. 3)."""
+             ratio_level: str, eps_low: float, eps_high: float, delta: float | None = None) -> Surrogate:
+    """PPO's clipped surrogate (Schulman et al. 2017), as GRPO uses it (DeepSeekMath eq. 3);
+    `delta` caps the unclipped ratio too (two-sided clipping, `clipped_surrogate`)."""
     ratio = importance_ratio(logprobs, anchor_logprobs, mask, ratio_level)
-    loss_t, low, high = clipped_surrogate(ratio, advantages, eps_low, eps_high)
+    loss_t, low, high = clipped_surrogate(ratio, advantages, eps_low, eps_high, delta)
     return Surrogate(loss_t, ratio, low, high)
 
 

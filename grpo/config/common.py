@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from grpo.data.prompts import CHAT_TEMPLATE_MODES
 from grpo.engine.models import DEVICES, DTYPES
@@ -12,22 +12,34 @@ from .loading import at_least
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORTERS = ("tensorboard", "wandb")
+# Hugging Face's `optim` names for the optimizers `grpo.train.optim` builds.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "rmsprop")
 
 
 @dataclass
 class CommonConfig:
     CHOICES: ClassVar[dict] = {"device": DEVICES, "dtype": ("auto", *DTYPES),
                                "apply_chat_template": CHAT_TEMPLATE_MODES}
+    # Keys holding paths, and how a relative one in a config file is resolved (loading.resolve_paths):
+    # `dir` against the file's directory when it exists there (else a hub id), `data` likewise or
+    # when it names a data file, `rewards` the files and directories of `rewards:` entries.
+    # output_dir is not here: like Hugging Face's Trainer, it is relative to the working directory.
+    PATHS: ClassVar[dict] = {"model": "dir", "dataset": "data", "eval_dataset": "data", "rewards": "rewards"}
 
     model: str = ""
-    """The model: a local directory or a hub id, loaded with `from_pretrained`."""
-    dataset: str = ""
-    """The data: a JSONL, CSV or Parquet file."""
+    """The model: a local directory or a hub id, loaded with `from_pretrained`. In a config file a
+    relative directory is relative to the config file."""
+    dataset: Any = ""
+    """The data: a JSONL, CSV or Parquet file (bad rows reported as file:line); any other file the
+    `datasets` library reads (.json array, .arrow, .tsv, .txt); a `save_to_disk` directory; a
+    Hugging Face Hub id; from Python also a datasets.Dataset, DatasetDict or list of dicts. In a
+    config file a relative path is relative to the config file."""
     prompt_column: str = "prompt"
     """The dataset column holding the prompt (text, or a list of chat messages)."""
     apply_chat_template: str = "auto"
-    """`auto`: prompts go through the tokenizer's chat template when it has one; `never`: plain
-    text is used verbatim (chat messages always need a template)."""
+    """`auto` (TRL's rule): chat messages go through the tokenizer's chat template, plain text is
+    used as is; `always`: plain text too, as one user turn; `never`: plain text as is (chat
+    messages always need a template)."""
     max_prompt_length: int = 512
     """Prompt tokens kept; a longer prompt loses its start (the end, next to the answer, stays)."""
     seed: int = 0
@@ -40,22 +52,36 @@ class CommonConfig:
     num_threads: int = 0
     """CPU threads for PyTorch's intra-op parallelism; 0 keeps PyTorch's default."""
 
+    # --- Data sources and prompt formatting as TRL users have them (issue 14)
+    dataset_config: str = ""
+    """The configuration of a hub dataset with several (e.g. `main` for openai/gsm8k)."""
+    dataset_train_split: str = "train"
+    """The split of `dataset` to train on when it has several (TRL's script argument)."""
+    rename_columns: dict = field(default_factory=dict)
+    """Dataset columns renamed on load, {old: new}, e.g. {question: prompt, solution: answer}."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3."""
+    # --- end of issue 14 keys
+
     def validate(self, bad) -> None:
         """Values that are well typed but impossible; `bad(key, message)` raises."""
         if not self.model:
             bad("model", "required: a model directory or hub id")
-        if not self.dataset:
-            bad("dataset", "required: a JSONL, CSV or Parquet file")
+        if self.dataset is None or (isinstance(self.dataset, str) and not self.dataset):
+            bad("dataset", "required: a data file, a save_to_disk directory or a hub id")
         at_least(self, bad, 1, "max_prompt_length")
         at_least(self, bad, 0, "num_threads")
 
 
 @dataclass
 class LoopConfig(CommonConfig):
-    CHOICES: ClassVar[dict] = {"lr_scheduler": LR_SCHEDULERS}
+    CHOICES: ClassVar[dict] = {"lr_scheduler": LR_SCHEDULERS, "optim": OPTIMIZERS}
+    # Hugging Face TrainingArguments' names for the same keys.
+    ALIASES: ClassVar[dict] = {"lr_scheduler_type": "lr_scheduler"}
 
     output_dir: str = "runs/grpo"
-    """Where the run writes its model, checkpoints, metrics and samples."""
+    """Where the run writes its model, checkpoints, metrics and samples; relative to the working
+    directory (as Hugging Face's Trainer), also in a config file."""
     learning_rate: float = 1e-6
     """AdamW's peak learning rate."""
     weight_decay: float = 0.0
@@ -89,10 +115,32 @@ class LoopConfig(CommonConfig):
     wandb_project: str = "grpo"
     """The Weights & Biases project, with report_to: [wandb]."""
 
+    # --- Optimizer options under Hugging Face's names (issue 14)
+    optim: str = "adamw_torch"
+    """The optimizer (Hugging Face's names): adamw_torch, adamw_torch_fused (CUDA), adafactor
+    (torch.optim.Adafactor, no momentum), sgd, rmsprop."""
+    adam_epsilon: float = 1e-8
+    """AdamW's epsilon, added to the second-moment root."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all optimizer steps (ceil); 0: use warmup_steps."""
+    # --- end of issue 14 keys
+
+    @classmethod
+    def expand(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """TRL's and Hugging Face's spellings of these keys (grpo.config.trl)."""
+        from .trl import translate_loop_keys
+        return translate_loop_keys(values, source)
+
     def validate(self, bad) -> None:
         super().validate(bad)
         at_least(self, bad, 1, "max_steps", "micro_batch_size", "logging_steps")
         at_least(self, bad, 0, "save_steps", "save_total_limit", "warmup_steps")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            bad("warmup_ratio", "give warmup_steps or warmup_ratio, not both")
+        if self.adam_epsilon <= 0:
+            bad("adam_epsilon", f"must be > 0, got {self.adam_epsilon}")
         if self.learning_rate <= 0:
             bad("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.max_grad_norm < 0:

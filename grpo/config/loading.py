@@ -85,6 +85,14 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, lines
 
 
+def aliases(cls) -> dict[str, str]:
+    """Other names for keys (TRL's, Hugging Face's), merged over the class hierarchy (`ALIASES`)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("ALIASES", {}))
+    return out
+
+
 def choices(cls) -> dict[str, tuple]:
     """Allowed values per key, merged over the class hierarchy (`CHOICES` class attributes)."""
     out: dict[str, tuple] = {}
@@ -110,7 +118,7 @@ def build(cls, values: dict[str, Any], source: str = "config", origins: dict[str
     def where(key: str) -> str:
         return origins.get(key.split("[")[0].split(".")[0], source)
 
-    for alias, key in getattr(cls, "ALIASES", {}).items():
+    for alias, key in aliases(cls).items():
         if alias in values:
             if key in values:
                 raise ConfigError(f"{where(alias)}: {alias} and {key} are the same key; give one")
@@ -156,14 +164,91 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     if path:
         values, lines = load_yaml(path)
         origins = {k: f"{path}:{lines[k]}" if k in lines else str(path) for k in values}
+        values = resolve_paths(cls, values, Path(path).resolve().parent)
     for key, value in parse_overrides(overrides or []).items():
         values[key] = value
         origins[key] = f"--set {key}"
     return build(cls, values, str(path) if path else "config", origins)
 
 
+def resolve_paths(cls, values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths of a config file, made relative to the file's directory (`base`) instead of
+    the working directory: the keys `cls.PATHS` lists (see CommonConfig). A value that is not
+    there and does not look like a file (a hub id) is left as it is; `--set` values are not passed
+    here (on the command line a path is the shell's)."""
+    from grpo.data.sources import DATA_SUFFIXES
+
+    kinds: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        kinds.update(vars(klass).get("PATHS", {}))
+    names = {f.name for f in dataclasses.fields(cls)} | {a for a, k in aliases(cls).items() if k == "rewards"}
+
+    def local(value, data: bool = False):
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        candidate = base / value
+        if candidate.exists() or (data and Path(value).suffix.lower() in DATA_SUFFIXES):
+            return str(candidate)
+        return value
+
+    def reward(entry):
+        if isinstance(entry, str) and ":" in entry and entry.rsplit(":", 1)[0].endswith(".py"):
+            target, fn = entry.rsplit(":", 1)
+            return f"{target if Path(target).is_absolute() else base / target}:{fn}"
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            if "function" in entry:
+                entry["function"] = reward(entry["function"])
+            if isinstance(entry.get("model"), str):
+                entry["model"] = local(entry["model"])
+        return entry
+
+    out = dict(values)
+    for key, value in values.items():
+        kind = kinds.get(aliases(cls).get(key, key))
+        if key not in names or kind is None:
+            continue
+        if kind == "rewards" and isinstance(value, list):
+            out[key] = [reward(e) for e in value]
+        elif kind in ("dir", "data"):
+            out[key] = local(value, data=kind == "data")
+    return out
+
+
 def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as JSON-safe values (train_config.json, checkpoints, the resume check): a
+    reward given as a Python function is its qualified name, an in-memory dataset a description."""
+    return {f.name: jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if type(value).__module__.split(".")[0] == "datasets":  # before dict: a DatasetDict is one
+        fingerprint = getattr(value, "_fingerprint", None)
+        return f"<datasets.{type(value).__name__}" + (f" {fingerprint}>" if fingerprint else ">")
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, dict) for v in value) and not _is_reward_list(value):
+            return f"<{len(value)} rows given in Python>"
+        return [jsonable(v) for v in value]
+    if callable(value):
+        return qualified_name(value)
+    return repr(value)
+
+
+def _is_reward_list(value: list) -> bool:
+    return all(("function" in v or "model" in v) for v in value)
+
+
+def qualified_name(fn) -> str:
+    """`python:module.qualname` of a function given from Python (what train_config.json records)."""
+    target = getattr(fn, "func", fn)  # functools.partial
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"python:{getattr(target, '__module__', None) or type(target).__module__}.{name}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,14 +280,16 @@ def describe(cls, title: str, width: int = 100) -> str:
     """Every key of `cls` as a commented YAML file: the doc, the allowed values, the default.
     Its output is a valid config (`grpo config train > my.yaml`) that says what each key means."""
     docs, allowed, values = field_docs(cls), choices(cls), defaults(cls)
-    aliases = {v: k for k, v in getattr(cls, "ALIASES", {}).items()}
+    names = {}
+    for alias, key in aliases(cls).items():
+        names.setdefault(key, []).append(alias)
     lines = [f"# {title}", "# Every key with its default. Any of them can go in the YAML file or in --set key=value.", ""]
     for key, value in values.items():
         doc = docs.get(key, "")
         if key in allowed:
             doc += f" One of: {', '.join(map(str, allowed[key]))}."
-        if key in aliases:
-            doc += f" Also accepted as `{aliases[key]}`."
+        if key in names:
+            doc += " Also accepted as " + ", ".join(f"`{a}`" for a in names[key]) + "."
         for paragraph in doc.split("\n"):
             lines += textwrap.wrap(paragraph, width - 2, initial_indent="# ", subsequent_indent="# ") or ["#"]
         lines.append(yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1])  # {key: v}
@@ -213,5 +300,11 @@ def describe(cls, title: str, width: int = 100) -> str:
                 default = defaults(nested)[name]
                 lines += textwrap.wrap(f"{name} (default {default!r}): {doc}", width - 6,
                                        initial_indent="#     ", subsequent_indent="#       ")
+        lines.append("")
+    translated = getattr(cls, "TRL_KEYS", {})
+    if translated:
+        lines.append("# TRL's names that map onto the keys above (accepted in the file and in --set):")
+        for name, doc in translated.items():
+            lines += textwrap.wrap(f"{name}: {doc}", width - 4, initial_indent="#   ", subsequent_indent="#     ")
         lines.append("")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .common import LoopConfig
 from .loading import at_least
@@ -23,6 +24,26 @@ class SFTConfig(LoopConfig):
     max_completion_length: int = 256
     """Completion tokens kept (EOS included); a longer completion is cut at its end."""
 
+    # --- Held-out evaluation and TRL's data options (issue 14)
+    eval_dataset: Any = ""
+    """Held-out prompt/completion pairs (any form `dataset` takes): the completion loss before,
+    during (eval_steps) and after training, and the greedy exact-match accuracy (the greedy
+    completion, stripped, equals the target)."""
+    dataset_test_split: str = "test"
+    """The split of `eval_dataset` to evaluate on when it has several."""
+    eval_steps: int = 0
+    """Every N steps the held-out pairs are evaluated; 0: only before and after training."""
+    eval_max_prompts: int = 500
+    """Held-out pairs used (the first N rows)."""
+    eval_batch_size: int = 64
+    """Pairs per held-out loss batch and greedy generation batch."""
+    shuffle_dataset: bool = True
+    """Draw pairs in a fresh random order each pass over the dataset; false: in file order."""
+    model_card: bool = True
+    """Write README.md (a Hugging Face model card) beside the final model; nothing is uploaded."""
+    # --- end of issue 14 keys
+
     def validate(self, bad) -> None:
         super().validate(bad)
-        at_least(self, bad, 1, "batch_size", "max_completion_length")
+        at_least(self, bad, 1, "batch_size", "max_completion_length", "eval_max_prompts", "eval_batch_size")
+        at_least(self, bad, 0, "eval_steps")

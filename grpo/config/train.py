@@ -19,6 +19,8 @@ from grpo.errors import ConfigError
 
 from .common import LoopConfig
 from .loading import at_least
+from .trl import TRAIN_KEYS as TRL_TRAIN_KEYS
+from .trl import translate_train_keys
 
 # What each preset changes from the defaults (which are `grpo`, DeepSeekMath's).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -37,8 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class RewardSpec:
     """One entry of `rewards:` (a plain string is short for {function: ...})."""
-    function: str = ""
-    """A built-in (exact_answer, answer_distance, think_format), path/to/file.py:fn or package.module:fn."""
+    function: Any = ""
+    """A built-in (exact_answer, answer_distance, think_format), path/to/file.py:fn or
+    package.module:fn; from Python also the function itself (sync or async def)."""
     model: str = ""
     """A reward-model directory (`grpo reward-model train` saves one, of any kind), or a list of
     them: an ensemble, combined by `ensemble`."""
@@ -63,10 +66,13 @@ class RewardSpec:
 
     @classmethod
     def parse(cls, spec: Any, where: str, bad) -> "RewardSpec":
-        if isinstance(spec, str):
+        if isinstance(spec, str) or callable(spec):
             spec = {"function": spec}
         if not isinstance(spec, dict):
             bad(where, f"expected a mapping like {{function: exact_answer, weight: 1.0}}, got {spec!r}")
+        function = spec.get("function")
+        if function and not (isinstance(function, str) or callable(function)):
+            bad(f"{where}.function", f"expected a name, file.py:fn, module:fn or a Python function, got {function!r}")
         unknown = set(spec) - set(cls.FIELDS)
         if unknown:
             bad(where, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(cls.FIELDS)}")
@@ -104,8 +110,11 @@ class TrainConfig(LoopConfig):
         "loss_aggregation": AGGREGATIONS,
         "off_policy_correction": OFF_POLICY_CORRECTIONS,
     }
-    # TRL's name for the same key.
-    ALIASES: ClassVar[dict] = {"scale_rewards": "advantage_estimator"}
+    # TRL's names for the same keys (more in grpo.config.trl, which translates values too).
+    ALIASES: ClassVar[dict] = {"scale_rewards": "advantage_estimator", "num_generations": "group_size",
+                               "importance_sampling_level": "ratio_level", "reward_funcs": "rewards",
+                               "steps_per_generation": "num_minibatches"}
+    TRL_KEYS: ClassVar[dict] = TRL_TRAIN_KEYS
     # The fields of each entry of a list-valued key (for `grpo config train`).
     NESTED: ClassVar[dict] = {"rewards": RewardSpec}
 
@@ -118,8 +127,9 @@ class TrainConfig(LoopConfig):
     accuracy_reward: str = ""
     """The reward whose value 1.0 means "correct", for the accuracy metrics; "" picks exact_answer
     when it is one of the rewards."""
-    eval_dataset: str = ""
-    """Held-out prompts: greedy accuracy and reward before, during (eval_steps) and after training."""
+    eval_dataset: Any = ""
+    """Held-out prompts (any form `dataset` takes): accuracy and reward of greedy completions (or
+    num_generations_eval samples) before, during (eval_steps) and after training."""
     eval_steps: int = 0
     """Every N steps the held-out set is evaluated; 0: only before and after training."""
     eval_max_prompts: int = 500
@@ -241,9 +251,43 @@ class TrainConfig(LoopConfig):
     """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
     "Beyond the 80/20 rule"); 1 keeps every token."""
 
+    # ------------------------------------------------------------------------------------------
+    # Options a TRL user reaches for, under TRL's names (issue 14; README "Coming from TRL").
+    dataset_test_split: str = "test"
+    """The split of `eval_dataset` to evaluate on when it has several (TRL's script argument)."""
+    min_p: float = 0.0
+    """Sampling: drop tokens whose probability is below min_p times the most likely token's; 0: off."""
+    repetition_penalty: float = 1.0
+    """Sampling: the logit of every token already in the prompt or the completion is divided by it
+    (multiplied when negative), as in Hugging Face and vLLM; 1: off."""
+    generation_kwargs: dict = field(default_factory=dict)
+    """TRL's bag of sampling options: its temperature, top_p, top_k, min_p, repetition_penalty and
+    max_new_tokens entries override those keys."""
+    sync_ref_model: bool = False
+    """TR-DPO's reference update: every ref_model_sync_steps optimizer steps
+    pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref (needs a reference: beta > 0)."""
+    ref_model_sync_steps: int = 512
+    """tau: optimizer steps between two reference updates, with sync_ref_model."""
+    ref_model_mixup_alpha: float = 0.6
+    """alpha: the policy's share in each reference update, with sync_ref_model (1 copies it)."""
+    delta: float = 0.0
+    """Two-sided clipping (INTELLECT-2, TRL's `delta`): the unclipped ratio is also capped at delta,
+    so a token with negative advantage and a huge ratio cannot blow up the loss; 0: off, else > 1."""
+    num_generations_eval: int = 1
+    """Completions per held-out prompt: 1 is one greedy completion; more are sampled as in
+    training, and the held-out numbers are their means."""
+    shuffle_dataset: bool = True
+    """Draw prompts in a fresh random order each pass over the dataset; false: in file order."""
+    model_card: bool = True
+    """Write README.md (a Hugging Face model card: base model, data, config, held-out results)
+    beside the final model, as push_to_hub would (nothing is uploaded)."""
+    # --- end of the TRL options block
+    # ------------------------------------------------------------------------------------------
+
     @classmethod
     def expand(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
-        """The preset's bundle under the user's own keys."""
+        """TRL's spellings (grpo.config.trl), then the preset's bundle under the user's own keys."""
+        values = translate_train_keys(values, source)
         preset = values.get("preset", "grpo")
         if preset not in PRESETS:
             raise ConfigError(f"{source}: preset: {preset!r} is not one of {', '.join(PRESETS)}")
@@ -292,6 +336,7 @@ class TrainConfig(LoopConfig):
         for i, spec in enumerate(self.rewards):
             RewardSpec.parse(spec, f"rewards[{i}]", bad)
         self.validate_groups_that_teach(bad)
+        self.validate_trl_options(bad)
 
     def validate_groups_that_teach(self, bad) -> None:
         at_least(self, bad, 1, "max_generation_rounds")
@@ -307,3 +352,29 @@ class TrainConfig(LoopConfig):
             bad("advantage_estimator", "priority needs the sampling weights of generation: stochastic_beam")
         if self.policy_loss == "gmpo" and self.ratio_level != "token":
             bad("ratio_level", "gmpo clips token log-ratios before their geometric mean: use ratio_level: token")
+
+    def validate_trl_options(self, bad) -> None:
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"must be > 0 (1 is off), got {self.repetition_penalty}")
+        if self.delta and self.delta <= 1:
+            bad("delta", f"caps the ratio from above: must be > 1 (0 is off), got {self.delta}")
+        if self.delta and self.policy_loss != "ppo_clip":
+            bad("delta", f"two-sided clipping is for policy_loss ppo_clip, not {self.policy_loss}")
+        at_least(self, bad, 1, "ref_model_sync_steps", "num_generations_eval")
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            bad("ref_model_mixup_alpha", f"must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.sync_ref_model and (self.peft or self.fsdp):
+            bad("sync_ref_model", "moves a reference model of its own: not with peft (the reference is the "
+                                  "adapter-free base) nor with fsdp (sharded) yet")
+        if self.repetition_penalty != 1.0 and self.generation == "stochastic_beam":
+            bad("repetition_penalty", "stochastic_beam draws from the model's own distribution, without a penalty")
+        if self.sync_ref_model and self.beta == 0 and self.ratio_anchor != "reference":
+            bad("sync_ref_model", "there is no reference model to update at beta 0; set beta > 0 "
+                                  "or sync_ref_model: false")
+
+
+def preset_overrides(cfg: TrainConfig) -> dict[str, tuple]:
+    """The keys of cfg's preset that the user set otherwise: {key: (preset's value, the run's)}."""
+    return {k: (v, getattr(cfg, k)) for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) != v}

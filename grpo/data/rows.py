@@ -74,11 +74,20 @@ def file_fingerprint(path: str | Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def where(label: str, row: dict) -> str:
+    """A row's place for a message: `file:line`, or `label row N` where the source has no lines
+    (rows read through `datasets`, or given from Python, remember `_row`)."""
+    if "_line" in row:
+        return f"{label}:{row['_line']}"
+    if "_row" in row:
+        return f"{label} row {row['_row']}"
+    return f"{label}:?"
+
+
 def require_columns(rows: list[dict], columns: list[str], path: str | Path) -> None:
     """Stop at the first row missing a column the run needs."""
     for row in rows:
         for col in columns:
             if col not in row or row[col] is None:
-                have = sorted(k for k in row if k != "_line")
-                raise DataError(f"{path}:{row.get('_line', '?')}: missing column {col!r} "
-                                f"(the row has {have})")
+                have = sorted(k for k in row if k not in ("_line", "_row"))
+                raise DataError(f"{where(str(path), row)}: missing column {col!r} (the row has {have})")

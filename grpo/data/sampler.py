@@ -1,4 +1,4 @@
-"""The order in which rows are drawn: endless shuffled passes, resumable."""
+"""The order in which rows are drawn: endless passes, shuffled (or in file order), resumable."""
 
 from __future__ import annotations
 
@@ -6,14 +6,22 @@ import torch
 
 
 class PromptSampler:
-    """Endless shuffled passes over the rows; its position is part of a checkpoint."""
+    """Endless passes over the rows, each in a fresh random order (`shuffle`, TRL's
+    shuffle_dataset) or in the rows' own order; its position is part of a checkpoint."""
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed = num_rows, seed
+    def __init__(self, num_rows: int, seed: int, shuffle: bool = True):
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
         self.epoch, self.index = 0, 0
         self._order = self._shuffle()
 
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the data so far, fractional (TRL's TrainerState.epoch)."""
+        return self.epoch + self.index / max(1, self.num_rows)
+
     def _shuffle(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_rows))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.num_rows, generator=g).tolist()
 

@@ -41,12 +41,46 @@ class SamplingParams:
     temperature: float
     top_p: float
     top_k: int               # 1: greedy
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     @classmethod
     def greedy(cls, max_new_tokens: int) -> "SamplingParams":
         """One greedy completion per prompt (held-out evaluation)."""
         return cls(group_size=1, max_new_tokens=max_new_tokens, strategy="sample", temperature=1.0,
                    top_p=1.0, top_k=1)
+
+
+def blocked_token_ids(tokenizer) -> list[int]:
+    """Special tokens the policy may never write mid-completion, in sampling and beam search alike.
+
+    Padding is not text (a reward reading `250<pad>` would be reading what was never written), and
+    neither is BOS, except where the model's own format puts BOS inside the text (a chat template
+    that opens every turn with it, as Llama-2's `<s>[INST]`): then it stays allowed. An id that is
+    also an EOS is never blocked (many tokenizers pad with EOS). The completions a reward sees are
+    decoded with special tokens kept (grpo.data.decode_completions), so nothing else is hidden.
+    """
+    eos = tokenizer.eos_token_id
+    blocked = []
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        blocked.append(tokenizer.pad_token_id)
+    bos = tokenizer.bos_token_id
+    if bos is not None and bos != eos and bos not in blocked and not _bos_inside_text(tokenizer):
+        blocked.append(bos)
+    return blocked
+
+
+def _bos_inside_text(tokenizer) -> bool:
+    """Whether the chat template writes BOS after the start of a conversation (once per turn)."""
+    template, bos = getattr(tokenizer, "chat_template", None), tokenizer.bos_token
+    if not template or not bos:
+        return False
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # a template that wants other roles or arguments: it says nothing about BOS
+        return False
+    return text.find(bos, 1) != -1
 
 
 class RolloutBackend(Protocol):
@@ -63,6 +97,7 @@ class LocalBackend:
     def __init__(self, model, tokenizer):
         self.model = model
         self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.blocked_token_ids = blocked_token_ids(tokenizer)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
                  generator: torch.Generator | None = None) -> Generation:
@@ -70,7 +105,9 @@ class LocalBackend:
                                max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_id,
                                pad_token_id=self.pad_token_id, strategy=params.strategy,
                                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                               generator=generator)
+                               generator=generator, min_p=params.min_p,
+                               repetition_penalty=params.repetition_penalty,
+                               blocked_token_ids=self.blocked_token_ids)
 
     def sync_weights(self, model) -> None:
         self.model = model  # the same parameters the optimizer stepped: nothing to copy

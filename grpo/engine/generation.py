@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .decoders import start
 from .models import model_device
-from .sequences import Generation, filter_logits, filters_on  # Generation, filter_logits: also imported from here
+from .sequences import (Generation, filter_logits, filters_on,  # Generation, filter_logits: also imported from here
+                        penalize_repetition)
 from .sequences import gather_beams as _gather_beams
 from .stochastic_beam import stochastic_beam
 
@@ -35,41 +36,51 @@ STRATEGIES = ("sample", "beam", "stochastic_beam")
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 
-def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator) -> tuple[Tensor, Tensor]:
-    """One token per row [B] from softmax(logits / temperature) within top-k/top-p, and its log-prob [B]
+def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator, *, min_p: float = 0.0,
+          blocked: Tensor | None = None, seen: Tensor | None = None,
+          repetition_penalty: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One token per row [B] from softmax(logits / temperature) within the filters of
+    `filter_logits` (and the repetition penalty when `seen` is given), and its log-prob [B]
     under the full tempered distribution."""
-    token, logprob, _ = _draw_recorded(logits, temperature, top_k, top_p, generator)
+    token, logprob, _ = _draw_recorded(logits, temperature, top_k, top_p, generator, min_p=min_p, blocked=blocked,
+                                       seen=seen, repetition_penalty=repetition_penalty)
     return token, logprob
 
 
-def _draw_recorded(logits: Tensor, temperature: float, top_k: int, top_p: float,
-                   generator) -> tuple[Tensor, Tensor, Tensor]:
+def _draw_recorded(logits: Tensor, temperature: float, top_k: int, top_p: float, generator, *,
+                   min_p: float = 0.0, blocked: Tensor | None = None, seen: Tensor | None = None,
+                   repetition_penalty: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """`_draw`, and the token's log-prob under the distribution it was actually drawn from [B]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    # What the token is drawn from: the penalty acts on raw logits before the temperature (HF's
+    # order); filtering log-probs is filtering logits (same order, same softmax), and
+    # multinomial renormalises what survives.
+    shaped = logp if seen is None else \
+        torch.log_softmax(penalize_repetition(logits.float(), seen, repetition_penalty) / temperature, dim=-1)
+    allowed = filter_logits(shaped, top_k, top_p, min_p, blocked)
     if top_k == 1:
         # Greedy: the first of tied maxima, with no random draw (bf16 logits tie often, and greedy
         # evaluation must not depend on an RNG). The distribution drawn from is a point mass.
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = logp.argmax(-1, keepdim=True)
+        token = allowed.argmax(-1, keepdim=True)
         full = logp.gather(-1, token).squeeze(-1)
         return token.squeeze(-1), full, torch.zeros_like(full)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    kept = filter_logits(logp, top_k, top_p)
-    token = torch.multinomial(kept.exp(), 1, generator=generator)  # multinomial renormalises what survives
+    token = torch.multinomial(allowed.exp(), 1, generator=generator)
     full = logp.gather(-1, token).squeeze(-1)
     sampled = full
-    if filters_on(top_k, top_p, logits.shape[-1]):
-        sampled = full - torch.logsumexp(kept, dim=-1)  # log of p / (mass the filter kept)
-    # Two log-probs are recorded. Under the full tempered distribution, before top-k/top-p: that
-    # is what `completion_logprobs(..., temperature)` recomputes in the update, so pi_old from
-    # here and pi_theta there are the same quantity. And under the filtered, renormalised
-    # distribution the token was really drawn from, pi_sampler, for the off-policy correction
-    # (algorithm.truncated_is_weights): with top-p / top-k on, pi_old / pi_sampler is the mass the
-    # filter kept (< 1), not 1. Without filters the two are the same numbers.
+    if seen is not None or filters_on(top_k, top_p, logits.shape[-1], min_p, blocked):
+        sampled = allowed.gather(-1, token).squeeze(-1) - torch.logsumexp(allowed, dim=-1)
+    # Two log-probs are recorded. Under the full tempered distribution, before blocking, the
+    # penalty and top-k/top-p/min-p: that is what `completion_logprobs(..., temperature)`
+    # recomputes in the update, so pi_old from here and pi_theta there are the same quantity.
+    # And under the shaped, renormalised distribution the token was really drawn from,
+    # pi_sampler, for the off-policy correction (algorithm.truncated_is_weights): with filters on,
+    # pi_old / pi_sampler is below 1 (the mass the filters kept). Without them they are the same.
     return token.squeeze(-1), full, sampled
 
 
 def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id,
-            temperature, top_p, top_k, generator, fast: bool) -> Generation:
+            temperature, top_p, top_k, generator, fast: bool, min_p: float = 0.0, blocked: Tensor | None = None,
+            repetition_penalty: float = 1.0) -> Generation:
     """G samples per prompt, one batched decode loop of P*G rows.
 
     The batch shrinks as rows finish: `rows` maps the current batch rows to output rows, and the
@@ -87,14 +98,18 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
     ended = torch.zeros(N, dtype=torch.bool, device=device)
     rows = torch.arange(N, device=device)                  # batch row -> output row
     live = torch.ones(N, dtype=torch.bool, device=device)  # per batch row: not ended yet
+    seen = _prompt_tokens(prompt_ids, prompt_mask, G, logits.shape[-1]) if repetition_penalty != 1.0 else None
     steps = 0
     for t in range(max_new_tokens):
         all_live = bool(live.all())
         lg = logits if all_live else logits[live]
         out_rows = rows if all_live else rows[live]
         drawn, logprobs[out_rows, t], sampling_logprobs[out_rows, t] = _draw_recorded(
-            lg, temperature, top_k, top_p, generator)
+            lg, temperature, top_k, top_p, generator, min_p=min_p, blocked=blocked,
+            seen=None if seen is None else seen[out_rows], repetition_penalty=repetition_penalty)
         completion_ids[out_rows, t] = drawn
+        if seen is not None:
+            seen[out_rows, drawn] = True
         is_eos = torch.isin(drawn, eos_ids)
         ended[out_rows] = is_eos
         steps = t + 1
@@ -123,6 +138,13 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
                       sampling_logprobs[:, :steps] * completion_mask)
 
 
+def _prompt_tokens(prompt_ids: Tensor, prompt_mask: Tensor, G: int, vocab_size: int) -> Tensor:
+    """[P*G, V] bool: the tokens of each row's prompt (padding not), for the repetition penalty."""
+    seen = torch.zeros(prompt_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=prompt_ids.device)
+    seen.scatter_(1, prompt_ids.masked_fill(prompt_mask == 0, vocab_size), True)  # padding lands in the extra column
+    return seen[:, :vocab_size].repeat_interleave(G, 0)
+
+
 def _mask_through_eos(completion_ids: Tensor, eos_ids: Tensor) -> Tensor:
     """1 on every token up to and including the first EOS of the row (all of it if there is none)."""
     is_eos = torch.isin(completion_ids, eos_ids).long()
@@ -133,7 +155,8 @@ def _mask_through_eos(completion_ids: Tensor, eos_ids: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Beam search.
 
-def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id, fast: bool) -> Generation:
+def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id, fast: bool,
+          blocked: Tensor | None = None) -> Generation:
     """Beam search of width G, batched over prompts; score = sum of token log-probs at T = 1.
 
     The textbook algorithm (Hugging Face's with `length_penalty=0, early_stopping="never"`, which
@@ -148,6 +171,9 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
     `fast`: the G beams of a prompt run on the group decoder (`decoders.GroupDecoder`) when the
     model is supported: the prompt's keys/values are kept once per prompt, and reordering the
     beams moves only their completion keys/values. The search itself is the same code either way.
+
+    `blocked` [V] bool: tokens no beam may be extended by (as in sampling); the scores and the
+    recorded log-probs stay those of the full distribution.
     """
     device = prompt_ids.device
     P, L = prompt_ids.shape[0], max_new_tokens
@@ -174,7 +200,8 @@ def _beam(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_
     for t in range(L):
         steps = t + 1
         token_lp = torch.log_softmax(logits.float(), dim=-1).view(P, G, V)
-        cand = (alive_scores.unsqueeze(-1) + token_lp).view(P, G * V)  # beam g + token v
+        allowed_lp = token_lp if blocked is None else token_lp.masked_fill(blocked, NEG)
+        cand = (alive_scores.unsqueeze(-1) + allowed_lp).view(P, G * V)  # beam g + token v
 
         # The G best extensions of this step; those that end in EOS join the finished pool.
         top_scores, top = torch.topk(cand, G, dim=1)
@@ -246,19 +273,23 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
                     max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int,
                     strategy: str = "sample", temperature: float = 1.0, top_p: float = 1.0,
                     top_k: int = 0, generator: torch.Generator | None = None,
-                    engine: str = "auto") -> Generation:
+                    engine: str = "auto", min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    blocked_token_ids: list[int] | None = None) -> Generation:
     """Generate `group_size` completions for each of the P left-padded prompts [P, Lp].
 
     `sample`: i.i.d. samples from softmax(logits / temperature), restricted to the top_k tokens
     and the top_p nucleus when those are set; `generator` (on the model's device) makes it
-    reproducible. `Generation.logprobs` are under the full tempered distribution, and
-    `Generation.sampling_logprobs` under the filtered one actually sampled (see `_draw_recorded`).
+    reproducible; `min_p` and `repetition_penalty` shape it further (`filter_logits`,
+    `penalize_repetition`). `Generation.logprobs` are under the full tempered distribution, and
+    `Generation.sampling_logprobs` under the shaped one actually sampled (see `_draw_recorded`).
     `beam`: beam search of width group_size per prompt, scored by the sum of token log-probs at
     temperature 1 with no length penalty, its G best distinct hypotheses best first. It is
-    deterministic and ignores temperature, top_p, top_k and generator.
+    deterministic and ignores temperature, top_p, top_k, min_p, repetition_penalty and generator.
     `stochastic_beam`: group_size distinct completions per prompt drawn without replacement from
-    the same distribution `sample` draws from (`stochastic_beam.stochastic_beam`), in the order
-    drawn; `Generation.inclusion_probs` holds their inclusion probabilities.
+    the same distribution `sample` draws from (`stochastic_beam.stochastic_beam`; no repetition
+    penalty), in the order drawn; `Generation.inclusion_probs` holds their inclusion probabilities.
+    `blocked_token_ids` are never generated by any of them (padding, BOS mid-completion:
+    `backend.blocked_token_ids`).
 
     `engine`: "auto" decodes Llama-style models on the group decoder (`decoders.GroupDecoder`)
     and others on their own KV cache (`decoders.CacheDecoder`); "plain" forces the latter (the
@@ -280,6 +311,10 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [P, Lp], got "
                          f"{tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
@@ -294,16 +329,26 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the last column of prompt_mask must be all 1")
 
+    blocked = None
+    if blocked_token_ids:
+        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
+            else model.config.vocab_size
+        blocked = torch.zeros(vocab, dtype=torch.bool, device=device)
+        blocked[[t for t in blocked_token_ids if 0 <= t < vocab]] = True
+        blocked[eos_ids] = False  # an EOS always ends a completion, whatever else it is
+
     was_training = model.training
     model.eval()
     try:
         if strategy == "sample":
             return _sample(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
-                           pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto")
+                           pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto",
+                           min_p=min_p, blocked=blocked, repetition_penalty=repetition_penalty)
         if strategy == "stochastic_beam":
             return stochastic_beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
-                                   pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto")
+                                   pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto",
+                                   min_p=min_p, blocked=blocked)
         return _beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_token_id,
-                     fast=engine == "auto")
+                     fast=engine == "auto", blocked=blocked)
     finally:
         model.train(was_training)

@@ -1,9 +1,10 @@
 """What a generation call returns (`Generation`), and the per-step distribution every strategy
-draws from: softmax(logits / temperature) within top-k / top-p. Shared by `generation.py`
+draws from: softmax(logits / temperature) within top-k / top-p / min-p, blocked tokens excluded. Shared by `generation.py`
 (sampling, beam search) and `stochastic_beam.py`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,13 +53,20 @@ class Generation:
                           cat_optional("sampling_logprobs", 0.0), cat_optional("inclusion_probs", None))
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set to -inf every logit outside the top-k tokens and outside the top-p nucleus.
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  blocked: Tensor | None = None) -> Tensor:
+    """Set to -inf every blocked logit, and every logit outside the top-k tokens, the top-p
+    nucleus and the min-p floor, in that order (Hugging Face's order of warpers).
 
-    top_k = 0 and top_p = 1 disable them. Top-p keeps the smallest set of most likely tokens whose
-    probability reaches top_p (always at least one token), the same rule as Hugging Face's warper.
-    Ties at the k-th value are all kept.
+    `blocked` [V] bool: tokens never sampled (padding, and BOS mid-completion: see
+    `backend.blocked_token_ids`). top_k = 0, top_p = 1 and min_p = 0 disable the others. Top-p
+    keeps the smallest set of most likely tokens whose probability reaches top_p (always at least
+    one token), the same rule as Hugging Face's warper. Ties at the k-th value are all kept. Min-p
+    keeps the tokens whose probability is at least min_p times the most likely one's (its ratio
+    test is the same before or after renormalising what top-k/top-p kept).
     """
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,22 +77,34 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        # log p_i < log(min_p) + log p_max  <=>  p_i < min_p * p_max (logits or log-probs alike).
+        floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 
-def filters_on(top_k: int, top_p: float, vocab_size: int) -> bool:
-    return 0 < top_k < vocab_size or top_p < 1.0
+def filters_on(top_k: int, top_p: float, vocab_size: int, min_p: float = 0.0, blocked: Tensor | None = None) -> bool:
+    return 0 < top_k < vocab_size or top_p < 1.0 or min_p > 0.0 or (blocked is not None and bool(blocked.any()))
 
 
-def sampling_distribution(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+def penalize_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """Hugging Face's and vLLM's repetition penalty: the logit of every token already in the
+    prompt or the completion (`seen` [B, V] bool) is divided by `penalty` when positive and
+    multiplied by it when negative, so penalty > 1 makes it less likely either way."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def sampling_distribution(logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
+                          blocked: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(full, filtered) log-probs [B, V]: log softmax(logits / temperature), and the distribution a
-    token is actually drawn from, the same restricted to top-k / top-p and renormalised (-inf
+    token is actually drawn from, the same restricted by `filter_logits` and renormalised (-inf
     outside). Without filters the two are the same tensor."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if not filters_on(top_k, top_p, logits.shape[-1]):
+    if not filters_on(top_k, top_p, logits.shape[-1], min_p, blocked):
         return logp, logp
     # Filtering log-probs is filtering logits (same order, same softmax).
-    return logp, torch.log_softmax(filter_logits(logp, top_k, top_p), dim=-1)
+    return logp, torch.log_softmax(filter_logits(logp, top_k, top_p, min_p, blocked), dim=-1)
 
 
 def gather_beams(x: Tensor, idx: Tensor) -> Tensor:

@@ -95,9 +95,10 @@ def priority_weights(gen: Generation) -> Tensor:
 @torch.no_grad()
 def stochastic_beam(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens: int, eos_ids: Tensor,
                     pad_token_id: int, temperature: float, top_p: float, top_k: int,
-                    generator: torch.Generator | None, fast: bool) -> Generation:
+                    generator: torch.Generator | None, fast: bool, min_p: float = 0.0,
+                    blocked: Tensor | None = None) -> Generation:
     """G completions per prompt without replacement from softmax(logits / temperature) (within
-    top-k / top-p when set), rows p*G .. p*G+G-1 in the order drawn; a completion that reaches
+    top-k / top-p / min-p when set, blocked tokens excluded), rows p*G .. p*G+G-1 in the order drawn; a completion that reaches
     max_new_tokens without EOS is a leaf (truncated), as in sampling.
 
     Per prompt a beam of G slots, each a prefix with phi (its log-prob under the sampling
@@ -125,7 +126,8 @@ def stochastic_beam(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_
     kappa = torch.full((P,), NEG, dtype=torch.float64, device=device)
 
     for t in range(L):
-        full_lp, samp_lp = (x.view(P, G, V) for x in sampling_distribution(logits, temperature, top_k, top_p))
+        full_lp, samp_lp = (x.view(P, G, V) for x in sampling_distribution(logits, temperature, top_k, top_p,
+                                                                                       min_p, blocked))
         alive = ~ended & torch.isfinite(key)
         # Children of every slot: G_phi ~ Gumbel(phi + log p(token)); only the K best can matter.
         perturbed = phi.float().unsqueeze(-1) + samp_lp + gumbel((P, G, V), generator, device)

@@ -29,6 +29,11 @@ SUPERVISED_FIELDS = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("eval
 BAR_WIDTH = 20
 
 
+def format_numbers(values: dict, digits: int = 4) -> str:
+    """Results as one aligned line of text, `eval_reward 0.1050  eval_accuracy 0.2260`, not a dict."""
+    return "  ".join(f"{k} {v:.{digits}f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
 def is_live(stream) -> bool:
     """A rewritable status line only makes sense on an interactive terminal that understands \\r."""
     isatty = getattr(stream, "isatty", None)
@@ -106,9 +111,9 @@ class Progress:
             self._write(line + "\n")
             return
         self.status = fit(line, self.width() - 1)
-        if "eval_accuracy" in record or "eval_reward" in record:
+        if "eval_accuracy" in record or "eval_reward" in record or "eval_loss" in record:
             # Eval results are rare and worth keeping on screen once the status line moves on.
-            evals = "  ".join(f"{k} {record[k]:.3f}" for k in ("eval_reward", "eval_accuracy") if k in record)
+            evals = format_numbers({k: record[k] for k in ("eval_loss", "eval_reward", "eval_accuracy") if k in record}, 3)
             self.message(f"step {record['step']}: {evals}")  # prints it, then the new status line
         else:
             self._write("\r\x1b[2K" + self.status)

@@ -7,8 +7,9 @@ Kept apart from the trainer so the algorithm never does I/O. Files in the run di
 - `train_config.json`: the run's training config (config.json in a run directory is the model's).
 - `samples.jsonl`: a few completions of some steps, one JSON object each, with the fields
   step, index (row in the step's rollout), group (which prompt's group), prompt, completion,
-  reward (weighted total), advantage, rewards ({reward name: value}), length (generated tokens)
-  and truncated (no EOS within max_completion_length).
+  reward (weighted total), advantage, rewards ({reward name: value}), length (generated tokens),
+  truncated (no EOS within max_completion_length) and, when reward functions logged columns with
+  TRL's `log_extra`, extra ({column: value}).
 - `tensorboard/`: event files with every numeric metric of metrics.jsonl under the same names,
   when `tensorboard` is in `report_to` and the tensorboard package is installed.
 - `wandb/`: a Weights & Biases run when `wandb` is in `report_to` (offline without an API key).
@@ -136,12 +137,23 @@ def pick_rows(total: int, group_size: int, n: int) -> list[int]:
 
 def sample_rows(step: int, rollout, indices: list[int], group_size: int) -> list[dict]:
     per_function = rollout.rewards_per_function
-    return [{"step": step, "index": i, "group": i // max(1, group_size),
+    log = getattr(rollout, "reward_log", None)
+    extra = {k: v for k, v in (log.extra if log is not None else {}).items() if len(v) == len(rollout)}
+    rows = [{"step": step, "index": i, "group": i // max(1, group_size),
              "prompt": rollout.prompts[i], "completion": rollout.completions[i],
              "reward": float(rollout.rewards[i]), "advantage": float(rollout.advantages[i]),
              "rewards": {k: float(v[i]) for k, v in per_function.items()},
              "length": int(rollout.lengths[i]), "truncated": bool(rollout.truncated[i])}
             for i in indices]
+    if extra:
+        for row in rows:
+            row["extra"] = {k: _plain(v[row["index"]]) for k, v in extra.items()}
+    return rows
+
+
+def _plain(value):
+    """A logged value as JSON can hold it."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def samples_markdown(rows: list[dict]) -> str:
@@ -150,11 +162,13 @@ def samples_markdown(rows: list[dict]) -> str:
         return str(text).replace("|", "\\|").replace("\n", "<br>")
 
     names = list(dict.fromkeys(k for r in rows for k in r["rewards"]))
-    lines = ["| # | prompt | completion | reward | advantage | " + " | ".join(names) + " |",
-             "|---" * (5 + len(names)) + "|"]
+    extra = list(dict.fromkeys(k for r in rows for k in r.get("extra", {})))
+    lines = ["| # | prompt | completion | reward | advantage | " + " | ".join(names + extra) + " |",
+             "|---" * (5 + len(names) + len(extra)) + "|"]
     for r in rows:
         lines.append(f"| {r['index']} | {cell(r['prompt'])} | {cell(r['completion'])} | {r['reward']:.3f} | "
-                     f"{r['advantage']:+.3f} | " + " | ".join(f"{r['rewards'].get(n, 0.0):.3f}" for n in names) + " |")
+                     f"{r['advantage']:+.3f} | " + " | ".join(f"{r['rewards'].get(n, 0.0):.3f}" for n in names)
+                     + "".join(f" | {cell(r.get('extra', {}).get(c, ''))}" for c in extra) + " |")
     return "\n".join(lines)
 
 

@@ -1,11 +1,14 @@
 """Reward functions: the built-ins and the loading of a user's.
 
-A reward function has the TRL signature `fn(prompts, completions, **columns) -> list[float]`:
-`prompts` and `completions` are lists of strings of equal length N, each extra dataset column
-arrives as a list of N values. In a config it is
+A reward function has TRL's contract (grpo.rewards.scoring says what it is called with):
+`fn(prompts, completions, **columns) -> list[float | None]`, where `prompts` and `completions`
+are lists of N strings, or, for conversational data, of message lists (a completion is then
+[{"role": "assistant", "content": text}]), and each dataset column arrives as a list of N
+values. In a config it is
   {function: exact_answer}                      a built-in (see BUILTIN)
   {function: path/to/file.py:my_reward}         a function in a Python file
   {function: my_package.rewards:my_reward}      a function in an importable module
+and from Python the function itself. The built-ins take both forms of completion.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from grpo.data import content_of
 from grpo.errors import RewardError
 
 
@@ -32,7 +36,7 @@ def is_exact_answer(completion: str, answer) -> bool:
 
 def exact_answer(prompts, completions, answer, **_) -> list[float]:
     """1.0 when the completion, stripped of whitespace, is exactly the `answer` column, else 0.0."""
-    return [float(is_exact_answer(c, a)) for c, a in zip(completions, answer)]
+    return [float(is_exact_answer(content_of(c), a)) for c, a in zip(completions, answer)]
 
 
 def first_number(text: str) -> float | None:
@@ -44,7 +48,7 @@ def answer_distance(prompts, completions, answer, **_) -> list[float]:
     """A dense reward: 1 / (1 + |first number in completion - answer|), 0 without a number."""
     out = []
     for c, a in zip(completions, answer):
-        x = first_number(c)
+        x = first_number(content_of(c))
         out.append(0.0 if x is None else 1.0 / (1.0 + abs(x - float(a))))
     return out
 
@@ -54,7 +58,7 @@ _THINK = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
 
 def think_format(prompts, completions, **_) -> list[float]:
     """DeepSeek-R1's format reward: 1.0 for '<think>...</think> <answer>...</answer>', else 0.0."""
-    return [float(bool(_THINK.match(c.strip()))) for c in completions]
+    return [float(bool(_THINK.match(content_of(c).strip()))) for c in completions]
 
 
 BUILTIN: dict[str, Callable] = {

@@ -3,16 +3,28 @@
 `build_rewards` turns the config's `rewards:` entries into named, weighted reward functions
 (a user's function, a built-in, or a reward model); `score` calls each once for all N completions
 and checks what it returned.
+
+The call is TRL's (GRPOTrainer's "Using a custom reward function"): every function gets, as
+keywords, `prompts` and `completions` (strings; for conversational data the prompt's messages
+and [{"role": "assistant", "content": text}]) and every dataset column but the prompt; and, when
+its signature takes them (by name or **kwargs), `completion_ids` (each completion's token ids,
+EOS included), `trainer_state` (global_step, max_steps, epoch), `log_metric(name, value)` (a
+scalar averaged over the step into metrics.jsonl and TensorBoard) and `log_extra(column,
+values)` (a column of samples.jsonl and the sample tables). A `None` value means "does not
+apply here": NaN in that reward's own values, 0 in the weighted sum. `async def` functions are
+awaited concurrently, after the others, as TRL does. A reward model reads the policy's formatted
+text instead (`model_texts`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import threading
 import traceback
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -23,20 +35,70 @@ from .functions import load_function
 from .models import EnsembleScorer, RewardModelScorer
 
 
+# The keywords TRL passes besides prompts, completions and the columns; a function gets each one
+# its signature takes. No dataset column may use these names (nor prompts / completions).
+TRL_KEYWORDS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+RESERVED_COLUMNS = ("prompts", "completions", *TRL_KEYWORDS)
+
+
 @dataclass
 class Reward:
     name: str
     fn: Callable
     weight: float = 1.0
+    _keywords: tuple | None = field(default=None, repr=False)  # what its signature takes (None: anything)
+
+    def __post_init__(self):
+        try:
+            parameters = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: pass only the required keywords
+            self._keywords = ()
+            return
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            self._keywords = tuple(p.name for p in parameters)
+
+    def accepts(self, keyword: str) -> bool:
+        return self._keywords is None or keyword in self._keywords
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(getattr(self.fn, "__call__", None))
+
+
+class RewardLog:
+    """What reward functions logged through TRL's two hooks during one step (or one evaluation).
+    The hooks may be called from worker threads (list appends are atomic under the GIL)."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        """TRL's `log_metric`: a scalar, averaged over the step and logged beside the trainer's metrics."""
+        self.metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        """TRL's `log_extra`: a column of per-completion values for the sample tables."""
+        self.extra.setdefault(str(column), []).extend(list(values))
+
+    def means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.metrics.items() if v}
+
+
+def reward_name(fn) -> str:
+    """TRL's name for a reward function: its __name__ (a partial's function's, or its class's)."""
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None) or type(fn).__name__
 
 
 def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> list[Reward]:
-    """Load every reward of the run (`rewards:` entries: mappings, strings or RewardSpec); names
-    are made unique (a second `exact_answer` is `exact_answer_`)."""
+    """Load every reward of the run (`rewards:` entries: mappings, strings, Python functions or
+    RewardSpec); names are made unique (a second `exact_answer` is `exact_answer_`)."""
     rewards, names = [], set()
     for i, entry in enumerate(entries):
         spec = entry if isinstance(entry, RewardSpec) else RewardSpec.parse(entry, f"rewards[{i}]", _bad)
-        if spec.function:
+        if callable(spec.function):
+            fn, default_name = spec.function, reward_name(spec.function)
+        elif spec.function:
             fn = load_function(spec.function)
             default_name = spec.function.rsplit(":", 1)[-1]
         else:
@@ -70,15 +132,17 @@ def load_reward_states(rewards: list[Reward], states: dict) -> None:
 
 def check_signatures(rewards: list[Reward], columns: list[str]) -> None:
     """Every reward function can be called as fn(prompts=..., completions=..., **columns) with this
-    dataset's columns: a mismatch stops the run before any model is loaded, as a signature
-    problem (a TypeError raised later, inside the function, is the function's own bug)."""
+    dataset's columns (and TRL's other keywords it names): a mismatch stops the run before any
+    model is loaded, as a signature problem (a TypeError raised later, inside the function, is the
+    function's own bug)."""
     for r in rewards:
         try:
             signature = inspect.signature(r.fn)
         except (TypeError, ValueError):  # a builtin without a signature: nothing to check
             continue
+        extra = {} if isinstance(r.fn, RewardModelScorer) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
         try:
-            signature.bind(prompts=[], completions=[], **{c: [] for c in columns})
+            signature.bind(prompts=[], completions=[], **{c: [] for c in columns}, **extra)
         except TypeError as e:
             raise RewardError(f"reward {r.name!r}: {getattr(r.fn, '__name__', 'fn')}{signature} cannot be called "
                               f"as fn(prompts=..., completions=..., **columns) with this dataset's columns "
@@ -102,7 +166,10 @@ def call_reward(r: Reward, timeout: float | None, **kwargs) -> list:
 
     def run():
         try:
-            outcome["value"] = r.fn(**kwargs)
+            value = r.fn(**kwargs)
+            if inspect.isawaitable(value):  # e.g. a partial or a lambda around an async def
+                value = asyncio.run(_wait(value))
+            outcome["value"] = value
         except BaseException as e:  # delivered to the caller below
             outcome["error"] = e
 
@@ -116,6 +183,54 @@ def call_reward(r: Reward, timeout: float | None, **kwargs) -> list:
         e = outcome["error"]
         raise RewardError(f"reward {r.name!r} failed: {type(e).__name__}: {e}{_user_frame(e, r.fn)}") from None
     return outcome["value"]
+
+
+async def _wait(awaitable):
+    return await awaitable
+
+
+def call_async_rewards(rewards: list[Reward], timeout: float | None, kwargs_for) -> dict[str, Any]:
+    """The `async def` rewards, awaited concurrently (asyncio.gather, as TRL) on an event loop of
+    their own in a worker thread; each is bounded by `timeout`, and the thread too, in case a
+    coroutine blocks its loop."""
+    outcome: dict = {}
+
+    async def one(r: Reward):
+        try:
+            return await asyncio.wait_for(r.fn(**kwargs_for(r)), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            return _TimedOut()
+
+    async def everyone():
+        return await asyncio.gather(*(one(r) for r in rewards), return_exceptions=True)
+
+    def run():
+        try:
+            outcome["values"] = asyncio.run(everyone())
+        except BaseException as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="async rewards", daemon=True)
+    worker.start()
+    worker.join(None if timeout is None else timeout * 1.1 + 0.5)
+    names = [r.name for r in rewards]
+    if worker.is_alive() or "error" in outcome:
+        raise RewardError(f"async rewards {names} did not return within reward_timeout={timeout:g} s (one of "
+                          f"them blocks its event loop?)" if worker.is_alive() else
+                          f"async rewards {names} failed: {type(outcome['error']).__name__}: {outcome['error']}")
+    out = {}
+    for r, value in zip(rewards, outcome["values"]):
+        if isinstance(value, _TimedOut):
+            raise RewardError(f"reward {r.name!r} did not return within reward_timeout={timeout:g} s; "
+                              f"raise reward_timeout if it is just slow")
+        if isinstance(value, BaseException):
+            raise RewardError(f"reward {r.name!r} failed: {type(value).__name__}: {value}{_user_frame(value, r.fn)}")
+        out[r.name] = value
+    return out
+
+
+class _TimedOut:
+    pass
 
 
 def _as_floats(r: Reward, values, n: int) -> list[float]:
@@ -142,17 +257,34 @@ def _as_floats(r: Reward, values, n: int) -> list[float]:
     return out
 
 
-def score(rewards: list[Reward], prompts: list[str], completions: list[str],
-          columns: dict[str, list], timeout: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def score(rewards: list[Reward], prompts: list, completions: list, columns: dict[str, list],
+          timeout: float | None = None, *, completion_ids: list | None = None, trainer_state: Any = None,
+          log_metric: Callable | None = None, log_extra: Callable | None = None,
+          model_texts: tuple[list[str], list[str]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total [N] and each reward's unweighted values [N], checked for shape and NaN.
 
     A `None` entry means "does not apply" (TRL's convention): it is NaN in the reward's own values
     and counts 0 in the weighted total. `timeout` bounds each function call (config key
-    `reward_timeout`)."""
+    `reward_timeout`). The keywords after it are TRL's extra arguments (module docstring), each
+    passed to the functions that take it; `model_texts` is (formatted prompts, completion texts)
+    for reward models (default: `prompts`, `completions`)."""
+    extras = {"completion_ids": completion_ids, "trainer_state": trainer_state, "log_metric": log_metric,
+              "log_extra": log_extra}
+
+    def kwargs_for(r: Reward) -> dict:
+        if isinstance(r.fn, RewardModelScorer):
+            texts, answers = model_texts or (prompts, completions)
+            return dict(prompts=texts, completions=answers, **columns)
+        given = {k: v for k, v in extras.items() if v is not None and r.accepts(k)}
+        return dict(prompts=prompts, completions=completions, **columns, **given)
+
+    outputs = {r.name: call_reward(r, timeout, **kwargs_for(r)) for r in rewards if not r.is_async}
+    pending = [r for r in rewards if r.is_async]
+    if pending:
+        outputs.update(call_async_rewards(pending, timeout, kwargs_for))
     per_reward, total = {}, torch.zeros(len(completions), dtype=torch.float32)
     for r in rewards:
-        values = call_reward(r, timeout, prompts=prompts, completions=completions, **columns)
-        t = torch.tensor(_as_floats(r, values, len(completions)), dtype=torch.float32)
+        t = torch.tensor(_as_floats(r, outputs[r.name], len(completions)), dtype=torch.float32)
         per_reward[r.name] = t
         total += r.weight * torch.nan_to_num(t, nan=0.0)
     return total, per_reward

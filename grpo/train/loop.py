@@ -1,8 +1,9 @@
 """`grpo train`: the GRPO loop. Read `train` top to bottom: set up, then per step rollout,
 update, log, checkpoint.
 
-The maths is in `grpo.algorithm`; generation is behind `grpo.engine.backend`; this file only
-wires the stages together (docs/DESIGN.md, "One step").
+The maths is in `grpo.algorithm`; generation is behind `grpo.engine.backend`; the models as the
+config asks for them (LoRA, FSDP2) in `train.models`; this file only wires the stages together
+(docs/DESIGN.md, "One step").
 """
 
 from __future__ import annotations
@@ -13,29 +14,34 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import TrainConfig, to_dict
+from grpo.config import TrainConfig, build, to_dict
 from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
+from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_states, reward_states
 
 from .checkpoint import rng_state, train_state
-from .evaluate import evaluate
+from .evaluate import AccuracyReward, evaluate
 from .inputs import check_inputs
 from .interrupts import Interrupted, StopRequests
+from .model_card import write_model_card
 from .models import load_models, restore, save_final, save_train_checkpoint
 from .optim import make_optimizer, make_scheduler
-from .rollout import clock, collect_rollout
+from .reference_sync import ReferenceSync
+from .rollout import clock, collect_rollout, trainer_state
 from .setup import start_run
 from .sharding import gathered
-from .update import rollout_metrics, update
+from .update import rollout_metrics, update, with_logged_metrics
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False,
+def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, overwrite: bool = False,
           allow_changes: bool = False) -> Path:
-    """Run GRPO. `resume`: continue the latest checkpoint in output_dir (refused when there is none,
-    or when it belongs to a different run, unless `allow_changes`); `overwrite`: replace what a
-    non-empty output_dir holds (refused otherwise)."""
+    """Run GRPO. `cfg`: a TrainConfig (from `build` or `load_config`), or the dict of keys to build
+    one from (Python functions and datasets welcome). `resume`: continue the latest checkpoint in
+    output_dir (refused when there is none, or when it belongs to a different run, unless
+    `allow_changes`); `overwrite`: replace what a non-empty output_dir holds (refused otherwise)."""
+    cfg = build(TrainConfig, cfg, "train()") if isinstance(cfg, dict) else cfg
     run = start_run(cfg, distributed=True)
     device, world, precision, out = run.device, run.world, run.precision, run.out
     say = (lambda *a: None) if quiet or not world.main else print
@@ -46,17 +52,23 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
 
     policy, reference = load_models(cfg, run)
     backend = make_backend(cfg.rollout_backend, policy, tokenizer)
+    steps_per_rollout = cfg.num_iterations * cfg.num_minibatches  # optimizer steps
     optimizer = make_optimizer(policy, cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * cfg.num_iterations * cfg.num_minibatches)
-    sampler = PromptSampler(len(rows), cfg.seed)
+    scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * steps_per_rollout)
+    sampler = PromptSampler(len(rows), cfg.seed, shuffle=cfg.shuffle_dataset)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + world.rank)
+    eval_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 999)  # num_generations_eval > 1
 
     start_step = 0
     if inputs.checkpoint is not None:
         state = restore(cfg, inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world)
         load_reward_states(rewards, state.get("reward_states", {}))
+        if state.get("reference") is not None:  # moved by sync_ref_model
+            reference.load_state_dict(state["reference"])
         start_step = state["step"]
         backend.sync_weights(policy)
+    sync_reference = ReferenceSync(policy, reference, cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha,
+                                   done=start_step * steps_per_rollout) if cfg.sync_ref_model else None
 
     # The run's config goes to train_config.json (RunLogger): config.json is the model's.
     logger = RunLogger(out, cfg.max_steps, enabled=world.main, quiet=quiet, resume_step=start_step,
@@ -66,53 +78,69 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
         if inputs.config_changes:
             logger.log({"step": start_step, "resumed_with_changes": {k: list(v) for k, v in inputs.config_changes.items()}})
 
+    # Held-out accuracy: the named reward, else the first whose values are all 0 or 1 (said once).
+    accuracy = AccuracyReward(rewards, cfg.accuracy_reward, logger.info)
+
     def draw(n: int) -> list[dict]:
         """n rows for this process: every process draws the same global order, each its own slice."""
         indices = sampler.next(n * world.size)
         return [rows[i] for i in indices[world.rank * n:(world.rank + 1) * n]]
 
-    def run_eval() -> dict:
-        """Greedy held-out accuracy on rank 0 (every process joins the gather of sharded weights)."""
+    def run_eval(step: int, decide: bool = False) -> dict:
+        """The held-out numbers, on rank 0; every process joins the gather of sharded weights and
+        the choice of the accuracy reward."""
         with gathered(policy):
             if not world.main:
+                if decide:
+                    accuracy.decide(None, world, "the held-out set")
                 return {}
             with precision.autocast():
-                result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, inputs.accuracy_name)
-        return {"eval_reward": result["reward"], **({"eval_accuracy": result["accuracy"]} if "accuracy" in result else {})}
+                result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, generator=eval_generator,
+                                  trainer_state=trainer_state(cfg, step * steps_per_rollout, sampler.epochs_done))
+        if decide:
+            accuracy.decide(result["values"], world, "the held-out set")
+        found = accuracy.of(result["values"])
+        return {"eval_reward": result["reward"], **({} if found is None else {"eval_accuracy": found}),
+                **{f"eval_{k}": v for k, v in result["logged"].items()}}
 
     def save(step: int) -> Path | None:
         rng = world.gather_objects(rng_state(generator))  # every process takes part
         state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, reward_states(rewards))
+        state["reference"] = reference.state_dict() if sync_reference is not None else None
         return save_train_checkpoint(cfg, out, step, policy, optimizer, tokenizer, state, world,
                                      run={"config": to_dict(cfg), "data": inputs.fingerprints, "step": step})
 
     summary = {}
     if eval_rows and start_step == 0:
-        summary["eval_before"] = run_eval()
-        logger.info(f"held-out before training: {format_eval(summary['eval_before'])}")
+        summary["eval_before"] = run_eval(0, decide=True)
+        logger.info(f"held-out before training: {format_numbers(summary['eval_before'])}")
         logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
     train_start = time.time()
     try:
         with StopRequests() as stop:
             for step in range(start_step + 1, cfg.max_steps + 1):
                 t0 = clock(device)
+                state = trainer_state(cfg, (step - 1) * steps_per_rollout, sampler.epochs_done)  # before the draw
                 rollout = collect_rollout(policy, reference, tokenizer, draw(cfg.prompts_per_step), rewards, cfg,
                                           generator, gather=world.gather if world.size > 1 else None,
-                                          precision=precision, backend=backend, more_rows=draw)
+                                          precision=precision, backend=backend, more_rows=draw,
+                                          trainer_state=state)
+                accuracy.decide(rollout.rewards_per_function, world, "the first rollout")
                 t1 = clock(device)
-                stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
+                stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision,
+                               after_step=sync_reference)
                 backend.sync_weights(policy)
                 t2 = clock(device)
 
-                record = {"step": step, **rollout_metrics(rollout, cfg, inputs.accuracy_name), **stats,
+                record = {"step": step, **rollout_metrics(rollout, cfg, accuracy.name), **stats,
                           "seconds_generate": rollout.timings["generate"], "seconds_score": rollout.timings["score"],
                           "seconds_logprobs": rollout.timings["logprobs"], "seconds_update": t2 - t1,
                           "seconds_step": t2 - t0,
                           "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
                           "elapsed": time.time() - train_start}
-                record = world.average_floats(record)
+                record = world.average_floats(with_logged_metrics(record, rollout.reward_log.means()))
                 if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    record.update(run_eval())
+                    record.update(run_eval(step))
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                     logger.log(record)
                 if cfg.samples_steps and (step % cfg.samples_steps == 0 or step == 1):
@@ -129,17 +157,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
 
         summary["train_seconds"] = time.time() - train_start
         if eval_rows:
-            summary["eval_after"] = run_eval()
-            logger.info(f"held-out after training: {format_eval(summary['eval_after'])}")
+            summary["eval_after"] = run_eval(cfg.max_steps)
+            logger.info(f"held-out after training: {format_numbers(summary['eval_after'])}")
         save_final(cfg, out, policy, tokenizer, world)
         if world.main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if cfg.model_card:
+                write_model_card(out, to_dict(cfg), {k.removeprefix("eval_"): v for k, v in summary.items()
+                                                     if k.startswith("eval_")})
     finally:
         logger.close()
     world.barrier()
     world.close()
     return out
-
-
-def format_eval(result: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in result.items())

@@ -21,16 +21,41 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optim` names (Hugging Face's names), weight decay on matrices only.
+
+    adamw_torch (the default) and adamw_torch_fused (one fused kernel, CUDA) are AdamW with
+    adam_beta1/2 and adam_epsilon; adafactor is torch.optim.Adafactor (factored second moments,
+    no first moment: much less optimizer memory); sgd is plain SGD, w <- w - lr * (g + wd * w)
+    with no momentum; rmsprop is torch's RMSprop with adam_beta2 as its smoothing constant."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    name = getattr(cfg, "optim", "adamw_torch")
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        fused = name == "adamw_torch_fused" and all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=getattr(cfg, "adam_epsilon", 1e-8), **({"fused": True} if fused else {}))
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=cfg.learning_rate)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.learning_rate, alpha=cfg.adam_beta2,
+                                   eps=getattr(cfg, "adam_epsilon", 1e-8))
+    raise ValueError(f"optim {name!r} is not one of adamw_torch, adamw_torch_fused, adafactor, sgd, rmsprop")
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    """warmup_steps, or warmup_ratio of all optimizer steps rounded up (Hugging Face's rule)."""
+    ratio = getattr(cfg, "warmup_ratio", 0.0)
+    return math.ceil(ratio * total_steps) if ratio else cfg.warmup_steps
 
 
 def make_scheduler(optimizer, cfg, total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup, then constant, linear decay to 0 or cosine decay to 0 at the last step."""
-    warmup, total = cfg.warmup_steps, total_steps or cfg.max_steps
+    total = total_steps or cfg.max_steps
+    warmup = warmup_steps(cfg, total)
     if cfg.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {cfg.lr_scheduler!r}")
 

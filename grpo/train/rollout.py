@@ -19,13 +19,15 @@ from typing import Callable
 import torch
 
 from grpo import algorithm
-from grpo.data import decode_completions, format_prompt, tokenize_prompts
+from grpo.data import as_completion, completion_ids_list, decode_completions, prompt_batch
+from grpo.data.sources import META_COLUMNS
 from grpo.engine.adapters import reference_policy
 from grpo.engine.backend import LocalBackend, RolloutBackend, SamplingParams
 from grpo.engine.generation import Generation
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.stochastic_beam import priority_weights
 from grpo.rewards import score
+from grpo.rewards.scoring import RewardLog
 
 from .precision import Precision
 from .sharding import gathered
@@ -50,14 +52,93 @@ class Rollout:
     sampling_logprobs: torch.Tensor | None = None  # [N, T] pi_sampler: what the tokens were drawn from
     sample_weights: torch.Tensor | None = None     # [N] priority weights of stochastic-beam groups
     sampling_stats: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts
+    reward_log: RewardLog = field(default_factory=RewardLog)  # what reward functions logged (TRL's hooks)
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
 
 
-def sampling_params(cfg) -> SamplingParams:
-    return SamplingParams(group_size=cfg.group_size, max_new_tokens=cfg.max_completion_length,
-                          strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+def sampling_params(cfg, group_size: int | None = None) -> SamplingParams:
+    return SamplingParams(group_size=group_size or cfg.group_size, max_new_tokens=cfg.max_completion_length,
+                          strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          min_p=getattr(cfg, "min_p", 0.0), repetition_penalty=getattr(cfg, "repetition_penalty", 1.0))
+
+
+def reward_columns(row: dict, prompt_column: str) -> list[str]:
+    """The dataset columns reward functions get as keywords: all but the prompt (TRL's rule)."""
+    return [k for k in row if k != prompt_column and k not in META_COLUMNS]
+
+
+@dataclass
+class Scored:
+    """One batch of prompts, generated and scored (the rollout's and evaluation's common part, and
+    the unit dynamic sampling keeps or drops)."""
+    rows: list[dict]                 # the dataset rows, one per prompt
+    texts: list[str]                 # formatted prompts, one per prompt
+    prompt_ids: torch.Tensor         # [P, Lp]
+    prompt_mask: torch.Tensor
+    generation: Generation           # [P*G, T]
+    completions: list[str]           # decoded text, one per completion
+    total: torch.Tensor              # [P*G] weighted sum
+    per_function: dict[str, torch.Tensor]
+    seconds_generate: float = 0.0
+    seconds_score: float = 0.0
+
+    def take(self, groups: list[int], G: int) -> "Scored":
+        """The groups `groups`, in that order."""
+        rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
+        on = rows.to(self.total.device)
+        return Scored([self.rows[g] for g in groups], [self.texts[g] for g in groups], self.prompt_ids[groups],
+                      self.prompt_mask[groups], self.generation.select(on),
+                      [self.completions[i] for i in rows.tolist()], self.total[on],
+                      {k: v[on] for k, v in self.per_function.items()})
+
+
+def score_group(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg, params: SamplingParams,
+                generator, *, log: RewardLog | None = None, trainer_state=None, precision: Precision | None = None,
+                device=None) -> Scored:
+    """G = params.group_size completions for each row's prompt, and their rewards, called with
+    TRL's contract (grpo.rewards.scoring): the row's prompt as given (text or messages), each
+    completion as text or as one assistant message, the token ids, the columns."""
+    G = params.group_size
+    t0 = clock(device) if device is not None else time.perf_counter()
+    raw = [row[cfg.prompt_column] for row in rows]
+    texts, prompt_ids, prompt_mask = prompt_batch(tokenizer, raw, cfg.max_prompt_length, cfg.apply_chat_template,
+                                                  cfg.chat_template_kwargs, device)
+    with (precision.autocast() if precision is not None else contextlib.nullcontext()):
+        out = backend.generate(prompt_ids, prompt_mask, params, generator)
+    t1 = clock(device) if device is not None else time.perf_counter()
+
+    # Decoded once, the same way for rewards and evaluation (data.decode_completions).
+    completions = decode_completions(tokenizer, out.completion_ids, out.completion_mask)
+    prompts = [p for p in raw for _ in range(G)]
+    columns = {k: [row.get(k) for row in rows for _ in range(G)] for k in reward_columns(rows[0], cfg.prompt_column)}
+    log = log if log is not None else RewardLog()
+    total, per_function = score(
+        rewards, prompts, [as_completion(p, c) for p, c in zip(prompts, completions)], columns,
+        timeout=cfg.reward_timeout, completion_ids=completion_ids_list(out.completion_ids, out.completion_mask),
+        trainer_state=trainer_state, log_metric=log.log_metric, log_extra=log.log_extra,
+        model_texts=([t for t in texts for _ in range(G)], completions))
+    t2 = clock(device) if device is not None else time.perf_counter()
+    return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function, t1 - t0, t2 - t1)
+
+
+def _cat(parts: list[Scored], pad_token_id: int) -> Scored:
+    """Several rounds' groups as one batch: prompts left-padded, completions right-padded alike."""
+    if len(parts) == 1:
+        return parts[0]
+    Lp = max(p.prompt_ids.shape[1] for p in parts)
+
+    def left(x, value):
+        return torch.nn.functional.pad(x, (Lp - x.shape[1], 0), value=value)
+
+    return Scored([r for p in parts for r in p.rows], [t for p in parts for t in p.texts],
+                  torch.cat([left(p.prompt_ids, pad_token_id) for p in parts]),
+                  torch.cat([left(p.prompt_mask, 0) for p in parts]),
+                  Generation.cat([p.generation for p in parts], pad_token_id),
+                  [c for p in parts for c in p.completions], torch.cat([p.total for p in parts]),
+                  {k: torch.cat([p.per_function[k] for p in parts]) for k in parts[0].per_function},
+                  sum(p.seconds_generate for p in parts), sum(p.seconds_score for p in parts))
 
 
 def logprob_temperature(cfg) -> float:
@@ -111,61 +192,7 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-@dataclass
-class _Groups:
-    """Some generated groups, scored: the unit dynamic sampling keeps or drops."""
-    rows: list[dict]
-    texts: list[str]
-    out: Generation
-    completions: list[str]
-    total: torch.Tensor                    # [n*G]
-    per_function: dict[str, torch.Tensor]  # name -> [n*G]
-    prompt_ids: torch.Tensor               # [n, Lp] as generated
-    prompt_mask: torch.Tensor
-
-    def take(self, groups: list[int], G: int) -> "_Groups":
-        rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
-        on = rows.to(self.total.device)
-        return _Groups([self.rows[g] for g in groups], [self.texts[g] for g in groups], self.out.select(on),
-                       [self.completions[i] for i in rows.tolist()], self.total[on],
-                       {k: v[on] for k, v in self.per_function.items()},
-                       self.prompt_ids[groups], self.prompt_mask[groups])
-
-
-def _generate_and_score(rows, policy, tokenizer, backend, rewards, cfg, generator, precision, device,
-                        times) -> _Groups:
-    t0 = clock(device)
-    texts = [format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template) for row in rows]
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
-    with precision.autocast(), gathered(policy):  # a sharded policy is whole for its rollout only
-        out = backend.generate(prompt_ids, prompt_mask, sampling_params(cfg), generator)
-    t1 = clock(device)
-    # Score: every dataset column except the prompt goes to the reward functions, repeated per completion.
-    G = cfg.group_size
-    completions = decode_completions(tokenizer, out.completion_ids)
-    columns = {k: [row.get(k) for row in rows for _ in range(G)]
-               for k in rows[0] if k not in (cfg.prompt_column, "_line")}
-    total, per_function = score(rewards, [t for t in texts for _ in range(G)], completions, columns,
-                                timeout=cfg.reward_timeout)
-    times["generate"] += t1 - t0
-    times["score"] += clock(device) - t1
-    return _Groups(list(rows), texts, out, completions, total, per_function, prompt_ids, prompt_mask)
-
-
-def _cat(parts: list[_Groups], tokenizer, cfg, device) -> _Groups:
-    if len(parts) == 1:
-        return parts[0]
-    texts = [t for p in parts for t in p.texts]
-    # Prompts of different rounds were padded to different lengths: tokenize the kept ones together.
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length, device)
-    return _Groups([r for p in parts for r in p.rows], texts, Generation.cat([p.out for p in parts],
-                                                                                 tokenizer.pad_token_id),
-                   [c for p in parts for c in p.completions], torch.cat([p.total for p in parts]),
-                   {k: torch.cat([p.per_function[k] for p in parts]) for k in parts[0].per_function},
-                   prompt_ids, prompt_mask)
-
-
-def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[list[_Groups], dict]:
+def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[list[Scored], dict]:
     """DAPO's dynamic sampling (arXiv:2503.14476, section 3.2: the objective's constraint
     0 < |{o_i correct}| < G): keep the groups whose rewards do not all tie, and draw and generate
     more prompts until prompts_per_step of them are kept.
@@ -183,7 +210,7 @@ def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[
     G, P = cfg.group_size, cfg.prompts_per_step
     kept, tied, generated = [], [], 0
 
-    def absorb(groups: _Groups) -> None:
+    def absorb(groups: Scored) -> None:
         nonlocal generated
         zero = algorithm.zero_variance_groups(groups.total, G).tolist()
         kept.extend((groups, g) for g, z in enumerate(zero) if not z)
@@ -210,8 +237,8 @@ def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[
     chosen = kept[:P]
     short = P - len(chosen)
     chosen += tied[:short]
-    # One _Groups per round that contributed, its groups in generation order.
-    parts: dict[int, tuple[_Groups, list[int]]] = {}
+    # One Scored per round that contributed, its groups in generation order.
+    parts: dict[int, tuple[Scored, list[int]]] = {}
     for groups, g in chosen:
         parts.setdefault(id(groups), (groups, []))[1].append(g)
     selected = [groups.take(sorted(gs), G) for groups, gs in parts.values()]
@@ -223,9 +250,8 @@ def dynamic_sampling(first: _Groups, more_rows, generate, cfg, gather) -> tuple[
 
 
 def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg, generator: torch.Generator,
-                    gather=None, precision: Precision | None = None,
-                    backend: RolloutBackend | None = None,
-                    more_rows: Callable[[int], list[dict]] | None = None) -> Rollout:
+                    gather=None, precision: Precision | None = None, backend: RolloutBackend | None = None,
+                    more_rows: Callable[[int], list[dict]] | None = None, trainer_state=None) -> Rollout:
     """Generate, score and normalise one step's groups.
 
     `backend` generates (default: the local engine on `policy`); `policy` and `reference` give the
@@ -235,7 +261,8 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     global batch. `precision` says what the forward passes compute in (float32 when None).
     Sharded models (`fsdp`) are gathered whole for their own passes only (`sharding.gathered`:
     the policy for generation and for pi_old, the reference for pi_ref, never both at once);
-    every process must call this.
+    every process must call this. `trainer_state` is what reward functions that take it receive
+    (TRL's TrainerState).
 
     `more_rows(n)` (dynamic_sampling only) returns n more dataset rows for this process; every
     process calls it with the same n in the same rounds, so it can take this process's slice of
@@ -245,33 +272,34 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     precision = precision or Precision(device, torch.float32)
     backend = backend or LocalBackend(policy, tokenizer)
     G = cfg.group_size
-    times = {"generate": 0.0, "score": 0.0}
+    log = RewardLog()
 
-    def generate(batch_rows):
-        return _generate_and_score(batch_rows, policy, tokenizer, backend, rewards, cfg, generator, precision,
-                                   device, times)
+    def generate(batch_rows) -> Scored:
+        with gathered(policy):  # a sharded policy is whole for its rollout only
+            return score_group(backend, tokenizer, batch_rows, rewards, cfg, sampling_params(cfg), generator, log=log,
+                               trainer_state=trainer_state, precision=precision, device=device)
 
-    first = generate(rows)
+    scored = generate(rows)
     stats = {}
     if cfg.dynamic_sampling:
-        parts, stats = dynamic_sampling(first, more_rows, generate, cfg, gather)
-        first = _cat(parts, tokenizer, cfg, device)
-    out, total = first.out, first.total
+        parts, stats = dynamic_sampling(scored, more_rows, generate, cfg, gather)
+        scored = _cat(parts, tokenizer.pad_token_id)
+    out, total = scored.generation, scored.total
     t2 = clock(device)
     weights = priority_weights(out) if out.inclusion_probs is not None else None
     advantages = algorithm.compute_advantages(cfg.advantage_estimator, total, G, eps=cfg.advantage_eps,
                                               batch_rewards=gather(total) if gather is not None else None,
                                               weights=weights)
-    times["score"] += clock(device) - t2
+    seconds_advantages = clock(device) - t2
 
     rollout = Rollout(
-        prompt_ids=first.prompt_ids.repeat_interleave(G, 0), prompt_mask=first.prompt_mask.repeat_interleave(G, 0),
+        prompt_ids=scored.prompt_ids.repeat_interleave(G, 0), prompt_mask=scored.prompt_mask.repeat_interleave(G, 0),
         completion_ids=out.completion_ids,
         completion_mask=algorithm.loss_mask(out.completion_mask, out.truncated, cfg.mask_truncated_completions),
         truncated=out.truncated, lengths=out.completion_mask.sum(1),
-        rewards=total, advantages=advantages.to(device), rewards_per_function=first.per_function,
-        prompts=[t for t in first.texts for _ in range(G)], completions=first.completions,
-        sampling_logprobs=out.sampling_logprobs, sample_weights=weights, sampling_stats=stats)
+        rewards=total, advantages=advantages.to(device), rewards_per_function=scored.per_function,
+        prompts=[t for t in scored.texts for _ in range(G)], completions=scored.completions,
+        sampling_logprobs=out.sampling_logprobs, sample_weights=weights, sampling_stats=stats, reward_log=log)
 
     t2 = clock(device)
     temperature = logprob_temperature(cfg)
@@ -285,5 +313,16 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
                 (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
             rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
     t3 = clock(device)
-    rollout.timings = {"generate": times["generate"], "score": times["score"], "logprobs": t3 - t2}
+    rollout.timings = {"generate": scored.seconds_generate, "score": scored.seconds_score + seconds_advantages,
+                       "logprobs": t3 - t2}
     return rollout
+
+
+def trainer_state(cfg, optimizer_steps: int, epoch: float):
+    """What reward functions that take `trainer_state` get: a transformers.TrainerState, as TRL
+    passes, with global_step and max_steps counted in optimizer steps (TRL's units) and epoch the
+    passes over the dataset so far."""
+    from transformers.trainer_callback import TrainerState
+
+    return TrainerState(global_step=optimizer_steps, max_steps=cfg.max_steps * cfg.num_iterations * cfg.num_minibatches,
+                        epoch=epoch)

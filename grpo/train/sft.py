@@ -2,10 +2,13 @@
 
 The loss is the mean next-token cross-entropy over completion tokens only (the prompt is context,
 not a target). The result is a Hugging Face model directory that `grpo train` takes as `model`.
+With an `eval_dataset`, the held-out completion loss and greedy exact-match accuracy are
+measured before, during (eval_steps) and after training.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,31 +16,63 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import SFTConfig, to_dict
-from grpo.data import PromptSampler, format_prompt, load_rows, require_columns
+from grpo.data import PromptSampler, content_of, decode_completions, encode_prompt, is_messages, require_columns, where
+from grpo.data.prompts import left_pad
+from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import DataError
-from grpo.observe.progress import SUPERVISED_FIELDS
+from grpo.observe.progress import SUPERVISED_FIELDS, format_numbers
 from grpo.observe.tracking import RunLogger
 
 from .checkpoint import save_model
+from .inputs import load_data
 from .interrupts import Interrupted, StopRequests
+from .model_card import write_model_card
 from .optim import make_optimizer, make_scheduler
 from .run_dir import check_output_dir, clear_output_dir
 from .setup import start_run
 
 
-def encode_pairs(tokenizer, rows, cfg: SFTConfig) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(tokenizer, rows, cfg: SFTConfig, label: str = "") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids + EOS) for every row, with the prompt formatted as in training."""
     pairs = []
     for row in rows:
         completion = row[cfg.completion_column]
+        if is_messages(completion):  # TRL's conversational prompt-completion rows
+            completion = content_of(completion)
         if not isinstance(completion, str) or not completion:
-            raise DataError(f"{cfg.dataset}:{row['_line']}: {cfg.completion_column!r} must be non-empty text")
-        prompt = format_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"][-cfg.max_prompt_length:]
+            raise DataError(f"{where(label or str(cfg.dataset), row)}: {cfg.completion_column!r} must be non-empty "
+                            f"text (or assistant messages)")
+        _, p = encode_prompt(tokenizer, row[cfg.prompt_column], cfg.apply_chat_template, cfg.chat_template_kwargs)
         c = tokenizer(completion, add_special_tokens=False)["input_ids"][: cfg.max_completion_length - 1]
-        pairs.append((p, c + [tokenizer.eos_token_id]))
+        pairs.append((p[-cfg.max_prompt_length:], c + [tokenizer.eos_token_id]))
     return pairs
+
+
+@torch.no_grad()
+def heldout(model, tokenizer, pairs, cfg: SFTConfig, precision) -> dict[str, float]:
+    """The held-out completion loss (mean over all completion tokens) and the greedy exact-match
+    accuracy: the fraction of prompts whose greedy completion is the target (both stripped)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, right = 0.0, 0, 0
+    backend, greedy = LocalBackend(model, tokenizer), SamplingParams.greedy(cfg.max_completion_length)
+    try:
+        for i in range(0, len(pairs), cfg.eval_batch_size):
+            chunk = pairs[i:i + cfg.eval_batch_size]
+            n = sum(len(c) for _, c in chunk)
+            with precision.autocast():
+                loss_sum += completion_loss(model, *collate(chunk, tokenizer.pad_token_id, device)).item() * n
+                ids, mask = left_pad(tokenizer, [p for p, _ in chunk], cfg.max_prompt_length, device)
+                out = backend.generate(ids, mask, greedy)
+            tokens += n
+            texts = decode_completions(tokenizer, out.completion_ids, out.completion_mask)
+            targets = decode_completions(tokenizer, [c for _, c in chunk])
+            right += sum(a.strip() == b.strip() for a, b in zip(texts, targets))
+    finally:
+        model.train(was_training)
+    return {"eval_loss": loss_sum / max(tokens, 1), "eval_accuracy": right / len(pairs)}
 
 
 def collate(pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,19 +97,29 @@ def completion_loss(model, ids, mask, labels) -> torch.Tensor:
 def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> Path:
     run = start_run(cfg)
     device, precision, out = run.device, run.precision, run.out
-    rows = load_rows(cfg.dataset)
-    require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
-    check_output_dir(out, inputs={"model": cfg.model, "dataset": cfg.dataset}, resume=False, overwrite=overwrite)
+    data, eval_data = load_data(cfg, "dataset"), load_data(cfg, "eval_dataset")
+    for source in (data, eval_data):
+        if source is not None:
+            require_columns(source.rows, [cfg.prompt_column, cfg.completion_column], source.label)
+    paths = {k: v for k, v in (("model", cfg.model), ("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset))
+             if isinstance(v, str)}
+    check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    pairs = encode_pairs(tokenizer, rows, cfg)
+    pairs = encode_pairs(tokenizer, data.rows, cfg, data.label)
+    eval_pairs = encode_pairs(tokenizer, eval_data.rows[:cfg.eval_max_prompts], cfg, eval_data.label) if eval_data else []
     if overwrite:
         clear_output_dir(out)
     model = load_causal_lm(cfg.model, device, precision.dtype)  # float32 master weights
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    sampler = PromptSampler(len(pairs), cfg.seed)
+    sampler = PromptSampler(len(pairs), cfg.seed, shuffle=cfg.shuffle_dataset)
     logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS)
+    results = {}
+    if eval_pairs:
+        results["before"] = heldout(model, tokenizer, eval_pairs, cfg, precision)
+        logger.info(f"held-out before training: {format_numbers(results['before'])}")
+        logger.log({"step": 0, **results["before"], "elapsed": 0.0})
     start = time.time()
     try:
         with StopRequests() as stop:
@@ -94,18 +139,28 @@ def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> P
                     total += loss.item()
                 grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
                 scheduler.step()
-                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                    logger.log({"step": step, "loss": total, "grad_norm": float(grad_norm),
-                                "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - start})
+                record = {"step": step, "loss": total, "grad_norm": float(grad_norm),
+                          "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - start}
+                if eval_pairs and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+                    record.update(heldout(model, tokenizer, eval_pairs, cfg, precision))
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps or "eval_loss" in record:
+                    logger.log(record)
                 stopping = stop.requested and step < cfg.max_steps
                 if (cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps) or \
                         (stopping and cfg.save_on_interrupt):
                     save_model(out / f"checkpoint-{step}", model, tokenizer)
                 if stopping:
-                    where = f"saved the model to {out / f'checkpoint-{step}'}" if cfg.save_on_interrupt \
+                    kept = f"saved the model to {out / f'checkpoint-{step}'}" if cfg.save_on_interrupt \
                         else "not saved (save_on_interrupt is off)"
-                    raise Interrupted(f"interrupted by {stop.name()} at step {step}: {where}", stop.signum)
+                    raise Interrupted(f"interrupted by {stop.name()} at step {step}: {kept}", stop.signum)
+        if eval_pairs:
+            results["after"] = heldout(model, tokenizer, eval_pairs, cfg, precision)
+            logger.info(f"held-out after training: {format_numbers(results['after'])}")
     finally:
         logger.close()
     save_model(out, model, tokenizer)
+    if results:
+        (out / "summary.json").write_text(json.dumps({f"eval_{k}": v for k, v in results.items()}, indent=2))
+    if cfg.model_card:
+        write_model_card(out, to_dict(cfg), results, command="grpo sft")
     return out

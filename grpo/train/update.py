@@ -48,8 +48,9 @@ def minibatch_entropy_threshold(policy, rollout: Rollout, rows: torch.Tensor, cf
 
 
 def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, world: World,
-           generator: torch.Generator, precision: Precision | None = None) -> dict[str, float]:
-    """num_iterations passes over the rollout, each split into num_minibatches optimizer steps.
+           generator: torch.Generator, precision: Precision | None = None, after_step=None) -> dict[str, float]:
+    """num_iterations passes over the rollout, each split into num_minibatches optimizer steps;
+    `after_step()` is called after each of them (the TR-DPO reference update).
 
     Every optimizer step normalises its loss by counts over its whole minibatch (on every process),
     so the gradient does not depend on micro_batch_size or on the number of processes; so does the
@@ -122,7 +123,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     loss_mode=cfg.policy_loss, ratio_level=cfg.ratio_level, ratio_anchor=cfg.ratio_anchor,
                     eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, beta=cfg.beta,
                     kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation, pg_mask=pg_mask,
-                    is_weights=is_weights, **norm)
+                    is_weights=is_weights, delta=cfg.delta or None, **norm)
                 if loss.requires_grad:  # False only when every token of the micro-batch is masked out
                     precision.backward(loss)
                 m = rollout.completion_mask[idx]
@@ -135,6 +136,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 world.sum_gradients(policy)
             grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
             scheduler.step()
+            if after_step is not None:
+                after_step()
             if torch.isfinite(grad_norm):
                 sums["grad_norm"] += float(grad_norm)
             else:  # skipped (Precision.step); float16 also lowers its loss scale
@@ -172,3 +175,12 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
         m["accuracy"] = (rollout.rewards_per_function[accuracy_name] == 1).float().mean().item()
     m.update(rollout.sampling_stats)  # dynamic sampling: rounds, prompts generated, groups dropped
     return m
+
+
+def with_logged_metrics(record: dict, logged: dict[str, float]) -> dict:
+    """The step's record with what reward functions logged through `log_metric` (TRL's hook),
+    each under its own name; a name the trainer already writes becomes `logged/<name>`."""
+    out = dict(record)
+    for name, value in logged.items():
+        out[f"logged/{name}" if name in record else name] = value
+    return out

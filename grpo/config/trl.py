@@ -1,0 +1,115 @@
+"""TRL's and Hugging Face's spellings of our keys, turned into ours before a config is checked.
+
+A plain rename is an `ALIASES` entry of the config class (`num_generations` -> `group_size`).
+The keys here need more than a rename: one TRL key setting two of ours (`epsilon`), a choice
+whose values are spelled differently (`loss_type`, `scale_rewards: true`), or a dict whose
+entries land on several keys (`generation_kwargs`). Each translation refuses to contradict a key
+the user also gave. The README's table "Coming from TRL" lists them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpo.errors import ConfigError
+
+# TRL's loss_type -> (loss_aggregation, policy_loss or None).
+LOSS_TYPES = {"grpo": ("sequence_mean", None), "dapo": ("token_mean", None), "bnpo": ("token_mean", None),
+              "dr_grpo": ("constant_normalizer", None), "cispo": ("token_mean", "cispo")}
+# generation_kwargs entries that have a key here (TRL: they override the config's own values).
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_completion_length",
+                   "max_tokens": "max_completion_length"}
+
+# For `grpo config train` (loading.describe) and the README.
+LOOP_KEYS = {
+    "bf16 / fp16": "true sets dtype to bfloat16 / float16 (false leaves dtype as it is)",
+    "lr_scheduler_type": "lr_scheduler; `constant_with_warmup` is our `constant` (which warms up first)",
+}
+TRAIN_KEYS = {
+    **LOOP_KEYS,
+    "epsilon": "epsilon_low, and epsilon_high unless that is given too",
+    "loss_type": "grpo -> loss_aggregation sequence_mean; dapo and bnpo -> token_mean (ours is normalised "
+                 "over the whole batch); dr_grpo -> constant_normalizer; cispo -> policy_loss cispo with "
+                 "token_mean",
+    "scale_rewards": "advantage_estimator; true is `group`, false is `none`",
+    "reward_weights": "one weight per entry of rewards (reward_funcs), in order",
+    "generation_kwargs": "its temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens / "
+                         "max_tokens entries override those keys (as in TRL); other entries are refused",
+    "delta, min_p: null": "null is 0 (off)",
+}
+
+
+def _conflict(values: dict, source: str, trl_key: str, *keys: str) -> None:
+    given = [k for k in keys if k in values]
+    if given:
+        raise ConfigError(f"{source}: {trl_key} (TRL's name) sets {', '.join(keys)}, which the config also "
+                          f"sets ({', '.join(given)}); give one")
+
+
+def translate_loop_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    values = dict(values)
+    for flag, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if flag in values:
+            on = values.pop(flag)
+            if not isinstance(on, bool):
+                raise ConfigError(f"{source}: {flag}: expected true or false, got {on!r}")
+            if on:
+                _conflict(values, source, flag, "dtype")
+                values["dtype"] = dtype
+    if values.get("lr_scheduler") == "constant_with_warmup":
+        values["lr_scheduler"] = "constant"
+    return values
+
+
+def translate_train_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    values = translate_loop_keys(values, source)
+    if "epsilon" in values:
+        _conflict(values, source, "epsilon", "epsilon_low")
+        epsilon = values.pop("epsilon")
+        values["epsilon_low"] = epsilon
+        values.setdefault("epsilon_high", epsilon)
+    if "loss_type" in values:
+        loss_type = values.pop("loss_type")
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"{source}: loss_type: {loss_type!r} has no equivalent here; TRL's "
+                              f"{', '.join(LOSS_TYPES)} do (or set loss_aggregation and policy_loss)")
+        aggregation, policy_loss = LOSS_TYPES[loss_type]
+        _conflict(values, source, "loss_type", "loss_aggregation", *(["policy_loss"] if policy_loss else []))
+        values["loss_aggregation"] = aggregation
+        if policy_loss:
+            values["policy_loss"] = policy_loss
+    if isinstance(values.get("advantage_estimator"), bool):  # scale_rewards: true / false
+        values["advantage_estimator"] = "group" if values["advantage_estimator"] else "none"
+    for key in ("delta", "min_p"):
+        if key in values and values[key] is None:
+            values[key] = 0.0
+    if values.get("num_generations_eval", 0) is None:
+        values.pop("num_generations_eval")
+    if "reward_weights" in values:
+        values["rewards"] = _weighted(values.pop("reward_weights"), values.get("rewards"), source)
+    kwargs = values.get("generation_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{source}: generation_kwargs: expected a mapping, got {kwargs!r}")
+    unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: generation_kwargs: {unknown} have no equivalent in this sampler; it takes "
+                          f"{', '.join(GENERATION_KEYS)} (beam search is `generation: beam`)")
+    for name, value in kwargs.items():
+        values[GENERATION_KEYS[name]] = value
+    return values
+
+
+def _weighted(weights, rewards, source: str) -> list:
+    if not isinstance(weights, list) or not isinstance(rewards, list) or len(weights) != len(rewards):
+        raise ConfigError(f"{source}: reward_weights: expected one number per entry of rewards "
+                          f"({len(rewards) if isinstance(rewards, list) else 0}), got {weights!r}")
+    out = []
+    for i, (w, entry) in enumerate(zip(weights, rewards)):
+        if isinstance(entry, dict):
+            if "weight" in entry:
+                raise ConfigError(f"{source}: rewards[{i}] has a weight and reward_weights gives one too; give one")
+            out.append({**entry, "weight": w})
+        else:  # a function spec or a Python callable
+            out.append({"function": entry, "weight": w})
+    return out
