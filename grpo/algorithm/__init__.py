@@ -16,7 +16,7 @@ are plain branches. The names are the config values (docs/DESIGN.md, "The maths"
 
 from .advantages import (ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, compute_advantages, group_advantages,
                          register_adv_est, zero_variance_groups)
-from .kl import KL_ESTIMATORS, KL_LOG_RATIO_CLAMP, kl_penalty
+from .kl import KL_ESTIMATORS, KL_LOG_RATIO_CLAMP, kl_penalised_rewards, kl_penalty
 from .objective import AGGREGATIONS, RATIO_ANCHORS, aggregate, loss_mask, policy_loss
 from .policy_losses import (POLICY_LOSSES, RATIO_LEVELS, Surrogate, clipped_surrogate, importance_ratio,
                             register_policy_loss)
@@ -28,6 +28,6 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_LOG_RATIO_CLAMP",
     "OFF_POLICY_CORRECTIONS", "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate",
     "bradley_terry_loss", "clipped_surrogate", "compute_advantages", "entropy_threshold", "group_advantages",
-    "high_entropy_mask", "importance_ratio", "kl_penalty", "loss_mask", "policy_loss", "register_adv_est",
+    "high_entropy_mask", "importance_ratio", "kl_penalised_rewards", "kl_penalty", "loss_mask", "policy_loss", "register_adv_est",
     "register_policy_loss", "truncated_is_weights", "zero_variance_groups",
 ]

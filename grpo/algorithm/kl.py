@@ -6,6 +6,7 @@ so a plain branch rather than a registry.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -37,3 +38,14 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
         return 0.5 * d.square()
     d = d.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     return d.exp() - d - 1.0
+
+
+def kl_penalised_rewards(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                         coef: float) -> tuple[Tensor, Tensor]:
+    """The KL penalty in the reward (InstructGPT, Ouyang et al. 2022, eq. 2):
+    r_i - coef * sum_t m_t (l_t - l^ref_t), the sampled sequence's k1 estimate of
+    KL(pi || pi_ref) (l_t: the log-probs the tokens were sampled with). Returns the penalised
+    rewards [N] and the per-sequence KL [N]. Masked positions are selected away, not multiplied."""
+    valid = mask.bool()
+    kl = torch.where(valid, logprobs - ref_logprobs, 0.0).sum(-1)
+    return rewards - coef * kl.to(rewards), kl

@@ -10,7 +10,7 @@ from .common import LR_SCHEDULERS, CommonConfig, LoopConfig
 from .loading import build, describe, field_docs, load_config, load_yaml, parse_overrides, to_dict
 from .reward_model import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig
 from .sft import SFTConfig
-from .train import PRESETS, RewardSpec, TrainConfig
+from .train import PRESETS, IterativeSpec, RewardSpec, TrainConfig
 
 # The command families, for `grpo config <name>`: the config class and the command it configures.
 COMMANDS = {"train": (TrainConfig, "grpo train"), "sft": (SFTConfig, "grpo sft"),
@@ -18,6 +18,6 @@ COMMANDS = {"train": (TrainConfig, "grpo train"), "sft": (SFTConfig, "grpo sft")
             "reward-model-eval": (RewardModelEvalConfig, "grpo reward-model eval / score"),
             "make-preferences": (PreferenceConfig, "grpo reward-model make-preferences")}
 
-__all__ = ["COMMANDS", "ConfigError", "CommonConfig", "LR_SCHEDULERS", "LoopConfig", "PRESETS", "PreferenceConfig",
+__all__ = ["COMMANDS", "ConfigError", "IterativeSpec", "CommonConfig", "LR_SCHEDULERS", "LoopConfig", "PRESETS", "PreferenceConfig",
            "RewardModelConfig", "RewardModelEvalConfig", "RewardSpec", "SFTConfig", "TrainConfig", "build",
            "describe", "field_docs", "load_config", "load_yaml", "parse_overrides", "to_dict"]

@@ -97,6 +97,63 @@ class RewardSpec:
 
 
 @dataclass
+class IterativeSpec:
+    """`iterative_rl:` DeepSeekMath's iterative RL (section 4.2, Algorithm 1): every `every` steps
+    the reward model is trained further on pairs from the current policy's own samples."""
+    every: int = 0
+    """GRPO steps per round; 0: off (the reward model stays as loaded)."""
+    labeler: str = "exact_answer"
+    """The reward function that labels the policy's samples (a built-in, file.py:fn or module:fn):
+    two samples of one prompt with different labels make a pair, the higher one chosen."""
+    prompts: int = 256
+    """Training prompts sampled per round (their own draw order, not the training batches')."""
+    samples_per_prompt: int = 8
+    """Completions sampled per prompt, with the run's sampling settings."""
+    pairs_per_prompt: int = 2
+    """Preference pairs kept per prompt, at most."""
+    steps: int = 50
+    """Optimizer steps of the reward model per round (its AdamW state carries over rounds)."""
+    batch_size: int = 32
+    """Pairs per reward-model step."""
+    learning_rate: float = 1e-4
+    """The reward model's learning rate."""
+    replay: float = 0.1
+    """The share of each batch drawn from the pairs of earlier rounds and of `replay_dataset`
+    (DeepSeekMath: 10% of historical data)."""
+    replay_dataset: str = ""
+    """The reward model's original preference pairs (a file), replayed from the first round on."""
+    nll_coef: float = 1.0
+    """likelihood / dpo reward models: weight of the NLL of the chosen completion."""
+    reset_reference: bool = True
+    """Each round pi_ref <- pi_theta (Algorithm 1, line 2): the KL then measures the drift within
+    one round."""
+
+    FIELDS: ClassVar[tuple] = ("every", "labeler", "prompts", "samples_per_prompt", "pairs_per_prompt", "steps",
+                               "batch_size", "learning_rate", "replay", "replay_dataset", "nll_coef",
+                               "reset_reference")
+
+    @classmethod
+    def parse(cls, spec: Any, where: str, bad) -> "IterativeSpec":
+        if not isinstance(spec, dict):
+            bad(where, f"expected a mapping like {{every: 25, labeler: exact_answer}}, got {spec!r}")
+        unknown = set(spec) - set(cls.FIELDS)
+        if unknown:
+            bad(where, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(cls.FIELDS)}")
+        out = cls(**spec)
+        for key in ("every", "prompts", "samples_per_prompt", "pairs_per_prompt", "steps", "batch_size"):
+            value = getattr(out, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "every" else 1):
+                bad(f"{where}.{key}", f"expected an integer >= {0 if key == 'every' else 1}, got {value!r}")
+        if out.samples_per_prompt < 2:
+            bad(f"{where}.samples_per_prompt", "must be >= 2: pairs are made of two samples of one prompt")
+        if not 0 <= out.replay < 1:
+            bad(f"{where}.replay", f"must be in [0, 1), got {out.replay}")
+        if out.learning_rate <= 0 or out.nll_coef < 0:
+            bad(where, "learning_rate must be > 0 and nll_coef >= 0")
+        return out
+
+
+@dataclass
 class TrainConfig(LoopConfig):
     CHOICES: ClassVar[dict] = {
         "preset": tuple(PRESETS),
@@ -116,7 +173,7 @@ class TrainConfig(LoopConfig):
                                "steps_per_generation": "num_minibatches"}
     TRL_KEYS: ClassVar[dict] = TRL_TRAIN_KEYS
     # The fields of each entry of a list-valued key (for `grpo config train`).
-    NESTED: ClassVar[dict] = {"rewards": RewardSpec}
+    NESTED: ClassVar[dict] = {"rewards": RewardSpec, "iterative_rl": IterativeSpec}
 
     preset: str = "grpo"
     """A bundle of algorithm keys (grpo: DeepSeekMath; dapo; dr_grpo; gspo; cispo; gmpo); keys you set win."""
@@ -219,6 +276,22 @@ class TrainConfig(LoopConfig):
     router_aux_loss_coef: float = 0.0
     """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss
     (e.g. Mixtral's 0.02); 0: none."""
+
+    # --- Guards against a reward model's errors (the seed pipeline; docs/DESIGN.md).
+    reward_kl_coef: float = 0.0
+    """KL to the reference in the reward (InstructGPT): r_i - coef * sum_t (l_t - l_ref_t) before the
+    advantages; 0: none (beta is the KL in the loss)."""
+    iterative_rl: dict = field(default_factory=dict)
+    """Iterative RL (DeepSeekMath section 4.2): keep training the reward model on the policy's own
+    samples, labelled by a verifier; {}: off. Fields below."""
+    early_stopping_patience: int = 0
+    """Stop after this many held-out evaluations without a new best metric_for_best_model; 0: never."""
+    metric_for_best_model: str = "eval_accuracy"
+    """The held-out number early stopping and load_best_model_at_end watch (eval_accuracy, eval_reward)."""
+    greater_is_better: bool = True
+    """Whether a larger metric_for_best_model is better."""
+    load_best_model_at_end: bool = False
+    """The final model is the best held-out evaluation's (kept as best-model/ in output_dir)."""
 
     # --- Checkpoints: a long run keeps something to resume from unless told otherwise.
     save_steps: int = 100
@@ -329,6 +402,19 @@ class TrainConfig(LoopConfig):
             bad("fsdp", "LoRA (peft) with fsdp is not supported yet: the adapter is small enough to replicate")
         at_least(self, bad, -1, "logprob_chunk_size")
         at_least(self, bad, 0, "router_aux_loss_coef")
+        if self.iterative_rl:
+            it = IterativeSpec.parse(self.iterative_rl, "iterative_rl", bad)
+            if it.every and not any(isinstance(r, dict) and r.get("model") and not isinstance(r["model"], list)
+                                    for r in self.rewards):
+                bad("iterative_rl", "needs a reward model among the rewards ({model: DIR}) to keep training")
+            if it.reset_reference and (self.peft or self.fsdp):
+                bad("iterative_rl.reset_reference", "not with peft or fsdp yet")
+        at_least(self, bad, 0, "reward_kl_coef", "early_stopping_patience")
+        if (self.early_stopping_patience or self.load_best_model_at_end) and not self.eval_dataset:
+            bad("early_stopping_patience" if self.early_stopping_patience else "load_best_model_at_end",
+                "needs an eval_dataset (and eval_steps) to watch")
+        if self.load_best_model_at_end and self.fsdp:
+            bad("load_best_model_at_end", "not with fsdp yet")
         if self.reward_timeout <= 0:
             bad("reward_timeout", f"must be > 0 seconds, got {self.reward_timeout}")
         if not self.rewards:

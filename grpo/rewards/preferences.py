@@ -162,3 +162,19 @@ def pairs_for_prompt(completions: list[str], answer: str, task: Task, rng: rando
             closer, farther = (a, b) if task.distance(a, answer) < task.distance(b, answer) else (b, a)
             pairs.append({"chosen": closer, "rejected": farther, "kind": "closer"})
     return pairs
+
+
+def pairs_from_labels(prompt: str, completions: list[str], labels: list[float], rng: random.Random,
+                      max_pairs: int, where: str = "") -> list[Pair]:
+    """Pairs among one prompt's samples by a labelling function: two distinct completions with
+    different labels, the higher one chosen (a verifier's 1 over its 0). Duplicates and empty
+    completions are dropped first; at most `max_pairs`, drawn with `rng`."""
+    best: dict[str, float] = {}
+    for c, label in zip(completions, labels):
+        c = c.strip()
+        if c and label == label:  # NaN: the labeller does not apply
+            best[c] = max(best.get(c, label), label)
+    unique = list(best)
+    candidates = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1:] if best[a] != best[b]]
+    chosen = rng.sample(candidates, min(max_pairs, len(candidates)))
+    return [Pair(prompt, a, b, 0.0, where) if best[a] > best[b] else Pair(prompt, b, a, 0.0, where) for a, b in chosen]

@@ -14,17 +14,19 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import TrainConfig, build, to_dict
+from grpo.config import IterativeSpec, TrainConfig, build, to_dict
 from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
 from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_states, reward_states
 
-from .checkpoint import rng_state, train_state
+from .best_model import BEST_DIR, BestModel
+from .checkpoint import load_weights, rng_state, save_model, train_state
 from .evaluate import AccuracyReward, evaluate
 from .inputs import check_inputs
 from .interrupts import Interrupted, StopRequests
+from .iterative import RewardModelRounds
 from .model_card import write_model_card
 from .models import load_models, restore, save_final, save_train_checkpoint
 from .optim import make_optimizer, make_scheduler
@@ -59,12 +61,23 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + world.rank)
     eval_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 999)  # num_generations_eval > 1
 
+    # Guards against a reward model's errors: it keeps learning (iterative RL), and the held-out
+    # verifier's best is kept and watched (early stopping).
+    iterative = IterativeSpec(**cfg.iterative_rl)
+    rounds = RewardModelRounds(iterative, cfg, rows, rewards, device, precision) if iterative.every else None
+    best = BestModel(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience,
+                     cfg.load_best_model_at_end, out) if cfg.early_stopping_patience or cfg.load_best_model_at_end else None
+
     start_step = 0
     if inputs.checkpoint is not None:
         state = restore(cfg, inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world)
         load_reward_states(rewards, state.get("reward_states", {}))
-        if state.get("reference") is not None:  # moved by sync_ref_model
+        if state.get("reference") is not None:  # moved by sync_ref_model, or reset by iterative RL
             reference.load_state_dict(state["reference"])
+        if rounds is not None and state.get("iterative"):
+            rounds.load_state_dict(state["iterative"])
+        if best is not None and state.get("best"):
+            best.load_state_dict(state["best"])
         start_step = state["step"]
         backend.sync_weights(policy)
     sync_reference = ReferenceSync(policy, reference, cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha,
@@ -103,10 +116,18 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
         return {"eval_reward": result["reward"], **({} if found is None else {"eval_accuracy": found}),
                 **{f"eval_{k}": v for k, v in result["logged"].items()}}
 
+    def better(step: int, record: dict) -> bool:
+        """After an evaluation: keep a new best; True on every process when it is time to stop."""
+        stop = best is not None and world.main and best.observe(step, record, lambda d: save_model(d, policy, tokenizer))
+        return world.any(stop) if best is not None else False
+
     def save(step: int) -> Path | None:
         rng = world.gather_objects(rng_state(generator))  # every process takes part
         state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, reward_states(rewards))
-        state["reference"] = reference.state_dict() if sync_reference is not None else None
+        moved = sync_reference is not None or (rounds is not None and iterative.reset_reference)
+        state["reference"] = reference.state_dict() if moved and reference is not None else None
+        state["iterative"] = rounds.state_dict() if rounds is not None else None
+        state["best"] = best.state_dict() if best is not None else None
         return save_train_checkpoint(cfg, out, step, policy, optimizer, tokenizer, state, world,
                                      run={"config": to_dict(cfg), "data": inputs.fingerprints, "step": step})
 
@@ -115,6 +136,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
         summary["eval_before"] = run_eval(0, decide=True)
         logger.info(f"held-out before training: {format_numbers(summary['eval_before'])}")
         logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
+        better(0, summary["eval_before"])
     train_start = time.time()
     try:
         with StopRequests() as stop:
@@ -130,6 +152,11 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                 stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision,
                                after_step=sync_reference)
                 backend.sync_weights(policy)
+                round_stats = {}
+                if rounds is not None and rounds.due(step):  # iterative RL: the reward model learns on
+                    round_stats = rounds.run(backend, tokenizer)
+                    if iterative.reset_reference and reference is not None:
+                        reference.load_state_dict(policy.state_dict())  # Algorithm 1: pi_ref <- pi_theta
                 t2 = clock(device)
 
                 record = {"step": step, **rollout_metrics(rollout, cfg, accuracy.name), **stats,
@@ -137,10 +164,12 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                           "seconds_logprobs": rollout.timings["logprobs"], "seconds_update": t2 - t1,
                           "seconds_step": t2 - t0,
                           "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
-                          "elapsed": time.time() - train_start}
+                          "elapsed": time.time() - train_start, **round_stats}
                 record = world.average_floats(with_logged_metrics(record, rollout.reward_log.means()))
+                stop_early = False
                 if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0:
                     record.update(run_eval(step))
+                    stop_early = better(step, record)
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                     logger.log(record)
                 if cfg.samples_steps and (step % cfg.samples_steps == 0 or step == 1):
@@ -154,12 +183,22 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                         "not saved (save_on_interrupt is off)"
                     raise Interrupted(f"interrupted by {stop.name() or 'another process'} at step {step}: {where}",
                                       stop.signum or 2)
+                if stop_early:
+                    summary["early_stopped_at"] = step
+                    logger.info(f"early stopping at step {step}: no better {cfg.metric_for_best_model} in "
+                                f"{cfg.early_stopping_patience} evaluations (best {best.value:.4f} at step {best.step})")
+                    break
 
         summary["train_seconds"] = time.time() - train_start
+        if best is not None and cfg.load_best_model_at_end and best.value is not None:
+            load_weights(out / BEST_DIR, policy)  # every process reads the best evaluation's weights
+            summary["best"] = {"step": best.step, cfg.metric_for_best_model: best.value}
         if eval_rows:
             summary["eval_after"] = run_eval(cfg.max_steps)
             logger.info(f"held-out after training: {format_numbers(summary['eval_after'])}")
         save_final(cfg, out, policy, tokenizer, world)
+        if rounds is not None and world.main:  # the reward model as iterative RL left it
+            rounds.rm.save(out / "reward_model")
         if world.main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             if cfg.model_card:

@@ -168,7 +168,7 @@ def logprob_chunk_size(cfg, model) -> int:
 
 
 def needs_reference(cfg) -> bool:
-    return cfg.beta > 0 or cfg.ratio_anchor == "reference"
+    return cfg.beta > 0 or cfg.ratio_anchor == "reference" or getattr(cfg, "reward_kl_coef", 0) > 0
 
 
 @torch.no_grad()
@@ -285,21 +285,14 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         parts, stats = dynamic_sampling(scored, more_rows, generate, cfg, gather)
         scored = _cat(parts, tokenizer.pad_token_id)
     out, total = scored.generation, scored.total
-    t2 = clock(device)
-    weights = priority_weights(out) if out.inclusion_probs is not None else None
-    advantages = algorithm.compute_advantages(cfg.advantage_estimator, total, G, eps=cfg.advantage_eps,
-                                              batch_rewards=gather(total) if gather is not None else None,
-                                              weights=weights)
-    seconds_advantages = clock(device) - t2
-
     rollout = Rollout(
         prompt_ids=scored.prompt_ids.repeat_interleave(G, 0), prompt_mask=scored.prompt_mask.repeat_interleave(G, 0),
         completion_ids=out.completion_ids,
         completion_mask=algorithm.loss_mask(out.completion_mask, out.truncated, cfg.mask_truncated_completions),
         truncated=out.truncated, lengths=out.completion_mask.sum(1),
-        rewards=total, advantages=advantages.to(device), rewards_per_function=scored.per_function,
+        rewards=total, advantages=torch.zeros_like(total), rewards_per_function=scored.per_function,
         prompts=[t for t in scored.texts for _ in range(G)], completions=scored.completions,
-        sampling_logprobs=out.sampling_logprobs, sample_weights=weights, sampling_stats=stats, reward_log=log)
+        sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log)
 
     t2 = clock(device)
     temperature = logprob_temperature(cfg)
@@ -313,6 +306,17 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
                 (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
             rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
     t3 = clock(device)
+
+    if getattr(cfg, "reward_kl_coef", 0):  # the KL in the reward, before the advantages (InstructGPT)
+        rollout.rewards, kl = algorithm.kl_penalised_rewards(total, out.logprobs.float(), rollout.ref_logprobs,
+                                                             out.completion_mask, cfg.reward_kl_coef)
+        rollout.sampling_stats = {**stats, "reward_kl": kl.mean().item()}
+    weights = priority_weights(out) if out.inclusion_probs is not None else None
+    rollout.sample_weights = weights
+    rollout.advantages = algorithm.compute_advantages(
+        cfg.advantage_estimator, rollout.rewards, G, eps=cfg.advantage_eps, weights=weights,
+        batch_rewards=gather(rollout.rewards) if gather is not None else None).to(device)
+    seconds_advantages = clock(device) - t3
     rollout.timings = {"generate": scored.seconds_generate, "score": scored.seconds_score + seconds_advantages,
                        "logprobs": t3 - t2}
     return rollout
