@@ -234,3 +234,11 @@ def test_seed_pipeline_at_a_small_budget_does_not_make_the_model_worse(tmp_path)
         assert v["guard"] == "iterative RL"
         assert 0.05 < v["accuracy_before"] and v["accuracy_lowest"] >= v["accuracy_before"], (name, v)
         assert v["accuracy_after"] > v["accuracy_before"], (name, v)
+
+
+def test_an_ensemble_trains_through_grpo_train(tiny_model_dir, addition_files, kinds, tmp_path):
+    members = [str(kinds / "score_head"), str(kinds / "likelihood")]
+    out = train(small(tiny_model_dir, addition_files, tmp_path / "ens",
+                      rewards=[{"model": members, "ensemble": "min", "name": "rm"}]), quiet=True)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(math.isfinite(l["rewards/rm/mean"]) for l in lines)

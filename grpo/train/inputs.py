@@ -117,7 +117,8 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
 
     paths = {k: v for k, v in (("model", cfg.model), ("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset))
              if isinstance(v, str)}
-    inputs = {**paths, **{f"rewards[{i}]": s.get("model", "") for i, s in enumerate(cfg.rewards) if isinstance(s, dict)}}
+    inputs = {**paths, **{f"rewards[{i}]": m for i, s in enumerate(cfg.rewards) if isinstance(s, dict)
+                          for m in (s["model"] if isinstance(s.get("model"), list) else [s.get("model") or ""])}}
     checkpoint = check_output_dir(run.out, inputs=inputs, resume=resume, overwrite=overwrite)
     model_config = check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
