@@ -72,7 +72,7 @@ def evaluate(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg,
     """Completions for `rows` (cfg: prompt_column, apply_chat_template, max_prompt_length,
     max_completion_length, eval_batch_size, num_generations_eval, the sampling keys); returns the
     mean reward, each reward's values, the completions and what the rewards logged."""
-    group = getattr(cfg, "num_generations_eval", 1)
+    group = cfg.num_generations_eval
     params = SamplingParams.greedy(cfg.max_completion_length) if group == 1 else \
         sampling_params(cfg, group_size=group)
     totals, per_function, completions, log = [], {}, [], RewardLog()

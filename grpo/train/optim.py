@@ -31,24 +31,24 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    name = getattr(cfg, "optim", "adamw_torch")
+    name = cfg.optim
     if name in ("adamw_torch", "adamw_torch_fused"):
         fused = name == "adamw_torch_fused" and all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=getattr(cfg, "adam_epsilon", 1e-8), **({"fused": True} if fused else {}))
+                                 eps=cfg.adam_epsilon, **({"fused": True} if fused else {}))
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=cfg.learning_rate)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate)
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.learning_rate, alpha=cfg.adam_beta2,
-                                   eps=getattr(cfg, "adam_epsilon", 1e-8))
+                                   eps=cfg.adam_epsilon)
     raise ValueError(f"optim {name!r} is not one of adamw_torch, adamw_torch_fused, adafactor, sgd, rmsprop")
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
     """warmup_steps, or warmup_ratio of all optimizer steps rounded up (Hugging Face's rule)."""
-    ratio = getattr(cfg, "warmup_ratio", 0.0)
+    ratio = cfg.warmup_ratio
     return math.ceil(ratio * total_steps) if ratio else cfg.warmup_steps
 
 

@@ -61,7 +61,7 @@ class Rollout:
 def sampling_params(cfg, group_size: int | None = None) -> SamplingParams:
     return SamplingParams(group_size=group_size or cfg.group_size, max_new_tokens=cfg.max_completion_length,
                           strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                          min_p=getattr(cfg, "min_p", 0.0), repetition_penalty=getattr(cfg, "repetition_penalty", 1.0))
+                          min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty)
 
 
 def reward_columns(row: dict, prompt_column: str) -> list[str]:
@@ -160,7 +160,7 @@ def needs_old_logprobs(cfg) -> bool:
 def logprob_chunk_size(cfg, model) -> int:
     """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 1024 for vocabularies of
     65,536 tokens or more, else all at once)."""
-    size = getattr(cfg, "logprob_chunk_size", 0)
+    size = cfg.logprob_chunk_size
     if size >= 0:
         return size
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
@@ -168,7 +168,7 @@ def logprob_chunk_size(cfg, model) -> int:
 
 
 def needs_reference(cfg) -> bool:
-    return cfg.beta > 0 or cfg.ratio_anchor == "reference" or getattr(cfg, "reward_kl_coef", 0) > 0
+    return cfg.beta > 0 or cfg.ratio_anchor == "reference" or cfg.reward_kl_coef > 0
 
 
 @torch.no_grad()
@@ -307,7 +307,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
             rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
     t3 = clock(device)
 
-    if getattr(cfg, "reward_kl_coef", 0):  # the KL in the reward, before the advantages (InstructGPT)
+    if cfg.reward_kl_coef:  # the KL in the reward, before the advantages (InstructGPT)
         rollout.rewards, kl = algorithm.kl_penalised_rewards(total, out.logprobs.float(), rollout.ref_logprobs,
                                                              out.completion_mask, cfg.reward_kl_coef)
         rollout.sampling_stats = {**stats, "reward_kl": kl.mean().item()}
