@@ -52,6 +52,13 @@ def test_int_is_accepted_for_float():
     ({"rewards": [{"function": "f", "wieght": 2}]}, "rewards[0]: unknown field(s) ['wieght']"),
     ({"rewards": [{"function": "f", "weight": "high"}]}, "rewards[0].weight: expected a number"),
     ({"model": ""}, "model: required"),
+    ({"rewards": [{"function": "f", "normalize": True}]}, "['normalize'] apply to reward models"),
+    ({"fsdp": True, "dynamic_sampling": True}, "dynamic_sampling with fsdp is not supported"),
+    ({"model_init_kwargs": {"torch_dtype": "bfloat16"}}, "remove dtype / torch_dtype from model_init_kwargs"),
+    ({"load_best_model_at_end": True}, "load_best_model_at_end: needs an eval_dataset"),
+    ({"early_stopping_patience": 2, "eval_dataset": "e.jsonl", "eval_steps": 0}, "0 < eval_steps <= max_steps"),
+    ({"load_best_model_at_end": True, "eval_dataset": "e.jsonl", "eval_steps": 5, "metric_for_best_model": "reward"},
+     "metric_for_best_model: a held-out number"),
 ])
 def test_bad_values_name_the_key(values, message):
     with pytest.raises(ConfigError) as e:

@@ -134,3 +134,19 @@ def test_gradient_sum_in_buckets_equals_the_sum_of_each_gradient(tmp_path):
         else:
             expected = (i + 1) * (1 if i == 2 else 3)  # rank 0's alone where rank 1 had none
             assert torch.equal(g, torch.full_like(g, float(expected))), i
+
+
+def average_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    world = World()
+    # rank 1 alone logged "only_one" (a reward function's log_metric); "text" is not a float
+    record = {"step": 3, "text": "x", "loss": float(rank + 1), **({"only_one": 5.0} if rank else {})}
+    averaged = world.average_floats(record)
+    if rank == 0:
+        torch.save(averaged, out)
+    world.close()
+
+
+def test_metrics_are_averaged_over_the_processes_that_logged_them(tmp_path):
+    mp.spawn(average_worker, args=(free_port(), tmp_path / "avg.pt"), nprocs=2)
+    assert torch.load(tmp_path / "avg.pt") == {"step": 3, "text": "x", "loss": 1.5, "only_one": 5.0}

@@ -84,3 +84,51 @@ def test_packed_and_kv_cache_paths_count_each_prompt_once(name, monkeypatch):
 def test_aux_loss_of_a_dense_model_is_an_error():
     with pytest.raises(ValueError, match="router_aux_loss"):
         completion_logprobs(build("llama"), *group_batch()[:4], router_aux_loss=True)
+
+
+def moe_model_dir(tmp_path):
+    """A tiny Mixtral with the character tokenizer, saved like a downloaded model."""
+    from grpo.recipes.tasks import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    model = build("mixtral", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    return str(tmp_path / "moe")
+
+
+def test_router_aux_loss_coef_adds_the_routers_loss_to_the_update(tmp_path, addition_files):
+    """Same seed, same weights, same first rollout: the first step's loss with the coefficient is
+    the loss without it plus coef * the router loss it logs (one micro-batch per minibatch)."""
+    import json
+
+    from grpo.config import TrainConfig, build as build_config
+    from grpo.train.loop import train
+
+    model = moe_model_dir(tmp_path)
+
+    def first_step(out, coef):
+        cfg = build_config(TrainConfig, dict(
+            model=model, dataset=addition_files["train"], output_dir=str(tmp_path / out), rewards=["answer_distance"],
+            prompts_per_step=2, group_size=4, max_completion_length=4, max_steps=1, max_prompt_length=16,
+            report_to=[], router_aux_loss_coef=coef))
+        train(cfg, quiet=True)
+        return json.loads((tmp_path / out / "metrics.jsonl").read_text().splitlines()[0])
+
+    plain, routed = first_step("plain", 0.0), first_step("routed", 0.5)
+    assert "router_aux_loss" not in plain and routed["router_aux_loss"] > 0
+    assert routed["reward_mean"] == plain["reward_mean"]
+    assert routed["loss"] == pytest.approx(plain["loss"] + 0.5 * routed["router_aux_loss"], abs=1e-6)
+
+
+def test_router_aux_loss_coef_on_a_dense_model_is_a_config_error(tiny_model_dir, addition_files, tmp_path):
+    from grpo.config import TrainConfig, build as build_config
+    from grpo.errors import ConfigError
+    from grpo.train.loop import train
+
+    cfg = build_config(TrainConfig, dict(model=tiny_model_dir, dataset=addition_files["train"],
+                                         output_dir=str(tmp_path / "o"), rewards=["answer_distance"], max_steps=1,
+                                         report_to=[], router_aux_loss_coef=0.02))
+    with pytest.raises(ConfigError, match="router_aux_loss_coef: .*not a mixture-of-experts"):
+        train(cfg, quiet=True)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import single_thread
 from grpo import algorithm
 from grpo.cli import main
-from grpo.config import TrainConfig, build
+from grpo.config import ConfigError, TrainConfig, build
 from grpo.rewards.models import KIND_FILE, EnsembleScorer, RewardModelScorer, load_reward_model
 from grpo.rewards.preferences import Pair, pair_scores
 from grpo.train.best_model import BestModel
@@ -140,6 +140,18 @@ def test_ensembles_take_the_mean_or_the_worst_member_and_clip_bounds_scores(kind
     assert clipped(PROMPTS, COMPLETIONS) == pytest.approx(each[1].clamp(-0.5, 0.5).tolist())
 
 
+def test_held_out_evaluation_leaves_the_running_moments_as_they_are(kinds):
+    from grpo.rewards.scoring import Reward, evaluating
+    scorer = RewardModelScorer(str(kinds / "likelihood"), torch.device("cpu"), torch.float32, normalize=True)
+    scorer(PROMPTS, COMPLETIONS)
+    before = scorer.state_dict()
+    with evaluating([Reward("rm", scorer, 1.0)]):
+        scorer(PROMPTS[:1], COMPLETIONS[:1])
+    assert scorer.state_dict() == before and scorer.learning
+    scorer(PROMPTS[:1], COMPLETIONS[:1])  # training scores teach it again
+    assert scorer.state_dict() != before
+
+
 def test_kl_in_the_reward_by_hand():
     rewards = torch.tensor([1.0, 0.0])
     lp = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, -0.5, -0.5]])
@@ -166,12 +178,30 @@ def test_kl_in_the_reward_is_zero_before_the_first_update(tiny_model_dir, additi
     assert abs(lines[0]["reward_kl"]) < 1e-5 and abs(lines[1]["reward_kl"]) > 1e-4
 
 
+def test_kl_in_the_reward_is_paid_by_truncated_completions_left_out_of_the_loss(tiny_model_dir, addition_files,
+                                                                                tmp_path):
+    # max_completion_length 2: every completion is truncated, so DAPO's overlong filtering takes
+    # every row out of the loss; the KL in the reward is still counted on the generated tokens, so
+    # the reference must be scored there too: at step 1 (policy == reference) it is zero, not the
+    # sampler's whole log-prob against a masked-out zero.
+    out = train(small(tiny_model_dir, addition_files, tmp_path / "kl", reward_kl_coef=0.1, beta=0.0,
+                      max_completion_length=2, mask_truncated_completions=True, max_steps=1), quiet=True)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["reward_kl"]) < 1e-5
+
+
 def test_best_model_remembers_the_best_and_stops_after_patience(tmp_path):
     saved = []
     best = BestModel("eval_accuracy", True, patience=2, keep=True, out=tmp_path)
     for step, acc, stop in [(0, 0.2, False), (10, 0.5, False), (20, 0.4, False), (30, 0.5, True)]:
         assert best.observe(step, {"eval_accuracy": acc}, lambda d: saved.append((step, d))) == stop
     assert (best.value, best.step) == (0.5, 10) and [s for s, _ in saved] == [0, 10]
+
+
+def test_a_best_model_metric_that_no_evaluation_gives_is_a_config_error(tmp_path):
+    best = BestModel("eval_acuracy", True, patience=2, keep=False, out=tmp_path)
+    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'eval_acuracy' .*\['eval_accuracy', 'eval_reward'\]"):
+        best.observe(0, {"step": 0, "eval_accuracy": 0.2, "eval_reward": 0.1}, lambda d: None)
 
 
 def test_load_best_model_at_end_and_early_stopping(tiny_model_dir, addition_files, tmp_path):

@@ -98,6 +98,16 @@ def torchrun(args, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_fsdp_in_one_process_says_to_start_it_with_torchrun(tiny_model_dir, addition_files, tmp_path):
+    from grpo.config import ConfigError, TrainConfig, build
+    from grpo.train.loop import train
+
+    cfg = build(TrainConfig, dict(model=tiny_model_dir, dataset=addition_files["train"], output_dir=str(tmp_path / "o"),
+                                  rewards=["answer_distance"], fsdp=True, report_to=[]))
+    with pytest.raises(ConfigError, match="fsdp: sharding needs two or more processes.*torchrun"):
+        train(cfg, quiet=True)
+
+
 def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tiny_model_dir, addition_files, tmp_path):
     common = ["--set", f"model={tiny_model_dir}", "--set", f"dataset={addition_files['train']}",
               "--set", "rewards=[answer_distance]", "--set", "prompts_per_step=2", "--set", "group_size=4",

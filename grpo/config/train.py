@@ -79,6 +79,9 @@ class RewardSpec:
         if bool(spec.get("function")) == bool(spec.get("model")):
             bad(where, "give exactly one of 'function' (built-in name, file.py:fn or module:fn) "
                        "or 'model' (a reward model directory)")
+        only_models = sorted(k for k in ("normalize", "batch_size", "max_length", "clip", "ensemble") if k in spec)
+        if spec.get("function") and only_models:
+            bad(where, f"{only_models} apply to reward models ({{model: DIR}}), not to a function")
         models = spec.get("model")
         if isinstance(models, list) and not (models and all(isinstance(m, str) and m for m in models)):
             bad(f"{where}.model", f"expected a directory or a non-empty list of directories, got {models!r}")
@@ -400,6 +403,12 @@ class TrainConfig(LoopConfig):
             bad("merge_adapter", "there is no adapter to merge without peft")
         if self.fsdp and self.peft:
             bad("fsdp", "LoRA (peft) with fsdp is not supported yet: the adapter is small enough to replicate")
+        if self.fsdp and self.dynamic_sampling:
+            bad("fsdp", "dynamic_sampling with fsdp is not supported yet: processes that are already full stop "
+                        "generating, and a sharded model's generation is a collective every process must join")
+        if {"dtype", "torch_dtype"} & set(self.model_init_kwargs):
+            bad("model_init_kwargs", "the trained weights stay float32 (master weights); the compute dtype is the "
+                                     "`dtype` key: remove dtype / torch_dtype from model_init_kwargs")
         at_least(self, bad, -1, "logprob_chunk_size")
         at_least(self, bad, 0, "router_aux_loss_coef")
         if self.iterative_rl:
@@ -410,9 +419,15 @@ class TrainConfig(LoopConfig):
             if it.reset_reference and (self.peft or self.fsdp):
                 bad("iterative_rl.reset_reference", "not with peft or fsdp yet")
         at_least(self, bad, 0, "reward_kl_coef", "early_stopping_patience")
-        if (self.early_stopping_patience or self.load_best_model_at_end) and not self.eval_dataset:
-            bad("early_stopping_patience" if self.early_stopping_patience else "load_best_model_at_end",
-                "needs an eval_dataset (and eval_steps) to watch")
+        watching = "early_stopping_patience" if self.early_stopping_patience else "load_best_model_at_end"
+        if (self.early_stopping_patience or self.load_best_model_at_end) and \
+                not (self.eval_dataset and 0 < self.eval_steps <= self.max_steps):
+            bad(watching, f"needs an eval_dataset and 0 < eval_steps <= max_steps to watch (eval_steps is "
+                          f"{self.eval_steps}): otherwise only the warm start is ever evaluated")
+        if (self.early_stopping_patience or self.load_best_model_at_end) and \
+                not self.metric_for_best_model.startswith("eval_"):
+            bad("metric_for_best_model", f"a held-out number, eval_accuracy or eval_reward (or eval_<a logged metric>), "
+                                         f"got {self.metric_for_best_model!r}")
         if self.load_best_model_at_end and self.fsdp:
             bad("load_best_model_at_end", "not with fsdp yet")
         if self.reward_timeout <= 0:
@@ -456,7 +471,7 @@ class TrainConfig(LoopConfig):
                                   "adapter-free base) nor with fsdp (sharded) yet")
         if self.repetition_penalty != 1.0 and self.generation == "stochastic_beam":
             bad("repetition_penalty", "stochastic_beam draws from the model's own distribution, without a penalty")
-        if self.sync_ref_model and self.beta == 0 and self.ratio_anchor != "reference":
+        if self.sync_ref_model and self.beta == 0 and self.ratio_anchor != "reference" and not self.reward_kl_coef:
             bad("sync_ref_model", "there is no reference model to update at beta 0; set beta > 0 "
                                   "or sync_ref_model: false")
 

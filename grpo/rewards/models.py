@@ -279,7 +279,8 @@ def _quietly(load):
         hf_logging.set_verbosity(verbosity)
 
 
-def load_reward_model(path: str, device: torch.device, dtype: torch.dtype, tokenizer, *, max_length: int = 1024,
+def load_reward_model(path: str, device: torch.device, dtype: torch.dtype, tokenizer, *,
+                      max_length: int = RewardSpec.max_length,
                       fresh: str | None = None, settings: dict | None = None):
     """A reward model of its kind on `device`.
 
@@ -336,6 +337,8 @@ class RewardModelScorer:
     scores far outside what the reward model was trained on.
     """
 
+    reads_model_text = True  # scored on the formatted prompt text, not TRL's reward-function arguments
+
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, *,
                  batch_size: int = RewardSpec.batch_size, normalize: bool = RewardSpec.normalize,
                  max_length: int = RewardSpec.max_length, clip: float = RewardSpec.clip):
@@ -349,6 +352,7 @@ class RewardModelScorer:
         self.rm.model.eval()
         self.path, self.device, self.batch_size, self.clip = path, device, batch_size, clip
         self.moments = RunningMoments() if normalize else None
+        self.learning = True  # whether scores update the moments (not during held-out evaluation)
         self.__name__ = Path(path).name or path
 
     @property
@@ -362,7 +366,8 @@ class RewardModelScorer:
         # `prompts` are already formatted (the rollout and evaluation pass the policy's text).
         scores = self.raw_scores(list(prompts), list(completions))
         if self.moments is not None:
-            self.moments.update(scores)
+            if self.learning:
+                self.moments.update(scores)
             scores = (scores - self.moments.mean) / (self.moments.std + 1e-8)
         if self.clip:
             scores = scores.clamp(-self.clip, self.clip)
@@ -382,6 +387,7 @@ class EnsembleScorer:
     member agrees, so a policy cannot exploit one member's error)."""
 
     REDUCTIONS = ("mean", "min")
+    reads_model_text = True
 
     def __init__(self, members: list[RewardModelScorer], reduction: str):
         if reduction not in self.REDUCTIONS:
@@ -395,6 +401,15 @@ class EnsembleScorer:
 
     def state_dict(self) -> dict:
         return {"members": [m.state_dict() for m in self.members]}
+
+    @property
+    def learning(self) -> bool:
+        return all(m.learning for m in self.members)
+
+    @learning.setter
+    def learning(self, value: bool) -> None:
+        for m in self.members:
+            m.learning = value
 
     def load_state_dict(self, state: dict) -> None:
         for m, s in zip(self.members, state.get("members", [])):

@@ -19,6 +19,7 @@ text instead (`model_texts`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import threading
@@ -119,6 +120,25 @@ def _bad(key: str, msg: str):
     raise RewardError(f"{key}: {msg}")
 
 
+def reads_model_text(r: Reward) -> bool:
+    """A reward model (or an ensemble of them): it reads the formatted prompt text the policy saw."""
+    return bool(getattr(r.fn, "reads_model_text", False))
+
+
+@contextlib.contextmanager
+def evaluating(rewards: list[Reward]):
+    """Held-out evaluation: rewards that learn from what they score (a reward model's running
+    moments) leave their state as it is inside the block."""
+    learners = [r.fn for r in rewards if hasattr(r.fn, "learning")]
+    for fn in learners:
+        fn.learning = False
+    try:
+        yield
+    finally:
+        for fn in learners:
+            fn.learning = True
+
+
 def reward_states(rewards: list[Reward]) -> dict:
     """The state of every reward that keeps one (a reward model's running moments), for a checkpoint."""
     return {r.name: r.fn.state_dict() for r in rewards if callable(getattr(r.fn, "state_dict", None))}
@@ -140,7 +160,7 @@ def check_signatures(rewards: list[Reward], columns: list[str]) -> None:
             signature = inspect.signature(r.fn)
         except (TypeError, ValueError):  # a builtin without a signature: nothing to check
             continue
-        extra = {} if isinstance(r.fn, RewardModelScorer) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
+        extra = {} if reads_model_text(r) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
         try:
             signature.bind(prompts=[], completions=[], **{c: [] for c in columns}, **extra)
         except TypeError as e:
@@ -272,7 +292,7 @@ def score(rewards: list[Reward], prompts: list, completions: list, columns: dict
               "log_extra": log_extra}
 
     def kwargs_for(r: Reward) -> dict:
-        if isinstance(r.fn, RewardModelScorer):
+        if reads_model_text(r):
             texts, answers = model_texts or (prompts, completions)
             return dict(prompts=texts, completions=answers, **columns)
         given = {k: v for k, v in extras.items() if v is not None and r.accepts(k)}

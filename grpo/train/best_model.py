@@ -25,9 +25,12 @@ class BestModel:
     def observe(self, step: int, record: dict, save) -> bool:
         """After an evaluation: remember a new best (and, to keep, its model via `save(dir)`);
         returns True when the run should stop (no new best in `patience` evaluations)."""
-        value = record.get(self.metric)
-        if value is None:
-            return False
+        if self.metric not in record:
+            from grpo.errors import ConfigError
+            held_out = sorted(k for k in record if k.startswith("eval_"))
+            raise ConfigError(f"metric_for_best_model: {self.metric!r} is not among the held-out numbers "
+                              f"{held_out}")
+        value = record[self.metric]
         if self.value is None or (value > self.value if self.greater else value < self.value):
             self.value, self.step, self.since = value, step, 0
             if self.keep:

@@ -105,7 +105,7 @@ def train_state(step: int, optimizer, scheduler, precision, sampler, config: dic
             "rng": rng, "reward_states": rewards_state}
 
 
-def load_weights(checkpoint: Path, policy) -> None:
+def load_weights(checkpoint: Path, policy, model_init_kwargs: dict | None = None) -> None:
     """The checkpoint's weights into `policy`: the whole model, or a LoRA policy's adapter only
     (what its save_pretrained wrote)."""
     adapter = Path(checkpoint) / "adapter_model.safetensors"
@@ -117,15 +117,16 @@ def load_weights(checkpoint: Path, policy) -> None:
         if getattr(result, "unexpected_keys", None):
             raise RunError(f"--resume: {checkpoint}'s adapter does not fit this model ({result.unexpected_keys[:3]} ...)")
         return
-    policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), torch.float32).state_dict())
+    policy.load_state_dict(load_causal_lm(str(checkpoint), torch.device("cpu"), torch.float32,
+                                          model_init_kwargs=model_init_kwargs).state_dict())
 
 
 def restore_train_state(checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator,
-                        rank: int) -> dict:
+                        rank: int, model_init_kwargs: dict | None = None) -> dict:
     """Weights, optimizer, schedule, loss scale, data position and this process's RNG streams from
     `checkpoint`; returns its state (step, reward states, config)."""
     state = load_state(checkpoint)
-    load_weights(checkpoint, policy)
+    load_weights(checkpoint, policy, model_init_kwargs)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # empty when the checkpoint was not float16

@@ -61,9 +61,13 @@ class World:
         """The record with every float value averaged over processes (metrics of one step)."""
         if self.size == 1:
             return record
-        keys = sorted(k for k, v in record.items() if isinstance(v, float))
-        averaged = self.sum(torch.tensor([record[k] for k in keys], dtype=torch.float64)) / self.size
-        return {**record, **dict(zip(keys, averaged.tolist()))}
+        # Processes may log different metrics (a reward function's log_metric on one of them): each
+        # key is averaged over the processes that have it.
+        keys = sorted({k for keys in self.gather_objects([k for k, v in record.items() if isinstance(v, float)])
+                       for k in keys})
+        mine = [(record[k], 1.0) if isinstance(record.get(k), float) else (0.0, 0.0) for k in keys]
+        totals = self.sum(torch.tensor(mine, dtype=torch.float64).reshape(len(keys), 2))
+        return {**record, **{k: s / n for k, (s, n) in zip(keys, totals.tolist())}}
 
     def gather_objects(self, obj) -> list:
         """Every process's `obj` (picklable), in rank order; a collective every process joins."""

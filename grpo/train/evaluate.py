@@ -12,7 +12,7 @@ import torch
 
 from grpo.engine.backend import RolloutBackend, SamplingParams
 from grpo.errors import ConfigError
-from grpo.rewards.scoring import RewardLog
+from grpo.rewards.scoring import RewardLog, evaluating
 
 from .rollout import sampling_params, score_group
 
@@ -78,8 +78,9 @@ def evaluate(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg,
     totals, per_function, completions, log = [], {}, [], RewardLog()
     for i in range(0, len(rows), cfg.eval_batch_size):
         chunk = rows[i:i + cfg.eval_batch_size]
-        scored = score_group(backend, tokenizer, chunk, rewards, cfg, params, generator, log=log,
-                             trainer_state=trainer_state)
+        with evaluating(rewards):  # held-out scores teach no reward its statistics
+            scored = score_group(backend, tokenizer, chunk, rewards, cfg, params, generator, log=log,
+                                 trainer_state=trainer_state)
         totals.append(scored.total)
         for k, v in scored.per_function.items():
             per_function.setdefault(k, []).append(v)

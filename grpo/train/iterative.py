@@ -21,6 +21,7 @@ resumed run continues it exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -28,14 +29,14 @@ import torch
 from grpo.algorithm import bradley_terry_loss
 from grpo.config import IterativeSpec
 from grpo.data import PromptSampler
-from grpo.engine.backend import SamplingParams
 from grpo.errors import ConfigError
 from grpo.rewards import build_rewards
 from grpo.rewards.models import RewardModelScorer, load_reward_model
 from grpo.rewards.preferences import Pair, evaluate_pairs, load_preferences, pair_scores, pairs_from_labels
 
 from .precision import Precision
-from .rollout import score_group
+from .rollout import sampling_params, score_group
+from .sharding import gathered
 
 
 class RewardModelRounds:
@@ -63,15 +64,17 @@ class RewardModelRounds:
     def due(self, step: int) -> bool:
         return bool(self.spec.every) and step % self.spec.every == 0
 
-    def run(self, backend, tokenizer) -> dict:
+    def run(self, backend, tokenizer, policy=None) -> dict:
         """One round (steps 1-4 above, but the reference reset, which the loop does); its numbers."""
         spec, cfg = self.spec, self.cfg
         self.round += 1
         rows = [self.rows[i] for i in self.sampler.next(spec.prompts)]
-        params = SamplingParams(group_size=spec.samples_per_prompt, max_new_tokens=cfg.max_completion_length,
-                                strategy="sample", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        scored = score_group(backend, tokenizer, rows, self.labeler, cfg, params, self.generator,
-                             precision=self.precision, device=self.device)
+        # The policy's own sampling distribution (its temperature, top-p/k, min-p, penalty): the
+        # reward model learns the samples it will be asked to score.
+        params = dataclasses.replace(sampling_params(cfg, spec.samples_per_prompt), strategy="sample")
+        with gathered(policy):  # a sharded policy generates with its full weights, on every process
+            scored = score_group(backend, tokenizer, rows, self.labeler, cfg, params, self.generator,
+                                 precision=self.precision, device=self.device)
         labels = scored.per_function[self.labeler[0].name].tolist()
         G, rng = spec.samples_per_prompt, random.Random(cfg.seed * 1000 + self.round)
         new = [pair for p, text in enumerate(scored.texts)

@@ -107,6 +107,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                 if decide:
                     accuracy.decide(None, world, "the held-out set")
                 return {}
+            eval_generator.manual_seed(cfg.seed * 1000 + 999 + step)  # the same draws after a resume
             with precision.autocast():
                 result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, generator=eval_generator,
                                   trainer_state=trainer_state(cfg, step * steps_per_rollout, sampler.epochs_done))
@@ -154,7 +155,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                 backend.sync_weights(policy)
                 round_stats = {}
                 if rounds is not None and rounds.due(step):  # iterative RL: the reward model learns on
-                    round_stats = rounds.run(backend, tokenizer)
+                    round_stats = rounds.run(backend, tokenizer, policy)
                     if iterative.reset_reference and reference is not None:
                         reference.load_state_dict(policy.state_dict())  # Algorithm 1: pi_ref <- pi_theta
                 t2 = clock(device)
@@ -166,11 +167,13 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                           "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
                           "elapsed": time.time() - train_start, **round_stats}
                 record = world.average_floats(with_logged_metrics(record, rollout.reward_log.means()))
-                stop_early = False
-                if eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0:
+                stop_early, evaluated = False, eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0
+                if evaluated:
                     record.update(run_eval(step))
                     stop_early = better(step, record)
-                if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                # A step that evaluated or ran a reward-model round is always written: its numbers
+                # exist at that step only.
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps or evaluated or round_stats:
                     logger.log(record)
                 if cfg.samples_steps and (step % cfg.samples_steps == 0 or step == 1):
                     logger.samples(step, rollout)
@@ -185,13 +188,15 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                                       stop.signum or 2)
                 if stop_early:
                     summary["early_stopped_at"] = step
-                    logger.info(f"early stopping at step {step}: no better {cfg.metric_for_best_model} in "
-                                f"{cfg.early_stopping_patience} evaluations (best {best.value:.4f} at step {best.step})")
+                    if world.main:  # only the main process observes the evaluations
+                        logger.info(f"early stopping at step {step}: no better {cfg.metric_for_best_model} in "
+                                    f"{cfg.early_stopping_patience} evaluations (best {best.value:.4f} at step "
+                                    f"{best.step})")
                     break
 
         summary["train_seconds"] = time.time() - train_start
         if best is not None and cfg.load_best_model_at_end and best.value is not None:
-            load_weights(out / BEST_DIR, policy)  # every process reads the best evaluation's weights
+            load_weights(out / BEST_DIR, policy, cfg.model_init_kwargs)  # every process reads the best evaluation's weights
             summary["best"] = {"step": best.step, cfg.metric_for_best_model: best.value}
         if eval_rows:
             summary["eval_after"] = run_eval(cfg.max_steps)

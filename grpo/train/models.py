@@ -15,6 +15,8 @@ import torch
 from grpo.config import TrainConfig
 from grpo.engine.adapters import add_lora, is_peft, merge_and_unload
 from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm
+from grpo.engine.moe import is_moe
+from grpo.errors import ConfigError
 
 from .checkpoint import restore_train_state, save_checkpoint, save_model
 from .rollout import needs_reference
@@ -31,6 +33,9 @@ def load_models(cfg: TrainConfig, run):
     where = torch.device("cpu") if cfg.fsdp else run.device  # fully_shard moves each shard to the device
     kwargs = dict(model_init_kwargs=cfg.model_init_kwargs) if cfg.model_init_kwargs else {}
     policy = load_causal_lm(cfg.model, where, torch.float32, **kwargs)
+    if cfg.router_aux_loss_coef and not is_moe(policy):
+        raise ConfigError(f"router_aux_loss_coef: {cfg.model} ({type(policy).__name__}) is not a mixture-of-experts "
+                          "model with a router load-balancing loss (Mixtral, Qwen2-MoE, Qwen3-MoE); set it to 0")
     if cfg.peft:
         policy = add_lora(policy, **cfg.peft)
     if cfg.gradient_checkpointing:
@@ -51,7 +56,8 @@ def restore(cfg: TrainConfig, checkpoint: Path, policy, optimizer, scheduler, pr
     if is_sharded_checkpoint(checkpoint):
         from grpo.errors import RunError
         raise RunError(f"--resume: {checkpoint} was saved sharded (fsdp: true); resume it with fsdp: true")
-    return restore_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world.rank)
+    return restore_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world.rank,
+                               cfg.model_init_kwargs)
 
 
 def save_train_checkpoint(cfg: TrainConfig, out: Path, step: int, policy, optimizer, tokenizer, state: dict,

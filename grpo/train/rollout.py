@@ -173,12 +173,15 @@ def needs_reference(cfg) -> bool:
 
 @torch.no_grad()
 def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int,
-                     logprob_chunk_size: int = 0) -> torch.Tensor:
+                     logprob_chunk_size: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs of the rollout's completions under `model`, on the tokens of `mask` (default: the
+    loss mask)."""
+    mask = rollout.completion_mask if mask is None else mask
     out = []
     for i in range(0, len(rollout), micro_batch_size):
         s = slice(i, i + micro_batch_size)
         lp, _ = completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s],
-                                    rollout.completion_ids[s], rollout.completion_mask[s], temperature,
+                                    rollout.completion_ids[s], mask[s], temperature,
                                     logprob_chunk_size=logprob_chunk_size)
         out.append(lp.float())
     return torch.cat(out)
@@ -302,9 +305,13 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
             rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk)
     if reference is not None:
         # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter off).
+        # With the KL in the reward, every generated token is scored (a truncated row masked out
+        # of the loss still pays its KL), so pi_ref covers the generated tokens, not the loss mask.
+        scored_mask = out.completion_mask if cfg.reward_kl_coef else None
         with precision.autocast(), gathered(reference), \
                 (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
-            rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk)
+            rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk,
+                                                    mask=scored_mask)
     t3 = clock(device)
 
     if cfg.reward_kl_coef:  # the KL in the reward, before the advantages (InstructGPT)

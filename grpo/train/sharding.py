@@ -57,6 +57,9 @@ def shard_model(model: nn.Module, world: World, dtype: torch.dtype) -> nn.Module
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    if world.size < 2:
+        raise ConfigError("fsdp: sharding needs two or more processes, and this is one (WORLD_SIZE unset or 1): "
+                          "start it with `torchrun --nproc-per-node N -m grpo train ...`, or set fsdp: false")
     if dtype == torch.float16:
         # torch.amp.GradScaler decides on inf/NaN from this process's gradient shard alone, so
         # processes could disagree on skipping a step; bfloat16 needs no loss scaling.

@@ -7,6 +7,8 @@ config. `rollout_metrics` is what the rollout itself says (rewards, lengths, zer
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from grpo import algorithm
@@ -30,6 +32,16 @@ def gather_varlen(world: World, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([every[r, :int(n)] for r, n in enumerate(sizes.tolist())])
 
 
+def forward_mask(policy, rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
+    """The columns a micro-batch's forward scores: its loss mask. Sharded, each forward and
+    backward is a collective per layer that every process joins, so a micro-batch with nothing to
+    score still runs (every column scored); its loss, 0 under the real mask, backpropagates zeros."""
+    mask = rollout.completion_mask[idx]
+    if is_sharded(policy) and not bool(mask.any()):
+        return torch.ones_like(mask)
+    return mask
+
+
 @torch.no_grad()
 def minibatch_entropy_threshold(policy, rollout: Rollout, rows: torch.Tensor, cfg: TrainConfig, world: World,
                                 temperature: float, precision: Precision) -> torch.Tensor:
@@ -40,7 +52,8 @@ def minibatch_entropy_threshold(policy, rollout: Rollout, rows: torch.Tensor, cf
         idx = rows[i:i + cfg.micro_batch_size]
         with precision.autocast():
             _, entropy = completion_logprobs(policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx],
-                                             rollout.completion_ids[idx], rollout.completion_mask[idx], temperature,
+                                             rollout.completion_ids[idx], forward_mask(policy, rollout, idx),
+                                             temperature,
                                              compute_entropy=True, entropy_grad=False,
                                              logprob_chunk_size=logprob_chunk_size(cfg, policy))
         entropies.append(entropy.float()[rollout.completion_mask[idx].bool()])
@@ -67,11 +80,12 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     temperature = logprob_temperature(cfg)
     sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
                 entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0,
-                pg_token_count=0.0, is_weight_sum=0.0)
+                pg_token_count=0.0, is_weight_sum=0.0, router_aux_loss=0.0)
     select = cfg.top_entropy_quantile < 1
     correct = cfg.off_policy_correction != "none"
     sharded = is_sharded(policy)
     chunk = logprob_chunk_size(cfg, policy)
+    aux_loss = cfg.router_aux_loss_coef > 0
     if correct and rollout.sampling_logprobs is None:
         raise ValueError(f"off_policy_correction={cfg.off_policy_correction!r} needs the sampler's log-probs; "
                          f"generation: {cfg.generation} records none")
@@ -93,17 +107,12 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                 if select and not one_pass else None
             for i in range(0, len(rows), cfg.micro_batch_size):
                 idx = rows[i:i + cfg.micro_batch_size]
-                scored = rollout.completion_mask[idx]
-                if sharded and not bool(scored.any()):
-                    # Sharded, each forward and backward is a collective per layer that every process
-                    # joins: a micro-batch with nothing to score still runs (every column scored),
-                    # and its loss, 0 under the real mask, is backpropagated as zero gradients.
-                    scored = torch.ones_like(scored)
                 with precision.autocast():  # the forward only: backward follows the ops it recorded
-                    logprobs, entropy = completion_logprobs(
+                    forward = completion_logprobs(
                         policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                        scored, temperature, compute_entropy=True, entropy_grad=False,
-                        logprob_chunk_size=chunk)
+                        forward_mask(policy, rollout, idx), temperature, compute_entropy=True, entropy_grad=False,
+                        logprob_chunk_size=chunk, router_aux_loss=aux_loss)
+                logprobs, entropy = forward[:2]
                 mask = rollout.completion_mask[idx]
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
@@ -124,6 +133,14 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, beta=cfg.beta,
                     kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation, pg_mask=pg_mask,
                     is_weights=is_weights, delta=cfg.delta or None, **norm)
+                if aux_loss:
+                    # The router's load-balancing loss (Switch Transformer eq. 4; TRL's and the Hugging
+                    # Face forward's `router_aux_loss_coef * aux_loss`), averaged over micro-batches
+                    # by their share of the minibatch's sequences. It is not linear in the tokens
+                    # (f_e * P_e), so per micro-batch it is not the whole minibatch's value.
+                    aux = forward[2].float()
+                    sums["router_aux_loss"] += aux.item() * len(idx) / len(rows)  # this process's mean
+                    loss = loss + cfg.router_aux_loss_coef * aux * len(idx) / norm["num_sequences"]
                 if loss.requires_grad:  # False only when every token of the micro-batch is masked out
                     precision.backward(loss)
                 m = rollout.completion_mask[idx]
@@ -152,6 +169,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
            "optimizer_steps": steps}
     if select:
         out["pg_token_frac"] = sums["pg_token_count"] / tokens
+    if aux_loss:
+        out["router_aux_loss"] = sums["router_aux_loss"] / steps
     if correct:
         out["is_weight_mean"] = sums["is_weight_sum"] / tokens
     return out
@@ -165,8 +184,10 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
          "zero_variance_frac": algorithm.zero_variance_groups(rollout.rewards, cfg.group_size).float().mean().item(),
          "advantage_abs_mean": rollout.advantages.abs().mean().item()}
     for name, values in rollout.rewards_per_function.items():
-        m[f"rewards/{name}/mean"] = values.mean().item()
-        m[f"rewards/{name}/std"] = values.std().item()
+        # NaN is a function's "no opinion" on a sample (TRL's None): counted out, as in the total.
+        given = values[~values.isnan()]
+        m[f"rewards/{name}/mean"] = given.mean().item() if len(given) else math.nan
+        m[f"rewards/{name}/std"] = given.std().item() if len(given) > 1 else math.nan
         # Per function too: a continuous reward-model score is almost never tied, while the
         # verifier beside it may be all-0 or all-1 in most groups.
         m[f"rewards/{name}/zero_variance_frac"] = \
