@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what a non-empty --output-dir holds (an earlier demo's output is replaced anyway)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a key of the GRPO stage (grpo config train), e.g. --set 'peft={r: 16, alpha: 32}'")
     d.add_argument("--quiet", action="store_true")
 
     rm = command("reward-model", help="train, evaluate and use Bradley-Terry reward models")
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args) -> int:
-    from grpo.config import (COMMANDS, PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, SFTConfig,
-                             TrainConfig, describe, load_config)
+    from grpo.config import (COMMANDS, ConfigError, PreferenceConfig, RewardModelConfig, RewardModelEvalConfig,
+                             SFTConfig, TrainConfig, describe, load_config, parse_overrides)
 
     if args.command == "train":
         from grpo.train.loop import train
@@ -161,11 +163,15 @@ def run_command(args) -> int:
             print(f"model saved to {out}")
     elif args.command == "demo":
         if args.pipeline == "seed":
+            if args.set:
+                raise ConfigError("--set: only the plain demo (--pipeline grpo) takes overrides; the seed "
+                                  "pipeline's settings are in grpo/recipes/pipeline.py")
             from grpo.recipes.pipeline import run_seed_pipeline
             run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
         else:
             from grpo.recipes.demo import run_demo
-            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
+            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                     grpo_overrides=parse_overrides(args.set))
     elif args.command == "reward-model":
         from grpo.train import reward_model as rm
         if args.rm_command == "train":

@@ -138,6 +138,11 @@ def test_config_paths_resolve_relative_to_the_config_file(tmp_path, monkeypatch)
     assert cfg.output_dir == "runs/x"  # the working directory's, as Hugging Face's Trainer
     assert cfg.model == "Qwen/Qwen2.5-0.5B"  # --set is the shell's: not resolved
     assert load_config(TrainConfig, config).model == str(project / "model")
+    config.write_text(yaml.safe_dump({"model": "model", "dataset": "data/train.jsonl", "rewards": [{"model": "model"}],
+                                      "iterative_rl": {"every": 2, "labeler": "reward.py:r",
+                                                       "replay_dataset": "data/pairs.jsonl"}}))
+    assert load_config(TrainConfig, config).iterative_rl == {"every": 2, "labeler": f"{project / 'reward.py'}:r",
+                                                            "replay_dataset": str(project / "data" / "pairs.jsonl")}
     config.write_text(yaml.safe_dump({"model": "org/hub-model", "dataset": "openai/gsm8k", "rewards": ["exact_answer"]}))
     cfg = load_config(TrainConfig, config)
     assert (cfg.model, cfg.dataset) == ("org/hub-model", "openai/gsm8k")  # hub ids stay hub ids

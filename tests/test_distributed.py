@@ -104,7 +104,8 @@ def test_torchrun_cli(tiny_model_dir, addition_files, tmp_path):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2]
     assert (out / "model.safetensors").is_file() and (out / "checkpoint-1" / "trainer_state.pt").is_file()
-    assert len(torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=False)["rng"]) == 2
+    state = torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and len(state["reward_states"]) == 2  # each process's own
 
 
 def bucket_worker(rank, port, out):

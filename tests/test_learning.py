@@ -1,4 +1,5 @@
-"""Behaviour: GRPO on the exact-answer reward raises held-out accuracy of the warmed-up tiny model.
+"""Behaviour: GRPO on the exact-answer reward raises held-out accuracy of the warmed-up tiny model,
+with full fine-tuning and with a LoRA adapter.
 
 The demo's recipe at a smaller budget: supervised warm start until the model solves some problems,
 then GRPO. Held-out accuracy is greedy, on the same 300 problems before and after.
@@ -6,21 +7,41 @@ then GRPO. Held-out accuracy is greedy, on the same 300 problems before and afte
 
 import json
 
+import pytest
+
+from grpo.cli import main
 from grpo.config import SFTConfig, TrainConfig, build
 from grpo.recipes.addition import GRPO, SFT
-from grpo.train.sft import train_sft
 from grpo.train.loop import train
+from grpo.train.sft import train_sft
 
 
-def test_grpo_raises_heldout_accuracy(tiny_model_dir, addition_files, tmp_path):
-    sft = build(SFTConfig, {"model": tiny_model_dir, "dataset": addition_files["train"],
-                            "output_dir": str(tmp_path / "sft"), **SFT})
-    train_sft(sft, quiet=True)
-    cfg = build(TrainConfig, {**GRPO, "model": str(tmp_path / "sft"), "dataset": addition_files["train"],
+@pytest.fixture(scope="module")
+def warm(tiny_model_dir, addition_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("warm") / "sft"
+    train_sft(build(SFTConfig, {"model": tiny_model_dir, "dataset": addition_files["train"], "output_dir": str(out),
+                                **SFT}), quiet=True)
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"peft": {"r": 16, "alpha": 32}, "learning_rate": 1e-3}], ids=["full", "lora"])
+def test_grpo_raises_heldout_accuracy(warm, addition_files, tmp_path, extra):
+    cfg = build(TrainConfig, {**GRPO, "model": str(warm), "dataset": addition_files["train"],
                               "eval_dataset": addition_files["heldout"], "eval_max_prompts": 300,
-                              "output_dir": str(tmp_path / "grpo"), "max_steps": 80, "eval_steps": 0})
+                              "output_dir": str(tmp_path / "grpo"), "max_steps": 80, "eval_steps": 0, **extra})
     train(cfg, quiet=True)
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     before, after = summary["eval_before"]["eval_accuracy"], summary["eval_after"]["eval_accuracy"]
     assert 0.05 < before < 0.8, f"the warm start should leave room to learn: {before}"
     assert after >= before + 0.10, f"held-out accuracy {before:.3f} -> {after:.3f}"
+
+
+def test_demo_takes_grpo_keys_and_the_seed_pipeline_refuses_them(monkeypatch, capsys):
+    import grpo.recipes.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: seen.update(k))
+    assert main(["demo", "--set", "peft={r: 16, alpha: 32}", "--set", "learning_rate=0.001"]) == 0
+    assert seen["grpo_overrides"] == {"peft": {"r": 16, "alpha": 32}, "learning_rate": 1e-3}
+    assert main(["demo", "--pipeline", "seed", "--set", "beta=0"]) == 2
+    assert "--set: only the plain demo" in capsys.readouterr().err

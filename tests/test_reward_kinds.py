@@ -247,6 +247,24 @@ def test_iterative_rl_rounds_train_the_reward_model_and_resume_exactly(tiny_mode
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_iterative_rl_inputs_are_checked_first_and_fingerprinted(tiny_model_dir, addition_files, kinds,
+                                                                  preferences, tmp_path):
+    from grpo.data import load_source
+    from grpo.train.inputs import fingerprints
+
+    def cfg(replay, labeler="answer_distance"):
+        return small(tiny_model_dir, addition_files, tmp_path / "o", rewards=[{"model": str(kinds / "likelihood")}],
+                     iterative_rl={"every": 2, "replay_dataset": str(replay), "labeler": labeler})
+
+    with pytest.raises(ConfigError, match="iterative_rl.replay_dataset: .*missing.jsonl is not a file"):
+        train(cfg(tmp_path / "missing.jsonl"), quiet=True)
+    with pytest.raises(Exception, match="no_such_reward"):
+        train(cfg(preferences, labeler="no_such_reward"), quiet=True)
+    assert not (tmp_path / "o").exists()  # nothing was written before the inputs were checked
+    found = fingerprints(cfg(preferences), load_source(addition_files["train"]), None)
+    assert found["iterative_rl.replay_dataset"].startswith("sha256:")  # a resume must find the same pairs
+
+
 def test_seed_pipeline_at_a_small_budget_does_not_make_the_model_worse(tmp_path):
     """The recipe (a likelihood reward model, iterative RL) on a budget of seconds: held-out true
     accuracy never falls below the warm start's at any evaluation, beam or sampled groups."""

@@ -169,6 +169,26 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_leaves_no_partia
                                                            save_steps=1)) == 0
 
 
+def test_what_a_kill_during_a_save_leaves_is_never_resumed(tiny_model_dir, addition_files, tmp_path):
+    # kill -9 mid-save leaves the temporary directory (written, not yet renamed) and, had it died
+    # during the rename of an older layout, a checkpoint-N without its trainer state. --resume must
+    # continue from the last complete checkpoint and end as the uninterrupted run does.
+    full, out = tmp_path / "full", tmp_path / "killed"
+    assert cli("train", "--quiet", *train_args(tiny_model_dir, addition_files, full, max_steps=3, save_steps=1)) == 0
+    out.mkdir()
+    shutil.copytree(full / "checkpoint-1", out / "checkpoint-1")
+    shutil.copytree(full / "checkpoint-2", out / ".tmp-checkpoint-2")
+    (out / ".tmp-checkpoint-2" / "model.safetensors").write_bytes(b"\0" * 100)  # half written
+    shutil.copytree(full / "checkpoint-2", out / "checkpoint-3")
+    (out / "checkpoint-3" / "trainer_state.pt").unlink()
+    assert cli("train", "--quiet", "--resume", *train_args(tiny_model_dir, addition_files, out, max_steps=3,
+                                                           save_steps=1)) == 0
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in l]
+    assert [l["step"] for l in lines if "loss" in l] == [2, 3]  # continued after checkpoint-1
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_periodic_checkpoints_by_default():
     cfg = TrainConfig()
     assert cfg.save_steps == 100 and cfg.save_total_limit == 3 and cfg.save_on_interrupt

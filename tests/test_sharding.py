@@ -17,6 +17,7 @@ saw; the tests compare that with the same work done here on one unsharded proces
 """
 
 import dataclasses
+import errno
 import os
 import socket
 from datetime import timedelta
@@ -29,6 +30,7 @@ from grpo.config import TrainConfig, build
 from grpo.data import PromptSampler, load_rows
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.errors import RunError
 from grpo.rewards import build_rewards
 from grpo.train.checkpoint import latest_checkpoint, rng_state, train_state
 from grpo.train.distributed import World
@@ -184,6 +186,14 @@ def worker(rank, port, cfg, tied_cfg, batch, out):
     state = train_state(1, optimizer, scheduler, Precision(CPU, torch.float32), sampler, {},
                         world.gather_objects(rng_state(generator)), {})
     save_sharded_checkpoint(out / "run", 1, policy, optimizer, tokenizer, state, world)
+
+    class FullDisk:  # rank 0's part of the next checkpoint fails as a full disk would
+        def save_pretrained(self, directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    try:
+        save_sharded_checkpoint(out / "run", 2, policy, optimizer, FullDisk() if rank == 0 else tokenizer, state, world)
+    except RunError as e:  # on every process, none left waiting at a barrier
+        seen["full_disk"] = str(e)
     seen["continued_completions"] = train_steps(*run, rows, tied_cfg, world, steps=2)
     _, seen["continued"] = grads_and_weights(policy)
     save_gathered_pretrained(policy, tokenizer, out / "final", world)
@@ -234,6 +244,15 @@ def two_processes(tiny_model_dir, addition_files, tmp_path_factory):
     mp.spawn(worker, args=(free_port(), cfg, tied_cfg, batch, out), nprocs=2)
     seen = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return dict(seen=seen, cfg=cfg, tied_cfg=tied_cfg, batch=batch, halves=halves, out=out)
+
+
+def test_a_full_disk_while_saving_a_sharded_checkpoint_stops_every_process_and_keeps_the_last(two_processes):
+    for rank in (0, 1):
+        message = two_processes["seen"][rank]["full_disk"]
+        assert "could not write checkpoint-2" in message and "the last complete checkpoint is checkpoint-1" in message
+    assert "No space left on device" in two_processes["seen"][0]["full_disk"]
+    assert not (two_processes["out"] / "run" / ".tmp-checkpoint-2").exists()
+    assert not (two_processes["out"] / "run" / "checkpoint-2").exists()
 
 
 def single_update(cfg, batch):

@@ -248,6 +248,33 @@ def test_trls_names_map_onto_ours():
         make(reward_weights=[1.0, 2.0])
 
 
+def test_trls_peft_config_becomes_our_peft_key():
+    import peft
+
+    lora = make(peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    assert lora.peft == {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    assert make(peft_config={"r": 2, "lora_alpha": 4}).peft == {"r": 2, "alpha": 4}
+    assert make(peft_config=peft.LoraConfig(r=2)).peft["target_modules"] is None  # peft's default per architecture
+    with pytest.raises(ConfigError, match=r"peft_config: \['use_dora'\] are not supported here"):
+        make(peft_config=peft.LoraConfig(r=2, use_dora=True))
+    with pytest.raises(ConfigError, match="peft_config .TRL's name. sets peft"):
+        make(peft_config={"r": 2}, peft={"r": 4})
+
+
+def test_peft_config_with_peft_s_default_modules_trains_an_adapter_on_q_and_v(tiny_model_dir, addition_files,
+                                                                             tmp_path):
+    import peft
+    from safetensors.torch import load_file
+
+    from grpo.train.loop import train
+    cfg = build(TrainConfig, dict(model=tiny_model_dir, dataset=addition_files["train"], output_dir=str(tmp_path / "o"),
+                                  rewards=["answer_distance"], prompts_per_step=2, group_size=4, max_steps=1,
+                                  max_completion_length=4, max_prompt_length=16, report_to=[],
+                                  peft_config=peft.LoraConfig(r=2, lora_alpha=4)))
+    names = load_file(str(train(cfg, quiet=True) / "adapter_model.safetensors")).keys()
+    assert names and {n.split(".")[-3] for n in names} == {"q_proj", "v_proj"}  # peft's Llama default
+
+
 def test_preset_says_which_of_its_keys_it_did_not_set():
     said = []
     say_preset(make(preset="dapo", beta=0.04), said.append)

@@ -212,6 +212,10 @@ def resolve_paths(cls, values: dict[str, Any], base: Path) -> dict[str, Any]:
             out[key] = [reward(e) for e in value]
         elif kind in ("dir", "data"):
             out[key] = local(value, data=kind == "data")
+        elif kind == "iterative" and isinstance(value, dict):
+            out[key] = {**value, **({"replay_dataset": local(value["replay_dataset"], data=True)}
+                                    if "replay_dataset" in value else {}),
+                        **({"labeler": reward(value["labeler"])} if "labeler" in value else {})}
     return out
 
 

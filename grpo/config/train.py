@@ -158,6 +158,7 @@ class IterativeSpec:
 
 @dataclass
 class TrainConfig(LoopConfig):
+    PATHS: ClassVar[dict] = {"iterative_rl": "iterative"}  # its replay_dataset and labeler (see CommonConfig)
     CHOICES: ClassVar[dict] = {
         "preset": tuple(PRESETS),
         "generation": STRATEGIES,

@@ -37,6 +37,7 @@ TRAIN_KEYS = {
     "generation_kwargs": "its temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens / "
                          "max_tokens entries override those keys (as in TRL); other entries are refused",
     "delta, min_p: null": "null is 0 (off)",
+    "peft_config": "peft: a peft.LoraConfig (or a dict of its fields): r, lora_alpha, lora_dropout, target_modules",
 }
 
 
@@ -97,7 +98,32 @@ def translate_train_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
                           f"{', '.join(GENERATION_KEYS)} (beam search is `generation: beam`)")
     for name, value in kwargs.items():
         values[GENERATION_KEYS[name]] = value
+    if "peft_config" in values:
+        _conflict(values, source, "peft_config", "peft")
+        values["peft"] = _lora(values.pop("peft_config"), source)
     return values
+
+
+# A peft.LoraConfig's fields -> our `peft` keys; any other field must keep peft's default.
+LORA_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules"}
+LORA_DEFAULTS = {"bias": "none", "use_dora": False, "use_rslora": False, "modules_to_save": None,
+                 "layers_to_transform": None, "init_lora_weights": True}
+
+
+def _lora(config, source: str) -> dict:
+    """TRL's `peft_config` (a peft.LoraConfig, or a dict of its fields) as our `peft` mapping."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(fields, dict) or (hasattr(config, "peft_type") and str(config.peft_type) not in ("LORA", "PeftType.LORA")):
+        raise ConfigError(f"{source}: peft_config: expected a peft.LoraConfig (or a dict of its fields), got {config!r}")
+    differ = sorted(k for k, default in LORA_DEFAULTS.items() if k in fields and fields[k] != default)
+    if differ:
+        raise ConfigError(f"{source}: peft_config: {differ} are not supported here (only "
+                          f"{', '.join(LORA_FIELDS)}); leave them at peft's defaults")
+    # target_modules None is peft's per-architecture default (q_proj, v_proj for Llama), as in TRL.
+    out = {ours: fields[theirs] for theirs, ours in LORA_FIELDS.items() if theirs in fields}
+    if isinstance(out.get("target_modules"), (set, frozenset)):
+        out["target_modules"] = sorted(out["target_modules"])
+    return out
 
 
 def _weighted(weights, rewards, source: str) -> list:

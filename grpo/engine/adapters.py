@@ -33,7 +33,8 @@ def _peft():
 def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules="all-linear"):
     """The model wrapped with a fresh LoRA adapter (`peft.get_peft_model`): the base weights frozen,
     A and B of rank `r` on `target_modules` ("all-linear": every Linear layer but the output
-    head, or a list of module names such as ["q_proj", "v_proj"]), scaled by alpha / r.
+    head, or a list of module names such as ["q_proj", "v_proj"]; None: peft's default for the
+    architecture, which TRL's `peft_config` gets), scaled by alpha / r.
 
     `dropout` is LoRA's dropout on the adapter's input. It is applied in training mode, so with
     dropout > 0 two log-prob passes at the same weights differ (the ratio to pi_old is not 1 at
@@ -46,12 +47,13 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_
         raise ConfigError(f"peft.alpha: expected a positive number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"peft.dropout: expected a probability in [0, 1), got {dropout!r}")
-    if not (target_modules == "all-linear" or
+    if not (target_modules is None or target_modules == "all-linear" or
             (isinstance(target_modules, (list, tuple)) and target_modules and
              all(isinstance(m, str) for m in target_modules))):
         raise ConfigError(f"peft.target_modules: expected 'all-linear' or a list of module names, got {target_modules!r}")
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), task_type="CAUSAL_LM",
-                             target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
+                             target_modules=target_modules if target_modules is None or isinstance(target_modules, str)
+                             else list(target_modules))
     try:
         return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name the model does not have

@@ -99,7 +99,7 @@ def load_state(checkpoint: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # What `grpo train` keeps beside the weights, and how a resumed run gets it back.
 
-def train_state(step: int, optimizer, scheduler, precision, sampler, config: dict, rng: list, rewards_state: dict) -> dict:
+def train_state(step: int, optimizer, scheduler, precision, sampler, config: dict, rng: list, rewards_state: list) -> dict:
     return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": precision.scaler.state_dict(), "sampler": sampler.state_dict(), "config": config,
             "rng": rng, "reward_states": rewards_state}

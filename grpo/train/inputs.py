@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo.config import TrainConfig, to_dict
+from grpo.config import IterativeSpec, TrainConfig, to_dict
 from grpo.config.loading import qualified_name
 from grpo.config.train import preset_overrides
 from grpo.data import Source, check_prompts, load_source, require_columns
@@ -46,7 +46,11 @@ def fingerprints(cfg: TrainConfig, data: Source, eval_data: Source | None) -> di
     out = {"dataset": data.fingerprint}
     if eval_data is not None:
         out["eval_dataset"] = eval_data.fingerprint
-    for spec in cfg.rewards:
+    iterative = IterativeSpec(**cfg.iterative_rl)
+    if iterative.every and iterative.replay_dataset:
+        out["iterative_rl.replay_dataset"] = file_fingerprint(iterative.replay_dataset)
+    labeler = [iterative.labeler] if iterative.every else []
+    for spec in [*cfg.rewards, *labeler]:
         function = spec if not isinstance(spec, dict) else spec.get("function", "")
         if callable(function):
             try:
@@ -112,13 +116,20 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
     rewards = build_rewards(cfg.rewards, run.device, run.dtype)
     check_signatures(rewards, columns)
     check_accuracy_reward(rewards, cfg.accuracy_reward)
-    if "exact_answer" in [r.name for r in rewards]:
+    iterative = IterativeSpec(**cfg.iterative_rl)
+    if iterative.every:  # its labeler and replayed pairs exist before any model is loaded
+        labeler = build_rewards([iterative.labeler], run.device, run.dtype)
+        check_signatures(labeler, columns)
+        if iterative.replay_dataset and not Path(iterative.replay_dataset).is_file():
+            raise ConfigError(f"iterative_rl.replay_dataset: {iterative.replay_dataset} is not a file")
+    if "exact_answer" in [r.name for r in rewards] or (iterative.every and iterative.labeler == "exact_answer"):
         require_columns(rows, ["answer"], data.label)
 
     paths = {k: v for k, v in (("model", cfg.model), ("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset))
              if isinstance(v, str)}
     inputs = {**paths, **{f"rewards[{i}]": m for i, s in enumerate(cfg.rewards) if isinstance(s, dict)
-                          for m in (s["model"] if isinstance(s.get("model"), list) else [s.get("model") or ""])}}
+                          for m in (s["model"] if isinstance(s.get("model"), list) else [s.get("model") or ""])},
+              **({"iterative_rl.replay_dataset": iterative.replay_dataset} if iterative.every else {})}
     checkpoint = check_output_dir(run.out, inputs=inputs, resume=resume, overwrite=overwrite)
     model_config = check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)

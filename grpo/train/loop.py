@@ -71,7 +71,11 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
     start_step = 0
     if inputs.checkpoint is not None:
         state = restore(cfg, inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world)
-        load_reward_states(rewards, state.get("reward_states", {}))
+        # Each process's own (its reward model's running moments saw its own samples); a run
+        # resumed on more processes than it was saved from starts the extra ones from rank 0's.
+        states = state.get("reward_states", {})
+        load_reward_states(rewards, states[world.rank if world.rank < len(states) else 0]
+                           if isinstance(states, list) else states)
         if state.get("reference") is not None:  # moved by sync_ref_model, or reset by iterative RL
             reference.load_state_dict(state["reference"])
         if rounds is not None and state.get("iterative"):
@@ -124,7 +128,8 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
 
     def save(step: int) -> Path | None:
         rng = world.gather_objects(rng_state(generator))  # every process takes part
-        state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, reward_states(rewards))
+        states = world.gather_objects(reward_states(rewards))  # one per process, in rank order
+        state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, states)
         moved = sync_reference is not None or (rounds is not None and iterative.reset_reference)
         state["reference"] = reference.state_dict() if moved and reference is not None else None
         state["iterative"] = rounds.state_dict() if rounds is not None else None

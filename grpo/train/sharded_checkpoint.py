@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.errors import ConfigError
+from grpo.errors import ConfigError, RunError
 
 from .checkpoint import RUN_FILE, STATE_FILE, list_checkpoints, load_state, set_rng_state
 from .distributed import World
@@ -34,6 +34,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, token
     """Every process calls this. `state` is `checkpoint.train_state(...)` (its "optimizer" entry,
     this process's shard only, is dropped: the optimizer is in the shards)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     output_dir = Path(output_dir)
@@ -42,14 +43,27 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, token
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()  # nobody writes into the directory rank 0 is still clearing
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDS_DIR))
+    failed = None
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDS_DIR))
+        if world.main:
+            model.config.save_pretrained(tmp)  # what the weights are, for whoever opens the directory
+            tokenizer.save_pretrained(tmp)
+            torch.save({**state, "optimizer": None}, tmp / STATE_FILE)
+            if run is not None:
+                (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, on any process
+        failed = e
+    if world.any(failed is not None):  # every process stops together, none waits at a barrier
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = list_checkpoints(output_dir)[-1:] or None
+        raise RunError(f"could not write checkpoint-{step} in {output_dir}"
+                       + (f": {getattr(failed, 'strerror', None) or failed}" if failed else " (on another process)")
+                       + (f"; the last complete checkpoint is {last[0].name}" if last else "; no checkpoint was saved"))
     if world.main:
-        model.config.save_pretrained(tmp)  # what the weights are, for whoever opens the directory
-        tokenizer.save_pretrained(tmp)
-        torch.save({**state, "optimizer": None}, tmp / STATE_FILE)
-        if run is not None:
-            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if keep:
