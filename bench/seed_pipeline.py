@@ -95,6 +95,7 @@ def grpo(out: Path, seed: int, rm: str, guard: dict, generation: str) -> dict:
     from grpo.recipes.pipeline import ITERATIVE, SEED_GRPO
     from grpo.train.loop import train
 
+    tag = "_".join(guard) or "none"  # every guard its own run directory (and cached result)
     guard = dict(guard)
     spec = {"name": "reward_model", **guard.pop("rmspec", {})}
     if guard.pop("ensemble", None):
@@ -104,7 +105,7 @@ def grpo(out: Path, seed: int, rm: str, guard: dict, generation: str) -> dict:
         spec["model"] = str(reward_model(out, seed, rm, REWARD_MODELS[rm])[0])
     if guard.pop("iterative", False):
         guard["iterative_rl"] = {**ITERATIVE, "replay_dataset": str(out / "data" / "preferences_train.jsonl")}
-    run = out / "runs" / f"{rm}_{'_'.join(guard) or 'none'}_{generation}".replace(" ", "_").replace("+", "")
+    run = out / "runs" / f"{rm}_{tag}_{generation}".replace(" ", "_").replace("+", "")
     if (run / "result.json").exists():  # measured by an earlier invocation
         return json.loads((run / "result.json").read_text())
     cfg = build(TrainConfig, {**SEED_GRPO, "model": str(out / "sft"), "dataset": str(out / "data" / "train.jsonl"),
