@@ -229,6 +229,24 @@ def test_every_row_is_checked_when_the_dataset_is_loaded(tiny_model_dir, tmp_pat
     assert f"{data}{message}" in str(e.value)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "", "completion": "3"}\n', ":2: prompt: the prompt is empty"),
+    (b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": 12, "completion": "3"}\n',
+     ":2: prompt: a prompt must be text or a list of chat messages, got int"),
+])
+def test_sft_checks_every_row_too(tiny_model_dir, tmp_path, content, message, monkeypatch):
+    from grpo.config import SFTConfig
+    from grpo.train import sft
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content)
+    monkeypatch.setattr(sft, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(DataError) as e:
+        sft.train_sft(build(SFTConfig, {"model": tiny_model_dir, "dataset": str(data),
+                                        "output_dir": str(tmp_path / "run"), "report_to": []}), quiet=True)
+    assert f"{data}{message}" in str(e.value)
+
+
 def test_a_chat_role_the_template_rejects_names_the_row(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
     model = tmp_path / "model"

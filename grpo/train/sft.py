@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import SFTConfig, to_dict
-from grpo.data import PromptSampler, content_of, decode_completions, encode_prompt, is_messages, require_columns, where
+from grpo.data import PromptSampler, check_prompts, content_of, decode_completions, encode_prompt, is_messages, require_columns, where
 from grpo.data.prompts import left_pad
 from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
@@ -106,6 +106,10 @@ def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> P
     check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
+    for source, rows in ((data, data.rows), (eval_data, eval_data.rows[:cfg.eval_max_prompts] if eval_data else [])):
+        if rows:  # every prompt formatted before any model: a bad row stops with its file and line
+            check_prompts(tokenizer, rows, cfg.prompt_column, source.label, cfg.apply_chat_template,
+                          cfg.chat_template_kwargs)
     pairs = encode_pairs(tokenizer, data.rows, cfg, data.label)
     eval_pairs = encode_pairs(tokenizer, eval_data.rows[:cfg.eval_max_prompts], cfg, eval_data.label) if eval_data else []
     if overwrite:
