@@ -80,8 +80,8 @@ def heldout_accuracy(model, tokenizer, rows, max_prompts):
                       max_prompt_length=SHARED["max_prompt_length"], eval_batch_size=256, apply_chat_template="never")
     with torch.no_grad():
         result = evaluate(LocalBackend(model, tokenizer), tokenizer, rows[:max_prompts],
-                          [Reward("exact_answer", exact_answer)], cfg, "exact_answer")
-    return result["accuracy"]
+                          [Reward("exact_answer", exact_answer)], cfg)
+    return (result["values"]["exact_answer"] == 1).float().mean().item()
 
 
 def run_ours(args) -> dict:
@@ -94,7 +94,8 @@ def run_ours(args) -> dict:
     from grpo.recipes.addition import GRPO
     from grpo.rewards import build_rewards
     from grpo.train.distributed import World
-    from grpo.train.loop import load_models
+    from grpo.train.models import load_models
+    from grpo.train.setup import RunSetup
     from grpo.train.optim import make_optimizer, make_scheduler
     from grpo.train.precision import Precision
     from grpo.train.rollout import collect_rollout
@@ -108,14 +109,15 @@ def run_ours(args) -> dict:
     device = torch.device("cpu")
     precision = Precision(device, torch.float32)
     tokenizer = load_tokenizer(args.model)
-    policy, reference = load_models(cfg, device)
+    world = World()
+    policy, reference = load_models(cfg, RunSetup(device, precision, world, None))
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, 10**6)
     rewards = build_rewards(cfg.rewards, device, torch.float32)
     rows, heldout = load_rows(args.train), load_rows(args.heldout)
     sampler = PromptSampler(len(rows), args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000)
-    backend, world = LocalBackend(policy, tokenizer), World(distributed=False)
+    backend = LocalBackend(policy, tokenizer)
 
     def more_rows(n):  # what loop.py passes for dynamic sampling (one process)
         return [rows[i] for i in sampler.next(n)]

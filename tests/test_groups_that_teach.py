@@ -201,3 +201,18 @@ def test_race_report_by_hand():
     # TRL reaches its final 50% at 120 s, ours at 30 s: 0.25x its time, and ends 20 points above.
     assert "| default | 0 | 20 | 20.0% | 50.0% | 50.0% | 50.0% | 70.0% | 30 (0.25x) | +20.0 pts |" in text
     assert "| trl | 0 | 10 | 20.0% | 40.0% | 50.0% | 50.0% | 50.0% | 120 (1.00x) | +0.0 pts |" in text
+
+
+@pytest.mark.parametrize("system", ["default", "dynamic"])
+def test_the_race_runs_our_systems_through_the_current_trainer_api(tiny_model_dir, addition_files, system):
+    # The race's own loop (bench/time_to_accuracy.run_ours) calls the trainer's parts directly: a
+    # one-second run keeps it in step with their signatures.
+    import argparse
+
+    from bench.time_to_accuracy import run_ours
+    args = argparse.Namespace(system=system, model=tiny_model_dir, train=addition_files["train"],
+                              heldout=addition_files["heldout"], seed=0, budget=1.0, eval_every=1.0,
+                              eval_prompts=8, threads=1)
+    result = run_ours(args)
+    assert result["steps"] >= 1 and len(result["curve"]) >= 2
+    assert all(0.0 <= a <= 1.0 for _, a in result["curve"])
