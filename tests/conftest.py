@@ -1,5 +1,6 @@
 import contextlib
 import os
+import socket
 
 import pytest
 import torch
@@ -8,6 +9,27 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_with_chat_template(tiny_model_dir, tmp_path, template: str):
+    """A copy of the tiny model whose tokenizer carries `template` as its chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = template
+    tok.save_pretrained(model)
+    return model
 
 
 @contextlib.contextmanager

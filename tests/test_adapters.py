@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from grpo.engine import adapters, decoders, llama, packed
+from grpo.engine import adapters, llama, packed
 from grpo.engine.generation import generate_groups
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.models import enable_gradient_checkpointing
 from grpo.errors import ConfigError
-from tiny_archs import PAD, build, group_batch
+from tiny_archs import PAD, build, group_batch, record_decoders
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -87,17 +87,10 @@ def test_packed_scoring_on_lora_layers_equals_plain(name):
 
 
 def test_group_decoder_runs_on_the_adapted_layers(monkeypatch):
-    import grpo.engine.generation as generation
     _, model = lora("llama")
     model.eval()
     assert llama.supported(model, 20)
-    states = []
-
-    def spy(*a, **k):
-        out = decoders.start(*a, **k)
-        states.append(type(out[0]).__name__)
-        return out
-    monkeypatch.setattr(generation, "start", spy)
+    states = record_decoders(monkeypatch)
     pids, pmask = group_batch()[:2]
     kw = dict(group_size=3, max_new_tokens=8, eos_token_id=1, pad_token_id=PAD)
     plain = generate_groups(model, pids[::3], pmask[::3], engine="plain", generator=torch.Generator().manual_seed(0), **kw)

@@ -210,18 +210,12 @@ def test_prompts_are_formatted_as_trl_does():
 
 
 def test_chat_template_kwargs_reach_the_rollout(tiny_model_dir, tmp_path):
-    import shutil
-
-    from transformers import AutoTokenizer
-
+    from conftest import model_with_chat_template
     from grpo.train.loop import train
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}="
-                         "{% if short is defined and short %}{% else %}?{% endif %}{% endif %}")
-    tok.save_pretrained(model)
+    model = model_with_chat_template(
+        tiny_model_dir, tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}="
+                                  "{% if short is defined and short %}{% else %}?{% endif %}{% endif %}")
     rows = [{"prompt": [{"role": "user", "content": "1+1"}], "answer": "2"}] * 2
     for short, expected in ((True, "1+1="), (False, "1+1=?")):
         out = train(dict(model=str(model), dataset=rows, output_dir=str(tmp_path / str(short)), rewards=["exact_answer"],

@@ -4,13 +4,14 @@ and `torchrun` runs the CLI end to end."""
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 from grpo.config import TrainConfig, build
 from grpo.data import load_rows
@@ -20,12 +21,6 @@ from grpo.train.optim import make_scheduler
 from grpo.rewards import build_rewards
 from grpo.train.rollout import collect_rollout
 from grpo.train.update import update
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(model, dataset, **kw):

@@ -4,12 +4,12 @@ reaching every scoring forward, and which models the group decoder takes."""
 import pytest
 import torch
 
-from grpo.engine import decoders, llama
+from grpo.engine import llama
 from grpo.engine.generation import generate_groups
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.models import checkpointing_active, disable_dropout, enable_gradient_checkpointing, load_causal_lm
 from grpo.errors import ConfigError
-from tiny_archs import PAD, build, group_batch
+from tiny_archs import PAD, build, group_batch, record_decoders
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 CPU = torch.device("cpu")
@@ -116,7 +116,6 @@ def test_gradient_checkpointing_unsupported_model_is_a_config_error():
 def test_group_decoder_takes_a_sliding_window_longer_than_the_positions(monkeypatch):
     """Mistral with a 4096-token window: every key is inside every window, so the group decoder is
     exact and takes it; a window of 4 is not (the model's own cache decoder then runs)."""
-    import grpo.engine.generation as generation
     long_window = build("mistral_window_4096").eval()
     short_window = build("mistral_window_4").eval()
     assert llama.supported(long_window, 30) and not llama.supported(long_window, 5000)
@@ -124,13 +123,7 @@ def test_group_decoder_takes_a_sliding_window_longer_than_the_positions(monkeypa
     pids, pmask = group_batch()[:2]
     ids, mask = pids[::3], pmask[::3]
     kw = dict(group_size=3, max_new_tokens=8, eos_token_id=1, pad_token_id=PAD)
-    states = []
-
-    def spy(*a, **k):
-        out = decoders.start(*a, **k)
-        states.append(type(out[0]).__name__)
-        return out
-    monkeypatch.setattr(generation, "start", spy)
+    states = record_decoders(monkeypatch)
     for model in (long_window, short_window):
         plain = generate_groups(model, ids, mask, engine="plain", generator=torch.Generator().manual_seed(0), **kw)
         fast = generate_groups(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)

@@ -248,13 +248,10 @@ def test_sft_checks_every_row_too(tiny_model_dir, tmp_path, content, message, mo
 
 
 def test_a_chat_role_the_template_rejects_names_the_row(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
-                         "{{ raise_exception('roles must be user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    tok.save_pretrained(model)
+    from conftest import model_with_chat_template
+    model = model_with_chat_template(
+        tiny_model_dir, tmp_path, "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                                  "{{ raise_exception('roles must be user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
     data = tmp_path / "d.jsonl"
     rows = [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"},
             {"prompt": [{"role": "tool", "content": "2+2="}], "answer": "4"}]
@@ -364,7 +361,7 @@ def test_a_signal_mid_run_saves_says_where_and_resumes_exactly(tiny_model_dir, a
 
 
 def test_a_hung_reward_under_torchrun_stops_every_process(tiny_model_dir, addition_files, tmp_path):
-    from test_distributed import free_port
+    from conftest import free_port
     spec = reward_file(tmp_path, "time.sleep(3600) if __import__('os').environ['RANK'] == '1' else None\n"
                                  "    return [0.0] * len(completions)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

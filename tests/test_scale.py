@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from grpo.config import TrainConfig, build
 from grpo.train.loop import train
-from test_distributed import free_port
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,12 +19,13 @@ saw; the tests compare that with the same work done here on one unsharded proces
 import dataclasses
 import errno
 import os
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 from grpo.config import TrainConfig, build
 from grpo.data import PromptSampler, load_rows
@@ -42,12 +43,6 @@ from grpo.train.update import update
 
 P, G = 4, 4          # prompts and completions per prompt of the whole batch (2 prompts per process)
 CPU = torch.device("cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(model, dataset, **kw):

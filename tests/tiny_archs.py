@@ -63,3 +63,19 @@ def group_batch(seed: int = 0, P: int = 3, G: int = 3, Lp: int = 6, T: int = 7):
     cmask = (torch.arange(T) < lengths[:, None]).float()
     weights = torch.randn(P * G, T, generator=g)
     return ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), comp, cmask, weights
+
+
+def record_decoders(monkeypatch) -> list[str]:
+    """The decode state (`GroupDecoder` or `CacheDecoder`) each generate_groups call starts, in
+    order: which engine a model got."""
+    import grpo.engine.generation as generation
+    from grpo.engine import decoders
+
+    states = []
+
+    def spy(*a, **k):
+        out = decoders.start(*a, **k)
+        states.append(type(out[0]).__name__)
+        return out
+    monkeypatch.setattr(generation, "start", spy)
+    return states

@@ -64,9 +64,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, state: dict, 
             (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        last = latest_checkpoint(output_dir)
-        raise RunError(f"could not write checkpoint-{step} in {output_dir}: {getattr(e, 'strerror', None) or e}; "
-                       + (f"the last complete checkpoint is {last.name}" if last else "no checkpoint was saved")) from None
+        raise write_failed(output_dir, step, f": {getattr(e, 'strerror', None) or e}") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if keep:
@@ -88,6 +86,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def write_failed(output_dir: Path, step: int, cause: str) -> RunError:
+    """The one line a checkpoint that could not be written stops the run with."""
+    last = latest_checkpoint(output_dir)
+    return RunError(f"could not write checkpoint-{step} in {output_dir}{cause}; "
+                    + (f"the last complete checkpoint is {last.name}" if last else "no checkpoint was saved"))
 
 
 def load_state(checkpoint: Path) -> dict:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from grpo.errors import ConfigError, RunError
+from grpo.errors import ConfigError
 
-from .checkpoint import RUN_FILE, STATE_FILE, list_checkpoints, load_state, set_rng_state
+from .checkpoint import RUN_FILE, STATE_FILE, list_checkpoints, load_state, set_rng_state, write_failed
 from .distributed import World
 
 SHARDS_DIR = "sharded"
@@ -59,10 +59,8 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, token
     if world.any(failed is not None):  # every process stops together, none waits at a barrier
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        last = list_checkpoints(output_dir)[-1:] or None
-        raise RunError(f"could not write checkpoint-{step} in {output_dir}"
-                       + (f": {getattr(failed, 'strerror', None) or failed}" if failed else " (on another process)")
-                       + (f"; the last complete checkpoint is {last[0].name}" if last else "; no checkpoint was saved"))
+        raise write_failed(output_dir, step, f": {getattr(failed, 'strerror', None) or failed}" if failed
+                           else " (on another process)")
     if world.main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
