@@ -223,6 +223,25 @@ def test_optim_choices():
     assert torch.allclose(model.weight, before - 0.1 * torch.ones_like(before))
     adam = make_optimizer(model, make(adam_epsilon=1e-3))
     assert adam.defaults["eps"] == 1e-3
+
+
+def test_fused_adamw_runs_the_fused_kernel_on_cpu_and_takes_the_foreach_step():
+    """adamw_torch_fused (TRL's default) is fused on CPU too, not silently foreach; same update."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(5, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    before = [p.detach().clone() for p in models[0].parameters()]
+    opts = [make_optimizer(m, make(optim=name, learning_rate=1e-2, weight_decay=0.1))
+            for m, name in zip(models, ("adamw_torch", "adamw_torch_fused"))]
+    assert opts[1].defaults["fused"] and not opts[0].defaults["fused"]
+    x = torch.randn(4, 5)
+    for _ in range(3):
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for a, b, a0 in zip(models[0].parameters(), models[1].parameters(), before):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, a0, atol=1e-3)
     with pytest.raises(ConfigError, match="optim: 'lion' is not one of adamw_torch"):
         make(optim="lion")
 

@@ -117,7 +117,7 @@ class LoopConfig(CommonConfig):
 
     # --- Optimizer options under Hugging Face's names (issue 14)
     optim: str = "adamw_torch"
-    """The optimizer (Hugging Face's names): adamw_torch, adamw_torch_fused (CUDA), adafactor
+    """The optimizer (Hugging Face's names): adamw_torch, adamw_torch_fused (CPU or CUDA; TRL's default), adafactor
     (torch.optim.Adafactor, no momentum), sgd, rmsprop."""
     adam_epsilon: float = 1e-8
     """AdamW's epsilon, added to the second-moment root."""
