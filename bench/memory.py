@@ -11,11 +11,13 @@ layers keep a CPU step to minutes. Random weights, the character tokenizer of gr
 Work, the same for both systems: 8 prompts x 8 completions (`--prompts/--group`), every
 completion forced to its full length (EOS never sampled: ours drops EOS from the stop set, TRL
 generates with `min_new_tokens`), completion lengths 32/64/128 (`--tokens`), temperature 1,
-beta 0.04 (both compute reference log-probs), one update per rollout, float32 weights and AdamW,
+beta 0.04 (both compute reference log-probs), one update per rollout, float32 weights and AdamW
+(the fused kernel in both: TRL's default optim, adamw_torch_fused, which ours takes with `--optim`),
 one forward over the whole batch (ours: micro_batch_size 64; TRL: per_device_train_batch_size 64).
 LoRA: r 16, alpha 32, dropout 0, all linear layers (peft, in both); the reference is the base
 model with the adapter off (both). Gradient checkpointing: Hugging Face's, non-reentrant (both).
-Ours also scores with the chunked LM head (`--chunk` tokens at a time; 0: off).
+Ours runs its defaults for this vocabulary: the chunked LM head (`--chunk` tokens at a time,
+default 256; 0: off) and the MLP keeping two of its four activations (`mlp_activations: auto`).
 
 Each measurement is one step in a fresh subprocess; its peak RSS (ru_maxrss) includes the Python
 process, torch and the loaded model, so the baseline after loading is printed too. Measurements
@@ -68,9 +70,8 @@ def run_ours(args) -> dict:
     cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
                       num_minibatches=1, micro_batch_size=n, learning_rate=1e-6, max_prompt_length=4096,
-                      dtype="float32", device="cpu", num_threads=args.threads, rewards=[{"function": "exact_answer"}])
-    # Read by grpo.train.rollout / update with getattr until the config has the key.
-    cfg.logprob_chunk_size = args.chunk
+                      dtype="float32", device="cpu", num_threads=args.threads, optim=args.optim,
+                      logprob_chunk_size=args.chunk, rewards=[{"function": "exact_answer"}])
     device = torch.device("cpu")
     precision = Precision(device, torch.float32)
     tokenizer = load_tokenizer(args.model)
@@ -150,9 +151,10 @@ def worker(argv) -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=-1)
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--optim", default="adamw_torch_fused")
     args = ap.parse_args(argv)
     # Names bench.workers' TRL helpers read.
     args.device, args.dtype, args.full_length = "cpu", "float32", True
@@ -172,8 +174,10 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--chunk", type=int, default=256, help="ours: LM-head chunk (tokens); 0: whole logits")
+    ap.add_argument("--chunk", type=int, default=-1,
+                    help="ours: LM-head chunk (tokens); 0: whole logits; -1: ours' default (256 at this vocabulary)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--optim", default="adamw_torch_fused", help="ours (TRL runs its default, adamw_torch_fused)")
     ap.add_argument("--models-dir", default="/tmp/grpo-bench-models")
     ap.add_argument("--model", default="", help="use this model directory instead of building one")
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
@@ -191,7 +195,8 @@ def main(argv=None) -> None:
         for mode in args.modes:
             for system in systems:
                 extra = [system, "--model", model, "--prompts", str(args.prompts), "--group", str(args.group),
-                         "--tokens", str(T), "--threads", str(args.threads), "--chunk", str(args.chunk)]
+                         "--tokens", str(T), "--threads", str(args.threads), "--chunk", str(args.chunk),
+                         "--optim", args.optim]
                 extra += ["--lora"] * MODES[mode]["lora"] + ["--gc"] * MODES[mode]["gc"]
                 py = args.python if system == "ours" else args.trl_python
                 res = run_worker(py, "worker", extra, timeout=args.timeout, module="bench.memory")
@@ -209,7 +214,8 @@ def report(raw: list[dict], args, command: str, model: str) -> str:
     cfg = json.loads((Path(model) / "config.json").read_text())
     lines = [f"Peak RSS of one GRPO step: {args.prompts} prompts x {args.group} completions forced to T tokens, "
              f"beta 0.04, float32, CPU, {args.threads} threads; Qwen2 {cfg['vocab_size']} x {cfg['hidden_size']} "
-             f"(tied), {cfg['num_hidden_layers']} layers; ours with logprob_chunk_size {args.chunk}.",
+             f"(tied), {cfg['num_hidden_layers']} layers; ours with logprob_chunk_size {args.chunk} and optim {args.optim} "
+             f"(TRL: its default, adamw_torch_fused).",
              f"Command: `{command}`", "",
              "| T | mode | ours peak MiB | TRL peak MiB | ours / TRL | ours after load | TRL after load "
              "| trainable params (ours / TRL) |", "|---|---|---|---|---|---|---|---|"]

@@ -98,3 +98,20 @@ def test_cli_prints_one_clear_error(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "grpo train: error:" in err and "group_size: must be >= 2" in err and str(path) in err
+
+
+def test_mlp_activations_auto_recomputes_for_real_vocabularies_only():
+    from types import SimpleNamespace
+
+    from grpo.train.rollout import recompute_mlp
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+    cfg = TrainConfig(model="m", rewards=[{"function": "exact_answer"}])
+    assert cfg.mlp_activations == "auto"
+    assert recompute_mlp(cfg, model(151_936)) and not recompute_mlp(cfg, model(64))
+    for value, big, small in (("recompute", True, True), ("keep", False, False)):
+        cfg.mlp_activations = value
+        assert (recompute_mlp(cfg, model(151_936)), recompute_mlp(cfg, model(64))) == (big, small)
+    with pytest.raises(ConfigError, match="mlp_activations: 'yes' is not one of auto, recompute, keep"):
+        build(TrainConfig, {"model": "m", "rewards": [{"function": "exact_answer"}], "mlp_activations": "yes"})

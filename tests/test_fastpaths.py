@@ -137,7 +137,8 @@ def plain_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     return logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
 
 
-def test_update_loss_and_gradients_equal_plain_full_forward():
+@pytest.mark.parametrize("recompute_mlp", [False, True])
+def test_update_loss_and_gradients_equal_plain_full_forward(recompute_mlp):
     model = llama(init=0.1).train()
     ids, mask = prompts(P=4)
     # Extra all-padding prompt columns and completion columns beyond every row: trimmed away.
@@ -161,7 +162,7 @@ def test_update_loss_and_gradients_equal_plain_full_forward():
         return lp.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     lp_fast, loss_fast, g_fast = loss_and_grads(
-        lambda: completion_logprobs(model, pids, pmask, comp, cmask)[0])
+        lambda: completion_logprobs(model, pids, pmask, comp, cmask, recompute_mlp=recompute_mlp)[0])
     lp_plain, loss_plain, g_plain = loss_and_grads(lambda: plain_logprobs(model, pids, pmask, comp, cmask))
     torch.testing.assert_close(lp_fast * cmask, lp_plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(loss_fast, loss_plain, atol=1e-6, rtol=1e-5)
@@ -171,13 +172,13 @@ def test_update_loss_and_gradients_equal_plain_full_forward():
     torch.testing.assert_close(gen.logprobs, lp_plain[:, :gen.logprobs.shape[1]], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2+recompute_mlp", "gpt2"])
 def test_shared_prompt_forward_equals_one_forward_per_row(arch):
     """Groups' prompts run once vs every row's full forward: the packed group forward (Llama,
     Qwen2 with qkv biases and grouped-query attention) and the KV-cache hand-over (GPT-2)."""
     if arch == "llama":
         model = llama(init=0.1, kv_heads=2).train()
-    elif arch == "qwen2":
+    elif arch.startswith("qwen2"):
         model = qwen2().train()
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -197,7 +198,8 @@ def test_shared_prompt_forward_equals_one_forward_per_row(arch):
     def run(share):
         model.zero_grad()
         lp, ent = completion_logprobs(model, pids, pmask, comp, cmask, temperature=0.8,
-                                      compute_entropy=True, engine="auto" if share else "plain")
+                                      compute_entropy=True, engine="auto" if share else "plain",
+                                      recompute_mlp=arch.endswith("recompute_mlp"))
         (lp * cmask * weights).sum().backward()
         return lp.detach() * cmask, ent * cmask, [p.grad.clone() for p in model.parameters()]
 
@@ -251,3 +253,66 @@ def test_beam_on_group_engine_equals_plain_beam(name, model):
     fast = generate_groups(model, ids, mask, **kw)
     assert plain.completion_mask.sum(1).unique().numel() > 1  # beams of different lengths
     assert_same(plain, fast)
+
+
+@pytest.mark.parametrize("down", ["linear", "linear+bias", "wrapped"])
+def test_the_mlp_keeping_two_tensors_equals_the_modules_own(down):
+    """`llama.mlp` (the packed forward's MLP) has the value and the gradients of `module(x)`:
+    for the input, gate/up/down weights and a down bias; with a down projection that is not a
+    plain Linear (LoRA's) it wraps the product only. It saves gate(x) and up(x) for the
+    backward and nothing else of size [M, I] (autograd's MLP saves four)."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    from grpo.engine import llama
+
+    torch.manual_seed(0)
+    module = LlamaMLP(LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, mlp_bias=down == "linear+bias"))
+    if down == "wrapped":
+        class Wrapped(torch.nn.Module):  # a stand-in for peft's lora.Linear: not a plain nn.Linear
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x) * 1.5
+        module.down_proj = Wrapped(module.down_proj)
+    x = torch.randn(7, 6, requires_grad=True)
+    w = torch.randn(7, 6)
+
+    def grads(fn):
+        module.zero_grad()
+        x.grad = None
+        out = fn(x)
+        (out * w).sum().backward()
+        return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+
+    theirs = grads(module)
+    for a, b in zip(grads(lambda t: llama.mlp(module, t)), theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        llama.mlp(module, x)
+    wide = [s for s in saved if s[-1] == 10 and s[0] == 7]
+    assert len(wide) == (2 if down != "wrapped" else 3)  # gate(x), up(x) (+ the product LoRA's down keeps)
+
+
+def test_the_mlp_keeping_two_tensors_under_bfloat16_autocast():
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    from grpo.engine import llama
+
+    torch.manual_seed(0)
+    module = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2))
+    x = torch.randn(9, 16, requires_grad=True)
+    outs = []
+    for fn in (module, lambda t: llama.mlp(module, t)):
+        module.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x)
+        out.float().square().sum().backward()
+        outs.append([out.detach(), x.grad.clone(), module.down_proj.weight.grad.clone()])
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

@@ -6,7 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from grpo.engine.lmhead import chunked_token_stats, head_logits, token_stats
+from grpo.engine import lmhead
+from grpo.engine.lmhead import chunked_token_stats, head_logits, linear_head, token_stats
 from grpo.engine.logprobs import completion_logprobs
 from tiny_archs import build, group_batch
 
@@ -54,6 +55,103 @@ def test_chunked_stats_equal_whole_logits_with_gradients(entropy_grad):
     with torch.no_grad():
         capped = model.config.final_logit_softcapping * torch.tanh(model.lm_head(hidden) / model.config.final_logit_softcapping)
         torch.testing.assert_close(head_logits(model, hidden), capped)
+
+
+def _head_case(tied: bool, bias: bool, scale: bool, seed: int = 0):
+    model = build("llama", vocab_size=301, tie_word_embeddings=tied)
+    if bias:
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(301) * 0.1)
+    if scale:
+        model.config.logits_scaling = 2.5  # Granite's divisor
+    g = torch.Generator().manual_seed(seed)
+    K, D = 23, model.config.hidden_size
+    hidden = torch.randn(K, D, generator=g).requires_grad_()
+    return model, hidden, torch.randint(0, 301, (K,), generator=g), torch.randn(K, generator=g), torch.randn(K, generator=g)
+
+
+def _stats_and_grads(model, hidden, targets, w_lp, w_ent, entropy_grad, chunk, fused=True):
+    model.zero_grad()
+    hidden.grad = None
+    if not chunk:
+        lp, ent = token_stats(head_logits(model, hidden), targets, 0.7, True, entropy_grad)
+    elif fused:
+        lp, ent = chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
+    else:
+        real = lmhead.linear_head
+        lmhead.linear_head = lambda m: None  # the autograd path (checkpoint per chunk)
+        try:
+            lp, ent = chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
+        finally:
+            lmhead.linear_head = real
+    ((lp * w_lp) + (ent * w_ent if entropy_grad else 0)).sum().backward()
+    grads = [hidden.grad.clone(), model.lm_head.weight.grad.clone()]
+    if model.lm_head.bias is not None:
+        grads.append(model.lm_head.bias.grad.clone())
+    return [lp.detach(), ent.detach(), *grads]
+
+
+@pytest.mark.parametrize("entropy_grad", [True, False])
+@pytest.mark.parametrize("tied,bias,scale", [(True, False, False), (False, True, True)])
+def test_the_hand_written_head_backward_equals_autograd_on_whole_logits(entropy_grad, tied, bias, scale):
+    """The plain Linear head takes `_LinearHeadStats`: log-probs, entropy and the gradients of
+    hidden, W (tied to the embedding or not) and a bias equal those of the whole logits."""
+    model, hidden, targets, w_lp, w_ent = _head_case(tied, bias, scale)
+    assert linear_head(model) == (model.lm_head, 1 / 2.5 if scale else 1.0)
+    whole = _stats_and_grads(model, hidden, targets, w_lp, w_ent, entropy_grad, 0)
+    fused = _stats_and_grads(model, hidden, targets, w_lp, w_ent, entropy_grad, 5)
+    for a, b in zip(fused, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert linear_head(build("gemma2")) is None  # softcapping: the autograd path
+
+
+def test_the_hand_written_head_backward_makes_one_weight_sized_gradient():
+    """Autograd's chunked backward makes a fresh [V, D] weight gradient per chunk (then adds it
+    into W.grad); the hand-written one accumulates in place into a single buffer."""
+    model, hidden, targets, w_lp, w_ent = _head_case(True, False, False)
+    V, D = model.lm_head.weight.shape
+
+    class WeightSized(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            # In place (addmm_) or a new handle on the same storage (AccumulateGrad's detach): nothing new.
+            if not name.endswith("_") and name not in ("detach", "alias"):
+                self.count += sum(isinstance(t, torch.Tensor) and tuple(t.shape) == (V, D) and not t._is_view()
+                                  for t in tree_flatten(out)[0])
+            return out
+
+    def count(fused):
+        model.zero_grad()
+        lp, _ = (chunked_token_stats(model, hidden, targets, 0.7, True, False, 5) if fused else
+                 _autograd_path(model, hidden, targets))
+        loss = (lp * w_lp).sum()
+        with WeightSized() as mode:
+            loss.backward()
+        return mode.count
+
+    def _autograd_path(model, hidden, targets):
+        real = lmhead.linear_head
+        lmhead.linear_head = lambda m: None
+        try:
+            return chunked_token_stats(model, hidden, targets, 0.7, True, False, 5)
+        finally:
+            lmhead.linear_head = real
+    assert count(fused=False) >= 5  # one per chunk of 23 tokens (the check can fail)
+    assert count(fused=True) == 1
+
+
+def test_the_hand_written_head_backward_under_bfloat16_autocast():
+    """Under autocast the matmuls run in bfloat16 (as the module would), the softmax maths in
+    float32: the same numbers as autograd's chunked path within bfloat16's precision."""
+    model, hidden, targets, w_lp, w_ent = _head_case(True, False, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _stats_and_grads(model, hidden, targets, w_lp, w_ent, False, 5)
+        plain = _stats_and_grads(model, hidden, targets, w_lp, w_ent, False, 5, fused=False)
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_no_tokens_x_vocab_tensor_in_forward_or_backward():

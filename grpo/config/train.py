@@ -170,6 +170,7 @@ class TrainConfig(LoopConfig):
         "kl_estimator": KL_ESTIMATORS,
         "loss_aggregation": AGGREGATIONS,
         "off_policy_correction": OFF_POLICY_CORRECTIONS,
+        "mlp_activations": ("auto", "recompute", "keep"),
     }
     # TRL's names for the same keys (more in grpo.config.trl, which translates values too).
     ALIASES: ClassVar[dict] = {"scale_rewards": "advantage_estimator", "num_generations": "group_size",
@@ -275,8 +276,14 @@ class TrainConfig(LoopConfig):
     """Recompute each decoder layer's activations in the backward instead of keeping them."""
     logprob_chunk_size: int = -1
     """Scored tokens per pass through the LM head, so the [tokens x vocabulary] logits never exist
-    at once (forward or backward); 0: all at once; -1: 1024 when the vocabulary has 65,536
-    tokens or more (Qwen2's 151,936), else all at once."""
+    at once (forward or backward); 0: all at once; -1: 256 when the vocabulary has 65,536
+    tokens or more (Qwen2's 151,936: a 256 x 151,936 float32 chunk is 0.16 GB), else all at once."""
+    mlp_activations: str = "auto"
+    """What a Llama-style MLP, down(silu(gate(x)) * up(x)), keeps for the backward on the packed
+    fast path: `recompute`: gate(x) and up(x) only, silu and the product recomputed in a
+    hand-written backward (half the MLP's activation memory, same gradients); `keep`: all four
+    tensors, as autograd does; `auto`: recompute for vocabularies of 65,536 tokens or more (real
+    LLMs, as logprob_chunk_size), keep for the small models of tests and the demo."""
     router_aux_loss_coef: float = 0.0
     """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss
     (e.g. Mixtral's 0.02); 0: none."""

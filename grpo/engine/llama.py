@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models import unwrap
+from .models import compute_dtype, unwrap
 
 _ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -63,3 +63,101 @@ def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     rotate_half(x) * sin == roll(x, hd/2) * (sin with its first half negated), bit for bit
     (negation is exact). x [M, H, hd]."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+# ----------------------------------------------------------------------------------------------
+# The MLP, down(silu(gate(x)) * up(x)), with its backward written out. Through autograd the
+# backward keeps gate(x), up(x), silu(gate(x)) and their product (the down projection's input),
+# 4 x I floats per token per layer and most of a Llama-style layer's activations, and makes
+# whole-batch [M, I] temporaries for each of their gradients. silu and the product are cheap to
+# recompute, so only gate(x) and up(x) are kept (as Liger-Kernel's SwiGLU does on GPUs), and the
+# backward runs ROWS tokens at a time, accumulating the weight gradients in place. Same values
+# and gradients (tests/test_fastpaths.py); at Qwen2-0.5B's width 4 x 4,864 kept floats per token
+# and layer become 2 x 4,864 (bench/memory.py).
+
+ROWS = 1024
+
+
+def _accumulate(buffer: Tensor, a: Tensor, b: Tensor) -> None:
+    """buffer += a @ b, in place when the dtypes agree (else as autograd would: the product in
+    the compute dtype, added into the float32 master gradient)."""
+    if buffer.dtype == a.dtype:
+        buffer.addmm_(a, b)
+    else:
+        buffer.add_(a @ b)
+
+
+def _cast(t: Tensor | None, dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """linear(silu(a) * b, Wd, bd), a = linear(x, Wg, bg), b = linear(x, Wu, bu), for x [M, D];
+    saves x, a and b. With s = sigmoid(a): d silu(a) / da = s (1 + a (1 - s))."""
+
+    @staticmethod
+    def forward(ctx, x, wg, bg, wu, bu, wd, bd):
+        dtype = compute_dtype(x)
+        xc = x.to(dtype)
+        a = torch.nn.functional.linear(xc, wg.to(dtype), _cast(bg, dtype))
+        b = torch.nn.functional.linear(xc, wu.to(dtype), _cast(bu, dtype))
+        w, bias = wd.to(dtype), _cast(bd, dtype)
+        out = a.new_empty(x.shape[0], wd.shape[0])
+        for r in range(0, x.shape[0], ROWS):
+            out[r:r + ROWS] = torch.nn.functional.linear(torch.nn.functional.silu(a[r:r + ROWS]) * b[r:r + ROWS], w, bias)
+        ctx.save_for_backward(x, a, b, wg, bg, wu, bu, wd, bd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a, b, wg, bg, wu, bu, wd, bd = ctx.saved_tensors
+        dtype = a.dtype
+        need = ctx.needs_input_grad
+        wg_c, wu_c, wd_c = wg.to(dtype), wu.to(dtype), wd.to(dtype)
+        d_x = torch.empty_like(x) if need[0] else None
+        grads = {i: torch.zeros_like(t) for i, t in enumerate((wg, bg, wu, bu, wd, bd), start=1)
+                 if t is not None and need[i]}
+        for r in range(0, x.shape[0], ROWS):
+            rows = slice(r, r + ROWS)
+            gc, ac, bc = g[rows].to(dtype), a[rows], b[rows]
+            s = torch.sigmoid(ac)
+            silu = ac * s
+            if 5 in grads:
+                _accumulate(grads[5], gc.T, silu * bc)
+            if 6 in grads:
+                grads[6].add_(gc.sum(0))
+            d_p = gc @ wd_c
+            d_b = silu.mul_(d_p)                                          # d up(x) = d_p * silu(a)
+            d_a = d_p.mul_(bc).mul_(s.mul_(s.neg().add_(1).mul_(ac).add_(1)))  # d_p * b * s (1 + a (1 - s))
+            if d_x is not None:
+                d_x[rows] = torch.addmm(d_a @ wg_c, d_b, wu_c)
+            xc = x[rows].to(dtype)
+            for i, d in ((1, d_a), (3, d_b)):
+                if i in grads:
+                    _accumulate(grads[i], d.T, xc)
+                if i + 1 in grads:
+                    grads[i + 1].add_(d.sum(0))
+        return (d_x, *(grads.get(i) for i in range(1, 7)))
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(a) * b, saving a and b: for projections that are not plain Linear layers (LoRA's)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.nn.functional.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        s = torch.sigmoid(a)
+        return g * b * s * (1 + a * (1 - s)), g * a * s
+
+
+def mlp(module, x: Tensor) -> Tensor:
+    """A supported model's MLP `module` on x [M, D]: the value and gradients of `module(x)`."""
+    gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+    if all(type(m) is torch.nn.Linear for m in (gate, up, down)):
+        return _SwiGLU.apply(x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
+    return down(_SiluMul.apply(gate(x), up(x)))

@@ -4,9 +4,17 @@ The LM head turns K scored positions into [K, V] logits; with Qwen2's 151,936-to
 and K = 8 x 8 x 128 scored tokens that is 8k x 152k float32 = 5 GB for the logits alone, plus
 the softmax that the backward keeps. `chunked_token_stats` never holds more than
 [chunk, V] of it: each chunk runs the head, the log-softmax gather and the entropy, and under
-grad is wrapped in `torch.utils.checkpoint` so that the backward recomputes that chunk's logits
-instead of keeping them (saved for the backward: the chunk's hidden states only). Values and
-gradients are those of the whole-logits path (tests/test_lmhead.py).
+grad the backward recomputes that chunk's logits instead of keeping them (saved for the
+backward: the hidden states and one log-normaliser per token). Values and gradients are those of
+the whole-logits path (tests/test_lmhead.py).
+
+Two ways to the same gradients. A plain `nn.Linear` head (Llama, Qwen, Mistral, ...; a scale or
+divisor folded in) goes through `_LinearHeadStats`, which writes the backward by hand: per chunk
+d logits = g * (onehot - softmax) (plus the entropy's term), then d hidden = d logits @ W and
+dW += d logits^T @ hidden *in place*. Through autograd instead (`torch.utils.checkpoint` per
+chunk, the path for every other head: softcapping, a sharded or adapter-wrapped head) each
+chunk's dW is a fresh [V, D] tensor added into W.grad afterwards: for Qwen2's tied 151,936 x 896
+embedding that is 0.54 GB more at the backward's peak (bench/memory.py).
 
 The head is the model's own output layer followed by what its forward does to the logits after
 it: final-logit softcapping (Gemma 2/3), a scale (Cohere's `logit_scale`) or a divisor
@@ -20,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .models import unwrap
+from .models import compute_dtype, unwrap
 
 
 def token_stats(logits: Tensor, targets: Tensor, temperature: float, compute_entropy: bool,
@@ -71,6 +79,91 @@ def check_head(model, hidden: Tensor, model_logits: Tensor) -> None:
                          f"grpo.engine.lmhead.head_logits does not know); set logprob_chunk_size: 0")
 
 
+def linear_head(model) -> tuple[torch.nn.Linear, float] | None:
+    """(the output layer, the scale its forward multiplies the logits by) when the head is a
+    plain `nn.Linear` followed by at most a constant scale; None otherwise (softcapping, an
+    adapter-wrapped or FSDP2-sharded head): those take the autograd path."""
+    base = unwrap(model)
+    head, cfg = base.get_output_embeddings(), base.config
+    if type(head) is not torch.nn.Linear or getattr(cfg, "final_logit_softcapping", None) is not None:
+        return None
+    if type(head.weight) is not torch.nn.Parameter and type(head.weight) is not Tensor:
+        return None  # a DTensor (FSDP2): its whole weight exists only inside the module's own call
+    scale = 1.0
+    if getattr(base, "logit_scale", None) is not None:
+        if isinstance(base.logit_scale, Tensor):
+            return None  # a learned scale would need its own gradient
+        scale *= float(base.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        scale /= float(cfg.logits_scaling)
+    return head, scale
+
+
+class _LinearHeadStats(torch.autograd.Function):
+    """token log-probs and entropy of `(hidden @ W^T + b) * scale` at temperature, `chunk` rows at
+    a time, the backward written out (module docstring). With z = logits * scale / temperature,
+    p = softmax(z), lp = z_t - lse(z), H = lse(z) - sum p z:
+        d lp / d z = onehot(t) - p,     d H / d z = -p * (log p + H) = -p * (z - lse + H),
+    and d logits = d z * scale / temperature. Matmuls run in the autocast dtype (as the module
+    would), the softmax maths in float32; dW and db accumulate in W's own dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, factor, chunk, compute_entropy, entropy_grad):
+        dtype = compute_dtype(hidden)
+        w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        lps, lses, ents = [], [], []
+        for s in range(0, hidden.shape[0], chunk):
+            z = torch.nn.functional.linear(hidden[s:s + chunk].to(dtype), w, b).float().mul_(factor)
+            lse = torch.logsumexp(z, dim=-1)
+            lps.append(z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse)
+            lses.append(lse)
+            if compute_entropy:
+                p = (z - lse[:, None]).exp_()
+                ents.append(lse - p.mul_(z).sum(-1))
+        lp, lse = torch.cat(lps), torch.cat(lses)
+        ent = torch.cat(ents) if compute_entropy else None
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent if entropy_grad else None)
+        ctx.factor, ctx.chunk, ctx.dtype, ctx.entropy_grad = factor, chunk, dtype, entropy_grad
+        if compute_entropy and not entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        dtype, chunk, factor = ctx.dtype, ctx.chunk, ctx.factor
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        d_hidden = torch.empty_like(hidden) if need_h else None
+        d_weight = torch.zeros_like(weight) if need_w else None
+        d_bias = torch.zeros_like(bias) if need_b else None
+        with_entropy = ctx.entropy_grad and g_ent is not None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk]
+            z = torch.nn.functional.linear(h, w, b).float().mul_(factor)
+            log_p = z.sub_(lse[s:s + chunk, None])              # z - lse, in place: z is not needed again
+            p = log_p.exp() if with_entropy else log_p.exp_()   # one [chunk, V] buffer unless H needs log p
+            g = g_lp[s:s + chunk, None].float()
+            if with_entropy:
+                g_h = g_ent[s:s + chunk, None].float()
+                # d z = g (onehot - p) - g_H p (log p + H)
+                d_z = p.mul_(log_p.add_(ent[s:s + chunk, None]).mul_(g_h).add_(g)).neg_()
+            else:
+                d_z = p.mul_(g).neg_()
+            d_z.scatter_add_(-1, t[:, None], g)
+            d_logits = d_z.mul_(factor).to(dtype)
+            if need_h:
+                d_hidden[s:s + chunk] = d_logits @ w
+            if need_w:
+                if d_weight.dtype == dtype:
+                    d_weight.addmm_(d_logits.T, h)
+                else:  # autocast: half-precision product, accumulated in W's dtype (as autograd would)
+                    d_weight.add_(d_logits.T @ h)
+            if need_b:
+                d_bias.add_(d_logits.sum(0))
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
+
+
 def chunked_token_stats(model, hidden: Tensor, targets: Tensor, temperature: float, compute_entropy: bool,
                         entropy_grad: bool, chunk_size: int) -> tuple[Tensor, Tensor | None]:
     """`token_stats(head_logits(hidden), targets)` for hidden [K, D], targets [K], chunk_size
@@ -80,6 +173,11 @@ def chunked_token_stats(model, hidden: Tensor, targets: Tensor, temperature: flo
 
     grad = torch.is_grad_enabled() and (hidden.requires_grad or
                                         any(p.requires_grad for p in unwrap(model).get_output_embeddings().parameters()))
+    linear = linear_head(model) if grad and hidden.shape[0] else None
+    if linear is not None:
+        head, scale = linear
+        return _LinearHeadStats.apply(hidden, head.weight, head.bias, targets, scale / temperature, chunk_size,
+                                      compute_entropy, entropy_grad)
     lps, ents = [], []
     for s in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]

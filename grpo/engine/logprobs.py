@@ -31,7 +31,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
                         completion_mask: Tensor, temperature: float = 1.0,
                         compute_entropy: bool = False, engine: str = "auto",
                         entropy_grad: bool = True, logprob_chunk_size: int = 0,
-                        router_aux_loss: bool = False):
+                        router_aux_loss: bool = False, recompute_mlp: bool = False):
     """log pi(o_t | x, o_<t) for every completion token, from logits divided by `temperature`.
 
     Returns `(logprobs, entropy)`, both float32 [N, T] (entropy is None unless `compute_entropy`):
@@ -55,6 +55,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     `logprob_chunk_size` > 0: the LM head, log-softmax and entropy run that many scored tokens at
     a time, forward and backward (`lmhead.chunked_token_stats`): no [tokens x vocab] tensor is
     ever whole. 0: all at once.
+    `recompute_mlp`: the hand-written Llama-style forward keeps only gate(x) and up(x) of each
+    MLP for the backward and recomputes the rest (`llama.mlp`): same numbers, less memory.
     `router_aux_loss`: also return, third, the model's router load-balancing loss over the
     tokens these forwards ran (mixture-of-experts models, `moe.load_balancing_loss`).
     """
@@ -85,7 +87,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         aux = torch.zeros((), device=device)
         return (logprobs, entropy, aux) if router_aux_loss else (logprobs, entropy)
     targets = completion_ids[:, :T_used]
-    scorer = _Scorer(model, temperature, compute_entropy, entropy_grad, logprob_chunk_size, router_aux_loss)
+    scorer = _Scorer(model, temperature, compute_entropy, entropy_grad, logprob_chunk_size, router_aux_loss,
+                     recompute_mlp)
 
     if engine == "auto":
         rows = torch.cat([prompt_ids, prompt_mask], dim=1)
@@ -130,10 +133,12 @@ def _pad(lp: Tensor, ent: Tensor | None, T: int) -> tuple[Tensor, Tensor | None]
 
 class _Scorer:
     """The forwards of one `completion_logprobs` call and what it asked of them: the LM head
-    whole or chunked (`chunk`), and the router logits of each forward (`aux`)."""
+    whole or chunked (`chunk`), the router logits of each forward (`aux`), the hand-written
+    forward's MLP recomputed (`recompute_mlp`)."""
 
-    def __init__(self, model, temperature, compute_entropy, entropy_grad, chunk, aux):
+    def __init__(self, model, temperature, compute_entropy, entropy_grad, chunk, aux, recompute_mlp=False):
         self.model, self.temperature, self.chunk, self.aux = model, temperature, chunk, aux
+        self.recompute_mlp = recompute_mlp
         self.compute_entropy, self.entropy_grad = compute_entropy, entropy_grad
         self.router: list = []  # (router logits per MoE layer, counted-token mask) per forward
         if chunk and not supports_logits_to_keep(model):
@@ -190,7 +195,7 @@ class _Scorer:
         """The packed forward (`grpo.engine.packed`): stats of `pk.score_targets` [K].
         `hand_written`: its Llama-style version (`packed.llama_hidden`)."""
         if hand_written:
-            hidden = packed.llama_hidden(self.model, pk)
+            hidden = packed.llama_hidden(self.model, pk, self.recompute_mlp)
             return self.stats(hidden if self.chunk else head_logits(self.model, hidden), pk.score_targets)
         x, _ = packed.forward(self.model, pk, lambda **kw: self.call(pk.real, pk.score_index, pk.score_index[:1], **kw))
         return self.stats(x[0, pk.score_index] if self.chunk else x[0], pk.score_targets)

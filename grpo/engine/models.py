@@ -149,6 +149,13 @@ def disable_dropout(model) -> None:
                 setattr(module, key, 0.0)
 
 
+def compute_dtype(x) -> torch.dtype:
+    """The dtype autocast runs a matmul on x's device in (x's own dtype without autocast): what a
+    hand-written backward (lmhead, llama.mlp) computes in, to match the module it stands in for."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def unwrap(model):
     """The transformers model under a PEFT wrapper (its Linear layers carry the adapter); the
     model itself otherwise."""

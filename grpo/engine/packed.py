@@ -148,10 +148,17 @@ class PackedGroups:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float | None) -> Tensor:
-    """softmax(q k^T * scale [softcapped], masked) v. Fused SDPA, or with softcapping (Gemma 2/3)
-    the eager maths of the model's own attention: scores / cap, tanh, * cap, before the mask."""
+    """softmax(q k^T * scale [softcapped], masked) v, for q [..., H, L, d] and k, v [..., Hkv, S, d]
+    (grouped-query attention: each key/value head serves H / Hkv query heads). Fused SDPA, which
+    reads the shared heads in place (`enable_gqa`: no H / Hkv copies of the keys and values kept
+    for the backward), or with softcapping (Gemma 2/3) the eager maths of the model's own
+    attention: scores / cap, tanh, * cap, before the mask."""
+    rep = q.shape[-3] // k.shape[-3]
     if softcap is None:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=rep > 1)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -174,25 +181,22 @@ def _packed_attention(module, query: Tensor, key: Tensor, value: Tensor, pk: Pac
     pk.calls += 1
     q, k, v = query[0], key[0], value[0]                                 # [H(kv), M, hd], as the model made them
     H, _, hd = q.shape
-    rep = H // k.shape[0]
-    if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
-        k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
     scale = hd ** -0.5 if scaling is None else scaling
     U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
     n_prompt, rows = U * Lp, U * Gmax
     prompt_mask, completion_mask = pk.masks(sliding_window)
 
-    def prompts(x):  # [H, M, d] -> the prompts' [U, H, Lp, d]
-        return x[:, :n_prompt].reshape(H, U, Lp, x.shape[-1]).transpose(0, 1)
+    def prompts(x):  # [H, M, d] -> the prompts' [U, H, Lp, d] (H: x's heads, query or key/value)
+        return x[:, :n_prompt].reshape(x.shape[0], U, Lp, x.shape[-1]).transpose(0, 1)
 
     qp, kp, vp = prompts(q), prompts(k), prompts(v)
     out_prompt = _attend(qp, kp, vp, prompt_mask, scale, softcap)      # [U, H, Lp, dv]
 
     # The completions, scattered into [U * Gmax rows, Tc] (empty slots stay zero, never read).
     def layout(x):  # [H, M, d] -> [rows, H, Tc, d]
-        d = x.shape[-1]
-        return x.new_zeros(H, rows * Tc, d).index_copy(1, pk.layout_index, x[:, n_prompt:]) \
-            .view(H, rows, Tc, d).transpose(0, 1)
+        h, d = x.shape[0], x.shape[-1]
+        return x.new_zeros(h, rows * Tc, d).index_copy(1, pk.layout_index, x[:, n_prompt:]) \
+            .view(h, rows, Tc, d).transpose(0, 1)
     keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)   # [rows, H, Lp + Tc, hd]
     values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
     out = _attend(layout(q), keys, values, completion_mask, scale, softcap)     # [rows, H, Tc, dv]
@@ -327,33 +331,34 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
     """`_packed_attention` for q [M, H, hd], k/v [M, Hkv, hd] -> [M, H * hd] (no sliding window,
     no softcapping: what `llama.supported` models have)."""
     _, H, hd = q.shape
-    rep = H // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    gqa = k.shape[1] != H  # grouped-query attention: SDPA reads each key/value head for H / Hkv query heads
     U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
     n_prompt, rows = U * Lp, U * Gmax
     prompt_mask, completion_mask = pk.masks(None)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def heads_first(x, n):  # [n * L, H, hd] -> [n, H, L, hd]
-        return x.reshape(n, -1, H, hd).transpose(1, 2)
+    def sdpa(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+    def heads_first(x, n):  # [n * L, h, hd] -> [n, h, L, hd]
+        return x.reshape(n, -1, x.shape[1], hd).transpose(1, 2)
 
     qp, kp, vp = heads_first(q[:n_prompt], U), heads_first(k[:n_prompt], U), heads_first(v[:n_prompt], U)
-    out_prompt = sdpa(qp, kp, vp, attn_mask=prompt_mask, scale=scale).transpose(1, 2).reshape(n_prompt, H * hd)
+    out_prompt = sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd)
 
     def layout(x):
-        return heads_first(x.new_zeros(rows * Tc, H, hd).index_copy(0, pk.layout_index, x[n_prompt:]), rows)
+        return heads_first(x.new_zeros(rows * Tc, x.shape[1], hd).index_copy(0, pk.layout_index, x[n_prompt:]), rows)
     keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)
     values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
-    out = sdpa(layout(q), keys, values, attn_mask=completion_mask, scale=scale)
+    out = sdpa(layout(q), keys, values, completion_mask)
     out_completion = out.transpose(1, 2).reshape(rows * Tc, H * hd).index_select(0, pk.layout_index)
     return torch.cat([out_prompt, out_completion])
 
 
-def llama_hidden(model, pk: PackedGroups) -> Tensor:
+def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor:
     """Final hidden states [K, D] (after the last norm) at `pk.score_index`, for `hand_written`
-    models: their embedding, norms, projections, rotary tables and MLPs, our attention."""
-    from .llama import attention_shape, rope, rope_tables
+    models: their embedding, norms, projections, rotary tables and MLPs; our attention.
+    `recompute_mlp`: each MLP keeps two [M, I] tensors for the backward instead of four (`llama.mlp`)."""
+    from .llama import attention_shape, mlp, rope, rope_tables
     base = unwrap(model).model
     H, Hkv, hd, scale = attention_shape(model)
     x = base.embed_tokens(pk.input_ids)                                  # [M, D]
@@ -366,5 +371,6 @@ def llama_hidden(model, pk: PackedGroups) -> Tensor:
         k = rope(a.k_proj(h).view(M, Hkv, hd), cos, sin)
         v = a.v_proj(h).view(M, Hkv, hd)
         x = x + a.o_proj(_llama_attention(q, k, v, pk, scale))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        x = x + (mlp(layer.mlp, h) if recompute_mlp else layer.mlp(h))
     return base.norm(x.index_select(0, pk.score_index))

@@ -158,13 +158,21 @@ def needs_old_logprobs(cfg) -> bool:
 
 
 def logprob_chunk_size(cfg, model) -> int:
-    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 1024 for vocabularies of
+    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 256 for vocabularies of
     65,536 tokens or more, else all at once)."""
     size = cfg.logprob_chunk_size
     if size >= 0:
         return size
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-    return 1024 if vocab >= 65536 else 0
+    return 256 if vocab >= 65536 else 0
+
+
+def recompute_mlp(cfg, model) -> bool:
+    """Whether the packed Llama-style forward recomputes its MLPs' activations (config key
+    mlp_activations; auto: for vocabularies of 65,536 tokens or more)."""
+    if cfg.mlp_activations != "auto":
+        return cfg.mlp_activations == "recompute"
+    return (getattr(getattr(model, "config", None), "vocab_size", 0) or 0) >= 65536
 
 
 def needs_reference(cfg) -> bool:
@@ -173,7 +181,8 @@ def needs_reference(cfg) -> bool:
 
 @torch.no_grad()
 def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int,
-                     logprob_chunk_size: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                     logprob_chunk_size: int = 0, mask: torch.Tensor | None = None,
+                     recompute_mlp: bool = False) -> torch.Tensor:
     """Log-probs of the rollout's completions under `model`, on the tokens of `mask` (default: the
     loss mask)."""
     mask = rollout.completion_mask if mask is None else mask
@@ -182,7 +191,7 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
         s = slice(i, i + micro_batch_size)
         lp, _ = completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s],
                                     rollout.completion_ids[s], mask[s], temperature,
-                                    logprob_chunk_size=logprob_chunk_size)
+                                    logprob_chunk_size=logprob_chunk_size, recompute_mlp=recompute_mlp)
         out.append(lp.float())
     return torch.cat(out)
 
@@ -299,10 +308,11 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
 
     t2 = clock(device)
     temperature = logprob_temperature(cfg)
-    chunk = logprob_chunk_size(cfg, policy)
+    chunk, recompute = logprob_chunk_size(cfg, policy), recompute_mlp(cfg, policy)
     if needs_old_logprobs(cfg):
         with precision.autocast(), gathered(policy):
-            rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk)
+            rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk,
+                                                    recompute_mlp=recompute)
     if reference is not None:
         # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter off).
         # With the KL in the reward, every generated token is scored (a truncated row masked out
@@ -311,7 +321,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         with precision.autocast(), gathered(reference), \
                 (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
             rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk,
-                                                    mask=scored_mask)
+                                                    mask=scored_mask, recompute_mlp=recompute)
     t3 = clock(device)
 
     if cfg.reward_kl_coef:  # the KL in the reward, before the advantages (InstructGPT)

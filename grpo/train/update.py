@@ -16,8 +16,9 @@ from grpo.config import TrainConfig
 from grpo.engine.logprobs import completion_logprobs
 
 from .distributed import World
+from .optim import before_first_step
 from .precision import Precision
-from .rollout import Rollout, logprob_chunk_size, logprob_temperature
+from .rollout import Rollout, logprob_chunk_size, logprob_temperature, recompute_mlp
 from .sharding import is_sharded
 
 
@@ -55,7 +56,8 @@ def minibatch_entropy_threshold(policy, rollout: Rollout, rows: torch.Tensor, cf
                                              rollout.completion_ids[idx], forward_mask(policy, rollout, idx),
                                              temperature,
                                              compute_entropy=True, entropy_grad=False,
-                                             logprob_chunk_size=logprob_chunk_size(cfg, policy))
+                                             logprob_chunk_size=logprob_chunk_size(cfg, policy),
+                                             recompute_mlp=recompute_mlp(cfg, policy))
         entropies.append(entropy.float()[rollout.completion_mask[idx].bool()])
     return algorithm.entropy_threshold(gather_varlen(world, torch.cat(entropies)), cfg.top_entropy_quantile)
 
@@ -84,7 +86,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     select = cfg.top_entropy_quantile < 1
     correct = cfg.off_policy_correction != "none"
     sharded = is_sharded(policy)
-    chunk = logprob_chunk_size(cfg, policy)
+    chunk, recompute = logprob_chunk_size(cfg, policy), recompute_mlp(cfg, policy)
     aux_loss = cfg.router_aux_loss_coef > 0
     if correct and rollout.sampling_logprobs is None:
         raise ValueError(f"off_policy_correction={cfg.off_policy_correction!r} needs the sampler's log-probs; "
@@ -111,7 +113,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     forward = completion_logprobs(
                         policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
                         forward_mask(policy, rollout, idx), temperature, compute_entropy=True, entropy_grad=False,
-                        logprob_chunk_size=chunk, router_aux_loss=aux_loss)
+                        logprob_chunk_size=chunk, router_aux_loss=aux_loss, recompute_mlp=recompute)
                 logprobs, entropy = forward[:2]
                 mask = rollout.completion_mask[idx]
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
@@ -151,6 +153,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     sums[key] += float(stats.get(key, 0.0))
             if not sharded:
                 world.sum_gradients(policy)
+            before_first_step(optimizer, precision.device)
             grad_norm = precision.step(optimizer, policy.parameters(), cfg.max_grad_norm)
             scheduler.step()
             if after_step is not None:
