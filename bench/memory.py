@@ -13,7 +13,9 @@ completion forced to its full length (EOS never sampled: ours drops EOS from the
 generates with `min_new_tokens`), completion lengths 32/64/128 (`--tokens`), temperature 1,
 beta 0.04 (both compute reference log-probs), one update per rollout, float32 weights and AdamW
 (the fused kernel in both: TRL's default optim, adamw_torch_fused, which ours takes with `--optim`),
-one forward over the whole batch (ours: micro_batch_size 64; TRL: per_device_train_batch_size 64).
+one forward over the whole batch (ours: micro_batch_size 64; TRL: per_device_train_batch_size 64),
+or with `--micro-batch m` m rows per forward in both (ours: micro_batch_size m; TRL:
+per_device_train_batch_size m, gradient_accumulation_steps 64 / m: the same one optimizer step).
 LoRA: r 16, alpha 32, dropout 0, all linear layers (peft, in both); the reference is the base
 model with the adapter off (both). Gradient checkpointing: Hugging Face's, non-reentrant (both).
 Ours runs its defaults for this vocabulary: the chunked LM head (`--chunk` tokens at a time,
@@ -69,7 +71,7 @@ def run_ours(args) -> dict:
     n = args.prompts * args.group
     cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
-                      num_minibatches=1, micro_batch_size=n, learning_rate=1e-6, max_prompt_length=4096,
+                      num_minibatches=1, micro_batch_size=args.micro_batch or n, learning_rate=1e-6, max_prompt_length=4096,
                       dtype="float32", device="cpu", num_threads=args.threads, optim=args.optim,
                       logprob_chunk_size=args.chunk, rewards=[{"function": "exact_answer"}])
     device = torch.device("cpu")
@@ -126,10 +128,14 @@ def run_trl(args) -> dict:
         from peft import LoraConfig
         peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                  target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    n = args.prompts * args.group
+    micro = args.micro_batch or n
+    if n % micro:
+        raise SystemExit(f"--micro-batch {micro} does not divide {n} completions")
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-memory-"), report_to="none", use_cpu=True, bf16=False, fp16=False,
-        gradient_checkpointing=args.gc, per_device_train_batch_size=args.prompts * args.group,
-        gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.tokens,
+        gradient_checkpointing=args.gc, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=n // micro, num_generations=args.group, max_completion_length=args.tokens,
         beta=0.04, num_iterations=1, temperature=1.0, learning_rate=1e-6, max_steps=1,
         logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         seed=0, loss_type="grpo", scale_rewards="group", use_vllm=False, shuffle_dataset=False,
@@ -155,6 +161,7 @@ def worker(argv) -> None:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--gc", action="store_true")
     ap.add_argument("--optim", default="adamw_torch_fused")
+    ap.add_argument("--micro-batch", type=int, default=0)
     args = ap.parse_args(argv)
     # Names bench.workers' TRL helpers read.
     args.device, args.dtype, args.full_length = "cpu", "float32", True
@@ -178,6 +185,7 @@ def main(argv=None) -> None:
                     help="ours: LM-head chunk (tokens); 0: whole logits; -1: ours' default (256 at this vocabulary)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optim", default="adamw_torch_fused", help="ours (TRL runs its default, adamw_torch_fused)")
+    ap.add_argument("--micro-batch", type=int, default=0, help="rows per forward, both systems (0: all 64 at once)")
     ap.add_argument("--models-dir", default="/tmp/grpo-bench-models")
     ap.add_argument("--model", default="", help="use this model directory instead of building one")
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
@@ -196,7 +204,7 @@ def main(argv=None) -> None:
             for system in systems:
                 extra = [system, "--model", model, "--prompts", str(args.prompts), "--group", str(args.group),
                          "--tokens", str(T), "--threads", str(args.threads), "--chunk", str(args.chunk),
-                         "--optim", args.optim]
+                         "--optim", args.optim, "--micro-batch", str(args.micro_batch)]
                 extra += ["--lora"] * MODES[mode]["lora"] + ["--gc"] * MODES[mode]["gc"]
                 py = args.python if system == "ours" else args.trl_python
                 res = run_worker(py, "worker", extra, timeout=args.timeout, module="bench.memory")
@@ -215,7 +223,8 @@ def report(raw: list[dict], args, command: str, model: str) -> str:
     lines = [f"Peak RSS of one GRPO step: {args.prompts} prompts x {args.group} completions forced to T tokens, "
              f"beta 0.04, float32, CPU, {args.threads} threads; Qwen2 {cfg['vocab_size']} x {cfg['hidden_size']} "
              f"(tied), {cfg['num_hidden_layers']} layers; ours with logprob_chunk_size {args.chunk} and optim {args.optim} "
-             f"(TRL: its default, adamw_torch_fused).",
+             f"(TRL: its default, adamw_torch_fused); "
+             f"{args.micro_batch or args.prompts * args.group} rows per forward.",
              f"Command: `{command}`", "",
              "| T | mode | ours peak MiB | TRL peak MiB | ours / TRL | ours after load | TRL after load "
              "| trainable params (ours / TRL) |", "|---|---|---|---|---|---|---|---|"]

@@ -316,3 +316,39 @@ def test_the_mlp_keeping_two_tensors_under_bfloat16_autocast():
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_the_hand_written_forward_checkpoints_its_layers_under_gradient_checkpointing(monkeypatch):
+    """With Hugging Face's checkpointing on, the Llama-style packed forward still runs (it checkpoints
+    each layer itself): the same log-probs and gradients, and far less kept for the backward."""
+    from grpo.engine import packed
+    from grpo.engine.models import enable_gradient_checkpointing
+
+    model = qwen2().train()
+    ids, mask = prompts(P=3, seed=4)
+    G = 3
+    pids, pmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    g = torch.Generator().manual_seed(1)
+    comp = torch.randint(2, V, (9, 6), generator=g)
+    cmask = (torch.arange(6) < torch.tensor([6, 1, 3, 5, 6, 2, 4, 6, 1])[:, None]).long()
+    weights = torch.randn(9, 6, generator=g)
+    taken = []
+    real = packed.llama_hidden
+    monkeypatch.setattr(packed, "llama_hidden", lambda *a, **k: taken.append(1) or real(*a, **k))
+
+    def run():
+        model.zero_grad()
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            lp, _ = completion_logprobs(model, pids, pmask, comp, cmask, recompute_mlp=True)
+        (lp * cmask * weights).sum().backward()
+        return lp.detach() * cmask, [p.grad.clone() for p in model.parameters()], sum(kept)
+
+    lp, grads, kept = run()
+    enable_gradient_checkpointing(model)
+    lp_c, grads_c, kept_c = run()
+    assert len(taken) == 2
+    torch.testing.assert_close(lp_c, lp, atol=0, rtol=0)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert kept_c < kept / 2, (kept_c, kept)

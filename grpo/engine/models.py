@@ -166,7 +166,8 @@ def unwrap(model):
 def enable_gradient_checkpointing(model) -> None:
     """Hugging Face's own activation checkpointing, non-reentrant: each decoder layer keeps only its
     input and recomputes itself in the backward. It reaches every forward that runs the model's
-    layers, the packed one included (`packed` calls the model's own forward)."""
+    layers, the packed one included (`packed.forward` calls the model's own forward; the
+    hand-written `packed.llama_hidden` checkpoints its layers the same way when this is on)."""
     base = unwrap(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it")

@@ -29,8 +29,9 @@ checkpointing recomputes the layers in the backward, after the call has returned
 must still find the packed function, and it finds `grpo_packed` in its recorded kwargs.
 
 For Llama-style models (`llama.supported`) a hand-written version of the same forward
-(`llama_hidden`, at the end of this file) is a few percent faster on small models and is taken
-when it is the same computation (no activation checkpointing, no FSDP2-sharded layers).
+(`llama_hidden`, at the end of this file) is a few percent faster on small models, can keep half
+of each MLP's activations, checkpoints its own layers under activation checkpointing, and is
+taken unless the layers are FSDP2-sharded.
 
 Same numbers as `model(...)` on the padded batch (fp32 tolerance; tests/test_fastpaths.py and
 tests/test_architectures.py check log-probs, entropy and gradients against it for every
@@ -45,6 +46,7 @@ import contextvars
 import sys
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .models import supports_logits_to_keep, unwrap
@@ -308,16 +310,18 @@ def forward(model, pk: PackedGroups, call):
 # for the models `llama.supported` accepts, a few percent faster on the ~1M-parameter models this
 # repository's CPU tests and benchmarks train (no Hugging Face layer machinery per op; measured
 # against `forward`, 2026-12-01: 30-33 vs 29-31 ms forward + backward on the 1M Llama, 4 x 8
-# rows of 16 tokens). It calls the layers' submodules directly, so it is only taken where that
-# is the same thing: no activation checkpointing (which it would bypass) and no FSDP2-sharded
-# layers (whose parameters only exist whole inside their layer's own forward).
+# rows of 16 tokens), and on real models lighter: its MLP can keep half of its activations
+# (`llama.mlp`). It calls the layers' submodules directly, which would bypass Hugging Face's
+# activation checkpointing (a wrapper around each layer's __call__), so under checkpointing it
+# checkpoints each of its layers itself (torch.utils.checkpoint, non-reentrant, as HF does); it is
+# not taken on FSDP2-sharded layers (whose parameters only exist whole inside their layer's own
+# forward).
 
 def hand_written(model, positions: int) -> bool:
     """Whether `llama_hidden` may stand in for `forward` on this model (`positions`: the
     longest prompt + completion it will see, for sliding windows)."""
     from .llama import supported as llama_supported
-    from .models import checkpointing_active
-    if not llama_supported(model, positions) or checkpointing_active(model):
+    if not llama_supported(model, positions):
         return False
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -359,12 +363,14 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
     models: their embedding, norms, projections, rotary tables and MLPs; our attention.
     `recompute_mlp`: each MLP keeps two [M, I] tensors for the backward instead of four (`llama.mlp`)."""
     from .llama import attention_shape, mlp, rope, rope_tables
+    from .models import checkpointing_active
     base = unwrap(model).model
     H, Hkv, hd, scale = attention_shape(model)
     x = base.embed_tokens(pk.input_ids)                                  # [M, D]
     cos, sin = rope_tables(model, x, pk.position_ids)                   # [M, 1, hd]
     M = x.shape[0]
-    for layer in base.layers:
+
+    def decoder_layer(layer, x):
         a = layer.self_attn
         h = layer.input_layernorm(x)
         q = rope(a.q_proj(h).view(M, H, hd), cos, sin)
@@ -372,5 +378,12 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
         v = a.v_proj(h).view(M, Hkv, hd)
         x = x + a.o_proj(_llama_attention(q, k, v, pk, scale))
         h = layer.post_attention_layernorm(x)
-        x = x + (mlp(layer.mlp, h) if recompute_mlp else layer.mlp(h))
+        return x + (mlp(layer.mlp, h) if recompute_mlp else layer.mlp(h))
+
+    checkpointed = checkpointing_active(model)
+    for layer in base.layers:
+        if checkpointed:  # keeps the layer's input; the backward recomputes the rest
+            x = torch.utils.checkpoint.checkpoint(decoder_layer, layer, x, use_reentrant=False)
+        else:
+            x = decoder_layer(layer, x)
     return base.norm(x.index_select(0, pk.score_index))
