@@ -13,7 +13,8 @@ learning rate (1e-4), completion length (6) and threads (2):
 - ours, the demo's settings (`grpo.recipes.addition.GRPO`: preset grpo, beta 0.04, 10 warm-up
   steps) with: `default` (i.i.d. samples), `beam` (beam-search groups), `stochastic_beam`
   (groups drawn without replacement), `dynamic` (dynamic sampling), and on request
-  `stochastic_beam_priority` (its debiased advantages).
+  `stochastic_beam_priority` (its debiased advantages), `dapo` (DAPO's recipe whole: preset dapo
+  with dynamic sampling) and `dynamic_mu2` (dynamic sampling, two updates per rollout).
 
 Each run is a fresh subprocess (`worker` mode); runs are interleaved (every seed runs every
 system, in a rotated order) so that drift in the machine's load hits all systems. The clock
@@ -42,6 +43,10 @@ OURS = {
     "stochastic_beam": {"generation": "stochastic_beam"},
     "dynamic": {"dynamic_sampling": True},
     "stochastic_beam_priority": {"generation": "stochastic_beam", "advantage_estimator": "priority"},
+    # DAPO's recipe whole (arXiv 2503.14476): clip-higher, token-mean loss, no KL, dynamic sampling.
+    "dapo": {"preset": "dapo", "dynamic_sampling": True},
+    # Dynamic sampling with two passes over each rollout (GRPO's mu = 2: the clip then binds).
+    "dynamic_mu2": {"dynamic_sampling": True, "num_iterations": 2},
 }
 SYSTEMS = ["trl", "default", "beam", "stochastic_beam", "dynamic"]
 
