@@ -55,8 +55,8 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     assert changed_fraction(before, after) > 0.95
     if dtype == "bfloat16":  # the same run with the policy stored in bf16, as before the fix
         real = grpo.train.models.load_causal_lm
-        monkeypatch.setattr(grpo.train.models, "load_causal_lm", lambda path, device, dt, trainable=True:
-                            real(path, device, dt, trainable).to(torch.bfloat16))
+        monkeypatch.setattr(grpo.train.models, "load_causal_lm", lambda path, device, dt, trainable=True, **kw:
+                            real(path, device, dt, trainable, **kw).to(torch.bfloat16))
         stored = load_file(str(run("stored_bf16") / "model.safetensors"))
         assert next(iter(stored.values())).dtype == torch.bfloat16
         assert changed_fraction(before, stored) < 0.1

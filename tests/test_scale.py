@@ -52,6 +52,36 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_exactly(tiny
                            else adapted.get_base_model().state_dict()[k], v), k
 
 
+def test_lora_stores_its_frozen_base_in_the_compute_dtype_and_the_adapter_in_float32(tiny_model_dir, addition_files,
+                                                                                       tmp_path):
+    """Under bf16 the base LoRA never updates is kept in bf16 (half of full fine-tuning's float32
+    master copy), the adapter, the only thing the optimizer moves, in float32; pi_ref is still
+    the base exactly (KL 0 at the first step) and a resumed run ends bit for bit where the
+    uninterrupted one did."""
+    from grpo.train.models import load_models
+    from grpo.train.setup import RunSetup
+    from grpo.train.precision import Precision
+
+    cfg = small(tiny_model_dir, addition_files, tmp_path / "bf16", peft=LORA, dtype="bfloat16", max_steps=4,
+                save_steps=2)
+    cpu = torch.device("cpu")
+    policy, reference = load_models(cfg, RunSetup(cpu, Precision(cpu, torch.bfloat16), None, None))
+    assert reference is policy
+    trained = {n: p.dtype for n, p in policy.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in policy.named_parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32} and all("lora_" in n for n in trained)
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    out = train(cfg, quiet=True)
+    assert metrics(out)[0]["kl"] == 0.0 and metrics(out)[-1]["kl"] > 0
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(out / "checkpoint-2", part / "checkpoint-2")
+    train(small(tiny_model_dir, addition_files, part, peft=LORA, dtype="bfloat16", max_steps=4, save_steps=2),
+          resume=True, quiet=True)
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_merge_adapter_writes_a_plain_model(tiny_model_dir, addition_files, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -77,10 +77,11 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainable: bool = True,
-                   model_init_kwargs: dict | None = None):
+                   model_init_kwargs: dict | None = None, storage_dtype: torch.dtype | None = None):
     """A trainable model is loaded in float32 whatever `dtype` is (master weights); a frozen one
     in `dtype`, in eval mode and without gradients. Every dropout is off either way
-    (`disable_dropout`).
+    (`disable_dropout`). `storage_dtype` overrides the trainable model's float32 (the frozen base
+    under a LoRA adapter, whose weights are never updated).
 
     `model_init_kwargs` go to `AutoModelForCausalLM.from_pretrained` as TRL's
     `GRPOConfig.model_init_kwargs` do: `attn_implementation` ("sdpa", "eager", ...),
@@ -94,7 +95,8 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
         if "dtype" in kwargs:
             raise ConfigError("model_init_kwargs: give dtype or torch_dtype, not both")
         kwargs["dtype"] = kwargs.pop("torch_dtype")
-    kwargs["dtype"] = _init_dtype(kwargs.get("dtype", torch.float32 if trainable else dtype))
+    default = (storage_dtype or torch.float32) if trainable else dtype
+    kwargs["dtype"] = _init_dtype(kwargs.get("dtype", default))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:

@@ -1,7 +1,9 @@
 """The policy and the reference as the config asks for them, and how they are saved.
 
 Full fine-tuning: two float32 models (the reference only when beta > 0 or the ratio is anchored
-at it). LoRA (`peft`): one model, the reference being the same modules with the adapter off.
+at it). LoRA (`peft`): one model, the reference being the same modules with the adapter off; its
+frozen base is stored in the compute dtype (bf16 on CUDA: 2 bytes a parameter, as TRL users load
+it), the adapter in float32 (peft's autocast_adapter_dtype), so master weights stay float32.
 FSDP2 (`fsdp`): each loaded on the CPU and sharded over the torchrun processes. Gradient
 checkpointing and the model's own `model_init_kwargs` apply to both.
 """
@@ -27,12 +29,15 @@ from .sharding import shard_model
 
 def load_models(cfg: TrainConfig, run):
     """pi_theta, and pi_ref (None when the run never uses it: beta = 0 with the ratio anchored at
-    pi_old; the policy itself under LoRA). Both hold float32 weights whatever the forwards compute
-    in (train.precision): the reference like the policy so that the two agree bit for bit at
-    step 0 (KL exactly 0, a reference-anchored ratio exactly 1), under bf16 as under fp32."""
+    pi_old; the policy itself under LoRA). Full fine-tuning: both hold float32 weights whatever the
+    forwards compute in (train.precision), the reference like the policy so that the two agree bit
+    for bit at step 0 (KL exactly 0, a reference-anchored ratio exactly 1), under bf16 as under
+    fp32. LoRA: the frozen base in the compute dtype, the trained adapter in float32."""
     where = torch.device("cpu") if cfg.fsdp else run.device  # fully_shard moves each shard to the device
     kwargs = dict(model_init_kwargs=cfg.model_init_kwargs) if cfg.model_init_kwargs else {}
-    policy = load_causal_lm(cfg.model, where, torch.float32, **kwargs)
+    # LoRA never updates the base: stored as the forwards compute (fp32 on CPU, bf16 on CUDA).
+    base_dtype = run.dtype if cfg.peft else None
+    policy = load_causal_lm(cfg.model, where, torch.float32, storage_dtype=base_dtype, **kwargs)
     if cfg.router_aux_loss_coef and not is_moe(policy):
         raise ConfigError(f"router_aux_loss_coef: {cfg.model} ({type(policy).__name__}) is not a mixture-of-experts "
                           "model with a router load-balancing loss (Mixtral, Qwen2-MoE, Qwen3-MoE); set it to 0")

@@ -15,7 +15,8 @@ class Precision:
     The compute runs under `torch.autocast` (matmuls in half precision; softmax, norms and the loss
     in fp32); float16 also scales the loss so small gradients do not underflow, bfloat16 needs no
     scaling. The reference is stored like the policy (so they agree exactly at step 0); frozen
-    models used only for scoring or sampling (reward models) are stored in `dtype`.
+    models used only for scoring or sampling (reward models) are stored in `dtype`, and so is a
+    LoRA policy's frozen base (its adapter, the trained part, stays float32).
     With dtype float32 both are no-ops.
     """
 
