@@ -255,8 +255,9 @@ def test_beam_on_group_engine_equals_plain_beam(name, model):
     assert_same(plain, fast)
 
 
+@pytest.mark.parametrize("rows", [1024, 3])
 @pytest.mark.parametrize("down", ["linear", "linear+bias", "wrapped"])
-def test_the_mlp_keeping_two_tensors_equals_the_modules_own(down):
+def test_the_mlp_keeping_two_tensors_equals_the_modules_own(down, rows, monkeypatch):
     """`llama.mlp` (the packed forward's MLP) has the value and the gradients of `module(x)`:
     for the input, gate/up/down weights and a down bias; with a down projection that is not a
     plain Linear (LoRA's) it wraps the product only. It saves gate(x) and up(x) for the
@@ -265,6 +266,7 @@ def test_the_mlp_keeping_two_tensors_equals_the_modules_own(down):
 
     from grpo.engine import llama
 
+    monkeypatch.setattr(llama, "ROWS", rows)  # 3: 7 tokens in chunks of 3, 3 and 1
     torch.manual_seed(0)
     module = LlamaMLP(LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, mlp_bias=down == "linear+bias"))
     if down == "wrapped":

@@ -141,18 +141,29 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class _SiluMul(torch.autograd.Function):
-    """silu(a) * b, saving a and b: for projections that are not plain Linear layers (LoRA's)."""
+    """silu(a) * b, saving a and b: for projections that are not plain Linear layers (LoRA's).
+    Forward and backward ROWS tokens at a time, in place where they can: no whole-batch
+    temporaries besides the results."""
 
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        return torch.nn.functional.silu(a) * b
+        out = torch.empty_like(a)
+        for r in range(0, a.shape[0], ROWS):
+            torch.mul(torch.nn.functional.silu(a[r:r + ROWS]), b[r:r + ROWS], out=out[r:r + ROWS])
+        return out
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        s = torch.sigmoid(a)
-        return g * b * s * (1 + a * (1 - s)), g * a * s
+        d_a, d_b = torch.empty_like(a), torch.empty_like(b)
+        for r in range(0, a.shape[0], ROWS):
+            rows = slice(r, r + ROWS)
+            ac, gc = a[rows], g[rows].to(a.dtype)
+            s = torch.sigmoid(ac)
+            torch.mul(ac * s, gc, out=d_b[rows])                                  # g * silu(a)
+            torch.mul(s.mul_(s.neg().add_(1).mul_(ac).add_(1)).mul_(gc), b[rows], out=d_a[rows])
+        return d_a, d_b
 
 
 def mlp(module, x: Tensor) -> Tensor:
