@@ -171,7 +171,7 @@ def peak_rss_mib() -> float:
 
 def emit(result: dict) -> None:
     """A worker's one line of output, picked up by the driver."""
-    result["peak_rss_mib"] = peak_rss_mib()
+    result.setdefault("peak_rss_mib", peak_rss_mib())  # a worker that reset the peak reports its own
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         torch = sys.modules["torch"]
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -53,6 +53,48 @@ def build_model(root: Path, layers: int) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Workers: one step of one system in this process.
 
+class PhasePeaks:
+    """`--phases` (ours): the peak RSS of each phase of the step, generation, the reference and
+    old-policy scoring, the update's forward, its backward, the optimizer step, by resetting the
+    kernel's high-water mark (VmHWM, `/proc/self/clear_refs`) between them (Linux)."""
+
+    PHASES = {"generate": ("grpo.engine.backend", "generate_groups"),
+              "score (pi_ref, pi_old)": ("grpo.train.rollout", "batched_logprobs"),
+              "update forward": ("grpo.train.update", "completion_logprobs"),
+              "backward": ("grpo.train.precision", "Precision.backward"),
+              "optimizer step": ("grpo.train.precision", "Precision.step")}
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+
+    @staticmethod
+    def _status(key: str) -> float:
+        import re
+        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+    def _wrap(self, name, fn):
+        def wrapped(*a, **k):
+            self.peaks[name] = max(self.peaks.get(name, 0.0), self._status("VmHWM"))  # what came before
+            Path("/proc/self/clear_refs").write_text("5")
+            try:
+                return fn(*a, **k)
+            finally:
+                self.peaks[name] = max(self.peaks[name], self._status("VmHWM"))
+                Path("/proc/self/clear_refs").write_text("5")
+        return wrapped
+
+    def install(self) -> None:
+        import importlib
+        for name, (module, attr) in self.PHASES.items():
+            owner = importlib.import_module(module)
+            if "." in attr:
+                cls, attr = attr.split(".")
+                owner = getattr(owner, cls)
+            setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+
+    def table(self) -> str:
+        return "\n".join(f"  {name:24s} peak RSS {mib:7.0f} MiB" for name, mib in self.peaks.items())
+
 def run_ours(args) -> dict:
     import torch
 
@@ -89,6 +131,9 @@ def run_ours(args) -> dict:
     scheduler = make_scheduler(optimizer, cfg, 1)
     loaded = peak_rss_mib()
 
+    phases = PhasePeaks() if args.phases else None
+    if phases:
+        phases.install()
     generate = grpo.engine.backend.generate_groups
 
     def full_length(*a, **k):
@@ -102,8 +147,12 @@ def run_ours(args) -> dict:
     rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
     rollout = collect_rollout(policy, reference, tokenizer, rows, rewards, cfg, generator, precision=precision)
     update(policy, optimizer, scheduler, rollout, cfg, World(), generator, precision)
-    return dict(system="ours", rss_after_load_mib=loaded, tokens=int(rollout.completion_mask.sum()),
-                trainable=trainable_parameters(policy))
+    out = dict(system="ours", rss_after_load_mib=loaded, tokens=int(rollout.completion_mask.sum()),
+               trainable=trainable_parameters(policy))
+    if phases:  # the high-water mark was reset between phases: the step's peak is the largest of them
+        print(phases.table(), flush=True)
+        out.update(phase_peaks_mib=phases.peaks, peak_rss_mib=max(phases.peaks.values()))
+    return out
 
 
 def run_trl(args) -> dict:
@@ -162,6 +211,7 @@ def worker(argv) -> None:
     ap.add_argument("--gc", action="store_true")
     ap.add_argument("--optim", default="adamw_torch_fused")
     ap.add_argument("--micro-batch", type=int, default=0)
+    ap.add_argument("--phases", action="store_true", help="ours: print the peak RSS of each phase of the step")
     args = ap.parse_args(argv)
     # Names bench.workers' TRL helpers read.
     args.device, args.dtype, args.full_length = "cpu", "float32", True
