@@ -115,6 +115,7 @@ class _SwiGLU(torch.autograd.Function):
         need = ctx.needs_input_grad
         wg_c, wu_c, wd_c = wg.to(dtype), wu.to(dtype), wd.to(dtype)
         d_x = torch.empty_like(x) if need[0] else None
+        # Keyed by the forward's argument positions: 1 wg, 2 bg, 3 wu, 4 bu, 5 wd, 6 bd.
         grads = {i: torch.zeros_like(t) for i, t in enumerate((wg, bg, wu, bu, wd, bd), start=1)
                  if t is not None and need[i]}
         for r in range(0, x.shape[0], ROWS):
