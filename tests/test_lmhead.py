@@ -69,20 +69,26 @@ def _head_case(tied: bool, bias: bool, scale: bool, seed: int = 0):
     return model, hidden, torch.randint(0, 301, (K,), generator=g), torch.randn(K, generator=g), torch.randn(K, generator=g)
 
 
+def _chunked(model, hidden, targets, entropy_grad, chunk, fused=True):
+    """chunked_token_stats at temperature 0.7; fused=False: through autograd's path
+    (checkpoint per chunk), as a head `linear_head` turns away would go."""
+    if fused:
+        return chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
+    real = lmhead.linear_head
+    lmhead.linear_head = lambda m: None
+    try:
+        return chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
+    finally:
+        lmhead.linear_head = real
+
+
 def _stats_and_grads(model, hidden, targets, w_lp, w_ent, entropy_grad, chunk, fused=True):
     model.zero_grad()
     hidden.grad = None
     if not chunk:
         lp, ent = token_stats(head_logits(model, hidden), targets, 0.7, True, entropy_grad)
-    elif fused:
-        lp, ent = chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
     else:
-        real = lmhead.linear_head
-        lmhead.linear_head = lambda m: None  # the autograd path (checkpoint per chunk)
-        try:
-            lp, ent = chunked_token_stats(model, hidden, targets, 0.7, True, entropy_grad, chunk)
-        finally:
-            lmhead.linear_head = real
+        lp, ent = _chunked(model, hidden, targets, entropy_grad, chunk, fused)
     ((lp * w_lp) + (ent * w_ent if entropy_grad else 0)).sum().backward()
     grads = [hidden.grad.clone(), model.lm_head.weight.grad.clone()]
     if model.lm_head.bias is not None:
@@ -124,20 +130,12 @@ def test_the_hand_written_head_backward_makes_one_weight_sized_gradient():
 
     def count(fused):
         model.zero_grad()
-        lp, _ = (chunked_token_stats(model, hidden, targets, 0.7, True, False, 5) if fused else
-                 _autograd_path(model, hidden, targets))
+        lp, _ = _chunked(model, hidden, targets, False, 5, fused)
         loss = (lp * w_lp).sum()
         with WeightSized() as mode:
             loss.backward()
         return mode.count
 
-    def _autograd_path(model, hidden, targets):
-        real = lmhead.linear_head
-        lmhead.linear_head = lambda m: None
-        try:
-            return chunked_token_stats(model, hidden, targets, 0.7, True, False, 5)
-        finally:
-            lmhead.linear_head = real
     assert count(fused=False) >= 5  # one per chunk of 23 tokens (the check can fail)
     assert count(fused=True) == 1
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models import compute_dtype, unwrap
+from .models import accumulate_matmul, cast, compute_dtype, unwrap
 
 _ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -78,19 +78,6 @@ def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 ROWS = 1024
 
 
-def _accumulate(buffer: Tensor, a: Tensor, b: Tensor) -> None:
-    """buffer += a @ b, in place when the dtypes agree (else as autograd would: the product in
-    the compute dtype, added into the float32 master gradient)."""
-    if buffer.dtype == a.dtype:
-        buffer.addmm_(a, b)
-    else:
-        buffer.add_(a @ b)
-
-
-def _cast(t: Tensor | None, dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
 class _SwiGLU(torch.autograd.Function):
     """linear(silu(a) * b, Wd, bd), a = linear(x, Wg, bg), b = linear(x, Wu, bu), for x [M, D];
     saves x, a and b. With s = sigmoid(a): d silu(a) / da = s (1 + a (1 - s))."""
@@ -99,9 +86,9 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, x, wg, bg, wu, bu, wd, bd):
         dtype = compute_dtype(x)
         xc = x.to(dtype)
-        a = torch.nn.functional.linear(xc, wg.to(dtype), _cast(bg, dtype))
-        b = torch.nn.functional.linear(xc, wu.to(dtype), _cast(bu, dtype))
-        w, bias = wd.to(dtype), _cast(bd, dtype)
+        a = torch.nn.functional.linear(xc, wg.to(dtype), cast(bg, dtype))
+        b = torch.nn.functional.linear(xc, wu.to(dtype), cast(bu, dtype))
+        w, bias = wd.to(dtype), cast(bd, dtype)
         out = a.new_empty(x.shape[0], wd.shape[0])
         for r in range(0, x.shape[0], ROWS):
             out[r:r + ROWS] = torch.nn.functional.linear(torch.nn.functional.silu(a[r:r + ROWS]) * b[r:r + ROWS], w, bias)
@@ -124,7 +111,7 @@ class _SwiGLU(torch.autograd.Function):
             s = torch.sigmoid(ac)
             silu = ac * s
             if 5 in grads:
-                _accumulate(grads[5], gc.T, silu * bc)
+                accumulate_matmul(grads[5], gc.T, silu * bc)
             if 6 in grads:
                 grads[6].add_(gc.sum(0))
             d_p = gc @ wd_c
@@ -135,7 +122,7 @@ class _SwiGLU(torch.autograd.Function):
             xc = x[rows].to(dtype)
             for i, d in ((1, d_a), (3, d_b)):
                 if i in grads:
-                    _accumulate(grads[i], d.T, xc)
+                    accumulate_matmul(grads[i], d.T, xc)
                 if i + 1 in grads:
                     grads[i + 1].add_(d.sum(0))
         return (d_x, *(grads.get(i) for i in range(1, 7)))

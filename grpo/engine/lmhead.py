@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .models import compute_dtype, unwrap
+from .models import accumulate_matmul, cast, compute_dtype, unwrap
 
 
 def token_stats(logits: Tensor, targets: Tensor, temperature: float, compute_entropy: bool,
@@ -110,7 +110,7 @@ class _LinearHeadStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, factor, chunk, compute_entropy, entropy_grad):
         dtype = compute_dtype(hidden)
-        w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        w, b = weight.to(dtype), cast(bias, dtype)
         lps, lses, ents = [], [], []
         for s in range(0, hidden.shape[0], chunk):
             z = torch.nn.functional.linear(hidden[s:s + chunk].to(dtype), w, b).float().mul_(factor)
@@ -133,7 +133,7 @@ class _LinearHeadStats(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         dtype, chunk, factor = ctx.dtype, ctx.chunk, ctx.factor
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        w, b = weight.to(dtype), cast(bias, dtype)
         d_hidden = torch.empty_like(hidden) if need_h else None
         d_weight = torch.zeros_like(weight) if need_w else None
         d_bias = torch.zeros_like(bias) if need_b else None
@@ -155,10 +155,7 @@ class _LinearHeadStats(torch.autograd.Function):
             if need_h:
                 d_hidden[s:s + chunk] = d_logits @ w
             if need_w:
-                if d_weight.dtype == dtype:
-                    d_weight.addmm_(d_logits.T, h)
-                else:  # autocast: half-precision product, accumulated in W's dtype (as autograd would)
-                    d_weight.add_(d_logits.T @ h)
+                accumulate_matmul(d_weight, d_logits.T, h)
             if need_b:
                 d_bias.add_(d_logits.sum(0))
         return d_hidden, d_weight, d_bias, None, None, None, None, None

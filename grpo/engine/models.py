@@ -158,6 +158,21 @@ def compute_dtype(x) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in `dtype` (an absent bias stays None)."""
+    return None if t is None else t.to(dtype)
+
+
+def accumulate_matmul(buffer: Tensor, a: Tensor, b: Tensor) -> None:
+    """buffer += a @ b for a hand-written backward's weight gradient: in place when the dtypes
+    agree, else as autograd would (the product in the compute dtype, added into the float32
+    master gradient)."""
+    if buffer.dtype == a.dtype:
+        buffer.addmm_(a, b)
+    else:
+        buffer.add_(a @ b)
+
+
 def unwrap(model):
     """The transformers model under a PEFT wrapper (its Linear layers carry the adapter); the
     model itself otherwise."""

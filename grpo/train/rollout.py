@@ -157,22 +157,28 @@ def needs_old_logprobs(cfg) -> bool:
     return uses_old and (cfg.num_iterations > 1 or cfg.num_minibatches > 1)
 
 
+def large_vocabulary(model) -> bool:
+    """65,536 tokens or more (a real LLM's: Qwen2's 151,936), where the automatic memory choices
+    (logprob_chunk_size -1, mlp_activations auto) turn on; the small models of tests and the demo
+    stay below it."""
+    return (getattr(getattr(model, "config", None), "vocab_size", 0) or 0) >= 65536
+
+
 def logprob_chunk_size(cfg, model) -> int:
-    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 256 for vocabularies of
-    65,536 tokens or more, else all at once)."""
+    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 256 for a large
+    vocabulary, else all at once)."""
     size = cfg.logprob_chunk_size
     if size >= 0:
         return size
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-    return 256 if vocab >= 65536 else 0
+    return 256 if large_vocabulary(model) else 0
 
 
 def recompute_mlp(cfg, model) -> bool:
     """Whether the packed Llama-style forward recomputes its MLPs' activations (config key
-    mlp_activations; auto: for vocabularies of 65,536 tokens or more)."""
+    mlp_activations; auto: for a large vocabulary)."""
     if cfg.mlp_activations != "auto":
         return cfg.mlp_activations == "recompute"
-    return (getattr(getattr(model, "config", None), "vocab_size", 0) or 0) >= 65536
+    return large_vocabulary(model)
 
 
 def needs_reference(cfg) -> bool:
