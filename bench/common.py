@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -164,6 +165,15 @@ def nominal_peak(device_name: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------
+
+def rss(field: str) -> int:
+    """VmRSS or VmHWM (the high-water mark) of this process, in bytes (Linux)."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

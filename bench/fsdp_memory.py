@@ -31,22 +31,14 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import resource
 import socket
 import tempfile
 from pathlib import Path
 
+from bench.common import reset_peak, rss
+
 MiB = 2 ** 20
-
-
-def rss(field: str) -> int:
-    """VmRSS or VmHWM of this process, in bytes."""
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
 def worker(rank: int, world_size: int, mode: str, port: int, args, out: Path) -> None:

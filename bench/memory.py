@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_vs_trl import run_worker
-from bench.common import MODELS, emit, exact_answer, peak_rss_mib, save_qwen2, set_threads
+from bench.common import MODELS, emit, exact_answer, peak_rss_mib, reset_peak, rss, save_qwen2, set_threads
 
 MODES = {"full": dict(lora=False, gc=False), "lora": dict(lora=True, gc=False),
          "checkpointing": dict(lora=False, gc=True), "lora+checkpointing": dict(lora=True, gc=True)}
@@ -67,20 +67,15 @@ class PhasePeaks:
     def __init__(self):
         self.peaks: dict[str, float] = {}
 
-    @staticmethod
-    def _status(key: str) -> float:
-        import re
-        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
     def _wrap(self, name, fn):
         def wrapped(*a, **k):
-            self.peaks[name] = max(self.peaks.get(name, 0.0), self._status("VmHWM"))  # what came before
-            Path("/proc/self/clear_refs").write_text("5")
+            self.peaks[name] = max(self.peaks.get(name, 0.0), rss("VmHWM") / 2**20)  # what came before
+            reset_peak()
             try:
                 return fn(*a, **k)
             finally:
-                self.peaks[name] = max(self.peaks[name], self._status("VmHWM"))
-                Path("/proc/self/clear_refs").write_text("5")
+                self.peaks[name] = max(self.peaks[name], rss("VmHWM") / 2**20)
+                reset_peak()
         return wrapped
 
     def install(self) -> None:
