@@ -19,7 +19,11 @@ per_device_train_batch_size m, gradient_accumulation_steps 64 / m: the same one 
 LoRA: r 16, alpha 32, dropout 0, all linear layers (peft, in both); the reference is the base
 model with the adapter off (both). Gradient checkpointing: Hugging Face's, non-reentrant (both).
 Ours runs its defaults for this vocabulary: the chunked LM head (`--chunk` tokens at a time,
-default 256; 0: off) and the MLP keeping two of its four activations (`mlp_activations: auto`).
+default 256; 0: off), the MLP keeping two of its four activations and running a row chunk at a
+time where it keeps none (`mlp_activations: auto`), and glibc's mmap threshold fixed at 1 MiB
+(`malloc_mmap_threshold: -1`, grpo.train.host_memory: freed tensors leave the process at once).
+TRL runs at glibc's default; `--trl-mmap-threshold 1048576` runs it a second time with the same
+fixed threshold, so the table shows what the allocator setting alone is worth to it.
 
 Each measurement is one step in a fresh subprocess; its peak RSS (ru_maxrss) includes the Python
 process, torch and the loaded model, so the baseline after loading is printed too. Measurements
@@ -66,10 +70,12 @@ class PhasePeaks:
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
+        self.starts: dict[str, float] = {}  # the RSS the phase began from (the first call)
 
     def _wrap(self, name, fn):
         def wrapped(*a, **k):
             self.peaks[name] = max(self.peaks.get(name, 0.0), rss("VmHWM") / 2**20)  # what came before
+            self.starts.setdefault(name, rss("VmRSS") / 2**20)
             reset_peak()
             try:
                 return fn(*a, **k)
@@ -88,7 +94,8 @@ class PhasePeaks:
             setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
 
     def table(self) -> str:
-        return "\n".join(f"  {name:24s} peak RSS {mib:7.0f} MiB" for name, mib in self.peaks.items())
+        return "\n".join(f"  {name:24s} from {self.starts[name]:7.0f} MiB, peak RSS {mib:7.0f} MiB"
+                         for name, mib in self.peaks.items())
 
 def run_ours(args) -> dict:
     import torch
@@ -98,6 +105,7 @@ def run_ours(args) -> dict:
     from grpo.engine.adapters import add_lora, trainable_parameters
     from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
     from grpo.rewards import Reward
+    from grpo.train import host_memory
     from grpo.train.distributed import World
     from grpo.train.optim import make_optimizer, make_scheduler
     from grpo.train.precision import Precision
@@ -122,6 +130,7 @@ def run_ours(args) -> dict:
         reference = load_causal_lm(args.model, device, torch.float32, trainable=False)
     if args.gc:
         enable_gradient_checkpointing(policy)
+    host_memory.configure(cfg, policy, device)  # as grpo.train.loop does
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, 1)
     loaded = peak_rss_mib()
@@ -207,7 +216,13 @@ def worker(argv) -> None:
     ap.add_argument("--optim", default="adamw_torch_fused")
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--phases", action="store_true", help="ours: print the peak RSS of each phase of the step")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="trl: fix glibc's mmap threshold at this many bytes first (what ours' "
+                         "malloc_mmap_threshold does; 0: glibc's default)")
     args = ap.parse_args(argv)
+    if args.mmap_threshold:
+        import ctypes
+        assert ctypes.CDLL("libc.so.6").mallopt(-3, ctypes.c_int(args.mmap_threshold)) == 1  # M_MMAP_THRESHOLD
     # Names bench.workers' TRL helpers read.
     args.device, args.dtype, args.full_length = "cpu", "float32", True
     set_threads(args.threads)
@@ -236,26 +251,31 @@ def main(argv=None) -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl and peft installed")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--trl-mmap-threshold", type=int, default=0,
+                    help="also run TRL with glibc's mmap threshold fixed at this many bytes (1048576: "
+                         "what ours sets for this vocabulary), beside TRL at glibc's default")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args(argv)
     command = "python -m bench.memory " + " ".join(shlex.quote(a) for a in argv)
 
     model = args.model or str(build_model(Path(args.models_dir), args.layers))
-    systems = ["ours"] + ([] if args.skip_trl else ["trl"])
+    systems = ["ours"] + ([] if args.skip_trl else ["trl"] + ["trl-mmap"] * bool(args.trl_mmap_threshold))
     raw = []
     for T in args.tokens:
         for mode in args.modes:
             for system in systems:
-                extra = [system, "--model", model, "--prompts", str(args.prompts), "--group", str(args.group),
+                extra = [system.split("-")[0], "--model", model, "--prompts", str(args.prompts), "--group", str(args.group),
                          "--tokens", str(T), "--threads", str(args.threads), "--chunk", str(args.chunk),
                          "--optim", args.optim, "--micro-batch", str(args.micro_batch)]
                 extra += ["--lora"] * MODES[mode]["lora"] + ["--gc"] * MODES[mode]["gc"]
+                if system == "trl-mmap":
+                    extra += ["--mmap-threshold", str(args.trl_mmap_threshold)]
                 py = args.python if system == "ours" else args.trl_python
                 res = run_worker(py, "worker", extra, timeout=args.timeout, module="bench.memory")
-                res.update(T=T, mode=mode)
+                res.update(T=T, mode=mode, system=system)
                 raw.append(res)
-                print(f"[T={T} {mode}] {system:4s} peak RSS {res['peak_rss_mib']:.0f} MiB "
+                print(f"[T={T} {mode}] {system:8s} peak RSS {res['peak_rss_mib']:.0f} MiB "
                       f"(after loading {res['rss_after_load_mib']:.0f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
@@ -271,17 +291,21 @@ def report(raw: list[dict], args, command: str, model: str) -> str:
              f"(TRL: its default, adamw_torch_fused); "
              f"{args.micro_batch or args.prompts * args.group} rows per forward.",
              f"Command: `{command}`", "",
-             "| T | mode | ours peak MiB | TRL peak MiB | ours / TRL | ours after load | TRL after load "
-             "| trainable params (ours / TRL) |", "|---|---|---|---|---|---|---|---|"]
+             "| T | mode | ours peak MiB | TRL peak MiB | ours / TRL | TRL peak, threshold fixed | ours / that "
+             "| ours after load | TRL after load | trainable params (ours / TRL) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["T"], r["mode"], r["system"]): r for r in raw}
+
+    def cell(r, key, fmt="{:.0f}"):
+        return fmt.format(r[key]) if r else ""
+
+    def ratio(a, b):
+        return f"{a['peak_rss_mib'] / b['peak_rss_mib']:.1%}" if a and b else ""
     for T in args.tokens:
         for mode in args.modes:
-            ours, trl = by.get((T, mode, "ours")), by.get((T, mode, "trl"))
-            ratio = f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.0%}" if ours and trl else ""
-
-            def cell(r, key, fmt="{:.0f}"):
-                return fmt.format(r[key]) if r else ""
-            lines.append(f"| {T} | {mode} | {cell(ours, 'peak_rss_mib')} | {cell(trl, 'peak_rss_mib')} | {ratio} | "
+            ours, trl, fixed = (by.get((T, mode, s)) for s in ("ours", "trl", "trl-mmap"))
+            lines.append(f"| {T} | {mode} | {cell(ours, 'peak_rss_mib')} | {cell(trl, 'peak_rss_mib')} | "
+                         f"{ratio(ours, trl)} | {cell(fixed, 'peak_rss_mib')} | {ratio(ours, fixed)} | "
                          f"{cell(ours, 'rss_after_load_mib')} | {cell(trl, 'rss_after_load_mib')} | "
                          f"{cell(ours, 'trainable', '{:,}')} / {cell(trl, 'trainable', '{:,}')} |")
     versions = {r.get("trl_version") for r in raw if r.get("trl_version")}

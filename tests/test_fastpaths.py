@@ -320,6 +320,17 @@ def test_the_mlp_keeping_two_tensors_under_bfloat16_autocast():
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
 
 
+def scored_batch():
+    """3 prompts x 3 completions of up to 6 tokens, ragged, and a weight per token."""
+    ids, mask = prompts(P=3, seed=4)
+    G = 3
+    pids, pmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    g = torch.Generator().manual_seed(1)
+    comp = torch.randint(2, V, (9, 6), generator=g)
+    cmask = (torch.arange(6) < torch.tensor([6, 1, 3, 5, 6, 2, 4, 6, 1])[:, None]).long()
+    return pids, pmask, comp, cmask, torch.randn(9, 6, generator=g)
+
+
 def test_the_hand_written_forward_checkpoints_its_layers_under_gradient_checkpointing(monkeypatch):
     """With Hugging Face's checkpointing on, the Llama-style packed forward still runs (it checkpoints
     each layer itself): the same log-probs and gradients, and far less kept for the backward."""
@@ -327,13 +338,7 @@ def test_the_hand_written_forward_checkpoints_its_layers_under_gradient_checkpoi
     from grpo.engine.models import enable_gradient_checkpointing
 
     model = qwen2().train()
-    ids, mask = prompts(P=3, seed=4)
-    G = 3
-    pids, pmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
-    g = torch.Generator().manual_seed(1)
-    comp = torch.randint(2, V, (9, 6), generator=g)
-    cmask = (torch.arange(6) < torch.tensor([6, 1, 3, 5, 6, 2, 4, 6, 1])[:, None]).long()
-    weights = torch.randn(9, 6, generator=g)
+    pids, pmask, comp, cmask, weights = scored_batch()
     taken = []
     real = packed.llama_hidden
     monkeypatch.setattr(packed, "llama_hidden", lambda *a, **k: taken.append(1) or real(*a, **k))
@@ -354,3 +359,60 @@ def test_the_hand_written_forward_checkpoints_its_layers_under_gradient_checkpoi
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert kept_c < kept / 2, (kept_c, kept)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_mlp_by_rows_without_grad_and_under_checkpointing(lora, monkeypatch):
+    """With `recompute_mlp`, where the MLP keeps nothing for the backward (no grad; checkpointed
+    layers), the packed forward runs it `llama.ROWS` tokens at a time: the same log-probs and
+    gradients as the whole-batch MLP, also for a LoRA-wrapped model, and no op, forward or
+    backward, makes an [M, I] tensor wider than ROWS rows (the whole batch makes them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from grpo.engine import llama
+    from grpo.engine.adapters import add_lora
+    from grpo.engine.models import enable_gradient_checkpointing
+
+    D, I = 32, 64
+    model = qwen2().train()
+    if lora:
+        model = add_lora(model, r=4, alpha=8, target_modules="all-linear")
+        for p in model.parameters():  # the adapter's B starts at 0: give it a gradient-visible value
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+    pids, pmask, comp, cmask, weights = scored_batch()
+
+    class WidestMLPTensor(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == I and t.shape[0] != D:
+                    self.rows = max(self.rows, t.shape[0])  # [tokens, I] (not a transposed weight)
+            return out
+
+    def run(grad=True):
+        model.zero_grad()
+        with WidestMLPTensor() as widest:
+            with torch.set_grad_enabled(grad):
+                lp, _ = completion_logprobs(model, pids, pmask, comp, cmask, recompute_mlp=True)
+            if grad:
+                (lp * cmask * weights).sum().backward()
+        trainable = [p.grad.clone() for p in model.parameters() if p.requires_grad] if grad else []
+        return lp.detach() * cmask, trainable, widest.rows
+
+    lp, grads, M = run()                       # not checkpointed: the whole batch at once
+    assert M > 8
+    monkeypatch.setattr(llama, "ROWS", 8)
+    lp_nograd, _, rows_nograd = run(grad=False)
+    enable_gradient_checkpointing(model)
+    lp_c, grads_c, rows_c = run()
+    assert rows_nograd <= 8 and rows_c <= 8, (rows_nograd, rows_c, M)
+    torch.testing.assert_close(lp_nograd, lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp_c, lp, atol=1e-6, rtol=0)
+    assert grads
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+

@@ -98,9 +98,14 @@ def _stats_and_grads(model, hidden, targets, w_lp, w_ent, entropy_grad, chunk, f
 
 @pytest.mark.parametrize("entropy_grad", [True, False])
 @pytest.mark.parametrize("tied,bias,scale", [(True, False, False), (False, True, True)])
-def test_the_hand_written_head_backward_equals_autograd_on_whole_logits(entropy_grad, tied, bias, scale):
+@pytest.mark.parametrize("rows", [32, 2])
+def test_the_hand_written_head_backward_equals_autograd_on_whole_logits(entropy_grad, tied, bias, scale, rows,
+                                                                        monkeypatch):
     """The plain Linear head takes `_LinearHeadStats`: log-probs, entropy and the gradients of
-    hidden, W (tied to the embedding or not) and a bias equal those of the whole logits."""
+    hidden, W (tied to the embedding or not) and a bias equal those of the whole logits, also
+    with its normaliser and entropy taken a few rows of a chunk at a time (rows 2: chunks of 5
+    rows in 2, 2 and 1)."""
+    monkeypatch.setattr(lmhead, "ROWS", rows)
     model, hidden, targets, w_lp, w_ent = _head_case(tied, bias, scale)
     assert linear_head(model) == (model.lm_head, 1 / 2.5 if scale else 1.0)
     whole = _stats_and_grads(model, hidden, targets, w_lp, w_ent, entropy_grad, 0)

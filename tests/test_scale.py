@@ -159,3 +159,61 @@ def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tin
     torchrun([*common, "--set", f"output_dir={part}", "--set", "fsdp=true", "--resume"], tmp_path)
     resumed = load_file(str(part / "model.safetensors"))
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
+
+
+def test_malloc_mmap_threshold_auto_is_for_large_vocabularies_on_a_cpu_only():
+    from types import SimpleNamespace
+
+    from grpo.errors import ConfigError
+    from grpo.train.host_memory import mmap_threshold
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = TrainConfig(model="m", rewards=[{"function": "exact_answer"}])
+    assert cfg.malloc_mmap_threshold == -1
+    assert mmap_threshold(cfg, model(151_936), cpu) == 1 << 20
+    assert mmap_threshold(cfg, model(64), cpu) == 0 and mmap_threshold(cfg, model(151_936), cuda) == 0
+    cfg.malloc_mmap_threshold = 0
+    assert mmap_threshold(cfg, model(151_936), cpu) == 0
+    cfg.malloc_mmap_threshold = 4096
+    assert mmap_threshold(cfg, model(64), cpu) == 4096
+    for value, says in ((-2, "must be >= -1"), (64 << 20, "at most 32 MiB")):
+        with pytest.raises(ConfigError, match=f"malloc_mmap_threshold: .*{says}"):
+            build(TrainConfig, {"model": "m", "dataset": "d.jsonl", "rewards": [{"function": "exact_answer"}],
+                                "malloc_mmap_threshold": value})
+
+
+# Tensors of 2 MiB that glibc's moving threshold puts on the heap (a freed 4 MiB mapping raised it),
+# with small live ones between them so that the heap cannot shrink from its top: freed, they stay
+# in the process unless the fixed threshold made each its own mapping.
+_FRAGMENTS = """
+import re, sys, torch
+from grpo.train import host_memory
+from types import SimpleNamespace
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+if sys.argv[1] == "fixed":
+    cfg = SimpleNamespace(malloc_mmap_threshold=1 << 20)
+    assert host_memory.configure(cfg, None, torch.device("cpu")) == 1 << 20
+x = torch.ones(1 << 20)  # 4 MiB, mapped and unmapped: glibc's own threshold moves up to it
+del x
+big, small = [], []
+for _ in range(64):
+    big.append(torch.ones(1 << 19))   # 2 MiB
+    small.append(torch.ones(1 << 12)) # 16 KiB, kept
+before = rss()
+big.clear()
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+def test_a_fixed_mmap_threshold_hands_freed_tensors_back():
+    """Freed 2 MiB tensors leave the process at once with the threshold fixed at 1 MiB (128 MiB of
+    them); with glibc's default they stay in its heap."""
+    def released(mode):
+        out = subprocess.run([sys.executable, "-c", _FRAGMENTS, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+    assert released("fixed") > 100
+    assert released("default") < 28

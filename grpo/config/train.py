@@ -284,6 +284,12 @@ class TrainConfig(LoopConfig):
     hand-written backward (half the MLP's activation memory, same gradients); `keep`: all four
     tensors, as autograd does; `auto`: recompute for vocabularies of 65,536 tokens or more (real
     LLMs, as logprob_chunk_size), keep for the small models of tests and the demo."""
+    malloc_mmap_threshold: int = -1
+    """CPU, glibc: tensors of this many bytes or more are handed back to the operating system when
+    freed (mallopt M_MMAP_THRESHOLD, as the MALLOC_MMAP_THRESHOLD_ variable) instead of staying in
+    the process's heap, where glibc's own moving threshold keeps everything up to 32 MiB
+    (grpo.train.host_memory); 0: glibc's default; -1: 1 MiB on a CPU when the vocabulary has
+    65,536 tokens or more (as logprob_chunk_size), else glibc's default. No effect on CUDA."""
     router_aux_loss_coef: float = 0.0
     """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss
     (e.g. Mixtral's 0.02); 0: none."""
@@ -418,6 +424,9 @@ class TrainConfig(LoopConfig):
             bad("model_init_kwargs", "the trained weights stay float32 (master weights); the compute dtype is the "
                                      "`dtype` key: remove dtype / torch_dtype from model_init_kwargs")
         at_least(self, bad, -1, "logprob_chunk_size")
+        at_least(self, bad, -1, "malloc_mmap_threshold")
+        if self.malloc_mmap_threshold > 32 << 20:
+            bad("malloc_mmap_threshold", f"glibc takes at most 32 MiB (33554432), got {self.malloc_mmap_threshold}")
         at_least(self, bad, 0, "router_aux_loss_coef")
         if self.iterative_rl:
             it = IterativeSpec.parse(self.iterative_rl, "iterative_rl", bad)

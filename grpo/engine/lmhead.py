@@ -99,6 +99,27 @@ def linear_head(model) -> tuple[torch.nn.Linear, float] | None:
     return head, scale
 
 
+ROWS = 32
+
+
+def _normaliser_and_entropy(z: Tensor, compute_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """logsumexp(z) and the entropy lse - sum softmax(z) z of logits z [c, V], ROWS rows at a
+    time: torch.logsumexp and softmax would each make [c, V] temporaries beside z (two and one),
+    this makes [ROWS, V] ones. With m the row max and e = exp(z - m): lse = m + log sum e,
+    H = lse - sum e z / sum e."""
+    lses, ents = [], []
+    for r in range(0, z.shape[0], ROWS):
+        zr = z[r:r + ROWS]
+        m = zr.amax(-1, keepdim=True)
+        e = torch.sub(zr, m).exp_()
+        total = e.sum(-1)
+        lse = m.squeeze(-1) + total.log()
+        lses.append(lse)
+        if compute_entropy:
+            ents.append(lse - e.mul_(zr).sum(-1) / total)
+    return torch.cat(lses), (torch.cat(ents) if compute_entropy else None)
+
+
 class _LinearHeadStats(torch.autograd.Function):
     """token log-probs and entropy of `(hidden @ W^T + b) * scale` at temperature, `chunk` rows at
     a time, the backward written out (module docstring). With z = logits * scale / temperature,
@@ -114,12 +135,12 @@ class _LinearHeadStats(torch.autograd.Function):
         lps, lses, ents = [], [], []
         for s in range(0, hidden.shape[0], chunk):
             z = torch.nn.functional.linear(hidden[s:s + chunk].to(dtype), w, b).float().mul_(factor)
-            lse = torch.logsumexp(z, dim=-1)
+            lse, ent = _normaliser_and_entropy(z, compute_entropy)
             lps.append(z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse)
             lses.append(lse)
             if compute_entropy:
-                p = (z - lse[:, None]).exp_()
-                ents.append(lse - p.mul_(z).sum(-1))
+                ents.append(ent)
+            del z  # freed before the next chunk's z exists
         lp, lse = torch.cat(lps), torch.cat(lses)
         ent = torch.cat(ents) if compute_entropy else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent if entropy_grad else None)
@@ -158,6 +179,7 @@ class _LinearHeadStats(torch.autograd.Function):
                 accumulate_matmul(d_weight, d_logits.T, h)
             if need_b:
                 d_bias.add_(d_logits.sum(0))
+            del z, log_p, p, d_z, d_logits  # one [chunk, V] buffer at a time, not the last chunk's too
         return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
@@ -170,7 +192,10 @@ def chunked_token_stats(model, hidden: Tensor, targets: Tensor, temperature: flo
 
     grad = torch.is_grad_enabled() and (hidden.requires_grad or
                                         any(p.requires_grad for p in unwrap(model).get_output_embeddings().parameters()))
-    linear = linear_head(model) if grad and hidden.shape[0] else None
+    # A plain head takes the written-out path with or without grad: its forward is lighter than
+    # `token_stats` (the logits scaled in place, two [chunk, V] buffers where that makes four),
+    # and scoring (no grad) then computes exactly what the update's forward will.
+    linear = linear_head(model) if hidden.shape[0] else None
     if linear is not None:
         head, scale = linear
         return _LinearHeadStats.apply(hidden, head.weight, head.bias, targets, scale / temperature, chunk_size,

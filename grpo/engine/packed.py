@@ -361,7 +361,9 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
 def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor:
     """Final hidden states [K, D] (after the last norm) at `pk.score_index`, for `hand_written`
     models: their embedding, norms, projections, rotary tables and MLPs; our attention.
-    `recompute_mlp`: each MLP keeps two [M, I] tensors for the backward instead of four (`llama.mlp`)."""
+    `recompute_mlp`: each MLP keeps two [M, I] tensors for the backward instead of four
+    (`llama.mlp`), and where nothing of it is kept anyway (no grad, or under checkpointing) it runs
+    `llama.ROWS` tokens at a time, so that no [M, I] tensor is ever made (`mlp_rows`)."""
     from .llama import attention_shape, mlp, rope, rope_tables
     from .models import checkpointing_active
     base = unwrap(model).model
@@ -370,20 +372,47 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
     cos, sin = rope_tables(model, x, pk.position_ids)                   # [M, 1, hd]
     M = x.shape[0]
 
-    def decoder_layer(layer, x):
+    def attention_block(layer, x):
         a = layer.self_attn
         h = layer.input_layernorm(x)
         q = rope(a.q_proj(h).view(M, H, hd), cos, sin)
         k = rope(a.k_proj(h).view(M, Hkv, hd), cos, sin)
         v = a.v_proj(h).view(M, Hkv, hd)
-        x = x + a.o_proj(_llama_attention(q, k, v, pk, scale))
+        return x + a.o_proj(_llama_attention(q, k, v, pk, scale))
+
+    def mlp_block(layer, x):  # row-wise: any rows of x give those rows of the result
         h = layer.post_attention_layernorm(x)
         return x + (mlp(layer.mlp, h) if recompute_mlp else layer.mlp(h))
 
+    def decoder_layer(layer, x):
+        return mlp_block(layer, attention_block(layer, x))
+
     checkpointed = checkpointing_active(model)
+    by_rows = recompute_mlp and (checkpointed or not torch.is_grad_enabled())
     for layer in base.layers:
-        if checkpointed:  # keeps the layer's input; the backward recomputes the rest
+        if by_rows:
+            x = torch.utils.checkpoint.checkpoint(attention_block, layer, x, use_reentrant=False) \
+                if checkpointed else attention_block(layer, x)
+            x = mlp_rows(mlp_block, layer, x, checkpointed)
+        elif checkpointed:  # keeps the layer's input; the backward recomputes the rest
             x = torch.utils.checkpoint.checkpoint(decoder_layer, layer, x, use_reentrant=False)
         else:
             x = decoder_layer(layer, x)
     return base.norm(x.index_select(0, pk.score_index))
+
+
+def mlp_rows(block, layer, x: Tensor, checkpointed: bool) -> Tensor:
+    """`block(layer, x)` for a row-wise block (norm, MLP, residual), `llama.ROWS` rows at a time.
+    The MLP's [M, I] activations (I = 4,864 for Qwen2-0.5B: 5.4x the hidden width, and four of them
+    in flight) are its largest tensors; a row chunk of them is all that exists at once. Without
+    grad that is the whole story; under checkpointing each chunk is its own checkpoint (keeping
+    only its input rows, which the caller keeps anyway), so the backward recomputes and
+    differentiates one chunk at a time. The layer's checkpoint is then split in two, attention
+    and MLP, which keeps the residual between them as well ([M, D], a fifth of one [M, I] tensor)
+    and recomputes each part once, as one checkpoint would."""
+    from .llama import ROWS
+    if x.shape[0] <= ROWS:
+        return torch.utils.checkpoint.checkpoint(block, layer, x, use_reentrant=False) if checkpointed else block(layer, x)
+    chunks = [torch.utils.checkpoint.checkpoint(block, layer, x[r:r + ROWS], use_reentrant=False) if checkpointed
+              else block(layer, x[r:r + ROWS]) for r in range(0, x.shape[0], ROWS)]
+    return torch.cat(chunks)

@@ -21,6 +21,7 @@ from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_states, reward_states
 
+from . import host_memory
 from .best_model import BEST_DIR, BestModel
 from .checkpoint import load_weights, rng_state, save_model, train_state
 from .evaluate import AccuracyReward, evaluate
@@ -53,6 +54,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
     rows, eval_rows, rewards, tokenizer = inputs.rows, inputs.eval_rows, inputs.rewards, inputs.tokenizer
 
     policy, reference = load_models(cfg, run)
+    host_memory.configure(cfg, policy, device)  # on a CPU: freed tensors go back to the OS (large models)
     backend = make_backend(cfg.rollout_backend, policy, tokenizer)
     steps_per_rollout = cfg.num_iterations * cfg.num_minibatches  # optimizer steps
     optimizer = make_optimizer(policy, cfg)
