@@ -193,7 +193,7 @@ def chunked_token_stats(model, hidden: Tensor, targets: Tensor, temperature: flo
     grad = torch.is_grad_enabled() and (hidden.requires_grad or
                                         any(p.requires_grad for p in unwrap(model).get_output_embeddings().parameters()))
     # A plain head takes the written-out path with or without grad: its forward is lighter than
-    # `token_stats` (the logits scaled in place, two [chunk, V] buffers where that makes four),
+    # `token_stats` (one [chunk, V] buffer, the logits scaled in place, where that makes four),
     # and scoring (no grad) then computes exactly what the update's forward will.
     linear = linear_head(model) if hidden.shape[0] else None
     if linear is not None:
