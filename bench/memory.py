@@ -221,8 +221,8 @@ def worker(argv) -> None:
                          "malloc_mmap_threshold does; 0: glibc's default)")
     args = ap.parse_args(argv)
     if args.mmap_threshold:
-        import ctypes
-        assert ctypes.CDLL("libc.so.6").mallopt(-3, ctypes.c_int(args.mmap_threshold)) == 1  # M_MMAP_THRESHOLD
+        from grpo.train.host_memory import set_mmap_threshold
+        assert set_mmap_threshold(args.mmap_threshold)
     # Names bench.workers' TRL helpers read.
     args.device, args.dtype, args.full_length = "cpu", "float32", True
     set_threads(args.threads)

@@ -388,21 +388,22 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
         return mlp_block(layer, attention_block(layer, x))
 
     checkpointed = checkpointing_active(model)
+
+    def run(block, layer, x):  # checkpointed: keeps the block's input; the backward recomputes the rest
+        return torch.utils.checkpoint.checkpoint(block, layer, x, use_reentrant=False) if checkpointed \
+            else block(layer, x)
+
     by_rows = recompute_mlp and (checkpointed or not torch.is_grad_enabled())
     for layer in base.layers:
         if by_rows:
-            x = torch.utils.checkpoint.checkpoint(attention_block, layer, x, use_reentrant=False) \
-                if checkpointed else attention_block(layer, x)
-            x = mlp_rows(mlp_block, layer, x, checkpointed)
-        elif checkpointed:  # keeps the layer's input; the backward recomputes the rest
-            x = torch.utils.checkpoint.checkpoint(decoder_layer, layer, x, use_reentrant=False)
+            x = mlp_rows(run, mlp_block, layer, run(attention_block, layer, x))
         else:
-            x = decoder_layer(layer, x)
+            x = run(decoder_layer, layer, x)
     return base.norm(x.index_select(0, pk.score_index))
 
 
-def mlp_rows(block, layer, x: Tensor, checkpointed: bool) -> Tensor:
-    """`block(layer, x)` for a row-wise block (norm, MLP, residual), `llama.ROWS` rows at a time.
+def mlp_rows(run, block, layer, x: Tensor) -> Tensor:
+    """`run(block, layer, x)` for a row-wise block (norm, MLP, residual), `llama.ROWS` rows at a time.
     The MLP's [M, I] activations (I = 4,864 for Qwen2-0.5B: 5.4x the hidden width, and four of them
     in flight) are its largest tensors; a row chunk of them is all that exists at once. Without
     grad that is the whole story; under checkpointing each chunk is its own checkpoint (keeping
@@ -412,7 +413,5 @@ def mlp_rows(block, layer, x: Tensor, checkpointed: bool) -> Tensor:
     and recomputes each part once, as one checkpoint would."""
     from .llama import ROWS
     if x.shape[0] <= ROWS:
-        return torch.utils.checkpoint.checkpoint(block, layer, x, use_reentrant=False) if checkpointed else block(layer, x)
-    chunks = [torch.utils.checkpoint.checkpoint(block, layer, x[r:r + ROWS], use_reentrant=False) if checkpointed
-              else block(layer, x[r:r + ROWS]) for r in range(0, x.shape[0], ROWS)]
-    return torch.cat(chunks)
+        return run(block, layer, x)
+    return torch.cat([run(block, layer, x[r:r + ROWS]) for r in range(0, x.shape[0], ROWS)])

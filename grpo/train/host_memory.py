@@ -38,10 +38,25 @@ def configure(cfg, model, device: torch.device) -> int:
     """Sets glibc's mmap threshold for this process as the config asks; returns the threshold set
     (0: none). Not glibc (macOS, musl): nothing to set, 0."""
     size = mmap_threshold(cfg, model, device)
-    if not size:
-        return 0
+    return size if size and set_mmap_threshold(size) else 0
+
+
+def set_mmap_threshold(size: int) -> bool:
+    """mallopt(M_MMAP_THRESHOLD, size); whether glibc took it."""
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, ctypes.c_int(size)) == 1
+
+
+def trim() -> None:
+    """malloc_trim(0): hand the heap's free memory back to the system now."""
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc(name: str):
+    """glibc's function `name`, or None where the C library is not glibc (macOS, musl)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return size if libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(size)) == 1 else 0
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
-        return 0
+        return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import random
 
@@ -10,6 +9,8 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from grpo.config import LR_SCHEDULERS
+
+from . import host_memory
 
 
 def seed_everything(seed: int) -> None:
@@ -60,10 +61,7 @@ def before_first_step(optimizer, device: torch.device) -> None:
     (CUDA's caching allocator reuses its own freed blocks: nothing to do there.)"""
     if optimizer.state or device.type != "cpu":
         return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
-        pass
+    host_memory.trim()  # not glibc (macOS, musl): nothing to hand back this way
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
