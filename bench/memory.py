@@ -19,7 +19,7 @@ per_device_train_batch_size m, gradient_accumulation_steps 64 / m: the same one 
 LoRA: r 16, alpha 32, dropout 0, all linear layers (peft, in both); the reference is the base
 model with the adapter off (both). Gradient checkpointing: Hugging Face's, non-reentrant (both).
 Ours runs its defaults for this vocabulary: the chunked LM head (`--chunk` tokens at a time,
-default 256; 0: off), the MLP keeping two of its four activations and running a row chunk at a
+default 128; 0: off), the MLP keeping two of its four activations and running a row chunk at a
 time where it keeps none (`mlp_activations: auto`), and glibc's mmap threshold fixed at 1 MiB
 (`malloc_mmap_threshold: -1`, grpo.train.host_memory: freed tensors leave the process at once).
 TRL runs at glibc's default; `--trl-mmap-threshold 1048576` runs it a second time with the same
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=-1,
-                    help="ours: LM-head chunk (tokens); 0: whole logits; -1: ours' default (256 at this vocabulary)")
+                    help="ours: LM-head chunk (tokens); 0: whole logits; -1: ours' default (128 at this vocabulary)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optim", default="adamw_torch_fused", help="ours (TRL runs its default, adamw_torch_fused)")
     ap.add_argument("--micro-batch", type=int, default=0, help="rows per forward, both systems (0: all 64 at once)")

@@ -331,6 +331,19 @@ def scored_batch():
     return pids, pmask, comp, cmask, torch.randn(9, 6, generator=g)
 
 
+def scored_under(mode, model, batch, grad=True):
+    """`completion_logprobs` (recompute_mlp) of a `scored_batch()` with the dispatch mode `mode`
+    watching, and with grad the backward of its weighted sum: (log-probs, trainable gradients)."""
+    pids, pmask, comp, cmask, weights = batch
+    model.zero_grad()
+    with mode:
+        with torch.set_grad_enabled(grad):
+            lp, _ = completion_logprobs(model, pids, pmask, comp, cmask, recompute_mlp=True)
+        if grad:
+            (lp * cmask * weights).sum().backward()
+    return lp.detach() * cmask, [p.grad.clone() for p in model.parameters() if p.requires_grad] if grad else []
+
+
 def test_the_hand_written_forward_checkpoints_its_layers_under_gradient_checkpointing(monkeypatch):
     """With Hugging Face's checkpointing on, the Llama-style packed forward still runs (it checkpoints
     each layer itself): the same log-probs and gradients, and far less kept for the backward."""
@@ -394,14 +407,8 @@ def test_the_mlp_by_rows_without_grad_and_under_checkpointing(lora, monkeypatch)
             return out
 
     def run(grad=True):
-        model.zero_grad()
-        with WidestMLPTensor() as widest:
-            with torch.set_grad_enabled(grad):
-                lp, _ = completion_logprobs(model, pids, pmask, comp, cmask, recompute_mlp=True)
-            if grad:
-                (lp * cmask * weights).sum().backward()
-        trainable = [p.grad.clone() for p in model.parameters() if p.requires_grad] if grad else []
-        return lp.detach() * cmask, trainable, widest.rows
+        widest = WidestMLPTensor()
+        return *scored_under(widest, model, (pids, pmask, comp, cmask, weights), grad), widest.rows
 
     lp, grads, M = run()                       # not checkpointed: the whole batch at once
     assert M > 8
@@ -416,3 +423,86 @@ def test_the_mlp_by_rows_without_grad_and_under_checkpointing(lora, monkeypatch)
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_packed_attention_runs_a_few_rows_at_a_time(grad, monkeypatch):
+    """Where attention keeps nothing for the backward (no grad; checkpointed layers, with
+    `recompute_mlp`) `packed._llama_attention` runs the completion rows `llama.ROWS // Tc` at a
+    time (here one row per call): the same log-probs and gradients as all rows in one call, and
+    no SDPA call, forward or backward, sees more completion rows than that."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from grpo.engine import llama
+    from grpo.engine.models import enable_gradient_checkpointing
+
+    model = qwen2().train()
+    pids, pmask, comp, cmask, weights = scored_batch()
+    Lp = int(pmask.shape[1])
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []  # batch size of each SDPA call on completion rows (keys longer than the prompt)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__ and args[1].shape[-2] > Lp:
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    def run(grad=True):
+        calls = Calls()
+        return *scored_under(calls, model, (pids, pmask, comp, cmask, weights), grad), calls.rows
+
+    lp, grads, rows = run()                    # not checkpointed, with grad: all rows at once
+    assert max(rows) == 9  # 3 prompts x 3 rows
+    monkeypatch.setattr(llama, "ROWS", 1)
+    if grad:
+        enable_gradient_checkpointing(model)
+    lp_r, grads_r, rows_r = run(grad)
+    assert max(rows_r) == 1 and len(rows_r) >= 9, rows_r
+    torch.testing.assert_close(lp_r, lp, atol=1e-6, rtol=0)
+    for a, b in zip(grads_r, grads if grad else []):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpointing_keeps_neither_the_embedding_nor_an_input_gradient(lora):
+    """Under activation checkpointing the packed forward's first checkpoint starts from the token
+    ids: the [M, D] embedding is looked up again in the backward, not kept for it. And Hugging
+    Face's switch no longer makes the embedding's output require grad (a hook only reentrant
+    checkpointing needs): with a frozen embedding (LoRA) it would be a leaf kept to the end of
+    the backward and given a .grad. Gradients are those of the unchecked forward."""
+    from grpo.engine.adapters import add_lora
+    from grpo.engine.models import enable_gradient_checkpointing, unwrap
+
+    model = qwen2().train()
+    if lora:
+        model = add_lora(model, r=4, alpha=8, target_modules="all-linear")
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+    pids, pmask, comp, cmask, weights = scored_batch()
+    embed = unwrap(model).model.embed_tokens
+    outputs = []
+    embed.register_forward_hook(lambda m, a, out: outputs.append(out) and None)
+
+    def run():
+        model.zero_grad()
+        outputs.clear()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            lp, _ = completion_logprobs(model, pids, pmask, comp, cmask, recompute_mlp=True)
+        (lp * cmask * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad], saved
+
+    grads, _ = run()
+    enable_gradient_checkpointing(model)
+    grads_c, saved = run()
+    embedded = outputs[0]
+    assert not any(t.data_ptr() == embedded.data_ptr() for t in saved if t.numel())
+    assert embedded.requires_grad == (not lora)
+    if lora:
+        assert embedded.grad is None
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

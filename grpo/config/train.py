@@ -276,8 +276,8 @@ class TrainConfig(LoopConfig):
     """Recompute each decoder layer's activations in the backward instead of keeping them."""
     logprob_chunk_size: int = -1
     """Scored tokens per pass through the LM head, so the [tokens x vocabulary] logits never exist
-    at once (forward or backward); 0: all at once; -1: 256 when the vocabulary has 65,536
-    tokens or more (Qwen2's 151,936: a 256 x 151,936 float32 chunk is 0.16 GB), else all at once."""
+    at once (forward or backward); 0: all at once; -1: 128 when the vocabulary has 65,536
+    tokens or more (Qwen2's 151,936: a 128 x 151,936 float32 chunk is 78 MB), else all at once."""
     mlp_activations: str = "auto"
     """What a Llama-style MLP, down(silu(gate(x)) * up(x)), keeps for the backward on the packed
     fast path: `recompute`: gate(x) and up(x) only, silu and the product recomputed in a

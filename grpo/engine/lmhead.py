@@ -117,6 +117,7 @@ def _normaliser_and_entropy(z: Tensor, compute_entropy: bool) -> tuple[Tensor, T
         lses.append(lse)
         if compute_entropy:
             ents.append(lse - e.mul_(zr).sum(-1) / total)
+        del e  # freed before the next rows' e exists
     return torch.cat(lses), (torch.cat(ents) if compute_entropy else None)
 
 

@@ -193,6 +193,11 @@ def enable_gradient_checkpointing(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers before activation_checkpointing_enable
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Both also hook the input embeddings to make their output require grad, which only reentrant
+    # checkpointing needs (its checkpoints pass no gradient to parameters otherwise). With frozen
+    # embeddings (LoRA) that output then becomes a leaf: kept to the end of the backward, and given
+    # a [tokens, D] .grad nobody reads.
+    base.disable_input_require_grads()
 
 
 def checkpointing_active(model) -> bool:

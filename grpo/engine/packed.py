@@ -331,10 +331,17 @@ def hand_written(model, positions: int) -> bool:
     return not isinstance(base, FSDPModule) and not isinstance(base.model.layers[0], FSDPModule)
 
 
-def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float) -> Tensor:
+def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float,
+                     per_call: int | None = None) -> Tensor:
     """`_packed_attention` for q [M, H, hd], k/v [M, Hkv, hd] -> [M, H * hd] (no sliding window,
-    no softcapping: what `llama.supported` models have)."""
-    _, H, hd = q.shape
+    no softcapping: what `llama.supported` models have).
+
+    `per_call`: the completion rows run that many at a time (None: all in one call), each run
+    from its own rows of q/k/v straight into its rows of the result. Then the laid-out queries,
+    SDPA's output and its transpose exist a run at a time, not for the whole batch, and so do
+    the largest buffers of SDPA's backward on a CPU (with grouped-query attention it widens the
+    key and value gradients to H heads: two [rows, H, Lp + Tc, hd])."""
+    M, H, hd = q.shape
     gqa = k.shape[1] != H  # grouped-query attention: SDPA reads each key/value head for H / Hkv query heads
     U, Lp, Gmax, Tc = pk.U, pk.Lp, pk.Gmax, pk.Tc
     n_prompt, rows = U * Lp, U * Gmax
@@ -346,16 +353,28 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
     def heads_first(x, n):  # [n * L, h, hd] -> [n, h, L, hd]
         return x.reshape(n, -1, x.shape[1], hd).transpose(1, 2)
 
-    qp, kp, vp = heads_first(q[:n_prompt], U), heads_first(k[:n_prompt], U), heads_first(v[:n_prompt], U)
-    out_prompt = sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd)
+    # Layout rows r0 .. r1 hold the fed tokens a .. b (packed order is row by row). q, k and v are
+    # split, not sliced: the backward of a slice is a whole-size tensor of zeros per run.
+    per_call = per_call or rows
+    bounds = torch.arange(0, rows + per_call, per_call, device=q.device).clamp(max=rows) * Tc
+    starts = torch.searchsorted(pk.layout_index, bounds).tolist()
+    sizes = [n_prompt] + [b - a for a, b in zip(starts, starts[1:])]
+    (qp, *q_runs), (kp, *k_runs), (vp, *v_runs) = (x.split(sizes) for x in (q, k, v))
+    qp, kp, vp = heads_first(qp, U), heads_first(kp, U), heads_first(vp, U)
+    out = q.new_empty(M, H * hd)
+    out[:n_prompt] = sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd)
+    for r0, (a, b), q_run, k_run, v_run in zip(range(0, rows, per_call), zip(starts, starts[1:]), q_runs, k_runs, v_runs):
+        r1 = min(r0 + per_call, rows)
+        where = pk.layout_index[a:b] - r0 * Tc                          # the fed tokens' slots in this run
 
-    def layout(x):
-        return heads_first(x.new_zeros(rows * Tc, x.shape[1], hd).index_copy(0, pk.layout_index, x[n_prompt:]), rows)
-    keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)
-    values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
-    out = sdpa(layout(q), keys, values, completion_mask)
-    out_completion = out.transpose(1, 2).reshape(rows * Tc, H * hd).index_select(0, pk.layout_index)
-    return torch.cat([out_prompt, out_completion])
+        def layout(x):  # [b - a, heads, hd] -> this run's layout [r1 - r0, heads, Tc, hd]
+            return heads_first(x.new_zeros((r1 - r0) * Tc, x.shape[1], hd).index_copy(0, where, x), r1 - r0)
+        prompt_of = torch.arange(r0, r1, device=q.device) // Gmax
+        keys = torch.cat([kp.index_select(0, prompt_of), layout(k_run)], dim=2)
+        values = torch.cat([vp.index_select(0, prompt_of), layout(v_run)], dim=2)
+        o = sdpa(layout(q_run), keys, values, completion_mask[r0:r1])
+        out[n_prompt + a:n_prompt + b] = o.transpose(1, 2).reshape(-1, H * hd).index_select(0, where)
+    return out
 
 
 def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor:
@@ -364,7 +383,7 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
     `recompute_mlp`: each MLP keeps two [M, I] tensors for the backward instead of four
     (`llama.mlp`), and where nothing of it is kept anyway (no grad, or under checkpointing) it runs
     `llama.ROWS` tokens at a time, so that no [M, I] tensor is ever made (`mlp_rows`)."""
-    from .llama import attention_shape, mlp, rope, rope_tables
+    from .llama import ROWS, attention_shape, mlp, rope, rope_tables
     from .models import checkpointing_active
     base = unwrap(model).model
     H, Hkv, hd, scale = attention_shape(model)
@@ -378,7 +397,7 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
         q = rope(a.q_proj(h).view(M, H, hd), cos, sin)
         k = rope(a.k_proj(h).view(M, Hkv, hd), cos, sin)
         v = a.v_proj(h).view(M, Hkv, hd)
-        return x + a.o_proj(_llama_attention(q, k, v, pk, scale))
+        return x + a.o_proj(_llama_attention(q, k, v, pk, scale, per_call))
 
     def mlp_block(layer, x):  # row-wise: any rows of x give those rows of the result
         h = layer.post_attention_layernorm(x)
@@ -393,12 +412,22 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
         return torch.utils.checkpoint.checkpoint(block, layer, x, use_reentrant=False) if checkpointed \
             else block(layer, x)
 
+    def embedding_first(block):  # the block embeds the ids it is given, then runs
+        return lambda layer, ids: block(layer, base.embed_tokens(ids))
+
+    blocks = attention_block, decoder_layer
+    if checkpointed:
+        # The first checkpoint starts from the ids: the backward then looks the [M, D] embedding
+        # up again instead of keeping it from the first layer's forward to the end.
+        x = pk.input_ids
     by_rows = recompute_mlp and (checkpointed or not torch.is_grad_enabled())
-    for layer in base.layers:
+    per_call = max(1, ROWS // pk.Tc) if by_rows else None  # attention: `llama.ROWS` query tokens per call
+    for i, layer in enumerate(base.layers):
+        attention, decoder = [embedding_first(b) for b in blocks] if checkpointed and i == 0 else blocks
         if by_rows:
-            x = mlp_rows(run, mlp_block, layer, run(attention_block, layer, x))
+            x = mlp_rows(run, mlp_block, layer, run(attention, layer, x))
         else:
-            x = run(decoder_layer, layer, x)
+            x = run(decoder, layer, x)
     return base.norm(x.index_select(0, pk.score_index))
 
 
@@ -414,4 +443,5 @@ def mlp_rows(run, block, layer, x: Tensor) -> Tensor:
     from .llama import ROWS
     if x.shape[0] <= ROWS:
         return run(block, layer, x)
-    return torch.cat([run(block, layer, x[r:r + ROWS]) for r in range(0, x.shape[0], ROWS)])
+    # Split, not sliced: the backward of each slice would be a whole-size tensor of zeros.
+    return torch.cat([run(block, layer, rows) for rows in x.split(ROWS)])

@@ -165,12 +165,12 @@ def large_vocabulary(model) -> bool:
 
 
 def logprob_chunk_size(cfg, model) -> int:
-    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 256 for a large
+    """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 128 for a large
     vocabulary, else all at once)."""
     size = cfg.logprob_chunk_size
     if size >= 0:
         return size
-    return 256 if large_vocabulary(model) else 0
+    return 128 if large_vocabulary(model) else 0
 
 
 def recompute_mlp(cfg, model) -> bool:
