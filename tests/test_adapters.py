@@ -18,16 +18,21 @@ from tiny_archs import PAD, build, group_batch, record_decoders
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-def lora(name="llama", r=4, **kw):
-    """A tiny model with a LoRA adapter whose B is non-zero (a fresh one is exactly zero)."""
-    base = build(name).train()
-    model = adapters.add_lora(copy.deepcopy(base), r=r, alpha=8, **kw)
+def with_nonzero_b(model):
+    """The adapter's B drawn non-zero (a fresh one is exactly zero, so the adapter would not show)."""
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-    return base, model
+    return model
+
+
+def lora(name="llama", r=4, **kw):
+    """A tiny model with a LoRA adapter whose B is non-zero (a fresh one is exactly zero)."""
+    base = build(name).train()
+    model = adapters.add_lora(copy.deepcopy(base), r=r, alpha=8, **kw)
+    return base, with_nonzero_b(model)
 
 
 def test_only_the_adapter_trains():
@@ -86,18 +91,24 @@ def test_packed_scoring_on_lora_layers_equals_plain(name):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_group_decoder_runs_on_the_adapted_layers(monkeypatch):
-    _, model = lora("llama")
-    model.eval()
-    assert llama.supported(model, 20)
+def assert_group_decoder_equals_plain(model, pids, pmask, monkeypatch):
+    """Sampling from one prompt per group of `pids`: the group decoder runs (not the fallback) and
+    gives the model's own KV cache's tokens and log-probs under the same seed."""
     states = record_decoders(monkeypatch)
-    pids, pmask = group_batch()[:2]
     kw = dict(group_size=3, max_new_tokens=8, eos_token_id=1, pad_token_id=PAD)
     plain = generate_groups(model, pids[::3], pmask[::3], engine="plain", generator=torch.Generator().manual_seed(0), **kw)
     fast = generate_groups(model, pids[::3], pmask[::3], generator=torch.Generator().manual_seed(0), **kw)
     assert states == ["CacheDecoder", "GroupDecoder"]
     assert torch.equal(plain.completion_ids, fast.completion_ids)
     torch.testing.assert_close(plain.logprobs, fast.logprobs, atol=1e-5, rtol=0)
+
+
+def test_group_decoder_runs_on_the_adapted_layers(monkeypatch):
+    _, model = lora("llama")
+    model.eval()
+    assert llama.supported(model, 20)
+    pids, pmask = group_batch()[:2]
+    assert_group_decoder_equals_plain(model, pids, pmask, monkeypatch)
 
 
 def test_merge_and_unload_loads_in_plain_transformers(tmp_path):
@@ -173,3 +184,95 @@ def test_a_lora_step_scores_its_reference_with_the_adapter_off(tiny_model_dir):
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if not p.requires_grad)
     assert any(not torch.equal(p, lora_before[n]) for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def qlora(tmp_path, name="qwen2", quantization="nf4", double_quant=False):
+    """A tiny model saved and loaded back with its Linear layers in 4 bits (bitsandbytes), with a
+    LoRA adapter whose B is non-zero: (the 4-bit base alone, the adapted model)."""
+    from grpo.engine.models import load_causal_lm
+    build(name).save_pretrained(tmp_path / name)
+    config = adapters.quantization_config(quantization, double_quant, torch.float32)
+    load = lambda: load_causal_lm(str(tmp_path / name), torch.device("cpu"), torch.float32, quantization_config=config)
+    base, model = load().train(), adapters.add_lora(load(), r=4, alpha=8)
+    return base, with_nonzero_b(model)
+
+
+@pytest.mark.parametrize("quantization,double_quant", [("nf4", False), ("fp4", True)])
+def test_qlora_stores_the_base_in_4_bits_and_its_reference_is_that_base_exactly(tmp_path, quantization, double_quant):
+    import bitsandbytes as bnb
+    base, model = qlora(tmp_path, quantization=quantization, double_quant=double_quant)
+    four_bit = [m for m in adapters.unwrap(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7 and all(m.weight.dtype == torch.uint8 for m in four_bit)  # 2 layers x q,k,v,o,gate,up,down
+    assert all(m.weight.quant_state.quant_type == quantization for m in four_bit)
+    assert adapters.is_quantized(model) and not adapters.is_quantized(build("qwen2"))
+    assert all("lora_" in n and p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    batch = group_batch()
+    with torch.no_grad():
+        expected = completion_logprobs(base, *batch[:4], engine="plain")[0]
+        with adapters.reference_policy(model) as ref:
+            got = completion_logprobs(ref, *batch[:4])[0]
+        adapted = completion_logprobs(model, *batch[:4])[0]
+    m = batch[3].bool()
+    torch.testing.assert_close(got[m], expected[m], atol=1e-5, rtol=0)
+    assert not torch.allclose(adapted[m], expected[m], atol=1e-3)  # the adapter matters
+
+
+def test_qlora_fast_paths_equal_the_plain_ones(tmp_path, monkeypatch):
+    """The packed scoring forward (hand-written for Qwen2: it calls the 4-bit projections, whose
+    MLP is not the fused one) and the group decoder give the plain paths' numbers on a 4-bit base,
+    gradients included, also under checkpointing with the chunked LM head."""
+    _, model = qlora(tmp_path)
+    pids, pmask, comp, cmask, w = group_batch(seed=2)
+    assert packed.hand_written(model, 13)
+
+    def run(engine, chunk=0):
+        model.zero_grad()
+        lp, ent = completion_logprobs(model, pids, pmask, comp, cmask, compute_entropy=True, engine=engine,
+                                      logprob_chunk_size=chunk, recompute_mlp=True)
+        ((lp + 0.1 * ent) * cmask * w).sum().backward()
+        return lp.detach() * cmask, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    lp_ref, grads_ref = run("plain")
+    lp, grads = run("auto")
+    torch.testing.assert_close(lp, lp_ref, atol=1e-5, rtol=0)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads)
+    enable_gradient_checkpointing(model)
+    lp_c, grads_c = run("auto", chunk=3)
+    torch.testing.assert_close(lp_c, lp, atol=1e-5, rtol=0)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    model.eval()
+    assert_group_decoder_equals_plain(model, pids, pmask, monkeypatch)
+
+
+def test_a_no_grad_eval_pass_leaves_a_4bit_base_trainable(tmp_path):
+    """GRPO samples in no-grad passes between its training steps. bitsandbytes would repack a 4-bit
+    layer for inference on the first eval-mode no-grad call on CPUs with AVX512-BF16, after which
+    the layer's backward no longer reaches the adapter's input (`adapters.keep_trainable_layout`
+    turns that off): the gradients after such a pass are those of a model that never made one."""
+    _, fresh = qlora(tmp_path)
+    _, used = qlora(tmp_path)
+    pids, pmask, comp, cmask, w = group_batch(seed=2)
+    used.eval()
+    with torch.no_grad():
+        completion_logprobs(used, pids, pmask, comp, cmask, engine="plain")
+    grads = []
+    for model in (fresh, used):
+        model.train()
+        lp, _ = completion_logprobs(model, pids, pmask, comp, cmask, engine="plain")
+        (lp * cmask * w).sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_quantization_settings_are_config_errors(monkeypatch):
+    import sys
+    with pytest.raises(ConfigError, match="peft.quantization: expected one of nf4, fp4"):
+        adapters.quantization_config("int8", False, torch.float32)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ConfigError, match=r"bitsandbytes.*grpo\[qlora\]"):
+        adapters.quantization_config("nf4", False, torch.float32)

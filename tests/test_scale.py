@@ -92,7 +92,40 @@ def test_lora_merge_adapter_writes_a_plain_model(tiny_model_dir, addition_files,
     assert any(not torch.equal(before[k], v) for k, v in merged.state_dict().items())
 
 
-@pytest.mark.parametrize("extra", [{"peft": LORA}, {"gradient_checkpointing": True}, {"logprob_chunk_size": 3}])
+QLORA = {**LORA, "quantization": "nf4"}
+
+
+def test_qlora_trains_a_4bit_base_and_merges_into_a_plain_model(tiny_model_dir, addition_files, tmp_path):
+    """peft.quantization through `grpo train`: pi_ref is the 4-bit base (KL 0 at the first step),
+    the adapter trains, and merge_adapter writes a plain float32 model (no quantization left in
+    its config) that computes what the trained 4-bit model with its adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from grpo.engine.adapters import keep_trainable_layout, quantization_config
+    from grpo.engine.logprobs import completion_logprobs
+
+    out = train(small(tiny_model_dir, addition_files, tmp_path / "q", peft=QLORA, merge_adapter=True), quiet=True)
+    assert metrics(out)[0]["kl"] == 0.0 and metrics(out)[1]["kl"] > 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith(("proj", "lm_head")))
+    four_bit = AutoModelForCausalLM.from_pretrained(tiny_model_dir, device_map={"": "cpu"},
+                                                    quantization_config=quantization_config("nf4", False, torch.float32))
+    keep_trainable_layout(four_bit)  # as the trainer's own loading does (else bf16 kernels on some CPUs)
+    trained = PeftModel.from_pretrained(four_bit, str(out / "adapter")).eval()
+    g = torch.Generator().manual_seed(0)
+    V = merged.config.vocab_size
+    ids = torch.randint(0, V, (4, 6), generator=g)
+    comp, mask = torch.randint(0, V, (4, 5), generator=g), torch.ones(4, 5)
+    with torch.no_grad():
+        want = completion_logprobs(trained, ids, torch.ones_like(ids), comp, mask, engine="plain")[0]
+        got = completion_logprobs(merged, ids, torch.ones_like(ids), comp, mask, engine="plain")[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [{"peft": LORA}, {"peft": QLORA}, {"gradient_checkpointing": True},
+                                   {"logprob_chunk_size": 3}])
 def test_resume_is_exact_in_every_mode(tiny_model_dir, addition_files, tmp_path, extra):
     full = tmp_path / "full"
     train(small(tiny_model_dir, addition_files, full, max_steps=4, save_steps=2, **extra), quiet=True)

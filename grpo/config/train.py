@@ -264,7 +264,9 @@ class TrainConfig(LoopConfig):
     {attn_implementation: sdpa, trust_remote_code: true}; the trained weights stay float32."""
     peft: dict = field(default_factory=dict)
     """LoRA through peft ({r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}); {}: full
-    fine-tuning. The reference is the base model with the adapter off: beta > 0 costs no copy."""
+    fine-tuning. The reference is the base model with the adapter off: beta > 0 costs no copy.
+    QLoRA: `quantization: nf4` (or fp4) stores the base's Linear layers in 4 bits (bitsandbytes,
+    extra grpo[qlora]), `double_quant: true` quantizes their scales too (arXiv:2305.14314)."""
     merge_adapter: bool = False
     """With peft: the output directory holds the merged model (plain transformers loads it) and
     adapter/ the adapter; otherwise it holds the adapter."""
@@ -410,9 +412,18 @@ class TrainConfig(LoopConfig):
             bad("epsilon_low", f"must be in [0, 1], got {self.epsilon_low}")
         if self.advantage_eps <= 0:
             bad("advantage_eps", f"must be > 0, got {self.advantage_eps}")
-        unknown = set(self.peft) - {"r", "alpha", "dropout", "target_modules"}
+        unknown = set(self.peft) - {"r", "alpha", "dropout", "target_modules", "quantization", "double_quant"}
         if unknown:
-            bad("peft", f"unknown field(s) {sorted(unknown)}; allowed: alpha, dropout, r, target_modules")
+            bad("peft", f"unknown field(s) {sorted(unknown)}; allowed: alpha, dropout, double_quant, quantization, r, "
+                        "target_modules")
+        quantization = self.peft.get("quantization")
+        if quantization is not None and quantization not in ("nf4", "fp4"):
+            bad("peft.quantization", f"expected nf4 or fp4 (4-bit base, bitsandbytes) or null, got {quantization!r}")
+        if self.peft.get("double_quant") and quantization is None:
+            bad("peft.double_quant", "quantizes the scales of a 4-bit base: set peft.quantization too")
+        if "quantization_config" in self.model_init_kwargs:
+            bad("model_init_kwargs", "quantization_config: a quantized base can only be trained through an adapter; "
+                                     "set peft.quantization (nf4 or fp4) and peft.double_quant instead")
         if self.merge_adapter and not self.peft:
             bad("merge_adapter", "there is no adapter to merge without peft")
         if self.fsdp and self.peft:

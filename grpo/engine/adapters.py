@@ -11,6 +11,12 @@ of the weights. At the start of training the adapter is zero and pi_ref == pi_th
 Every engine path runs on the wrapped model: the packed scoring forward goes through the model's
 own forward (the adapter's Linear layers included), and the group decoder calls the adapted
 projection modules directly (`models.unwrap` finds the layers under the PEFT wrapper).
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314): the same adapter over a base whose Linear layers
+are stored in 4 bits (NF4, or FP4) by bitsandbytes (`quantization_config`, the optional extra
+`grpo[qlora]`), dequantized block by block to the compute dtype in each matmul. The embeddings,
+norms and LM head stay unquantized, as in bitsandbytes' own loading. The reference is again the
+base with the adapter off, now the 4-bit base: pi_ref is what the quantized model computes.
 """
 
 from __future__ import annotations
@@ -58,6 +64,41 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_
         return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError(f"peft.target_modules {target_modules!r}: {e}") from None
+
+
+QUANTIZATIONS = ("nf4", "fp4")
+
+
+def quantization_config(quantization: str, double_quant: bool, compute_dtype):
+    """bitsandbytes' 4-bit storage for the base's Linear layers (`peft.quantization`): "nf4"
+    (QLoRA's NormalFloat, for normally distributed weights) or "fp4"; `double_quant` also
+    quantizes the per-block scales (QLoRA's double quantization, about 0.4 bits a parameter
+    less). Matmuls dequantize to `compute_dtype`."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"peft.quantization: expected one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it importable)
+    except ImportError:
+        raise ConfigError("peft.quantization: 4-bit bases need the bitsandbytes package: "
+                          "pip install 'grpo[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_use_double_quant=bool(double_quant), bnb_4bit_compute_dtype=compute_dtype)
+
+
+def keep_trainable_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference the
+    first time it runs in eval mode without grad, and never back: training after that crashes
+    (layers with a bias) or silently loses the base's gradient path (without). GRPO alternates
+    no-grad rollouts with training steps, so the repacking is switched off (it is also slower
+    here without the optional `kernels` package)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(unwrap(model), "is_loaded_in_4bit", False))
 
 
 def is_peft(model) -> bool:

@@ -77,7 +77,8 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainable: bool = True,
-                   model_init_kwargs: dict | None = None, storage_dtype: torch.dtype | None = None):
+                   model_init_kwargs: dict | None = None, storage_dtype: torch.dtype | None = None,
+                   quantization_config=None):
     """A trainable model is loaded in float32 whatever `dtype` is (master weights); a frozen one
     in `dtype`, in eval mode and without gradients. Every dropout is off either way
     (`disable_dropout`). `storage_dtype` overrides the trainable model's float32 (the frozen base
@@ -87,6 +88,8 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
     `GRPOConfig.model_init_kwargs` do: `attn_implementation` ("sdpa", "eager", ...),
     `trust_remote_code`, and `dtype` (or its old name `torch_dtype`: a name such as "bfloat16",
     "auto" or a torch.dtype), which then replaces the storage dtype chosen above.
+    `quantization_config` (`adapters.quantization_config`): the Linear layers stored in 4 bits,
+    loaded straight onto `device` (a quantized model is placed by from_pretrained, not moved).
     """
     from transformers import AutoModelForCausalLM
 
@@ -97,6 +100,8 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
         kwargs["dtype"] = kwargs.pop("torch_dtype")
     default = (storage_dtype or torch.float32) if trainable else dtype
     kwargs["dtype"] = _init_dtype(kwargs.get("dtype", default))
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -106,7 +111,11 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
             raise ModelError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
         raise ConfigError(f"model_init_kwargs {sorted(model_init_kwargs)}: from_pretrained({path!r}) "
                           f"rejected them: {e}") from None
-    model.to(device)
+    if quantization_config is None:
+        model.to(device)
+    else:
+        from .adapters import keep_trainable_layout
+        keep_trainable_layout(model)
     if trainable:
         model.train()
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import TrainConfig
-from grpo.engine.adapters import add_lora, is_peft, merge_and_unload
+from grpo.engine.adapters import add_lora, is_peft, merge_and_unload, quantization_config
 from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm
 from grpo.engine.moe import is_moe
 from grpo.errors import ConfigError
@@ -35,14 +35,16 @@ def load_models(cfg: TrainConfig, run):
     fp32. LoRA: the frozen base in the compute dtype, the trained adapter in float32."""
     where = torch.device("cpu") if cfg.fsdp else run.device  # fully_shard moves each shard to the device
     kwargs = dict(model_init_kwargs=cfg.model_init_kwargs) if cfg.model_init_kwargs else {}
-    # LoRA never updates the base: stored as the forwards compute (fp32 on CPU, bf16 on CUDA).
+    # LoRA never updates the base: stored as the forwards compute (fp32 on CPU, bf16 on CUDA), or
+    # under QLoRA its Linear layers in 4 bits.
     base_dtype = run.dtype if cfg.peft else None
-    policy = load_causal_lm(cfg.model, where, torch.float32, storage_dtype=base_dtype, **kwargs)
+    policy = load_causal_lm(cfg.model, where, torch.float32, storage_dtype=base_dtype,
+                            quantization_config=quantization(cfg, run.dtype), **kwargs)
     if cfg.router_aux_loss_coef and not is_moe(policy):
         raise ConfigError(f"router_aux_loss_coef: {cfg.model} ({type(policy).__name__}) is not a mixture-of-experts "
                           "model with a router load-balancing loss (Mixtral, Qwen2-MoE, Qwen3-MoE); set it to 0")
     if cfg.peft:
-        policy = add_lora(policy, **cfg.peft)
+        policy = add_lora(policy, **lora_settings(cfg))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     reference = None
@@ -52,6 +54,17 @@ def load_models(cfg: TrainConfig, run):
         policy = shard_model(policy, run.world, run.dtype)
         reference = shard_model(reference, run.world, run.dtype) if reference is not None else None
     return policy, reference
+
+
+def lora_settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.peft.items() if k not in ("quantization", "double_quant")}
+
+
+def quantization(cfg: TrainConfig, compute_dtype: torch.dtype):
+    """bitsandbytes' config for a QLoRA base (peft.quantization), or None."""
+    if cfg.peft.get("quantization") is None:
+        return None
+    return quantization_config(cfg.peft["quantization"], cfg.peft.get("double_quant", False), compute_dtype)
 
 
 def restore(cfg: TrainConfig, checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator, world):
@@ -85,6 +98,19 @@ def save_final(cfg: TrainConfig, out: Path, policy, tokenizer, world) -> None:
         return
     if is_peft(policy) and cfg.merge_adapter:
         save_model(out / "adapter", policy, tokenizer)
-        save_model(out, merge_and_unload(policy), tokenizer)
+        save_model(out, merged_model(cfg, policy, out / "adapter"), tokenizer)
     else:
         save_model(out, policy, tokenizer)
+
+
+def merged_model(cfg: TrainConfig, policy, adapter_dir: Path):
+    """The adapter folded into its base, a plain transformers model. Under QLoRA peft would fold it
+    into the 4-bit weights and quantize the sums again (a second rounding, and still 4-bit), so
+    the base is loaded once more, dequantized to float32 (the weights the trained model's matmuls
+    used), and the saved adapter merged into that."""
+    if quantization(cfg, torch.float32) is None:
+        return merge_and_unload(policy)
+    from peft import PeftModel
+    base = load_causal_lm(cfg.model, torch.device("cpu"), torch.float32, trainable=False,
+                          quantization_config=quantization(cfg, torch.float32), model_init_kwargs=cfg.model_init_kwargs)
+    return PeftModel.from_pretrained(base.dequantize(), str(adapter_dir)).merge_and_unload()
