@@ -280,6 +280,32 @@ def test_trls_peft_config_becomes_our_peft_key():
         make(peft_config={"r": 2}, peft={"r": 4})
 
 
+def test_trls_model_config_keys_become_ours():
+    """A TRL script's YAML recipe holds its ModelConfig too: model_name_or_path, use_peft with
+    lora_* (TRL's defaults where one is missing), load_in_4bit (QLoRA), attn_implementation."""
+    values = {k: v for k, v in BASE.items() if k != "model"}
+    cfg = build(TrainConfig, {**values, "model_name_or_path": "Qwen/Qwen2.5-0.5B", "use_peft": True, "lora_r": 8,
+                              "lora_target_modules": ["q_proj", "v_proj"], "load_in_4bit": True,
+                              "use_bnb_nested_quant": True, "attn_implementation": "sdpa",
+                              "trust_remote_code": False}, "test.yaml")
+    assert cfg.model == "Qwen/Qwen2.5-0.5B"
+    assert cfg.peft == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+                        "quantization": "nf4", "double_quant": True}
+    assert cfg.model_init_kwargs == {"attn_implementation": "sdpa", "trust_remote_code": False}
+    assert make(use_peft=True).peft == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
+    assert make(use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="fp4").peft["quantization"] == "fp4"
+    assert make(use_peft=False, lora_r=8).peft == {}  # as TRL: LoRA fields without use_peft are unused
+    for kw, message in [(dict(lora_r=8), r"lora_r .TRL's ModelConfig. take effect only with use_peft: true"),
+                        (dict(use_peft=False, load_in_4bit=True), "a 4-bit base trains only through an adapter"),
+                        (dict(load_in_8bit=True), "8-bit bases are not offered"),
+                        (dict(use_peft="yes"), "use_peft: expected true or false"),
+                        (dict(use_peft=True, peft={"r": 4}), "use_peft .TRL's name. sets peft"),
+                        (dict(attn_implementation="eager", model_init_kwargs={"attn_implementation": "sdpa"}),
+                         "attn_implementation .TRL's ModelConfig. is also in model_init_kwargs")]:
+        with pytest.raises(ConfigError, match=message):
+            make(**kw)
+
+
 def test_peft_config_with_peft_s_default_modules_trains_an_adapter_on_q_and_v(tiny_model_dir, addition_files,
                                                                              tmp_path):
     import peft

@@ -38,7 +38,18 @@ TRAIN_KEYS = {
                          "max_tokens entries override those keys (as in TRL); other entries are refused",
     "delta, min_p: null": "null is 0 (off)",
     "peft_config": "peft: a peft.LoraConfig (or a dict of its fields): r, lora_alpha, lora_dropout, target_modules",
+    "model_name_or_path": "model (TRL's ModelConfig)",
+    "use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules": "peft {r, alpha, dropout, target_modules} "
+        "(TRL's ModelConfig; its defaults r 16, alpha 32, dropout 0.05)",
+    "load_in_4bit, bnb_4bit_quant_type, use_bnb_nested_quant": "peft.quantization (nf4 by default, as TRL) and "
+        "peft.double_quant; with use_peft (a 4-bit base trains through an adapter)",
+    "attn_implementation, trust_remote_code": "model_init_kwargs entries (TRL's ModelConfig)",
 }
+# TRL's ModelConfig (the model half of its scripts' YAML recipes): LoRA fields -> our peft keys,
+# with TRL's defaults where use_peft is on and a field is not given.
+MODEL_CONFIG_LORA = {"lora_r": ("r", 16), "lora_alpha": ("alpha", 32), "lora_dropout": ("dropout", 0.05),
+                     "lora_target_modules": ("target_modules", None)}
+MODEL_CONFIG_4BIT = ("load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
 
 
 def _conflict(values: dict, source: str, trl_key: str, *keys: str) -> None:
@@ -101,6 +112,46 @@ def translate_train_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     if "peft_config" in values:
         _conflict(values, source, "peft_config", "peft")
         values["peft"] = _lora(values.pop("peft_config"), source)
+    return _model_config(values, source)
+
+
+def _model_config(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """TRL's ModelConfig keys (`use_peft`, `lora_r`, `load_in_4bit`, ...) as ours."""
+    if "model_name_or_path" in values:
+        _conflict(values, source, "model_name_or_path", "model")
+        values["model"] = values.pop("model_name_or_path")
+    for key in ("attn_implementation", "trust_remote_code"):
+        if key in values:
+            kwargs = dict(values.get("model_init_kwargs") or {})
+            if key in kwargs:
+                raise ConfigError(f"{source}: {key} (TRL's ModelConfig) is also in model_init_kwargs; give one")
+            kwargs[key] = values.pop(key)
+            values["model_init_kwargs"] = kwargs
+    if "load_in_8bit" in values:
+        if values.pop("load_in_8bit"):
+            raise ConfigError(f"{source}: load_in_8bit: 8-bit bases are not offered; load_in_4bit (QLoRA, "
+                              "peft.quantization) is")
+    lora = {k: values.pop(k) for k in list(MODEL_CONFIG_LORA) if k in values}
+    four_bit = {k: values.pop(k) for k in MODEL_CONFIG_4BIT if k in values}
+    if "use_peft" not in values:
+        if lora or four_bit.get("load_in_4bit"):
+            given = ", ".join(sorted(lora) + (["load_in_4bit"] if four_bit.get("load_in_4bit") else []))
+            raise ConfigError(f"{source}: {given} (TRL's ModelConfig) take effect only with use_peft: true; add "
+                              "it (or give peft: {r, alpha, dropout, target_modules})")
+        return values
+    use_peft = values.pop("use_peft")
+    if not isinstance(use_peft, bool):
+        raise ConfigError(f"{source}: use_peft: expected true or false, got {use_peft!r}")
+    if not use_peft:
+        if four_bit.get("load_in_4bit"):
+            raise ConfigError(f"{source}: load_in_4bit: a 4-bit base trains only through an adapter; set use_peft: true")
+        return values
+    _conflict(values, source, "use_peft", "peft")
+    peft = {ours: lora.get(theirs, default) for theirs, (ours, default) in MODEL_CONFIG_LORA.items()}
+    if four_bit.get("load_in_4bit"):
+        peft["quantization"] = four_bit.get("bnb_4bit_quant_type", "nf4")
+        peft["double_quant"] = bool(four_bit.get("use_bnb_nested_quant", False))
+    values["peft"] = peft
     return values
 
 
