@@ -56,6 +56,7 @@ def test_int_is_accepted_for_float():
     ({"fsdp": True, "dynamic_sampling": True}, "dynamic_sampling with fsdp is not supported"),
     ({"model_init_kwargs": {"torch_dtype": "bfloat16"}}, "remove dtype / torch_dtype from model_init_kwargs"),
     ({"peft": {"r": 8, "quantization": "int8"}}, "peft.quantization: expected nf4 or fp4"),
+    ({"peft": {"r": 8, "quantization": "nf4"}, "fsdp": True}, "fsdp: a 4-bit base (peft.quantization) is not sharded"),
     ({"peft": {"r": 8, "double_quant": True}}, "peft.double_quant: quantizes the scales of a 4-bit base"),
     ({"peft": {"r": 8, "quantisation": "nf4"}}, "allowed: alpha, dropout, double_quant, quantization, r"),
     ({"model_init_kwargs": {"quantization_config": {"load_in_4bit": True}}}, "set peft.quantization (nf4 or fp4)"),

@@ -171,14 +171,18 @@ def test_fsdp_in_one_process_says_to_start_it_with_torchrun(tiny_model_dir, addi
         train(cfg, quiet=True)
 
 
+def torchrun_settings(tiny_model_dir, addition_files):
+    return ["--set", f"model={tiny_model_dir}", "--set", f"dataset={addition_files['train']}",
+            "--set", "rewards=[answer_distance]", "--set", "prompts_per_step=2", "--set", "group_size=4",
+            "--set", "max_completion_length=4", "--set", "max_steps=4", "--set", "save_steps=2",
+            "--set", "num_threads=1", "--set", "learning_rate=1e-3", "--set", "report_to=[]",
+            # the chunked LM head (what a 151,936-token vocabulary gets by default): under fsdp
+            # it runs on the root unit's weights outside the model's forward
+            "--set", "logprob_chunk_size=3"]
+
+
 def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tiny_model_dir, addition_files, tmp_path):
-    common = ["--set", f"model={tiny_model_dir}", "--set", f"dataset={addition_files['train']}",
-              "--set", "rewards=[answer_distance]", "--set", "prompts_per_step=2", "--set", "group_size=4",
-              "--set", "max_completion_length=4", "--set", "max_steps=4", "--set", "save_steps=2",
-              "--set", "num_threads=1", "--set", "learning_rate=1e-3", "--set", "report_to=[]",
-              # the chunked LM head (what a 151,936-token vocabulary gets by default): under fsdp
-              # it runs on the root unit's weights outside the model's forward
-              "--set", "logprob_chunk_size=3"]
+    common = torchrun_settings(tiny_model_dir, addition_files)
     torchrun([*common, "--set", f"output_dir={tmp_path / 'ddp'}"], tmp_path)
     torchrun([*common, "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "fsdp=true"], tmp_path)
     assert (tmp_path / "fsdp" / "checkpoint-2" / "sharded").is_dir()
@@ -192,6 +196,37 @@ def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tin
     torchrun([*common, "--set", f"output_dir={part}", "--set", "fsdp=true", "--resume"], tmp_path)
     resumed = load_file(str(part / "model.safetensors"))
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
+
+
+def test_fsdp_with_lora_matches_plain_data_parallel_resumes_exactly_and_merges(tiny_model_dir, addition_files,
+                                                                                tmp_path):
+    """fsdp + peft: the base and the adapter sharded, the reference the sharded base with the
+    adapter off (beta > 0): the same adapter as plain data parallel to fp32 rounding, a sharded
+    checkpoint that resumes bit for bit, and with merge_adapter the adapter plus a merged plain
+    model."""
+    from transformers import AutoModelForCausalLM
+
+    common = [*torchrun_settings(tiny_model_dir, addition_files), "--set", "beta=0.04",
+              "--set", "peft={r: 4, alpha: 8, target_modules: all-linear}"]
+    torchrun([*common, "--set", f"output_dir={tmp_path / 'ddp'}"], tmp_path)
+    torchrun([*common, "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "fsdp=true", "--set", "merge_adapter=true"],
+             tmp_path)
+    assert (tmp_path / "fsdp" / "checkpoint-2" / "sharded").is_dir()
+    name = "adapter_model.safetensors"
+    ddp, fsdp = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "fsdp" / "adapter" / name))
+    assert ddp.keys() == fsdp.keys() and all("lora_" in k for k in ddp)
+    assert any(v.abs().sum() > 0 for k, v in fsdp.items() if "lora_B" in k)
+    for k in ddp:  # fp32 rounding in near-zero gradients, which AdamW's normalised step (lr 1e-3) amplifies
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", part / "checkpoint-2")
+    torchrun([*common, "--set", f"output_dir={part}", "--set", "fsdp=true", "--set", "merge_adapter=true", "--resume"],
+             tmp_path)
+    resumed = load_file(str(part / "adapter" / name))
+    assert resumed.keys() == fsdp.keys() and all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
 
 
 def test_malloc_mmap_threshold_auto_is_for_large_vocabularies_on_a_cpu_only():

@@ -426,8 +426,9 @@ class TrainConfig(LoopConfig):
                                      "set peft.quantization (nf4 or fp4) and peft.double_quant instead")
         if self.merge_adapter and not self.peft:
             bad("merge_adapter", "there is no adapter to merge without peft")
-        if self.fsdp and self.peft:
-            bad("fsdp", "LoRA (peft) with fsdp is not supported yet: the adapter is small enough to replicate")
+        if self.fsdp and self.peft.get("quantization") is not None:
+            bad("fsdp", "a 4-bit base (peft.quantization) is not sharded here: bitsandbytes' 4-bit layers and "
+                        "FSDP2 do not go together yet; QLoRA runs on one process or as plain data parallel")
         if self.fsdp and self.dynamic_sampling:
             bad("fsdp", "dynamic_sampling with fsdp is not supported yet: processes that are already full stop "
                         "generating, and a sharded model's generation is a collective every process must join")

@@ -36,14 +36,18 @@ def load_models(cfg: TrainConfig, run):
     where = torch.device("cpu") if cfg.fsdp else run.device  # fully_shard moves each shard to the device
     kwargs = dict(model_init_kwargs=cfg.model_init_kwargs) if cfg.model_init_kwargs else {}
     # LoRA never updates the base: stored as the forwards compute (fp32 on CPU, bf16 on CUDA), or
-    # under QLoRA its Linear layers in 4 bits.
-    base_dtype = run.dtype if cfg.peft else None
+    # under QLoRA its Linear layers in 4 bits. FSDP2 shards float32 weights and casts them for the
+    # forwards with its own policy, so a sharded base stays float32 (a 1 / world share of it).
+    base_dtype = run.dtype if cfg.peft and not cfg.fsdp else None
     policy = load_causal_lm(cfg.model, where, torch.float32, storage_dtype=base_dtype,
                             quantization_config=quantization(cfg, run.dtype), **kwargs)
     if cfg.router_aux_loss_coef and not is_moe(policy):
         raise ConfigError(f"router_aux_loss_coef: {cfg.model} ({type(policy).__name__}) is not a mixture-of-experts "
                           "model with a router load-balancing loss (Mixtral, Qwen2-MoE, Qwen3-MoE); set it to 0")
     if cfg.peft:
+        # The adapter's random A from the run's seed, not the process's (seed + rank): every process
+        # of a data-parallel or sharded run starts from the same adapter, as from the same base.
+        torch.manual_seed(cfg.seed)
         policy = add_lora(policy, **lora_settings(cfg))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
@@ -51,8 +55,10 @@ def load_models(cfg: TrainConfig, run):
     if needs_reference(cfg):
         reference = policy if cfg.peft else load_causal_lm(cfg.model, where, torch.float32, trainable=False, **kwargs)
     if cfg.fsdp:
+        shared = reference is policy  # a LoRA policy's reference is the policy itself: sharded once
         policy = shard_model(policy, run.world, run.dtype)
-        reference = shard_model(reference, run.world, run.dtype) if reference is not None else None
+        if reference is not None:
+            reference = policy if shared else shard_model(reference, run.world, run.dtype)
     return policy, reference
 
 
@@ -91,12 +97,16 @@ def save_train_checkpoint(cfg: TrainConfig, out: Path, step: int, policy, optimi
 def save_final(cfg: TrainConfig, out: Path, policy, tokenizer, world) -> None:
     """The trained model: one directory plain transformers loads (gathered from the shards under
     fsdp); under LoRA the adapter, or with merge_adapter the merged model and adapter/ beside it."""
-    if cfg.fsdp:
-        save_gathered_pretrained(policy, tokenizer, out, world)
+    merge = is_peft(policy) and cfg.merge_adapter
+    if cfg.fsdp:  # a LoRA policy's save_pretrained takes the adapter's entries of the gathered weights
+        save_gathered_pretrained(policy, tokenizer, out / "adapter" if merge else out, world)
+        if merge and world.main:
+            save_model(out, merged_model(cfg, policy, out / "adapter"), tokenizer)
+        world.barrier()
         return
     if not world.main:
         return
-    if is_peft(policy) and cfg.merge_adapter:
+    if merge:
         save_model(out / "adapter", policy, tokenizer)
         save_model(out, merged_model(cfg, policy, out / "adapter"), tokenizer)
     else:
@@ -105,12 +115,14 @@ def save_final(cfg: TrainConfig, out: Path, policy, tokenizer, world) -> None:
 
 def merged_model(cfg: TrainConfig, policy, adapter_dir: Path):
     """The adapter folded into its base, a plain transformers model. Under QLoRA peft would fold it
-    into the 4-bit weights and quantize the sums again (a second rounding, and still 4-bit), so
-    the base is loaded once more, dequantized to float32 (the weights the trained model's matmuls
-    used), and the saved adapter merged into that."""
-    if quantization(cfg, torch.float32) is None:
+    into the 4-bit weights and quantize the sums again (a second rounding, and still 4-bit), and a
+    sharded policy has no whole weights on any process: then the base is loaded once more (under
+    QLoRA dequantized to float32, the weights the trained model's matmuls used) and the saved
+    adapter merged into that."""
+    quantized = quantization(cfg, torch.float32)
+    if quantized is None and not cfg.fsdp:
         return merge_and_unload(policy)
     from peft import PeftModel
     base = load_causal_lm(cfg.model, torch.device("cpu"), torch.float32, trainable=False,
-                          quantization_config=quantization(cfg, torch.float32), model_init_kwargs=cfg.model_init_kwargs)
-    return PeftModel.from_pretrained(base.dequantize(), str(adapter_dir)).merge_and_unload()
+                          quantization_config=quantized, model_init_kwargs=cfg.model_init_kwargs)
+    return PeftModel.from_pretrained(base.dequantize() if quantized else base, str(adapter_dir)).merge_and_unload()
