@@ -506,3 +506,35 @@ def test_checkpointing_keeps_neither_the_embedding_nor_an_input_gradient(lora):
         assert embedded.grad is None
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_write_rows_hands_each_block_its_rows_of_the_gradient_without_copying_the_whole():
+    """`packed._WriteRows`: disjoint row blocks written into one buffer give torch.cat's values and
+    gradients, and the backward makes no tensor of the whole buffer's size (autograd's in-place
+    copy would clone and zero the whole gradient once per write)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from grpo.engine import packed
+
+    blocks = [torch.randn(n, 4, requires_grad=True) for n in (2, 3, 1)]
+    out, a = torch.empty(6, 4), 0
+    for block in blocks:
+        out = packed._WriteRows.apply(out, block, a, a + len(block))
+        a += len(block)
+    torch.testing.assert_close(out, torch.cat(blocks), atol=0, rtol=0)
+    grad = torch.randn(6, 4)
+
+    class WholeSized(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.shape == (6, 4) and func is not torch.ops.aten.detach.default:
+                self.made += 1
+            return result
+
+    with WholeSized() as whole:
+        out.backward(grad)
+    assert whole.made == 0
+    for block, rows in zip(blocks, (slice(0, 2), slice(2, 5), slice(5, 6))):
+        torch.testing.assert_close(block.grad, grad[rows], atol=0, rtol=0)

@@ -331,6 +331,27 @@ def hand_written(model, positions: int) -> bool:
     return not isinstance(base, FSDPModule) and not isinstance(base.model.layers[0], FSDPModule)
 
 
+class _WriteRows(torch.autograd.Function):
+    """out[a:b] = rows, in place, for an `out` whose rows are each written once: the backward hands
+    `rows` its slice of the gradient as a view and passes the gradient on to the earlier `out`
+    unchanged. (Autograd's own in-place copy zeroes the written slice in a clone of the whole
+    gradient, one [M, width] copy per write.) Passing it on unzeroed is exact here because the
+    writes are disjoint: the rows a later write covers are rows no earlier write touched, so that
+    part of the gradient reaches only the unwritten buffer, which needs none."""
+
+    @staticmethod
+    def forward(ctx, out, rows, a: int, b: int):
+        out[a:b] = rows
+        ctx.mark_dirty(out)
+        ctx.span = a, b
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.span
+        return grad, grad[a:b], None, None
+
+
 def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: float,
                      per_call: int | None = None) -> Tensor:
     """`_packed_attention` for q [M, H, hd], k/v [M, Hkv, hd] -> [M, H * hd] (no sliding window,
@@ -362,7 +383,7 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
     (qp, *q_runs), (kp, *k_runs), (vp, *v_runs) = (x.split(sizes) for x in (q, k, v))
     qp, kp, vp = heads_first(qp, U), heads_first(kp, U), heads_first(vp, U)
     out = q.new_empty(M, H * hd)
-    out[:n_prompt] = sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd)
+    out = _WriteRows.apply(out, sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd), 0, n_prompt)
     for r0, (a, b), q_run, k_run, v_run in zip(range(0, rows, per_call), zip(starts, starts[1:]), q_runs, k_runs, v_runs):
         r1 = min(r0 + per_call, rows)
         where = pk.layout_index[a:b] - r0 * Tc                          # the fed tokens' slots in this run
@@ -373,7 +394,7 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
         keys = torch.cat([kp.index_select(0, prompt_of), layout(k_run)], dim=2)
         values = torch.cat([vp.index_select(0, prompt_of), layout(v_run)], dim=2)
         o = sdpa(layout(q_run), keys, values, completion_mask[r0:r1])
-        out[n_prompt + a:n_prompt + b] = o.transpose(1, 2).reshape(-1, H * hd).index_select(0, where)
+        out = _WriteRows.apply(out, o.transpose(1, 2).reshape(-1, H * hd).index_select(0, where), n_prompt + a, n_prompt + b)
     return out
 
 
@@ -387,9 +408,8 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
     from .models import checkpointing_active
     base = unwrap(model).model
     H, Hkv, hd, scale = attention_shape(model)
-    x = base.embed_tokens(pk.input_ids)                                  # [M, D]
-    cos, sin = rope_tables(model, x, pk.position_ids)                   # [M, 1, hd]
-    M = x.shape[0]
+    M = pk.input_ids.shape[0]
+    cos, sin = rope_tables(model, base.embed_tokens.weight[:0], pk.position_ids)  # [M, 1, hd]
 
     def attention_block(layer, x):
         a = layer.self_attn
@@ -416,10 +436,9 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
         return lambda layer, ids: block(layer, base.embed_tokens(ids))
 
     blocks = attention_block, decoder_layer
-    if checkpointed:
-        # The first checkpoint starts from the ids: the backward then looks the [M, D] embedding
-        # up again instead of keeping it from the first layer's forward to the end.
-        x = pk.input_ids
+    # Checkpointed, the first checkpoint starts from the ids: the backward then looks the [M, D]
+    # embedding up again instead of keeping it from the first layer's forward to the end.
+    x = pk.input_ids if checkpointed else base.embed_tokens(pk.input_ids)  # [M] or [M, D]
     by_rows = recompute_mlp and (checkpointed or not torch.is_grad_enabled())
     per_call = max(1, ROWS // pk.Tc) if by_rows else None  # attention: `llama.ROWS` query tokens per call
     for i, layer in enumerate(base.layers):
