@@ -204,7 +204,7 @@ def test_qlora_stores_the_base_in_4_bits_and_its_reference_is_that_base_exactly(
     four_bit = [m for m in adapters.unwrap(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7 and all(m.weight.dtype == torch.uint8 for m in four_bit)  # 2 layers x q,k,v,o,gate,up,down
     assert all(m.weight.quant_state.quant_type == quantization for m in four_bit)
-    assert adapters.is_quantized(model) and not adapters.is_quantized(build("qwen2"))
+    assert adapters.unwrap(model).is_loaded_in_4bit
     assert all("lora_" in n and p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     batch = group_batch()
     with torch.no_grad():

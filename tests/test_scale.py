@@ -211,15 +211,22 @@ def test_fsdp_with_lora_matches_plain_data_parallel_resumes_exactly_and_merges(t
     torchrun([*common, "--set", f"output_dir={tmp_path / 'ddp'}"], tmp_path)
     torchrun([*common, "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "fsdp=true", "--set", "merge_adapter=true"],
              tmp_path)
-    assert (tmp_path / "fsdp" / "checkpoint-2" / "sharded").is_dir()
+    from torch.distributed.checkpoint import FileSystemReader
+    stored = FileSystemReader(str(tmp_path / "fsdp" / "checkpoint-2" / "sharded")).read_metadata().state_dict_metadata
+    weights = [k for k in stored if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights)  # the adapter only: the frozen base is loaded again
     name = "adapter_model.safetensors"
     ddp, fsdp = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "fsdp" / "adapter" / name))
     assert ddp.keys() == fsdp.keys() and all("lora_" in k for k in ddp)
     assert any(v.abs().sum() > 0 for k, v in fsdp.items() if "lora_B" in k)
     for k in ddp:  # fp32 rounding in near-zero gradients, which AdamW's normalised step (lr 1e-3) amplifies
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-4)
+    from peft import PeftModel
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     str(tmp_path / "fsdp" / "adapter")).merge_and_unload().state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in merged.state_dict().items())
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", part / "checkpoint-2")

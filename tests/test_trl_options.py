@@ -299,6 +299,8 @@ def test_trls_model_config_keys_become_ours():
                         (dict(use_peft=False, load_in_4bit=True), "a 4-bit base trains only through an adapter"),
                         (dict(load_in_8bit=True), "8-bit bases are not offered"),
                         (dict(use_peft="yes"), "use_peft: expected true or false"),
+                        (dict(use_peft=True, load_in_4bit="false"), "load_in_4bit: expected true or false"),
+                        (dict(use_peft=False, peft={"r": 4}), "use_peft: false .TRL's name. contradicts peft"),
                         (dict(use_peft=True, peft={"r": 4}), "use_peft .TRL's name. sets peft"),
                         (dict(attn_implementation="eager", model_init_kwargs={"attn_implementation": "sdpa"}),
                          "attn_implementation .TRL's ModelConfig. is also in model_init_kwargs")]:

@@ -133,18 +133,22 @@ def _model_config(values: dict[str, Any], source: str) -> dict[str, Any]:
                               "peft.quantization) is")
     lora = {k: values.pop(k) for k in list(MODEL_CONFIG_LORA) if k in values}
     four_bit = {k: values.pop(k) for k in MODEL_CONFIG_4BIT if k in values}
+    for key in ("load_in_4bit", "use_bnb_nested_quant", "use_peft"):
+        value = four_bit.get(key, values.get(key, False))
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
     if "use_peft" not in values:
         if lora or four_bit.get("load_in_4bit"):
             given = ", ".join(sorted(lora) + (["load_in_4bit"] if four_bit.get("load_in_4bit") else []))
-            raise ConfigError(f"{source}: {given} (TRL's ModelConfig) take effect only with use_peft: true; add "
-                              "it (or give peft: {r, alpha, dropout, target_modules})")
+            raise ConfigError(f"{source}: {given} (TRL's ModelConfig) take effect only with use_peft: true; add it "
+                              "(our own keys: peft {r, alpha, dropout, target_modules, quantization})")
         return values
     use_peft = values.pop("use_peft")
-    if not isinstance(use_peft, bool):
-        raise ConfigError(f"{source}: use_peft: expected true or false, got {use_peft!r}")
     if not use_peft:
         if four_bit.get("load_in_4bit"):
             raise ConfigError(f"{source}: load_in_4bit: a 4-bit base trains only through an adapter; set use_peft: true")
+        if values.get("peft"):
+            raise ConfigError(f"{source}: use_peft: false (TRL's name) contradicts peft, which the config sets; give one")
         return values
     _conflict(values, source, "use_peft", "peft")
     peft = {ours: lora.get(theirs, default) for theirs, (ours, default) in MODEL_CONFIG_LORA.items()}

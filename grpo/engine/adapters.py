@@ -25,7 +25,7 @@ import contextlib
 
 from grpo.errors import ConfigError
 
-from .models import unwrap
+from .models import keep_trainable_layout, unwrap  # noqa: F401  (keep_trainable_layout: QLoRA's loading)
 
 
 def _peft():
@@ -84,21 +84,6 @@ def quantization_config(quantization: str, double_quant: bool, compute_dtype):
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
                               bnb_4bit_use_double_quant=bool(double_quant), bnb_4bit_compute_dtype=compute_dtype)
-
-
-def keep_trainable_layout(model) -> None:
-    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference the
-    first time it runs in eval mode without grad, and never back: training after that crashes
-    (layers with a bias) or silently loses the base's gradient path (without). GRPO alternates
-    no-grad rollouts with training steps, so the repacking is switched off (it is also slower
-    here without the optional `kernels` package)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def is_quantized(model) -> bool:
-    return bool(getattr(unwrap(model), "is_loaded_in_4bit", False))
 
 
 def is_peft(model) -> bool:

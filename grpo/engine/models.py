@@ -114,7 +114,6 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
     if quantization_config is None:
         model.to(device)
     else:
-        from .adapters import keep_trainable_layout
         keep_trainable_layout(model)
     if trainable:
         model.train()
@@ -123,6 +122,17 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
         model.requires_grad_(False)
     disable_dropout(model)
     return model
+
+
+def keep_trainable_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference the
+    first time it runs in eval mode without grad, and never back: training after that crashes
+    (layers with a bias) or silently loses the base's gradient path (without). GRPO alternates
+    no-grad rollouts with training steps, so the repacking is switched off (it is also slower
+    here without the optional `kernels` package)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _init_dtype(value):
@@ -202,11 +212,12 @@ def enable_gradient_checkpointing(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers before activation_checkpointing_enable
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # Both also hook the input embeddings to make their output require grad, which only reentrant
-    # checkpointing needs (its checkpoints pass no gradient to parameters otherwise). With frozen
-    # embeddings (LoRA) that output then becomes a leaf: kept to the end of the backward, and given
-    # a [tokens, D] .grad nobody reads.
-    base.disable_input_require_grads()
+    # Transformers 5 (and 4.x for PEFT models) also hooks the input embeddings to make their output
+    # require grad, which only reentrant checkpointing needs (its checkpoints pass no gradient to
+    # parameters otherwise). With frozen embeddings (LoRA) that output becomes a leaf: kept to the
+    # end of the backward, and given a [tokens, D] .grad nobody reads.
+    if getattr(base, "_require_grads_hooks", None) or hasattr(base, "_require_grads_hook"):
+        base.disable_input_require_grads()
 
 
 def checkpointing_active(model) -> bool:

@@ -47,8 +47,11 @@ def load_models(cfg: TrainConfig, run):
     if cfg.peft:
         # The adapter's random A from the run's seed, not the process's (seed + rank): every process
         # of a data-parallel or sharded run starts from the same adapter, as from the same base.
-        torch.manual_seed(cfg.seed)
-        policy = add_lora(policy, **lora_settings(cfg))
+        # The process's own stream (LoRA dropout, users' reward functions) resumes after it.
+        cuda = [torch.cuda.current_device()] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)
+            policy = add_lora(policy, **lora_settings(cfg))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     reference = None

@@ -29,6 +29,15 @@ from .distributed import World
 SHARDS_DIR = "sharded"
 
 
+def _options(model, **kw):
+    """A LoRA policy's shards hold the adapter only: its frozen base is what the run loads again
+    from `model` (as an unsharded LoRA checkpoint holds the adapter only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from grpo.engine.adapters import is_peft
+    return StateDictOptions(ignore_frozen_params=True, strict=False, **kw) if is_peft(model) else StateDictOptions(**kw)
+
+
 def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, tokenizer, state: dict, world: World,
                             keep: int = 0, run: dict | None = None) -> Path:
     """Every process calls this. `state` is `checkpoint.train_state(...)` (its "optimizer" entry,
@@ -44,7 +53,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, token
         shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()  # nobody writes into the directory rank 0 is still clearing
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(model))
     failed = None
     try:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDS_DIR))
@@ -87,10 +96,16 @@ def restore_sharded_train_state(checkpoint: Path, policy, optimizer, scheduler, 
         raise ConfigError(f"fsdp: {checkpoint} holds no {SHARDS_DIR}/ directory (it was saved by a run without "
                           f"fsdp); resume it with fsdp: false")
     state = load_state(checkpoint)
-    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    options = _options(policy)
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=options)
     shards = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(shards, checkpoint_id=str(checkpoint / SHARDS_DIR))  # in place, into this process's shards
-    set_state_dict(policy, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    loaded = set_state_dict(policy, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+                            options=options)
+    trained = {name for name, p in policy.named_parameters() if p.requires_grad}
+    missing = sorted(trained & set(getattr(loaded, "missing_keys", ())))
+    if missing:  # strict=False (the frozen base is not in the shards) must not pass over a trained weight
+        raise ConfigError(f"--resume: {checkpoint} holds no {missing[0]} (and {len(missing) - 1} more trained weights)")
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         precision.scaler.load_state_dict(state["scaler"])
@@ -101,10 +116,10 @@ def restore_sharded_train_state(checkpoint: Path, policy, optimizer, scheduler, 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole model's weights gathered on rank 0, on the CPU (every process calls this; the
-    others get an empty dict, so only rank 0 holds a full copy)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    others get an empty dict, so only rank 0 holds a full copy). A LoRA policy's adapter only."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=_options(model, full_state_dict=True, cpu_offload=True))
 
 
 def save_gathered_pretrained(model, tokenizer, directory: Path, world: World) -> None:
