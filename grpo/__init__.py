@@ -16,4 +16,12 @@ Layers, each a subpackage whose imports point only downward (docs/DESIGN.md):
     cli        the `grpo` command
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (QLoRA's extra), imported by peft whenever it is installed, warns on CPUs with
+# AVX512-BF16 that an optional package for its packed 4-bit inference kernel is missing. grpo
+# switches that packed layout off (it breaks training: engine.models.keep_trainable_layout), so
+# the warning is noise on every run's stderr; its module's other warnings go with it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -118,10 +118,10 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_
     real = trainer.load_causal_lm
     monkeypatch.setattr(trainer, "load_causal_lm", lambda *a, **k: loads.append(k) or real(*a, **k))
     train(small(tiny_model_dir, addition_files, tmp_path / "a", beta=0.0), quiet=True)
-    assert loads == [{"storage_dtype": None}]  # the policy only (float32 master weights)
+    assert loads == [{"storage_dtype": None, "quantization_config": None}]  # the policy only (float32 master weights)
     loads.clear()
     train(small(tiny_model_dir, addition_files, tmp_path / "b", beta=0.04), quiet=True)
-    assert loads == [{"storage_dtype": None}, {"trainable": False}]
+    assert loads == [{"storage_dtype": None, "quantization_config": None}, {"trainable": False}]
 
 
 def test_sft_command_learns_completion_tokens_only(tiny_model_dir, addition_files, tmp_path):
