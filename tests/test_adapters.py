@@ -251,7 +251,7 @@ def test_qlora_fast_paths_equal_the_plain_ones(tmp_path, monkeypatch):
 def test_a_no_grad_eval_pass_leaves_a_4bit_base_trainable(tmp_path):
     """GRPO samples in no-grad passes between its training steps. bitsandbytes would repack a 4-bit
     layer for inference on the first eval-mode no-grad call on CPUs with AVX512-BF16, after which
-    the layer's backward no longer reaches the adapter's input (`adapters.keep_trainable_layout`
+    the layer's backward no longer reaches the adapter's input (`models.keep_trainable_layout`
     turns that off): the gradients after such a pass are those of a model that never made one."""
     _, fresh = qlora(tmp_path)
     _, used = qlora(tmp_path)

@@ -102,7 +102,8 @@ def test_qlora_trains_a_4bit_base_and_merges_into_a_plain_model(tiny_model_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from grpo.engine.adapters import keep_trainable_layout, quantization_config
+    from grpo.engine.adapters import quantization_config
+    from grpo.engine.models import load_causal_lm
     from grpo.engine.logprobs import completion_logprobs
 
     out = train(small(tiny_model_dir, addition_files, tmp_path / "q", peft=QLORA, merge_adapter=True), quiet=True)
@@ -110,9 +111,8 @@ def test_qlora_trains_a_4bit_base_and_merges_into_a_plain_model(tiny_model_dir, 
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith(("proj", "lm_head")))
-    four_bit = AutoModelForCausalLM.from_pretrained(tiny_model_dir, device_map={"": "cpu"},
-                                                    quantization_config=quantization_config("nf4", False, torch.float32))
-    keep_trainable_layout(four_bit)  # as the trainer's own loading does (else bf16 kernels on some CPUs)
+    four_bit = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32, trainable=False,
+                              quantization_config=quantization_config("nf4", False, torch.float32))
     trained = PeftModel.from_pretrained(four_bit, str(out / "adapter")).eval()
     g = torch.Generator().manual_seed(0)
     V = merged.config.vocab_size

@@ -25,7 +25,7 @@ import contextlib
 
 from grpo.errors import ConfigError
 
-from .models import keep_trainable_layout, unwrap  # noqa: F401  (keep_trainable_layout: QLoRA's loading)
+from .models import unwrap
 
 
 def _peft():

@@ -51,7 +51,8 @@ def attention_shape(model) -> tuple[int, int, int, float]:
 
 def rope_tables(model, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """The model's own rotary cos/sin at `position_ids`, shaped [M, 1, hd] to broadcast over
-    heads, with sin's first half negated for `rope` (x [M, D] only supplies the dtype)."""
+    heads, with sin's first half negated for `rope` (x, any tensor of the hidden states' dtype and
+    device, e.g. zero rows of the embedding, only supplies those)."""
     cos, sin = unwrap(model).model.rotary_emb(x[None], position_ids.reshape(1, -1))
     cos, sin = cos[0, :, None], sin[0, :, None]
     half = sin.shape[-1] // 2
