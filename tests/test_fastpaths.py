@@ -541,3 +541,45 @@ def test_write_rows_hands_each_block_its_rows_of_the_gradient_without_copying_th
     assert whole.made == 0
     for block, rows in zip(blocks, (slice(0, 2), slice(2, 5), slice(5, 6))):
         torch.testing.assert_close(block.grad, grad[rows], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["hand_written", "general"])
+def test_the_packed_attention_keeps_copies_not_its_inputs(path):
+    """Neither packed attention keeps a view of its q, k or v for the backward: whatever it saves
+    is its own copy (the laid-out rows, the prompts' few rows). A kept view keeps the whole
+    tensor: `index_copy`'s backward keeps its source, and SDPA keeps its inputs, so a view of q
+    there would keep every layer's [M, D] queries alive to the end of the backward (or, under
+    checkpointing, to the end of the recompute, the backward's peak). Values and gradients are
+    those of the same attention computed from copies."""
+    from grpo.engine import packed
+
+    g = torch.Generator().manual_seed(0)
+    U, Lp, G, T, H, Hkv, hd = 2, 3, 2, 4, 4, 2, 8
+    prompts_ = torch.randint(2, V, (U, Lp), generator=g)
+    prompt_mask = torch.ones(U, Lp, dtype=torch.long)
+    prompt_mask[0, 0] = 0
+    pk = packed.PackedGroups(prompts_, prompt_mask, torch.tensor([0, 0, 1, 1]),
+                             torch.randint(2, V, (U * G, T), generator=g), torch.tensor([4, 2, 3, 4]))
+    M = int(pk.input_ids.shape[0])
+    leaves = [torch.randn(M, h, hd, generator=g, requires_grad=True) for h in (H, Hkv, Hkv)]
+
+    def attend(q, k, v):
+        if path == "hand_written":
+            return packed._llama_attention(q, k, v, pk, hd ** -0.5, per_call=1)
+        return packed._packed_attention(None, *(x.transpose(0, 1)[None] for x in (q, k, v)), pk)[0].flatten(1)
+
+    inputs = [x * 1 for x in leaves]  # non-leaf, as the model's projections are
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = attend(*inputs)
+    kept = {t.untyped_storage().data_ptr() for t in saved if t.numel()}
+    assert not kept & {x.untyped_storage().data_ptr() for x in inputs}
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    grads = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    copies = [x.detach().clone().requires_grad_() for x in leaves]
+    (attend(*copies) * weights).sum().backward()
+    for a, b in zip(grads, [x.grad for x in copies]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

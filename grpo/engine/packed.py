@@ -149,6 +149,13 @@ class PackedGroups:
         return out
 
 
+def _scatter(zeros: Tensor, index, x: Tensor) -> Tensor:
+    """zeros[index] = x. Not `index_copy`: its backward keeps `x` (a view of the whole q, k or v
+    here, [M, D] for q) until the end of the backward; indexing assignment keeps the index only."""
+    zeros[index] = x
+    return zeros
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float | None) -> Tensor:
     """softmax(q k^T * scale [softcapped], masked) v, for q [..., H, L, d] and k, v [..., Hkv, S, d]
     (grouped-query attention: each key/value head serves H / Hkv query heads). Fused SDPA, which
@@ -191,13 +198,15 @@ def _packed_attention(module, query: Tensor, key: Tensor, value: Tensor, pk: Pac
     def prompts(x):  # [H, M, d] -> the prompts' [U, H, Lp, d] (H: x's heads, query or key/value)
         return x[:, :n_prompt].reshape(x.shape[0], U, Lp, x.shape[-1]).transpose(0, 1)
 
-    qp, kp, vp = prompts(q), prompts(k), prompts(v)
+    # Copies (U * Lp rows, few): SDPA keeps its inputs for the backward, and views would keep
+    # the whole of q, k and v with them.
+    qp, kp, vp = (prompts(x).contiguous() for x in (q, k, v))
     out_prompt = _attend(qp, kp, vp, prompt_mask, scale, softcap)      # [U, H, Lp, dv]
 
     # The completions, scattered into [U * Gmax rows, Tc] (empty slots stay zero, never read).
     def layout(x):  # [H, M, d] -> [rows, H, Tc, d]
         h, d = x.shape[0], x.shape[-1]
-        return x.new_zeros(h, rows * Tc, d).index_copy(1, pk.layout_index, x[:, n_prompt:]) \
+        return _scatter(x.new_zeros(h, rows * Tc, d), (slice(None), pk.layout_index), x[:, n_prompt:]) \
             .view(h, rows, Tc, d).transpose(0, 1)
     keys = torch.cat([kp.repeat_interleave(Gmax, dim=0), layout(k)], dim=2)   # [rows, H, Lp + Tc, hd]
     values = torch.cat([vp.repeat_interleave(Gmax, dim=0), layout(v)], dim=2)
@@ -381,7 +390,9 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
     starts = torch.searchsorted(pk.layout_index, bounds).tolist()
     sizes = [n_prompt] + [b - a for a, b in zip(starts, starts[1:])]
     (qp, *q_runs), (kp, *k_runs), (vp, *v_runs) = (x.split(sizes) for x in (q, k, v))
-    qp, kp, vp = heads_first(qp, U), heads_first(kp, U), heads_first(vp, U)
+    # Copies (U * Lp rows, few): the prompts' SDPA keeps its inputs for the backward, and views
+    # would keep the whole of q, k and v alive with them.
+    qp, kp, vp = (heads_first(x, U).contiguous() for x in (qp, kp, vp))
     out = q.new_empty(M, H * hd)
     out = _WriteRows.apply(out, sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd), 0, n_prompt)
     for r0, (a, b), q_run, k_run, v_run in zip(range(0, rows, per_call), zip(starts, starts[1:]), q_runs, k_runs, v_runs):
@@ -389,7 +400,7 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
         where = pk.layout_index[a:b] - r0 * Tc                          # the fed tokens' slots in this run
 
         def layout(x):  # [b - a, heads, hd] -> this run's layout [r1 - r0, heads, Tc, hd]
-            return heads_first(x.new_zeros((r1 - r0) * Tc, x.shape[1], hd).index_copy(0, where, x), r1 - r0)
+            return heads_first(_scatter(x.new_zeros((r1 - r0) * Tc, x.shape[1], hd), where, x), r1 - r0)
         prompt_of = torch.arange(r0, r1, device=q.device) // Gmax
         keys = torch.cat([kp.index_select(0, prompt_of), layout(k_run)], dim=2)
         values = torch.cat([vp.index_select(0, prompt_of), layout(v_run)], dim=2)
@@ -414,10 +425,13 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
     def attention_block(layer, x):
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q = rope(a.q_proj(h).view(M, H, hd), cos, sin)
-        k = rope(a.k_proj(h).view(M, Hkv, hd), cos, sin)
-        v = a.v_proj(h).view(M, Hkv, hd)
-        return x + a.o_proj(_llama_attention(q, k, v, pk, scale, per_call))
+        # q, k and v are made in the call, not named here: then they die when the attention
+        # returns, before o_proj makes its [M, D] output (under checkpointing that moment is the
+        # backward's peak, the recompute's end, and the rotated queries are [M, D] too).
+        out = _llama_attention(rope(a.q_proj(h).view(M, H, hd), cos, sin),
+                               rope(a.k_proj(h).view(M, Hkv, hd), cos, sin),
+                               a.v_proj(h).view(M, Hkv, hd), pk, scale, per_call)
+        return x + a.o_proj(out)
 
     def mlp_block(layer, x):  # row-wise: any rows of x give those rows of the result
         h = layer.post_attention_layernorm(x)
