@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.time_to_accuracy --trl-python .venv-bench/bin/python \\
         --budget 240 --seeds 0 1 2 --png /tmp/race.png --json /tmp/race.json
 
-From the same warm start (the demo's SFT model, `grpo.recipes.addition.warm_start`, one per seed)
-on the demo's task (two-number addition, `exact_answer`, the 500 held-out problems), every system
+From the same warm start (the demo's SFT model, `grpo.recipes.addition.warm_start` with the
+demo's seed; `--warm-start per-seed`: one per seed, its own base model, data and SFT) on the demo's task (two-number addition, `exact_answer`, the 500 held-out problems), every system
 trains for the same wall-clock budget with the same prompts per step (32), group size (8),
 learning rate (1e-4), completion length (6) and threads (2):
 
@@ -351,7 +351,10 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out problems evaluated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sft-steps", type=int, default=0, help="0: the demo's SFT schedule (smoke tests: fewer)")
-    ap.add_argument("--work-dir", default="/tmp/grpo-race", help="warm starts, one per seed, are kept here")
+    ap.add_argument("--warm-start", default="demo", choices=["demo", "per-seed"],
+                    help="demo: every seed starts from the demo's SFT model (its seed, 0) and data, and the seeds "
+                         "vary the RL runs only; per-seed: each seed builds its own base model, data and SFT")
+    ap.add_argument("--work-dir", default="/tmp/grpo-race", help="warm starts are built and kept here")
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
     ap.add_argument("--json", default="", help="also write raw results here")
@@ -366,10 +369,11 @@ def main(argv=None) -> None:
     set_threads(args.threads)
     results = []
     for k, seed in enumerate(args.seeds):
-        work = Path(args.work_dir) / f"seed{seed}" / (f"sft{args.sft_steps}" if args.sft_steps else "demo")
+        start = seed if args.warm_start == "per-seed" else 0  # the demo's seed
+        work = Path(args.work_dir) / f"seed{start}" / (f"sft{args.sft_steps}" if args.sft_steps else "demo")
         if not (work / "sft" / "config.json").exists():
-            print(f"[race] warm start for seed {seed} (the demo's SFT) under {work}", flush=True)
-            warm_start(work, seed, {"max_steps": args.sft_steps} if args.sft_steps else None)
+            print(f"[race] warm start of seed {start} (the demo's SFT) under {work}", flush=True)
+            warm_start(work, start, {"max_steps": args.sft_steps} if args.sft_steps else None)
         if args.ties:
             ties = tied_fraction(str(work / "sft"), str(work / "data" / "train.jsonl"), seed, args.ties,
                                  ["sample", "beam", "stochastic_beam"])
