@@ -14,7 +14,8 @@ learning rate (1e-4), completion length (6) and threads (2):
   steps) with: `default` (i.i.d. samples), `beam` (beam-search groups), `stochastic_beam`
   (groups drawn without replacement), `dynamic` (dynamic sampling), and on request
   `stochastic_beam_priority` (its debiased advantages), `dapo` (DAPO's recipe whole: preset dapo
-  with dynamic sampling) and `dynamic_mu2` (dynamic sampling, two updates per rollout).
+  with dynamic sampling), `dynamic_mu2` (dynamic sampling, two updates per rollout) and
+  `dynamic_beta0` (dynamic sampling without the KL penalty, TRL's beta).
 
 Each run is a fresh subprocess (`worker` mode); runs are interleaved (every seed runs every
 system, in a rotated order) so that drift in the machine's load hits all systems. The clock
@@ -47,6 +48,8 @@ OURS = {
     "dapo": {"preset": "dapo", "dynamic_sampling": True},
     # Dynamic sampling with two passes over each rollout (GRPO's mu = 2: the clip then binds).
     "dynamic_mu2": {"dynamic_sampling": True, "num_iterations": 2},
+    # Dynamic sampling without the KL penalty (TRL's default beta): no reference pass either.
+    "dynamic_beta0": {"dynamic_sampling": True, "beta": 0.0},
 }
 SYSTEMS = ["trl", "default", "beam", "stochastic_beam", "dynamic"]
 
