@@ -426,8 +426,8 @@ def llama_hidden(model, pk: PackedGroups, recompute_mlp: bool = False) -> Tensor
         a = layer.self_attn
         h = layer.input_layernorm(x)
         # q, k and v are made in the call, not named here: then they die when the attention
-        # returns, before o_proj makes its [M, D] output (under checkpointing that moment is the
-        # backward's peak, the recompute's end, and the rotated queries are [M, D] too).
+        # returns, before o_proj makes its [M, D] output (the rotated queries are [M, D] too,
+        # and under checkpointing the recompute at the backward's peak would hold both).
         out = _llama_attention(rope(a.q_proj(h).view(M, H, hd), cos, sin),
                                rope(a.k_proj(h).view(M, Hkv, hd), cos, sin),
                                a.v_proj(h).view(M, Hkv, hd), pk, scale, per_call)
