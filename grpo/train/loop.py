@@ -203,7 +203,9 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
 
         summary["train_seconds"] = time.time() - train_start
         if best is not None and cfg.load_best_model_at_end and best.value is not None:
-            load_weights(out / BEST_DIR, policy, cfg.model_init_kwargs)  # every process reads the best evaluation's weights
+            # The main process (the only one that watched the evaluations, and the one that
+            # evaluates and saves below) goes back to the best evaluation's weights.
+            load_weights(out / BEST_DIR, policy, cfg.model_init_kwargs)
             summary["best"] = {"step": best.step, cfg.metric_for_best_model: best.value}
         if eval_rows:
             summary["eval_after"] = run_eval(cfg.max_steps)
