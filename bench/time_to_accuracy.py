@@ -4,7 +4,8 @@
         --budget 240 --seeds 0 1 2 --png /tmp/race.png --json /tmp/race.json
 
 From the same warm start (the demo's SFT model, `grpo.recipes.addition.warm_start` with the
-demo's seed; `--warm-start per-seed`: one per seed, its own base model, data and SFT) on the demo's task (two-number addition, `exact_answer`, the 500 held-out problems), every system
+demo's seed; `--warm-start per-seed`: one per seed, its own base model, data and SFT) on the
+demo's task (two-number addition, `exact_answer`, the 500 held-out problems), every system
 trains for the same wall-clock budget with the same prompts per step (32), group size (8),
 learning rate (1e-4), completion length (6) and threads (2):
 

@@ -83,8 +83,9 @@ def _reshard_after_forward(unit: nn.Module, root: nn.Module) -> bool:
     """Layers free their gathered weights after each forward. A trained root (embeddings, LM
     head: used first in forward, last in backward) keeps them until its backward, as FSDP2 does
     by default, and so does a LoRA policy's frozen root: the chunked LM head runs on its weights
-    after the model's forward has returned. The reference has no backward to wait for, and is
-    scored whole (`gathered`)."""
+    after the model's forward has returned (`root.parameters()` counts the layers' adapters, so
+    a LoRA policy's root counts as trained). The reference, with nothing trainable, has no
+    backward to wait for, and is scored whole (`gathered`)."""
     return unit is not root or not any(p.requires_grad for p in root.parameters())
 
 
