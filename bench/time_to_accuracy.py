@@ -22,7 +22,10 @@ Each run is a fresh subprocess (`worker` mode); runs are interleaved (every seed
 system, in a rotated order) so that drift in the machine's load hits all systems. The clock
 counts training only: it stops while the held-out set is evaluated (every --eval-every training
 seconds, with this package's greedy evaluator for both systems). Prints the curves, the time each
-system needed to reach TRL's final accuracy and their final accuracies; draws all curves in one PNG.
+system needed to reach TRL's final accuracy, their final accuracies and the mean of their evaluations
+in the budget's last quarter (a run's accuracy swings between evaluations: this leans less on the
+last one); draws all curves in one PNG. `--report race.json --budget B` re-prints and re-draws the
+results an earlier run saved with `--json`.
 """
 
 from __future__ import annotations
@@ -258,11 +261,18 @@ def time_to(curve, level: float) -> float | None:
     return next((s for s, a in curve if a >= level - 1e-9), None)
 
 
+def late_mean(curve, budget: float) -> float:
+    """The mean of the evaluations in the budget's last quarter, the final one included: one run's
+    accuracy swings by several points between evaluations, and this leans less on the last one."""
+    return statistics.mean(a for s, a in curve if s >= 0.75 * budget - 1e-9)
+
+
 def report(results: list[dict], budget: float) -> str:
     systems = list(dict.fromkeys(r["system"] for r in results))
     trl = {r["seed"]: r for r in results if r["system"] == "trl"}
     trl_final = {seed: r["curve"][-1][1] for seed, r in trl.items()}
     trl_time = {seed: time_to(r["curve"], trl_final[seed]) for seed, r in trl.items()}
+    trl_late = {seed: late_mean(r["curve"], budget) for seed, r in trl.items()}
     marks = [0, budget / 4, budget / 2, 3 * budget / 4]
     lines = [f"Held-out greedy accuracy against training seconds (evaluation excluded); budget {budget:.0f} s per "
              "run. \"s to TRL's final\": the first evaluation at or above TRL's final accuracy (same seed), and "
@@ -278,18 +288,23 @@ def report(results: list[dict], budget: float) -> str:
             own = trl_time.get(r["seed"])
             ratio = f" ({reach / own:.2f}x)" if reach is not None and own else ""
             gap = final - target if target is not None else None
-            summary.setdefault(system, []).append((final, reach, gap))
+            late = late_mean(r["curve"], budget)
+            late_gap = late - trl_late[r["seed"]] if r["seed"] in trl_late else None
+            summary.setdefault(system, []).append((final, reach, gap, late, late_gap))
             lines.append(f"| {system} | {r['seed']} | {r['steps']} | " + " | ".join(f"{a:.1%}" for a in accs)
                          + f" | {final:.1%} | {'-' if reach is None else f'{reach:.0f}{ratio}'} | "
                          + f"{'-' if gap is None else f'{100 * gap:+.1f} pts'} |")
-    lines += ["", "| system | mean final | mean s to TRL's final (seeds that reach it) | mean final - TRL's |",
-              "|---|---|---|---|"]
+    lines += ["", "| system | mean final | mean s to TRL's final (seeds that reach it) | mean final - TRL's "
+              "| mean of the last quarter's evaluations | that - TRL's |", "|---|---|---|---|---|---|"]
     for system, rows in summary.items():
-        reached = [t for _, t, _ in rows if t is not None]
-        gaps = [g for _, _, g in rows if g is not None]
+        reached = [t for _, t, *_ in rows if t is not None]
+        gaps = [g for _, _, g, *_ in rows if g is not None]
+        late_gaps = [g for *_, g in rows if g is not None]
         reach = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(rows)})" if reached else f"- (0/{len(rows)})"
         gap = f"{100 * statistics.mean(gaps):+.1f} pts" if gaps else "-"
-        lines.append(f"| {system} | {statistics.mean(a for a, _, _ in rows):.1%} | {reach} | {gap} |")
+        late_gap = f"{100 * statistics.mean(late_gaps):+.1f} pts" if late_gaps else "-"
+        lines.append(f"| {system} | {statistics.mean(r[0] for r in rows):.1%} | {reach} | {gap} "
+                     f"| {statistics.mean(r[3] for r in rows):.1%} | {late_gap} |")
     for r in results:
         if "dynamic_sampling" in r:
             d = r["dynamic_sampling"]
@@ -362,11 +377,19 @@ def main(argv=None) -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
     ap.add_argument("--json", default="", help="also write raw results here")
+    ap.add_argument("--report", default="", metavar="JSON",
+                    help="run nothing: print the table and draw the PNG of results an earlier --json wrote")
     ap.add_argument("--png", default="race.png")
     ap.add_argument("--ties", type=int, default=0, metavar="PROMPTS",
                     help="only measure, at each warm start, the fraction of tied groups of one rollout of PROMPTS "
                          "prompts per generation mode (no training)")
     args = ap.parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print(report(results, args.budget))
+        plot(results, Path(args.png), args.budget)
+        print(f"\ncurves: {args.png}")
+        return
 
     from bench.common import set_threads
     from grpo.recipes.addition import warm_start

@@ -193,14 +193,17 @@ def test_config_rejects_what_cannot_work(tiny_model_dir, addition_files):
 
 
 def test_race_report_by_hand():
-    from bench.time_to_accuracy import accuracy_at, report, time_to
+    from bench.time_to_accuracy import accuracy_at, late_mean, report, time_to
     trl = {"system": "trl", "seed": 0, "steps": 10, "curve": [(0, 0.2), (60, 0.4), (120, 0.5), (241, 0.5)]}
-    ours = {"system": "default", "seed": 0, "steps": 20, "curve": [(0, 0.2), (30, 0.5), (242, 0.7)]}
+    ours = {"system": "default", "seed": 0, "steps": 20, "curve": [(0, 0.2), (30, 0.5), (200, 0.6), (242, 0.7)]}
     assert accuracy_at(trl["curve"], 100) == 0.4 and time_to(trl["curve"], 0.5) == 120
+    # The budget's last quarter starts at 180 s: TRL evaluated there once (50%), ours twice (60%, 70%).
+    assert late_mean(trl["curve"], 240) == 0.5 and abs(late_mean(ours["curve"], 240) - 0.65) < 1e-12
     text = report([trl, ours], 240)
     # TRL reaches its final 50% at 120 s, ours at 30 s: 0.25x its time, and ends 20 points above.
     assert "| default | 0 | 20 | 20.0% | 50.0% | 50.0% | 50.0% | 70.0% | 30 (0.25x) | +20.0 pts |" in text
     assert "| trl | 0 | 10 | 20.0% | 40.0% | 50.0% | 50.0% | 50.0% | 120 (1.00x) | +0.0 pts |" in text
+    assert "| default | 70.0% | 30 (1/1) | +20.0 pts | 65.0% | +15.0 pts |" in text
 
 
 @pytest.mark.parametrize("system", ["default", "dynamic"])
