@@ -328,7 +328,8 @@ class TrainConfig(LoopConfig):
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling (section 3.2): groups whose rewards all tie (zero variance, so zero
     advantage and no policy gradient) are dropped, and more prompts are generated until the step
-    holds prompts_per_step groups that teach."""
+    holds prompts_per_step groups that teach. Each extra round costs a generation pass; it pays
+    where many groups tie: a task the policy mostly fails, or, later in a run, mostly solves."""
     max_generation_rounds: int = 4
     """With dynamic_sampling: generation calls per step at most, each of at most prompts_per_step
     prompts; a batch still short after them is topped up with tied groups (logged)."""
