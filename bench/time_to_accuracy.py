@@ -24,8 +24,8 @@ counts training only: it stops while the held-out set is evaluated (every --eval
 seconds, with this package's greedy evaluator for both systems). Prints the curves, the time each
 system needed to reach TRL's final accuracy, their final accuracies and the mean of their evaluations
 in the budget's last quarter (a run's accuracy swings between evaluations: this leans less on the
-last one); draws all curves in one PNG. `--report race.json --budget B` re-prints and re-draws the
-results an earlier run saved with `--json`.
+last one); draws all curves in one PNG. `--report race.json [more.json ...] --budget B` re-prints
+and re-draws the results that earlier runs saved with `--json`, taken together.
 """
 
 from __future__ import annotations
@@ -290,21 +290,24 @@ def report(results: list[dict], budget: float) -> str:
             gap = final - target if target is not None else None
             late = late_mean(r["curve"], budget)
             late_gap = late - trl_late[r["seed"]] if r["seed"] in trl_late else None
-            summary.setdefault(system, []).append((final, reach, gap, late, late_gap))
+            summary.setdefault(system, []).append(dict(final=final, reach=reach, gap=gap, late=late,
+                                                       late_gap=late_gap))
             lines.append(f"| {system} | {r['seed']} | {r['steps']} | " + " | ".join(f"{a:.1%}" for a in accs)
                          + f" | {final:.1%} | {'-' if reach is None else f'{reach:.0f}{ratio}'} | "
                          + f"{'-' if gap is None else f'{100 * gap:+.1f} pts'} |")
     lines += ["", "| system | mean final | mean s to TRL's final (seeds that reach it) | mean final - TRL's "
               "| mean of the last quarter's evaluations | that - TRL's |", "|---|---|---|---|---|---|"]
+
+    def points(rows, key):  # the mean gap in points over the seeds that have one
+        gaps = [row[key] for row in rows if row[key] is not None]
+        return f"{100 * statistics.mean(gaps):+.1f} pts" if gaps else "-"
+
     for system, rows in summary.items():
-        reached = [t for _, t, *_ in rows if t is not None]
-        gaps = [g for _, _, g, *_ in rows if g is not None]
-        late_gaps = [g for *_, g in rows if g is not None]
+        reached = [row["reach"] for row in rows if row["reach"] is not None]
         reach = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(rows)})" if reached else f"- (0/{len(rows)})"
-        gap = f"{100 * statistics.mean(gaps):+.1f} pts" if gaps else "-"
-        late_gap = f"{100 * statistics.mean(late_gaps):+.1f} pts" if late_gaps else "-"
-        lines.append(f"| {system} | {statistics.mean(r[0] for r in rows):.1%} | {reach} | {gap} "
-                     f"| {statistics.mean(r[3] for r in rows):.1%} | {late_gap} |")
+        lines.append(f"| {system} | {statistics.mean(row['final'] for row in rows):.1%} | {reach} | "
+                     f"{points(rows, 'gap')} | {statistics.mean(row['late'] for row in rows):.1%} | "
+                     f"{points(rows, 'late_gap')} |")
     for r in results:
         if "dynamic_sampling" in r:
             d = r["dynamic_sampling"]
@@ -377,15 +380,16 @@ def main(argv=None) -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
     ap.add_argument("--json", default="", help="also write raw results here")
-    ap.add_argument("--report", default="", metavar="JSON",
-                    help="run nothing: print the table and draw the PNG of results an earlier --json wrote")
+    ap.add_argument("--report", nargs="+", default=[], metavar="JSON",
+                    help="run nothing: print the table and draw the PNG of the results earlier --json runs wrote "
+                         "(several files: their runs together, e.g. more seeds)")
     ap.add_argument("--png", default="race.png")
     ap.add_argument("--ties", type=int, default=0, metavar="PROMPTS",
                     help="only measure, at each warm start, the fraction of tied groups of one rollout of PROMPTS "
                          "prompts per generation mode (no training)")
     args = ap.parse_args(argv)
     if args.report:
-        results = json.loads(Path(args.report).read_text())
+        results = [r for path in args.report for r in json.loads(Path(path).read_text())]
         print(report(results, args.budget))
         plot(results, Path(args.png), args.budget)
         print(f"\ncurves: {args.png}")
