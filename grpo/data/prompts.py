@@ -7,6 +7,7 @@ which goes through the chat template (`format_prompt`).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -59,10 +60,18 @@ def encode_prompt(tokenizer, prompt: Any, mode: str = "auto", template_kwargs: d
 
 
 def check_prompts(tokenizer, rows: list[dict], column: str, source, mode: str,
-                  template_kwargs: dict | None = None) -> None:
+                  template_kwargs: dict | None = None, max_length: int | None = None, say=None) -> int:
     """Format every row's prompt as the run will, before any model is loaded: a prompt that is not
     text or messages, that the chat template rejects, or that comes out empty stops here with its
-    file and line, not at the step that first samples it."""
+    file and line, not at the step that first samples it.
+
+    With `max_length` (max_prompt_length), prompts longer than it are counted and, if there are
+    any, reported once through `say` (default: one line on stderr) with the first one's file:line,
+    its token count and the limit. They are not refused: `max_prompt_length` keeps the end of a
+    long prompt as TRL's does (`left_pad`), but the start it drops can be the system prompt or the
+    template's opening, so the user is told how many rows lose it. Returns that count.
+    """
+    longer, first = 0, None
     for row in rows:
         where = row_where(str(source), row)
         prompt = row.get(column)
@@ -75,6 +84,21 @@ def check_prompts(tokenizer, rows: list[dict], column: str, source, mode: str,
                             f"{type(e).__name__}: {e}") from None
         if not text or not ids:
             raise DataError(f"{where}: {column}: the prompt is empty (it has no tokens)")
+        if max_length is not None and len(ids) > max_length:
+            longer += 1
+            first = first or (where, len(ids))
+    if longer:
+        where, n = first
+        message = (f"{where}: {column}: the prompt is {n} tokens, over max_prompt_length={max_length}; "
+                   f"{longer} of {len(rows)} prompts of {source} are longer and lose their first tokens "
+                   f"(a system prompt or the chat template's opening included): raise max_prompt_length "
+                   f"or filter the data")
+        (say or _warn)(message)
+    return longer
+
+
+def _warn(message: str) -> None:
+    print(f"grpo: warning: {message}", file=sys.stderr, flush=True)
 
 
 def tokenize_prompts(tokenizer, texts: list[str], max_length: int, device=None, add_special_tokens: bool = False):
@@ -93,6 +117,13 @@ def prompt_batch(tokenizer, prompts: list, max_length: int, mode: str = "auto", 
 
 
 def left_pad(tokenizer, ids: list[list[int]], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, W] and mask, each row cut to its last `max_length` tokens.
+
+    A longer prompt keeps its end, the part next to the answer, and loses its start, as TRL's
+    `max_prompt_length` does (it truncates on the left); that start can be a system prompt, so
+    `check_prompts` counts and reports such prompts before a run starts. The pad id is the
+    tokenizer's pad token (EOS where it has none: every mask excludes padding anyway).
+    """
     ids = [x[-max_length:] for x in ids]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

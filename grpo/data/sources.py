@@ -77,7 +77,11 @@ def _from_list(rows: list, label: str, key: str) -> Source:
         if not isinstance(row, dict):
             raise DataError(f"{label} row {i}: expected a dict of column values, got {type(row).__name__}")
         out.append({**row, "_row": i})
-        digest.update(json.dumps(row, sort_keys=True, default=repr).encode())
+        try:
+            digest.update(json.dumps(row, sort_keys=True, default=repr).encode())
+        except RecursionError:
+            raise DataError(f"{label} row {i}: the row's values are nested too deeply to be read "
+                            f"(lists and dicts hundreds of levels deep); flatten them") from None
     return Source(out, label, f"sha256:{digest.hexdigest()}")
 
 
@@ -166,6 +170,8 @@ def _is_json_lines(path: Path) -> bool:
         return isinstance(json.loads(first), dict)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    except RecursionError:  # a first line nested too deeply: read as lines, which says so with its line
+        return True
 
 
 def _from_directory(path: Path, key: str, split: str) -> Source:
@@ -208,8 +214,19 @@ def _call_datasets(load, label: str, reraise: bool = False):
     except Exception as e:
         if reraise:
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{label}: the datasets library cannot read it: {type(e).__name__}: {reason}") from None
+        raise DataError(f"{label}: the datasets library cannot read it: {_reasons(e)}") from None
+
+
+def _reasons(e: BaseException) -> str:
+    """An exception and the ones it was raised from, one line each, joined: `datasets` wraps the
+    reader's own error (a JSON nested too deeply, a corrupt Arrow file) in a generic one."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen and len(parts) < 4:
+        seen.add(id(e))
+        text = str(e).strip()
+        parts.append(f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return " <- ".join(parts)
 
 
 def _with_fingerprint(loaded: Source, fingerprint: str) -> Source:
