@@ -118,7 +118,7 @@ def test_unloadable_reward_functions(spec, message):
 @pytest.mark.parametrize("body, message", [
     ("return [1.0]", "returned 1 values; expected a list of 2 floats"),
     ("return None", "returned None"),
-    ("return ['a', 'b']", "non-numeric"),
+    ("return ['a', 'b']", "returned 'a' (str) for completion 0"),
     ("return [float('nan'), 0.0]", "NaN"),
     ("return [x for x in wrong_column]", "failed"),
 ])

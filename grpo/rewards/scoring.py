@@ -10,18 +10,59 @@ and [{"role": "assistant", "content": text}]) and every dataset column but the p
 its signature takes them (by name or **kwargs), `completion_ids` (each completion's token ids,
 EOS included), `trainer_state` (global_step, max_steps, epoch), `log_metric(name, value)` (a
 scalar averaged over the step into metrics.jsonl and TensorBoard) and `log_extra(column,
-values)` (a column of samples.jsonl and the sample tables). A `None` value means "does not
-apply here": NaN in that reward's own values, 0 in the weighted sum. `async def` functions are
-awaited concurrently, after the others, as TRL does. A reward model reads the policy's formatted
-text instead (`model_texts`).
+values)` (a column of samples.jsonl and the sample tables). `async def` functions are awaited
+concurrently, after the others, as TRL does. A reward model reads the policy's formatted text
+instead (`model_texts`).
+
+What a function may return: one value per completion, each a real number (int, float, a numpy or
+0-d torch scalar, Decimal, Fraction) or None. Every other value stops the run with a RewardError
+naming the function, the value and its type:
+
+- bool counts as 1 / 0, as TRL's torch.tensor(values) counts it (a verifier returning
+  `answer == target` is common and meant as 1 / 0).
+- A string, even "1.0", is refused: TRL's torch.tensor(values) refuses it too, and a reward that
+  returns text has usually returned the wrong thing (a parsed answer, not its score).
+- NaN and +-inf are refused, and so is any value beyond float32's range (|r| > 3.4e38): the
+  rewards are float32 tensors, where such a value becomes inf and then NaN in the advantages, and
+  a run would train on nothing while exiting 0. TRL counts an explicit NaN as None; here a NaN is
+  refused instead, because it is far more often a bug (0 / 0) than a choice, and a bug read as
+  "does not apply" is silent. Return None for "does not apply".
+- The weighted sum is checked as well: weights can push finite values out of float32's range.
+
+None means "this reward does not apply to this completion" (TRL's contract): NaN in that
+reward's own values, counted out (0) of the weighted sum, as TRL's nansum does. Some None is
+normal (a code reward on a maths row); None on a larger scale is a symptom, so:
+
+- a reward that returns None for every completion of a call: a warning naming it, once per run
+  (its `rewards/<name>/mean` metric is then NaN for that step);
+- completions that no reward scored at all (every function gave None): a warning, once per run,
+  with how many and which rewards (TRL warns about the same thing); they count 0 in the total;
+- a call in which no completion got any reward: a RewardError, since such a step would train on
+  nothing (every advantage 0) while looking healthy.
+
+Warnings go to the `grpo.rewards` logger (one line on stderr unless logging is configured).
+
+A reward function cannot end the process. While `score` calls the functions, `SystemExit`
+raised in one (`sys.exit()`, `exit()`) becomes a RewardError naming it, and `os._exit` is
+replaced by a function that raises out of the reward that called it, which then also becomes a
+RewardError (even if the reward catches that and returns). Otherwise a stray exit would end a run
+with status 0 and no model. The replacement is installed once around the whole call (rewards run
+in worker threads and on an event loop), reference-counted so that overlapping calls restore the
+real `os._exit` only when the last one ends; `os._exit` from the main thread (a signal handler's
+hard exit) goes through unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import decimal
 import inspect
+import logging
 import math
+import numbers
+import os
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -41,6 +82,10 @@ from .models import EnsembleScorer, RewardModelScorer
 TRL_KEYWORDS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
 RESERVED_COLUMNS = ("prompts", "completions", *TRL_KEYWORDS)
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+logger = logging.getLogger("grpo.rewards")
+
 
 @dataclass
 class Reward:
@@ -48,6 +93,8 @@ class Reward:
     fn: Callable
     weight: float = 1.0
     _keywords: tuple | None = field(default=None, repr=False)  # what its signature takes (None: anything)
+    # The warnings already given for this reward: each is given once per run, not once per step.
+    _warned: set = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self):
         try:
@@ -178,13 +225,89 @@ def _user_frame(error: BaseException, fn) -> str:
     return f" (at {mine[-1].filename}:{mine[-1].lineno}, in {mine[-1].name})" if mine else ""
 
 
+class _Running:
+    """The reward function a worker thread (or an event-loop task) is running, and the status of
+    the `os._exit` it tried, if it did."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.exited: int | None = None
+
+
+_RUNNING: contextvars.ContextVar[_Running | None] = contextvars.ContextVar("grpo_reward_running", default=None)
+
+
+class _ExitCalled(BaseException):
+    """Raised by the guarded `os._exit` inside a reward. A BaseException, so that a reward's own
+    `except Exception` does not swallow it on its way out."""
+
+
+class _ExitGuard:
+    """`os._exit` replaced while rewards are scored (module docstring)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._real = os._exit
+        self._scoring: list[str] = []  # the rewards of every call in progress
+
+    @contextlib.contextmanager
+    def installed(self, names: list[str]):
+        with self._lock:
+            if self._depth == 0:
+                self._real = os._exit
+                os._exit = self._exit
+            self._depth += 1
+            self._scoring += names
+        try:
+            yield
+        finally:
+            with self._lock:
+                for name in names:
+                    self._scoring.remove(name)
+                self._depth -= 1
+                if self._depth == 0:
+                    os._exit = self._real
+
+    def _exit(self, status):
+        running = _RUNNING.get()
+        if running is not None:
+            running.exited = status
+            raise _ExitCalled(status)
+        if threading.current_thread() is threading.main_thread():
+            self._real(status)  # not a reward: the main thread waits on the rewards (a signal handler)
+        # A thread that a reward started itself (it does not inherit the reward's context).
+        raise RewardError(f"a thread started while rewards {sorted(set(self._scoring))} were scored called "
+                          f"os._exit({status!r}); a reward function must return its values, not end the process")
+
+
+_EXIT_GUARD = _ExitGuard()
+
+
+def _exit_error(r: Reward, error: BaseException | None, running: _Running) -> RewardError:
+    where = _user_frame(error, r.fn) if error is not None else ""
+    if isinstance(error, SystemExit):
+        call = f"sys.exit({error.code!r})"
+    else:
+        call = f"os._exit({running.exited!r})" + ("" if error is not None else " (and caught what it raised)")
+    return RewardError(f"reward {r.name!r} called {call}{where}: a reward function must return its values, "
+                       f"not end the process; raise an exception to stop the run")
+
+
+def _exited(error: BaseException | None, running: _Running) -> bool:
+    return isinstance(error, (SystemExit, _ExitCalled)) or running.exited is not None
+
+
 def call_reward(r: Reward, timeout: float | None, **kwargs) -> list:
     """r.fn(**kwargs) in a worker thread, so that a function that never returns stops the run after
     `timeout` seconds with its name instead of hanging it (the thread is a daemon: it dies with
-    the process). Its own exceptions come back as one line naming the function and its line."""
+    the process). Its own exceptions come back as one line naming the function and its line, and
+    so does an attempt to end the process (module docstring)."""
     outcome: dict = {}
+    running = _Running(r.name)
 
     def run():
+        _RUNNING.set(running)
         try:
             value = r.fn(**kwargs)
             if inspect.isawaitable(value):  # e.g. a partial or a lambda around an async def
@@ -199,9 +322,12 @@ def call_reward(r: Reward, timeout: float | None, **kwargs) -> list:
     if worker.is_alive():
         raise RewardError(f"reward {r.name!r} did not return within reward_timeout={timeout:g} s; "
                           f"raise reward_timeout if it is just slow")
-    if "error" in outcome:
-        e = outcome["error"]
-        raise RewardError(f"reward {r.name!r} failed: {type(e).__name__}: {e}{_user_frame(e, r.fn)}") from None
+    error = outcome.get("error")
+    if _exited(error, running):
+        raise _exit_error(r, error, running)
+    if error is not None:
+        raise RewardError(f"reward {r.name!r} failed: {type(error).__name__}: {error}"
+                          f"{_user_frame(error, r.fn)}") from None
     return outcome["value"]
 
 
@@ -215,11 +341,24 @@ def call_async_rewards(rewards: list[Reward], timeout: float | None, kwargs_for)
     coroutine blocks its loop."""
     outcome: dict = {}
 
-    async def one(r: Reward):
+    async def guarded(coroutine, running: _Running):
+        # Runs in the task that runs the reward's coroutine, so that a SystemExit is caught here,
+        # naming its reward, before asyncio re-raises it out of the whole event loop.
+        _RUNNING.set(running)
         try:
-            return await asyncio.wait_for(r.fn(**kwargs_for(r)), timeout)
+            return await coroutine
+        except (SystemExit, _ExitCalled) as e:
+            return _Exit(e)
+
+    async def one(r: Reward):
+        running = _Running(r.name)
+        try:
+            value = await asyncio.wait_for(guarded(r.fn(**kwargs_for(r)), running), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             return _TimedOut()
+        if isinstance(value, _Exit) or running.exited is not None:
+            return _Exit(_exit_error(r, value.error if isinstance(value, _Exit) else None, running))
+        return value
 
     async def everyone():
         return await asyncio.gather(*(one(r) for r in rewards), return_exceptions=True)
@@ -234,15 +373,22 @@ def call_async_rewards(rewards: list[Reward], timeout: float | None, kwargs_for)
     worker.start()
     worker.join(None if timeout is None else timeout * 1.1 + 0.5)
     names = [r.name for r in rewards]
-    if worker.is_alive() or "error" in outcome:
+    if worker.is_alive():
         raise RewardError(f"async rewards {names} did not return within reward_timeout={timeout:g} s (one of "
-                          f"them blocks its event loop?)" if worker.is_alive() else
-                          f"async rewards {names} failed: {type(outcome['error']).__name__}: {outcome['error']}")
+                          f"them blocks its event loop?)")
+    if "error" in outcome:
+        e = outcome["error"]
+        if isinstance(e, SystemExit):  # from a task one of them started itself
+            raise RewardError(f"one of the async rewards {names} called sys.exit({e.code!r}): a reward function "
+                              f"must return its values, not end the process")
+        raise RewardError(f"async rewards {names} failed: {type(e).__name__}: {e}")
     out = {}
     for r, value in zip(rewards, outcome["values"]):
         if isinstance(value, _TimedOut):
             raise RewardError(f"reward {r.name!r} did not return within reward_timeout={timeout:g} s; "
                               f"raise reward_timeout if it is just slow")
+        if isinstance(value, _Exit):
+            raise value.error
         if isinstance(value, BaseException):
             raise RewardError(f"reward {r.name!r} failed: {type(value).__name__}: {value}{_user_frame(value, r.fn)}")
         out[r.name] = value
@@ -253,9 +399,30 @@ class _TimedOut:
     pass
 
 
+class _Exit:
+    """An attempt to end the process, carried back as a value (inside the event loop, then as the
+    RewardError that names the reward)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _real(v) -> float | None:
+    """v as a float when it is one real number (bool included, as 1 / 0), else None."""
+    if isinstance(v, (bool, numbers.Real, decimal.Decimal)):
+        return float(v)
+    if isinstance(v, torch.Tensor):  # iterating a tensor gives 0-d tensors
+        return float(v) if v.dim() == 0 and not v.is_complex() else None
+    kind = getattr(getattr(v, "dtype", None), "kind", None)  # numpy scalars (np.bool_ is not numbers.Real)
+    if isinstance(kind, str) and kind in "biuf" and getattr(v, "ndim", None) == 0:
+        return float(v)
+    return None
+
+
 def _as_floats(r: Reward, values, n: int) -> list[float]:
     if values is None:
-        raise RewardError(f"reward {r.name!r} returned None; expected a list of {n} floats")
+        raise RewardError(f"reward {r.name!r} returned None; expected a list of {n} floats (None inside the list "
+                          f"means 'does not apply' for one completion)")
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
         raise RewardError(f"reward {r.name!r} returned a {type(values).__name__} ({str(values)[:40]}); "
                           f"expected a list of {n} floats, one per completion")
@@ -263,31 +430,60 @@ def _as_floats(r: Reward, values, n: int) -> list[float]:
     if len(values) != n:
         raise RewardError(f"reward {r.name!r} returned {len(values)} values; expected a list of {n} floats")
     out = []
-    for v in values:
+    for i, v in enumerate(values):
         if v is None:  # TRL's convention: this reward does not apply to this completion
             out.append(math.nan)
             continue
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise RewardError(f"reward {r.name!r} returned non-numeric values: {values[:4]}...") from None
-        if not math.isfinite(v):
-            raise RewardError(f"reward {r.name!r} returned NaN or infinite values")
-        out.append(v)
+        x = _real(v)
+        if x is None:
+            raise RewardError(f"reward {r.name!r} returned {str(v)[:40]!r} ({type(v).__name__}) for completion {i}; "
+                              f"expected a real number (int, float or bool) or None")
+        if math.isnan(x):
+            raise RewardError(f"reward {r.name!r} returned NaN for completion {i}; return None for 'does not apply'")
+        if not abs(x) <= FLOAT32_MAX:
+            raise RewardError(f"reward {r.name!r} returned {v!r} for completion {i}, beyond float32's range "
+                              f"(|r| <= {FLOAT32_MAX:.4g}), where it would become inf and train nothing")
+        out.append(x)
     return out
+
+
+def _check_coverage(rewards: list[Reward], per_reward: dict[str, torch.Tensor], n: int) -> None:
+    """Loud about None on a large scale (module docstring): an error when no completion got any
+    reward, a warning (once per run) for a reward that gave none, or completions that got none."""
+    if not rewards or n == 0:
+        return
+    missing = torch.stack([per_reward[r.name].isnan() for r in rewards])  # [K, N]
+    names = [r.name for r in rewards]
+    if bool(missing.all()):
+        raise RewardError(f"no reward applied to any of the {n} completions: every one of {names} returned None "
+                          f"for all of them, so this step would train on nothing; check that each reward's "
+                          f"condition for 'does not apply' matches your data's columns")
+    for r, none in zip(rewards, missing):
+        if bool(none.all()) and "all_none" not in r._warned:
+            r._warned.add("all_none")
+            logger.warning(f"grpo: warning: reward {r.name!r} returned None for all {n} completions of a step (it "
+                           f"does not apply to any of them); shown once")
+    unscored = int(missing.all(dim=0).sum())
+    if unscored and any("unscored" not in r._warned for r in rewards):
+        for r in rewards:
+            r._warned.add("unscored")
+        logger.warning(f"grpo: warning: {unscored} of {n} completions got no reward at all (each of {names} "
+                       f"returned None for them); they count 0 in the total; shown once")
 
 
 def score(rewards: list[Reward], prompts: list, completions: list, columns: dict[str, list],
           timeout: float | None = None, *, completion_ids: list | None = None, trainer_state: Any = None,
           log_metric: Callable | None = None, log_extra: Callable | None = None,
           model_texts: tuple[list[str], list[str]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted total [N] and each reward's unweighted values [N], checked for shape and NaN.
+    """The weighted total [N] and each reward's unweighted values [N], checked for shape, type and
+    range (module docstring).
 
     A `None` entry means "does not apply" (TRL's convention): it is NaN in the reward's own values
-    and counts 0 in the weighted total. `timeout` bounds each function call (config key
-    `reward_timeout`). The keywords after it are TRL's extra arguments (module docstring), each
-    passed to the functions that take it; `model_texts` is (formatted prompts, completion texts)
-    for reward models (default: `prompts`, `completions`)."""
+    and counts 0 in the weighted total; no reward at all for any completion is an error. `timeout`
+    bounds each function call (config key `reward_timeout`). The keywords after it are TRL's extra
+    arguments (module docstring), each passed to the functions that take it; `model_texts` is
+    (formatted prompts, completion texts) for reward models (default: `prompts`, `completions`).
+    While the functions run, `os._exit` is guarded (module docstring)."""
     extras = {"completion_ids": completion_ids, "trainer_state": trainer_state, "log_metric": log_metric,
               "log_extra": log_extra}
 
@@ -298,13 +494,23 @@ def score(rewards: list[Reward], prompts: list, completions: list, columns: dict
         given = {k: v for k, v in extras.items() if v is not None and r.accepts(k)}
         return dict(prompts=prompts, completions=completions, **columns, **given)
 
-    outputs = {r.name: call_reward(r, timeout, **kwargs_for(r)) for r in rewards if not r.is_async}
-    pending = [r for r in rewards if r.is_async]
-    if pending:
-        outputs.update(call_async_rewards(pending, timeout, kwargs_for))
-    per_reward, total = {}, torch.zeros(len(completions), dtype=torch.float32)
+    with _EXIT_GUARD.installed([r.name for r in rewards]):
+        outputs = {r.name: call_reward(r, timeout, **kwargs_for(r)) for r in rewards if not r.is_async}
+        pending = [r for r in rewards if r.is_async]
+        if pending:
+            outputs.update(call_async_rewards(pending, timeout, kwargs_for))
+    n = len(completions)
+    per_reward, total = {}, torch.zeros(n, dtype=torch.float64)
     for r in rewards:
-        t = torch.tensor(_as_floats(r, outputs[r.name], len(completions)), dtype=torch.float32)
-        per_reward[r.name] = t
-        total += r.weight * torch.nan_to_num(t, nan=0.0)
-    return total, per_reward
+        values = _as_floats(r, outputs[r.name], n)
+        per_reward[r.name] = torch.tensor(values, dtype=torch.float32)
+        total += r.weight * torch.tensor(values, dtype=torch.float64).nan_to_num(nan=0.0)
+    _check_coverage(rewards, per_reward, n)
+    # Weights can carry finite values past float32's range (float64 holds the sum to check it).
+    beyond = (~(total.abs() <= FLOAT32_MAX)).nonzero()
+    if len(beyond):
+        i = int(beyond[0])
+        parts = " + ".join(f"{r.weight:g} * {per_reward[r.name][i].item():g}" for r in rewards)
+        raise RewardError(f"the weighted sum of the rewards of completion {i} ({parts} = {total[i].item():g}) is "
+                          f"beyond float32's range (|r| <= {FLOAT32_MAX:.4g}); lower the weights or the values")
+    return total.float(), per_reward
