@@ -121,6 +121,41 @@ def test_resume_keeps_rows_up_to_the_checkpoint_and_a_fresh_run_starts_anew(tmp_
     assert steps("metrics.jsonl") == [] and not (tmp_path / "samples.jsonl").exists()
 
 
+def test_resume_after_a_last_line_cut_short_drops_only_that_line(tmp_path):
+    # The disk filled while the last rows were written: both files end in the middle of a line.
+    rows = [json.dumps(record(step)) for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "reward_me')
+    (tmp_path / "samples.jsonl").write_bytes(b'{"step": 1, "prompt": "a"}\n{"step": 2, "prompt": "caf\xc3')
+    logger = RunLogger(tmp_path, 5, quiet=True, config={"report_to": [], "group_size": 4, "num_samples": 2},
+                       resume_step=3)
+    logger.log(record(4))
+    logger.samples(4, fake_rollout())
+    logger.close()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert [json.loads(l)["step"] for l in metrics.splitlines()] == [1, 2, 3, 4] and metrics.endswith("\n")
+    assert [json.loads(l)["step"] for l in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 4, 4]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_resume_keeps_every_line_it_cannot_read_but_the_cut_last_one(tmp_path):
+    lines = [json.dumps(record(1)).encode(), b"null", b"garbage {", b"\xff not utf-8", b'{"no step": 1}',
+             json.dumps(record(2)).encode(), b"[1, 2]", json.dumps(record(3)).encode(), b'{"step": "x"}',
+             json.dumps(record(4)).encode()]
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n" + b'{"step": 5, "kl')
+    RunLogger(tmp_path, 6, quiet=True, config={"report_to": []}, resume_step=2).close()
+    # Rows after step 2 go (the resumed run writes them again), as does the cut last line; the
+    # lines that are not rows with a step stay as they were, for the user to see.
+    assert (tmp_path / "metrics.jsonl").read_bytes().split(b"\n") == lines[:7] + [lines[8], b""]
+
+
+def test_resume_ends_a_whole_last_line_that_lacks_its_newline(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record(1)) + "\n" + json.dumps(record(2)))
+    logger = RunLogger(tmp_path, 3, quiet=True, config={"report_to": []}, resume_step=2)
+    logger.log(record(3))
+    logger.close()
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_pick_rows_spreads_over_groups():
     assert pick_rows(8, 4, 3) == [0, 1, 4]
     assert pick_rows(8, 4, 100) == list(range(8))

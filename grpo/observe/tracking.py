@@ -15,7 +15,8 @@ Kept apart from the trainer so the algorithm never does I/O. Files in the run di
 - `wandb/`: a Weights & Biases run when `wandb` is in `report_to` (offline without an API key).
 
 On resume, rows of metrics.jsonl and samples.jsonl after the resumed step are dropped (they will
-be written again); a fresh run starts these files anew.
+be written again), and so is a last line cut short while it was being written; every other line
+is kept. A fresh run starts these files anew.
 """
 
 from __future__ import annotations
@@ -116,14 +117,45 @@ class RunLogger:
 
 def restart_jsonl(path: Path, resume_step: int) -> None:
     """On resume keep the rows up to the checkpoint's step (later ones will be written again);
-    on a fresh run start the file anew."""
+    on a fresh run start the file anew.
+
+    A last line with no newline that does not parse was cut short while being written (the run was
+    killed or the disk filled): it is dropped, so the rows appended next start on a line of their
+    own. Any other line that is not a row with a numeric step (garbage, `null`, a row without a
+    step) is kept as it is: nothing but the rows the resumed run writes again is removed, and
+    `grpo report` skips such lines with a warning."""
     if not path.exists():
         return
-    if resume_step:
-        keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-        path.write_text("".join(l + "\n" for l in keep))
-    else:
+    if not resume_step:
         path.unlink()
+        return
+    lines = path.read_bytes().split(b"\n")
+    last = lines.pop()  # what follows the last newline: empty unless the file ends mid-line
+    if last.strip() and parses(last):
+        lines.append(last)
+    keep = [l for l in lines if l.strip() and not (logged_step(l) or 0) > resume_step]
+    # Written beside the file and renamed over it: a crash while rewriting leaves the old file whole.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(b"".join(l + b"\n" for l in keep))
+    os.replace(partial, path)
+
+
+def parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def logged_step(line: bytes) -> float | None:
+    """The step of a JSONL row, or None when the line is not an object with a numeric step."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 def pick_rows(total: int, group_size: int, n: int) -> list[int]:
