@@ -11,7 +11,7 @@ import pytest
 
 from grpo.cli import main
 from grpo.config import TrainConfig, build
-from grpo.observe.report import PLOTS, add_wall_clock, run_labels, write_report
+from grpo.observe.report import PLOTS, add_wall_clock, load_run, run_labels, write_report
 from grpo.observe.tracking import SAMPLE_FIELDS
 from grpo.train.loop import train
 
@@ -90,6 +90,9 @@ def test_report_lists_every_metric_plot_and_the_run_details(report, run_dir):
     assert "Training config" in html and "group_size" in html and "exact_answer" in html
     assert "Summary (summary.json)" in html and "eval_after.eval_accuracy" in html
     assert "Samples at step 1 (first sampled step)" in html and "Samples at step 4 (last sampled step)" in html
+    # A run the trainer wrote reads without a skipped line; the run's swatch is a colour CSS reads.
+    assert load_run(run_dir, "sample").warnings == [] and "could not be read" not in html
+    assert re.search(r"class='swatch' style='background:#[0-9a-f]{6}'", html)
 
 
 def test_samples_jsonl_rows_from_a_real_run(run_dir):

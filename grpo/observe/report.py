@@ -7,6 +7,12 @@ it. Several runs are overlaid, one colour per run, to compare e.g. beam vs sampl
 Reads from each run directory: metrics.jsonl (required), train_config.json (the run's config),
 config.json (the model's), summary.json and samples.jsonl (each optional). Plotting needs
 matplotlib (the `report` extra), imported only here.
+
+Everything read from a run is data, never markup: text is HTML-escaped where it lands in the page
+and `$` is escaped where it lands in a plot (matplotlib would parse it as math). Lines of a JSONL
+file that are not JSON objects (a last line cut short by a run killed or out of disk while writing
+it, a `null`, garbage) and values of the wrong type are skipped, with one warning per file naming
+the lines, on stderr and in the page.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo.errors import GrpoError
+
 PHASES = (("seconds_generate", "generation"), ("seconds_score", "scoring"),
           ("seconds_logprobs", "log-probs"), ("seconds_update", "update"))
 
 
-class ReportError(Exception):
+class ReportError(GrpoError):
     """Bad input (no such run, no metrics) or matplotlib missing: one clear message."""
 
 
@@ -37,46 +45,137 @@ class Run:
     summary: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
     model_config: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what was skipped while reading, in words
 
 
 # --------------------------------------------------------------------------------------------
 # Reading runs
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
+def number(value) -> float | None:
+    """A finite real number from the data as a float, or None: strings, booleans, null, NaN,
+    infinities and integers too large for a float are not numbers to plot or format."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def kind(value) -> str:
+    """What a JSON value is, for a message: `null`, `a list`, `a string`..."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object"}
+    return names.get(type(value), "a " + type(value).__name__)
+
+
+def skipped_lines(path: Path, lines: list[tuple[int, str]], total: int) -> str:
+    """One warning for a file: how many lines were skipped and which (the first few, by number)."""
+    shown = ", ".join(f"line {n} ({why})" for n, why in lines[:5])
+    more = f", and {len(lines) - 5} more" if len(lines) > 5 else ""
+    return f"{path}: skipped {len(lines)} of {total} line{'s' if total != 1 else ''}: {shown}{more}"
+
+
+def read_jsonl(path: Path, warnings: list[str] | None = None, check=None) -> list[dict]:
+    """The JSON objects of a JSONL file, one a line; [] when the file does not exist.
+
+    A line that is not a JSON object, or an object that `check` finds fault with (it returns why,
+    or None), is skipped and named in one warning appended to `warnings`: the rest of a run is
+    still worth plotting. A last line with no newline that does not parse was cut short while being
+    written (the run was killed or the disk filled), and is said so. A file that exists but cannot
+    be read raises ReportError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    except OSError as e:
+        raise ReportError(f"{path}: cannot be read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    rows, bad, total = [], [], 0
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        total += 1
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run: the rest is still worth plotting
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+            last = line_no == len(lines)  # nothing after it: the file does not end with a newline
+            bad.append((line_no, "cut short, the last line" if last else "not JSON"))
+            continue
+        why = f"{kind(row)}, not an object" if not isinstance(row, dict) else check(row) if check else None
+        if why:
+            bad.append((line_no, why))
+            continue
+        rows.append(row)
+    if bad and warnings is not None:
+        warnings.append(skipped_lines(path, bad, total))
     return rows
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, warnings: list[str] | None = None) -> dict:
+    """A JSON object from a file; {} when the file does not exist, and {} with a warning when it
+    cannot be read or is not a JSON object."""
+    problem = None
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return {}
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    except json.JSONDecodeError as e:
+        problem = f"line {e.lineno}: not JSON ({e.msg})"
+    except (ValueError, RecursionError):
+        problem = "not JSON"
+    else:
+        if isinstance(value, dict):
+            return value
+        problem = f"{kind(value)}, not an object"
+    if warnings is not None:
+        warnings.append(f"{path}: {problem}; ignored")
+    return {}
 
 
 def load_run(path: Path, label: str) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"{path}: no such run directory")
-    metrics = [r for r in read_jsonl(path / "metrics.jsonl") if "step" in r]
+    warnings: list[str] = []
+    # Rows without a step are not a step's record: left out without a word, as they always were.
+    metrics = [r for r in read_jsonl(path / "metrics.jsonl", warnings, check_step) if "step" in r]
     if not metrics:
-        raise ReportError(f"{path}: no metrics.jsonl with logged steps (is this a `grpo train` output_dir?)")
+        raise ReportError(f"{path}: no metrics.jsonl with logged steps (is this a `grpo train` output_dir?)"
+                          + "".join(f"; {w}" for w in warnings))
     add_wall_clock(metrics)
     # config.json in a run directory is normally the saved model's (it overwrites the trainer's);
     # the training config is kept in train_config.json.
-    config, model_config = read_json(path / "train_config.json"), read_json(path / "config.json")
+    config = read_json(path / "train_config.json", warnings)
+    model_config = read_json(path / "config.json", warnings)
     if not config and "model_type" not in model_config:
         config, model_config = model_config, {}
-    return Run(path, label, metrics, config, read_json(path / "summary.json"), read_jsonl(path / "samples.jsonl"),
-               model_config)
+    summary = read_json(path / "summary.json", warnings)
+    try:
+        samples = read_jsonl(path / "samples.jsonl", warnings, check_step)
+    except ReportError as e:  # optional: the curves do not need it
+        warnings.append(f"{e}; ignored")
+        samples = []
+    for sample in samples:
+        sample.setdefault("step", 0)
+        if not isinstance(sample.get("rewards"), dict):
+            sample["rewards"] = {}
+    return Run(path, label, metrics, config, summary, samples, model_config, warnings)
+
+
+def check_step(row: dict) -> str | None:
+    """Why a row cannot be placed on the step axis, or None (a row without a step is let through)."""
+    if "step" not in row or number(row["step"]) is not None:
+        return None
+    if kind(row["step"]) == "a number":
+        return "its step is not a finite number"
+    return f"its step is {kind(row['step'])}, not a number"
 
 
 def add_wall_clock(metrics: list[dict]) -> None:
@@ -84,8 +183,9 @@ def add_wall_clock(metrics: list[dict]) -> None:
     `elapsed` restarts from zero in a resumed process)."""
     offset = previous = 0.0
     for r in metrics:
-        elapsed = r.get("elapsed")
+        elapsed = number(r.get("elapsed"))
         if elapsed is None:
+            r.pop("wall_clock", None)  # derived here only: a logged value of that name is not time
             continue
         if elapsed < previous:
             offset += previous
@@ -118,12 +218,18 @@ def require_matplotlib():
     return Figure
 
 
+def plain(text) -> str:
+    """Text from a run as matplotlib draws it literally: an unescaped pair of `$` would be parsed
+    as math (and a malformed formula fails the whole plot)."""
+    return str(text).replace("$", r"\$")
+
+
 def series(run: Run, key: str, x: str = "step") -> tuple[list[float], list[float]]:
-    """The (x, y) points of one metric, skipping steps where it is absent or not finite."""
+    """The (x, y) points of one metric, skipping steps where it is absent or not a finite number."""
     xs, ys = [], []
     for r in run.metrics:
-        value, where = r.get(key), r.get(x)
-        if isinstance(value, (int, float)) and isinstance(where, (int, float)) and math.isfinite(value):
+        value, where = number(r.get(key)), number(r.get(x))
+        if value is not None and where is not None:
             xs.append(where)
             ys.append(value)
     return xs, ys
@@ -149,7 +255,7 @@ def draw(ax, xs, ys, color, style, label, marker=False) -> None:
 
 
 def time_axis(runs: list[Run]) -> tuple[float, str]:
-    longest = max((r.get("wall_clock", 0) for run in runs for r in run.metrics), default=0)
+    longest = max((number(r.get("wall_clock")) or 0 for run in runs for r in run.metrics), default=0)
     if longest > 2 * 3600:
         return 3600.0, "wall-clock time (h)"
     if longest > 300:
@@ -170,9 +276,9 @@ def line_panel(ax, runs, colors, lines, x="step", title="", ylabel="", scale=1.0
                 xs = [v / scale for v in xs]
             parts = [run.label] if len(runs) > 1 else []
             parts += [name] if len(lines) > 1 else []
-            draw(ax, xs, ys, color, style, " - ".join(parts) or None, marker=key.startswith("eval_"))
+            draw(ax, xs, ys, color, style, plain(" - ".join(parts)) or None, marker=key.startswith("eval_"))
             drawn += 1
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plain(title), fontsize=10)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=8)
@@ -226,7 +332,7 @@ def plot_time_split(fig, runs, colors, x, scale, xlabel) -> None:
             means.append(sum(ys) / len(ys) if ys else 0.0)
         ax.barh(range(len(runs)), means, left=left, color=color, label=name, height=0.4)
         left = [a + b for a, b in zip(left, means)]
-    ax.set_yticks(range(len(runs)), [r.label for r in runs], fontsize=8)
+    ax.set_yticks(range(len(runs)), [plain(r.label) for r in runs], fontsize=8)
     ax.set_xlabel("mean seconds per step", fontsize=9)
     ax.set_title("time per step by phase", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(PHASES), frameon=False)
@@ -296,9 +402,12 @@ PLOTS = [
 
 
 def run_colors(n: int) -> list[str]:
+    """One colour per run as `#rrggbb`: the page's swatches use them as CSS, and matplotlib's
+    palette may hold RGB tuples, which CSS does not read."""
     import matplotlib
+    from matplotlib.colors import to_hex
     palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    return [palette[i % len(palette)] for i in range(n)]
+    return [to_hex(palette[i % len(palette)]) for i in range(n)]
 
 
 def render_plots(runs: list[Run], plot_dir: Path) -> list[tuple[str, str, bytes]]:
@@ -319,7 +428,7 @@ def render_plots(runs: list[Run], plot_dir: Path) -> list[tuple[str, str, bytes]
 
 
 # --------------------------------------------------------------------------------------------
-# Health checks: the quiet failures the issue lists, said in words
+# Health checks: signs of a run that runs without error but does not learn, said in words
 
 
 def tail(run: Run, key: str, fraction: float = 0.25) -> list[float]:
@@ -341,8 +450,8 @@ def checks(run: Run) -> list[str]:
     if kl and max(kl) > 1.0:
         notes.append(f"KL to the reference reached {max(kl):.2f}: the policy is drifting far (lower the "
                      "learning rate or raise beta).")
-    last = [s for s in run.samples if s.get("step") == max((x.get("step", 0) for x in run.samples), default=0)]
-    if len(last) >= 3 and len({s.get("completion") for s in last}) == 1:
+    last = [s for s in run.samples if s["step"] == max((x["step"] for x in run.samples), default=0)]
+    if len(last) >= 3 and len({str(s.get("completion")) for s in last}) == 1:
         notes.append("every sample completion of the last sampled step is the same string: the policy may "
                      "have collapsed.")
     return notes
@@ -416,6 +525,23 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def num(value, spec: str) -> str:
+    """A number from a run formatted for a cell, the escaped text of anything else, `-` for none."""
+    x = number(value)
+    if x is not None:
+        return format(x, spec)
+    return "-" if value is None else esc(fmt(value))
+
+
+def accuracy_in_summary(summary: dict, key: str, old_key: str) -> float | None:
+    """Held-out accuracy before/after training: summary[key]["eval_accuracy"], or summary[old_key]
+    as older runs wrote it."""
+    nested = summary.get(key)
+    if isinstance(nested, dict) and "eval_accuracy" in nested:
+        return number(nested["eval_accuracy"])
+    return number(summary.get(old_key))
+
+
 def last_value(run: Run, key: str):
     _, ys = series(run, key)
     return ys[-1] if ys else None
@@ -429,18 +555,18 @@ def overview(runs: list[Run], colors: list[str]) -> str:
     for run, color in zip(runs, colors):
         _, reward = series(run, "reward_mean")
         accuracy = last_value(run, "accuracy")
-        before = run.summary.get("eval_before", {}).get("eval_accuracy", run.summary.get("accuracy_before"))
-        after = run.summary.get("eval_after", {}).get("eval_accuracy", run.summary.get("accuracy_after"))
-        seconds = run.summary.get("train_seconds", run.metrics[-1].get("wall_clock"))
+        before = accuracy_in_summary(run.summary, "eval_before", "accuracy_before")
+        after = accuracy_in_summary(run.summary, "eval_after", "accuracy_after")
+        seconds = number(run.summary.get("train_seconds", run.metrics[-1].get("wall_clock")))
         kl = last_value(run, "kl")
         total = run.config.get("max_steps", "?")
-        cells = [f"<span class='swatch' style='background:{color}'></span>{esc(run.label)}",
-                 str(len(run.metrics)), f"{run.metrics[-1]['step']} / {esc(total)}",
+        cells = [f"<span class='swatch' style='background:{esc(color)}'></span>{esc(run.label)}",
+                 str(len(run.metrics)), f"{esc(run.metrics[-1]['step'])} / {esc(fmt(total))}",
                  f"{reward[0]:.3f} &rarr; {reward[-1]:.3f}" if reward else "-",
                  f"{accuracy:.1%}" if accuracy is not None else "-",
                  f"{before:.1%} &rarr; {after:.1%}" if before is not None and after is not None else "-",
                  f"{kl:.4f}" if kl is not None else "-",
-                 f"{seconds:.0f} s" if isinstance(seconds, (int, float)) else "-"]
+                 f"{seconds:.0f} s" if seconds is not None else "-"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -453,20 +579,24 @@ def samples_html(samples: list[dict]) -> str:
     parts = []
     for step in shown:
         rows = [s for s in samples if s.get("step") == step]
-        names = list(dict.fromkeys(k for s in rows for k in s.get("rewards", {})))
+        names = list(dict.fromkeys(k for s in rows for k in s["rewards"]))
         head = ("<tr><th>#</th><th>prompt</th><th>completion</th><th>reward</th><th>advantage</th>"
                 + "".join(f"<th>{esc(n)}</th>" for n in names) + "<th>tokens</th></tr>")
         body = []
         for s in rows:
-            length = f"{s['length']}{' (truncated)' if s.get('truncated') else ''}" if "length" in s else "-"
+            length = fmt(s["length"]) if "length" in s else "-"
+            if "length" in s and s.get("truncated") is True:
+                length += " (truncated)"
             body.append(
-                f"<tr><td>{esc(s.get('index', ''))}</td><td class='text'>{esc(s.get('prompt', ''))}</td>"
-                f"<td class='text'>{esc(s.get('completion', ''))}</td>"
-                f"<td class='num'>{s.get('reward', 0):.3f}</td><td class='num'>{s.get('advantage', 0):+.3f}</td>"
-                + "".join(f"<td class='num'>{s.get('rewards', {}).get(n, 0):.3f}</td>" for n in names)
+                f"<tr><td>{esc(fmt(s.get('index', '')))}</td><td class='text'>{esc(fmt(s.get('prompt', '')))}</td>"
+                f"<td class='text'>{esc(fmt(s.get('completion', '')))}</td>"
+                f"<td class='num'>{num(s.get('reward', 0), '.3f')}</td>"
+                f"<td class='num'>{num(s.get('advantage', 0), '+.3f')}</td>"
+                + "".join(f"<td class='num'>{num(s['rewards'].get(n, 0), '.3f')}</td>" for n in names)
                 + f"<td class='num'>{esc(length)}</td></tr>")
         label = "first" if step == steps[0] else "last"
-        parts.append(f"<h3>Samples at step {esc(step)} ({label} sampled step)</h3><table>{head}{''.join(body)}</table>")
+        parts.append(f"<h3>Samples at step {esc(fmt(step))} ({label} sampled step)</h3>"
+                     f"<table>{head}{''.join(body)}</table>")
     return "".join(parts)
 
 
@@ -479,13 +609,16 @@ def render_html(runs: list[Run], plots: list[tuple[str, str, bytes]], colors: li
         figures.append(f"<figure class='plot{wide}' id='{stem}'><img src='data:image/png;base64,{data}' "
                        f"alt='{esc(caption)}'><figcaption>{esc(caption)} &middot; plots/{stem}.png"
                        f"</figcaption></figure>")
-    health = []
+    health, unread = [], []
     for run in runs:
-        notes = checks(run)
         prefix = f"<b>{esc(run.label)}</b>: " if len(runs) > 1 else ""
-        health += [f"<div class='warn'>{prefix}{esc(n)}</div>" for n in notes]
+        health += [f"<div class='warn'>{prefix}{esc(n)}</div>" for n in checks(run)]
+        unread += [f"<div class='warn'>{prefix}{esc(w)}</div>" for w in run.warnings]
     if not health:
         health = ["<p class='ok'>No warning signs found (reward variance, truncation, KL, collapse).</p>"]
+    if unread:
+        # Said on the page too: whoever reads the report later did not see the command's stderr.
+        health += ["<h3>What could not be read from the run's files</h3>"] + unread
     details = []
     for run in runs:
         details.append(
@@ -515,14 +648,21 @@ def render_html(runs: list[Run], plots: list[tuple[str, str, bytes]], colors: li
 # Entry points
 
 
-def write_report(run_dirs: list[Path], output: Path | None = None) -> Path:
+def write_report(run_dirs: list[Path], output: Path | None = None, warn=None) -> Path:
     """Write report.html (default: in the first run directory) and its plots as PNG files in
     plots/ beside it; return the path of report.html. Raises ReportError on bad input or when
-    matplotlib is missing."""
+    matplotlib is missing. `warn` is called with each warning about a run's files, one per file
+    naming the lines skipped and why (default: printed to stderr)."""
     if not run_dirs:
         raise ReportError("give at least one run directory")
+    if warn is None:
+        def warn(message):
+            print(f"grpo report: warning: {message}", file=sys.stderr)
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(p, label) for p, label in zip(paths, run_labels(paths))]
+    for run in runs:
+        for message in run.warnings:
+            warn(message)
     output = Path(output) if output is not None else paths[0] / "report.html"
     if output.is_dir() or output.suffix.lower() not in (".html", ".htm"):
         output = output / "report.html"
