@@ -652,3 +652,34 @@ _A = torch.zeros(4)
 def test_bad_arguments_raise_value_error(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_every_fixed_choice_is_checked_by_the_one_check_choice(monkeypatch):
+    """The maths' choices are refused in one form, by registry.check_choice: no module keeps a copy."""
+    import grpo.algorithm as algorithm_package
+    from grpo.algorithm import registry, token_weights
+
+    seen = []
+
+    def spy(name, value, allowed):
+        seen.append(name)
+        raise ValueError(f"spied {name}")
+
+    modules = [m for m in vars(algorithm_package).values()
+               if getattr(m, "__name__", "").startswith("grpo.algorithm.") and hasattr(m, "check_choice")]
+    assert {m.__name__.rsplit(".", 1)[1] for m in modules} >= {"advantages", "kl", "objective", "policy_losses",
+                                                               "registry", "token_weights"}
+    for m in modules:
+        assert not hasattr(m, "_check_choice") and m.check_choice is registry.check_choice
+    for m in modules:
+        monkeypatch.setattr(m, "check_choice", spy)
+    calls = [lambda: group_advantages(torch.zeros(6), 3, scale="std"),
+             lambda: importance_ratio(_l, _l, _m, level="tok"),
+             lambda: kl_penalty(_l, _l, estimator="k4"),
+             lambda: aggregate(_l, _m, "mean", **_norm),
+             lambda: token_weights.truncated_is_weights(_l, _l, _m, level="tok"),
+             lambda: algorithm_package.ADVANTAGE_ESTIMATORS.get("nope")]
+    for call in calls:
+        with pytest.raises(ValueError, match="spied"):
+            call()
+    assert seen == ["scale", "level", "estimator", "mode", "level", "advantage_estimator"]

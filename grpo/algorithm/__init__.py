@@ -28,6 +28,6 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_LOG_RATIO_CLAMP",
     "OFF_POLICY_CORRECTIONS", "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate",
     "bradley_terry_loss", "clipped_surrogate", "compute_advantages", "entropy_threshold", "group_advantages",
-    "high_entropy_mask", "importance_ratio", "kl_penalised_rewards", "kl_penalty", "loss_mask", "policy_loss", "register_adv_est",
-    "register_policy_loss", "truncated_is_weights", "zero_variance_groups",
+    "high_entropy_mask", "importance_ratio", "kl_penalised_rewards", "kl_penalty", "loss_mask", "policy_loss",
+    "register_adv_est", "register_policy_loss", "truncated_is_weights", "zero_variance_groups",
 ]

@@ -2,6 +2,9 @@
 
 GRPO's baseline is the group itself: no value model (DeepSeekMath, Shao et al. 2024,
 arXiv:2402.03300, section 4.1.2, outcome supervision). Rows p*G .. p*G+G-1 are prompt p's group.
+The rewards are the weighted sum of the reward functions, or, when `reward_kl_coef` puts the KL
+penalty in the reward (InstructGPT), that sum minus coef times each sequence's KL to the
+reference (`kl.kl_penalised_rewards`); otherwise the KL penalty is a term of the loss (`beta`).
 
 Estimators are registered by name (config key `advantage_estimator`); each is a pure function
 
@@ -24,17 +27,12 @@ import inspect
 import torch
 from torch import Tensor
 
-from .registry import Registry
+from .registry import Registry, check_choice
 
 ADVANTAGE_ESTIMATORS = Registry("advantage_estimator")
 register_adv_est = ADVANTAGE_ESTIMATORS.register
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -52,7 +50,9 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     """[P] bool, True where all G rewards of prompt p's group are equal.
 
     Such a group gives every completion A_i = 0, so it contributes no policy gradient (DAPO's
-    "dynamic sampling" filters them out; here they are counted and reported).
+    "dynamic sampling" filters them out; here they are counted and reported). To count the groups
+    the reward functions cannot rank, pass the rewards before a `reward_kl_coef` shift: the KL
+    term differs between completions and unties almost every group.
     """
     r = _groups(rewards, group_size)
     return (r == r[:, :1]).all(dim=1)
@@ -74,7 +74,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     gets exactly 0, never NaN: its mean can differ from its members by a rounding error (the mean
     of three 0.1 is not 0.1), which a division by sigma + eps ~ 1e-4 would inflate to a signal.
     """
-    _check_choice("scale", scale, ADVANTAGE_SCALES)
+    check_choice("scale", scale, ADVANTAGE_SCALES)
     r = _groups(rewards, group_size)
     if not r.is_floating_point():
         r = r.to(torch.get_default_dtype())
@@ -145,8 +145,12 @@ def reinforce_pp(rewards: Tensor, group_size: int, *, eps: float, batch_rewards:
         A_i = (r_i - mean_B(r)) / (std_B(r) + eps),   B = the whole batch over every process.
 
     The paper's general variant: no per-prompt baseline at all (it works with one completion per
-    prompt); its token-level return r - beta * sum_{s >= t} KL_s is here just r, since this package
-    keeps the KL penalty in the loss (`beta`), not in the reward. std with Bessel's correction
+    prompt). The paper's token-level return is r - beta * sum_{s >= t} KL_s, the KL still to come
+    from token t on. Here the advantage is one per sequence, so there is no per-token return: by
+    default the KL penalty is in the loss (`beta`) and r is the task reward alone; with
+    `reward_kl_coef` the KL is in the reward, and r arrives here already penalised by the whole
+    sequence's KL, r - coef * sum_t (l_t - l^ref_t) (`kl.kl_penalised_rewards`), the paper's
+    return at the first token, given to every token. std with Bessel's correction
     (as `batch`); a batch whose rewards are all equal gets exactly 0. Note what that means for
     groups: a group whose rewards are all 1 gets a POSITIVE
     advantage (it beats the batch mean), so zero-variance groups still push. For GRPO-style groups

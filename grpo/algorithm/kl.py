@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import check_choice
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 # exp(20) ~ 5e8: far beyond any useful penalty, far below float32 overflow (~exp(88)).
@@ -29,8 +31,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     (l^ref = -inf) gives a large finite penalty rather than inf/NaN; beyond the clamp the penalty's
     gradient is zero, a deliberate trade of exactness for stability (as in verl's ``low_var_kl``).
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(map(repr, KL_ESTIMATORS))}; got {estimator!r}")
+    check_choice("estimator", estimator, KL_ESTIMATORS)
     d = ref_logprobs - logprobs
     if estimator == "k1":
         return -d

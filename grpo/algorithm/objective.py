@@ -21,14 +21,10 @@ from torch import Tensor
 
 from .kl import KL_ESTIMATORS, kl_penalty
 from .policy_losses import POLICY_LOSSES, RATIO_LEVELS
+from .registry import check_choice
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant_normalizer", "group_sum")
 RATIO_ANCHORS = ("old", "reference")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def loss_mask(completion_mask: Tensor, truncated: Tensor, mask_truncated: bool) -> Tensor:
@@ -76,7 +72,7 @@ def aggregate(
 
     A row with no valid token contributes 0 (its length is clamped to 1) but still counts in N.
     """
-    _check_choice("mode", mode, AGGREGATIONS)
+    check_choice("mode", mode, AGGREGATIONS)
     if num_sequences < 1:
         raise ValueError(f"num_sequences must be >= 1; got {num_sequences}")
     valid = mask.bool()
@@ -150,10 +146,10 @@ def policy_loss(
     normaliser, which also sum over micro-batches.
     """
     surrogate = POLICY_LOSSES.get(loss_mode)
-    _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    _check_choice("ratio_anchor", ratio_anchor, RATIO_ANCHORS)
-    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    check_choice("ratio_anchor", ratio_anchor, RATIO_ANCHORS)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     if beta != 0 and ref_logprobs is None:
         raise ValueError(f"beta={beta} needs ref_logprobs (log-probs of the frozen reference model)")
     if ratio_anchor == "reference" and ref_logprobs is None:

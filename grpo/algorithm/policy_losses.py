@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .registry import Registry
+from .registry import Registry, check_choice
 
 POLICY_LOSSES = Registry("policy_loss")
 register_policy_loss = POLICY_LOSSES.register
@@ -35,11 +35,6 @@ class Surrogate(NamedTuple):
     clipped_high: Tensor  # [N, T] bool: the clip is active above the band
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
 def importance_ratio(logprobs: Tensor, anchor_logprobs: Tensor, mask: Tensor, level: str = "token") -> Tensor:
     """Importance ratio rho_t of the current policy to the anchor policy pi_a: [N, T] -> [N, T].
 
@@ -52,7 +47,7 @@ def importance_ratio(logprobs: Tensor, anchor_logprobs: Tensor, mask: Tensor, le
     With one update per rollout the anchor is ``logprobs.detach()``: the ratio is then 1 in value
     but carries the gradient. Masked positions get log-ratio 0 (ratio 1 for ``token``).
     """
-    _check_choice("level", level, RATIO_LEVELS)
+    check_choice("level", level, RATIO_LEVELS)
     valid = mask.bool()
     log_ratio = torch.where(valid, logprobs - anchor_logprobs, 0.0)
     if level == "sequence":

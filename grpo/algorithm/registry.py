@@ -1,4 +1,5 @@
-"""Name -> function tables for the choices users extend: advantage estimators and policy losses.
+"""Name -> function tables for the choices users extend (advantage estimators, policy losses),
+and `check_choice` for the small fixed ones (plain tuples of names).
 
 As verl's `register_adv_est` / `register_policy_loss`: a variant is one small function, registered
 under the name a config gives (`advantage_estimator: rloo`, `policy_loss: cispo`). The config's
@@ -9,6 +10,13 @@ new name valid everywhere (config validation, `grpo config train`, the trainer).
 from __future__ import annotations
 
 from typing import Callable
+
+
+def check_choice(name: str, value: str, allowed) -> None:
+    """A ValueError in the one form every choice of the maths uses: the name, the allowed values
+    and what was given."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 class Registry:
@@ -26,8 +34,7 @@ class Registry:
         return add
 
     def get(self, name: str) -> Callable:
-        if name not in self._table:
-            raise ValueError(f"{self.kind} must be one of {', '.join(map(repr, self._table))}; got {name!r}")
+        check_choice(self.kind, name, tuple(self._table))
         return self._table[name]
 
     def names(self) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import check_choice
+
 OFF_POLICY_CORRECTIONS = ("none", "token", "sequence")
 
 
@@ -40,8 +42,7 @@ def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: T
     When sampler and trainer agree (the same log-probs), every weight is exactly 1. Garbage at
     masked positions never reaches the result.
     """
-    if level not in ("token", "sequence"):
-        raise ValueError(f"level must be 'token' or 'sequence'; got {level!r}")
+    check_choice("level", level, ("token", "sequence"))
     if not cap > 0:
         raise ValueError(f"cap must be > 0; got {cap}")
     valid = mask.bool()
