@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -318,12 +317,6 @@ def score_batches(rm, prompts: list[str], completions: list, batch_size: int) ->
         with torch.autocast(device.type, enabled=False):
             out.append(rm.scores(prompts[i:i + batch_size], completions[i:i + batch_size]).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
-
-
-def copy_reference(source: Path, target: Path) -> None:
-    """A DPO reward model's reference travels with it (a checkpoint copies the directory)."""
-    if (source / REFERENCE_DIR).is_dir():
-        shutil.copytree(source / REFERENCE_DIR, target / REFERENCE_DIR, dirs_exist_ok=True)
 
 
 class RewardModelScorer:
