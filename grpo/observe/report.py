@@ -144,7 +144,7 @@ def load_run(path: Path, label: str) -> Run:
     if not path.is_dir():
         raise ReportError(f"{path}: no such run directory")
     warnings: list[str] = []
-    # Rows without a step are not a step's record: left out without a word, as they always were.
+    # An object without a step is no step's record: nothing to place on the axis, and no sign of damage.
     metrics = [r for r in read_jsonl(path / "metrics.jsonl", warnings, check_step) if "step" in r]
     if not metrics:
         raise ReportError(f"{path}: no metrics.jsonl with logged steps (is this a `grpo train` output_dir?)"
