@@ -1,5 +1,5 @@
 """Per-process memory of one GRPO step: two processes sharded with FSDP2 (`fsdp: true`,
-`grpo.train.sharding`) against one process, on the CPU with gloo.
+`grpo.runtime.sharding`) against one process, on the CPU with gloo.
 
     python -m bench.fsdp_memory                                   # Qwen2-0.5B's vocabulary and width
     python -m bench.fsdp_memory --layers 2 --vocab 512 --hidden 64 --intermediate 128 --heads 4 \\
@@ -53,9 +53,9 @@ def worker(rank: int, world_size: int, mode: str, port: int, args, out: Path) ->
     from grpo.config import TrainConfig
     from grpo.engine.models import load_causal_lm, load_tokenizer
     from grpo.rewards import build_rewards
-    from grpo.train.distributed import World
-    from grpo.train.optim import make_optimizer, make_scheduler
-    from grpo.train.sharding import local_bytes, shard_model
+    from grpo.runtime.distributed import World
+    from grpo.runtime.optim import make_optimizer, make_scheduler
+    from grpo.runtime.sharding import local_bytes, shard_model
     from grpo.train.update import update
 
     generate = grpo.engine.backend.generate_groups

@@ -21,7 +21,7 @@ model with the adapter off (both). Gradient checkpointing: Hugging Face's, non-r
 Ours runs its defaults for this vocabulary: the chunked LM head (`--chunk` tokens at a time,
 default 128; 0: off), the MLP keeping two of its four activations and running a row chunk at a
 time where it keeps none (`mlp_activations: auto`), and glibc's mmap threshold fixed at 1 MiB
-(`malloc_mmap_threshold: -1`, grpo.train.host_memory: freed tensors leave the process at once).
+(`malloc_mmap_threshold: -1`, grpo.runtime.host_memory: freed tensors leave the process at once).
 TRL runs at glibc's default; `--trl-mmap-threshold 1048576` runs it a second time with the same
 fixed threshold, so the table shows what the allocator setting alone is worth to it.
 
@@ -65,8 +65,8 @@ class PhasePeaks:
     PHASES = {"generate": ("grpo.engine.backend", "generate_groups"),
               "score (pi_ref, pi_old)": ("grpo.train.rollout", "batched_logprobs"),
               "update forward": ("grpo.train.update", "completion_logprobs"),
-              "backward": ("grpo.train.precision", "Precision.backward"),
-              "optimizer step": ("grpo.train.precision", "Precision.step")}
+              "backward": ("grpo.runtime.precision", "Precision.backward"),
+              "optimizer step": ("grpo.runtime.precision", "Precision.step")}
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
@@ -105,10 +105,10 @@ def run_ours(args) -> dict:
     from grpo.engine.adapters import add_lora, trainable_parameters
     from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
     from grpo.rewards import Reward
-    from grpo.train import host_memory
-    from grpo.train.distributed import World
-    from grpo.train.optim import make_optimizer, make_scheduler
-    from grpo.train.precision import Precision
+    from grpo.runtime import host_memory
+    from grpo.runtime.distributed import World
+    from grpo.runtime.optim import make_optimizer, make_scheduler
+    from grpo.runtime.precision import Precision
     from grpo.train.rollout import collect_rollout
     from grpo.train.update import update
 
@@ -221,7 +221,7 @@ def worker(argv) -> None:
                          "malloc_mmap_threshold does; 0: glibc's default)")
     args = ap.parse_args(argv)
     if args.mmap_threshold:
-        from grpo.train.host_memory import set_mmap_threshold
+        from grpo.runtime.host_memory import set_mmap_threshold
         assert set_mmap_threshold(args.mmap_threshold)
     # Names bench.workers' TRL helpers read.
     args.device, args.dtype, args.full_length = "cpu", "float32", True

@@ -75,7 +75,7 @@ def reward_model(out: Path, seed: int, name: str, settings: dict, member: int = 
     """A trained reward model (cached) and its held-out correct-vs-wrong accuracy."""
     from grpo.config import RewardModelConfig, RewardModelEvalConfig, build
     from grpo.recipes.pipeline import REWARD_MODEL
-    from grpo.train.reward_model import eval_reward_model, train_reward_model
+    from grpo.supervised.reward_model import eval_reward_model, train_reward_model
 
     directory = out / ("rm_" + name.replace(" ", "_").replace("+", "") + (f"_{member}" if member else ""))
     if not (directory / "accuracy.json").exists():

@@ -105,11 +105,11 @@ def run_ours(args) -> dict:
     from grpo.engine.models import load_tokenizer
     from grpo.recipes.addition import GRPO
     from grpo.rewards import build_rewards
-    from grpo.train.distributed import World
-    from grpo.train.models import load_models
-    from grpo.train.setup import RunSetup
-    from grpo.train.optim import make_optimizer, make_scheduler
-    from grpo.train.precision import Precision
+    from grpo.runs.models import load_models
+    from grpo.runtime.distributed import World
+    from grpo.runtime.optim import make_optimizer, make_scheduler
+    from grpo.runtime.precision import Precision
+    from grpo.runtime.setup import RunSetup
     from grpo.train.rollout import collect_rollout
     from grpo.train.update import update
 

@@ -27,11 +27,11 @@ def run_ours(args) -> dict:
     from grpo.config import TrainConfig
     from grpo.engine.models import load_tokenizer, pick_device, pick_dtype
     from grpo.rewards import Reward
-    from grpo.train.distributed import World
-    from grpo.train.models import load_models
-    from grpo.train.setup import RunSetup
-    from grpo.train.optim import make_optimizer, make_scheduler
-    from grpo.train.precision import Precision
+    from grpo.runs.models import load_models
+    from grpo.runtime.distributed import World
+    from grpo.runtime.optim import make_optimizer, make_scheduler
+    from grpo.runtime.precision import Precision
+    from grpo.runtime.setup import RunSetup
     from grpo.train.rollout import clock, collect_rollout
     from grpo.train.update import update
 
@@ -42,7 +42,7 @@ def run_ours(args) -> dict:
                       max_prompt_length=4096, dtype=args.dtype, device=args.device, num_threads=args.threads,
                       generation=args.generation,
                       rewards=[{"function": "exact_answer"}])
-    # As `grpo train` sets them up: float32 weights, forwards in cfg.dtype (grpo.train.precision).
+    # As `grpo train` sets them up: float32 weights, forwards in cfg.dtype (grpo.runtime.precision).
     device = pick_device(cfg.device)
     precision = Precision(device, pick_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(args.model)

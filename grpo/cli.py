@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet_libraries()
     from grpo.errors import GrpoError, RewardError
-    from grpo.train.interrupts import Interrupted
+    from grpo.runs.interrupts import Interrupted
 
     main_process = os.environ.get("RANK", "0") == "0"
     try:
@@ -157,7 +157,7 @@ def run_command(args) -> int:
         if not args.quiet:
             print(f"model saved to {out}")
     elif args.command == "sft":
-        from grpo.train.sft import train_sft
+        from grpo.supervised.sft import train_sft
         out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet, overwrite=args.overwrite)
         if not args.quiet:
             print(f"model saved to {out}")
@@ -173,7 +173,7 @@ def run_command(args) -> int:
             run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
                      grpo_overrides=parse_overrides(args.set))
     elif args.command == "reward-model":
-        from grpo.train import reward_model as rm
+        from grpo.supervised import reward_model as rm
         if args.rm_command == "train":
             rm.train_reward_model(load_config(RewardModelConfig, args.config, args.set), quiet=args.quiet,
                                   overwrite=args.overwrite)

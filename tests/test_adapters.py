@@ -144,8 +144,8 @@ def test_a_lora_step_scores_its_reference_with_the_adapter_off(tiny_model_dir):
     from grpo.config import TrainConfig
     from grpo.engine.models import load_causal_lm, load_tokenizer
     from grpo.rewards import Reward, exact_answer
-    from grpo.train.distributed import World
-    from grpo.train.optim import make_optimizer, make_scheduler
+    from grpo.runtime.distributed import World
+    from grpo.runtime.optim import make_optimizer, make_scheduler
     from grpo.train.rollout import collect_rollout
     from grpo.train.update import update
 

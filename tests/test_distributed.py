@@ -15,10 +15,10 @@ from conftest import free_port
 
 from grpo.config import TrainConfig, build
 from grpo.data import load_rows
-from grpo.train.distributed import World
 from grpo.engine.models import load_causal_lm, load_tokenizer
-from grpo.train.optim import make_scheduler
 from grpo.rewards import build_rewards
+from grpo.runtime.distributed import World
+from grpo.runtime.optim import make_scheduler
 from grpo.train.rollout import collect_rollout
 from grpo.train.update import update
 

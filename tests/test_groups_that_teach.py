@@ -17,9 +17,9 @@ from grpo.config import TrainConfig, build
 from grpo.engine.models import load_causal_lm, load_tokenizer
 from grpo.engine.sequences import filter_logits
 from grpo.rewards import Reward
-from grpo.train.distributed import World
+from grpo.runtime.distributed import World
+from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.train.loop import train
-from grpo.train.optim import make_optimizer, make_scheduler
 from grpo.train.rollout import batched_logprobs, collect_rollout
 from grpo.train.update import update
 

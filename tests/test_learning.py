@@ -12,8 +12,8 @@ import pytest
 from grpo.cli import main
 from grpo.config import SFTConfig, TrainConfig, build
 from grpo.recipes.addition import GRPO, SFT
+from grpo.supervised.sft import train_sft
 from grpo.train.loop import train
-from grpo.train.sft import train_sft
 
 
 @pytest.fixture(scope="module")

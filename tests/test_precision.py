@@ -1,4 +1,4 @@
-"""Mixed precision (`grpo.train.precision.Precision`): float32 master weights, half-precision compute.
+"""Mixed precision (`grpo.runtime.precision.Precision`): float32 master weights, half-precision compute.
 
 bf16 is what `dtype: auto` picks on CUDA. These tests run its code paths on the CPU (CPU autocast
 supports bf16 and fp16), on models small enough for that to be quick.
@@ -14,8 +14,8 @@ from grpo.config import TrainConfig, build
 from grpo.engine.generation import generate_groups
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.models import load_causal_lm
-from grpo.train.precision import Precision
 from grpo.recipes.tasks import save_tiny_model
+from grpo.runtime.precision import Precision
 from grpo.train.loop import train
 
 from test_fastpaths import EOS, PAD, llama, prompts, qwen2
@@ -41,7 +41,7 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     # At a GRPO learning rate of 1e-6 an AdamW step is ~100x smaller than bf16's spacing near a
     # weight of 0.02: weights stored in bf16 mostly round back to where they were. With float32
     # master weights nearly all of them move.
-    import grpo.train.models
+    import grpo.runs.models
 
     def run(name):
         cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(tmp_path / name),
@@ -54,8 +54,8 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     assert all(t.dtype == torch.float32 for t in after.values())
     assert changed_fraction(before, after) > 0.95
     if dtype == "bfloat16":  # the same run with the policy stored in bf16, as before the fix
-        real = grpo.train.models.load_causal_lm
-        monkeypatch.setattr(grpo.train.models, "load_causal_lm", lambda path, device, dt, trainable=True, **kw:
+        real = grpo.runs.models.load_causal_lm
+        monkeypatch.setattr(grpo.runs.models, "load_causal_lm", lambda path, device, dt, trainable=True, **kw:
                             real(path, device, dt, trainable, **kw).to(torch.bfloat16))
         stored = load_file(str(run("stored_bf16") / "model.safetensors"))
         assert next(iter(stored.values())).dtype == torch.bfloat16
@@ -159,7 +159,7 @@ def test_sft_and_reward_model_also_train_float32_master_weights_under_bf16(small
 def test_fp16_resume_restores_the_loss_scale(small_model, addition_files, tmp_path, monkeypatch):
     import shutil
 
-    import grpo.train.setup
+    import grpo.runtime.setup
     made = []
 
     class Growing(Precision):  # the scale doubles after every step (far from overflow), so its state shows
@@ -168,7 +168,7 @@ def test_fp16_resume_restores_the_loss_scale(small_model, addition_files, tmp_pa
             self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
             self.scaler.scale(torch.ones(()))
             made.append(self)
-    monkeypatch.setattr(grpo.train.setup, "Precision", Growing)
+    monkeypatch.setattr(grpo.runtime.setup, "Precision", Growing)
 
     def cfg(out):
         return build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(out),

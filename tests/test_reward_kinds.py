@@ -250,7 +250,7 @@ def test_iterative_rl_rounds_train_the_reward_model_and_resume_exactly(tiny_mode
 def test_iterative_rl_inputs_are_checked_first_and_fingerprinted(tiny_model_dir, addition_files, kinds,
                                                                   preferences, tmp_path):
     from grpo.data import load_source
-    from grpo.train.inputs import fingerprints
+    from grpo.runs.inputs import fingerprints
 
     def cfg(replay, labeler="answer_distance"):
         return small(tiny_model_dir, addition_files, tmp_path / "o", rewards=[{"model": str(kinds / "likelihood")}],

@@ -236,7 +236,7 @@ def test_every_row_is_checked_when_the_dataset_is_loaded(tiny_model_dir, tmp_pat
 ])
 def test_sft_checks_every_row_too(tiny_model_dir, tmp_path, content, message, monkeypatch):
     from grpo.config import SFTConfig
-    from grpo.train import sft
+    from grpo.supervised import sft
 
     data = tmp_path / "d.jsonl"
     data.write_bytes(content)

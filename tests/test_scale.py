@@ -58,9 +58,9 @@ def test_lora_stores_its_frozen_base_in_the_compute_dtype_and_the_adapter_in_flo
     master copy), the adapter, the only thing the optimizer moves, in float32; pi_ref is still
     the base exactly (KL 0 at the first step) and a resumed run ends bit for bit where the
     uninterrupted one did."""
-    from grpo.train.models import load_models
-    from grpo.train.setup import RunSetup
-    from grpo.train.precision import Precision
+    from grpo.runs.models import load_models
+    from grpo.runtime.precision import Precision
+    from grpo.runtime.setup import RunSetup
 
     cfg = small(tiny_model_dir, addition_files, tmp_path / "bf16", peft=LORA, dtype="bfloat16", max_steps=4,
                 save_steps=2)
@@ -240,7 +240,7 @@ def test_malloc_mmap_threshold_auto_is_for_large_vocabularies_on_a_cpu_only():
     from types import SimpleNamespace
 
     from grpo.errors import ConfigError
-    from grpo.train.host_memory import mmap_threshold
+    from grpo.runtime.host_memory import mmap_threshold
 
     def model(vocab):
         return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
@@ -264,7 +264,7 @@ def test_malloc_mmap_threshold_auto_is_for_large_vocabularies_on_a_cpu_only():
 # in the process unless the fixed threshold made each its own mapping.
 _FRAGMENTS = """
 import re, sys, torch
-from grpo.train import host_memory
+from grpo.runtime import host_memory
 from types import SimpleNamespace
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024

@@ -1,4 +1,4 @@
-"""FSDP2 sharding (`grpo.train.sharding`, `grpo.train.sharded_checkpoint`): two gloo processes on
+"""FSDP2 sharding (`grpo.runtime.sharding`, `grpo.runs.sharded_checkpoint`): two gloo processes on
 CPU against one process.
 
 One spawn of two processes (module fixture `two_processes`) runs every scenario and saves what it
@@ -33,12 +33,12 @@ from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.models import load_causal_lm, load_tokenizer
 from grpo.errors import RunError
 from grpo.rewards import build_rewards
-from grpo.train.checkpoint import latest_checkpoint, rng_state, train_state
-from grpo.train.distributed import World
-from grpo.train.optim import make_optimizer, make_scheduler
-from grpo.train.precision import Precision
+from grpo.runs.checkpoint import latest_checkpoint, rng_state, train_state
+from grpo.runtime.distributed import World
+from grpo.runtime.optim import make_optimizer, make_scheduler
+from grpo.runtime.precision import Precision
+from grpo.runtime.sharding import local_bytes
 from grpo.train.rollout import collect_rollout
-from grpo.train.sharding import local_bytes
 from grpo.train.update import update
 
 P, G = 4, 4          # prompts and completions per prompt of the whole batch (2 prompts per process)
@@ -116,7 +116,7 @@ def plain_logprob_sum(model, rollout):
 
 
 def fresh_run(cfg, world, seed):
-    from grpo.train.sharding import shard_model
+    from grpo.runtime.sharding import shard_model
 
     policy = shard_model(load_causal_lm(cfg.model, CPU, torch.float32), world, torch.float32)
     reference = shard_model(load_causal_lm(cfg.model, CPU, torch.float32, trainable=False), world, torch.float32)
@@ -126,9 +126,9 @@ def fresh_run(cfg, world, seed):
 
 
 def worker(rank, port, cfg, tied_cfg, batch, out):
-    from grpo.train.sharded_checkpoint import (restore_sharded_train_state, save_gathered_pretrained,
-                                               save_sharded_checkpoint)
-    from grpo.train.sharding import gathered, shard_model
+    from grpo.runs.sharded_checkpoint import (restore_sharded_train_state, save_gathered_pretrained,
+                                              save_sharded_checkpoint)
+    from grpo.runtime.sharding import gathered, shard_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
@@ -380,7 +380,7 @@ def test_gathered_model_loads_in_plain_transformers(two_processes):
 
 def test_resuming_an_unsharded_checkpoint_with_fsdp_is_a_config_error(tmp_path):
     from grpo.errors import ConfigError
-    from grpo.train.sharded_checkpoint import restore_sharded_train_state
+    from grpo.runs.sharded_checkpoint import restore_sharded_train_state
 
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(ConfigError, match="fsdp: .*checkpoint-3 holds no sharded/"):

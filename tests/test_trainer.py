@@ -113,7 +113,7 @@ def test_every_variant_trains(tiny_model_dir, addition_files, tmp_path, extra):
 
 
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_path, monkeypatch):
-    import grpo.train.models as trainer
+    import grpo.runs.models as trainer
     loads = []
     real = trainer.load_causal_lm
     monkeypatch.setattr(trainer, "load_causal_lm", lambda *a, **k: loads.append(k) or real(*a, **k))
@@ -125,7 +125,7 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_
 
 
 def test_sft_command_learns_completion_tokens_only(tiny_model_dir, addition_files, tmp_path):
-    from grpo.train.sft import collate
+    from grpo.supervised.sft import collate
     ids, mask, labels = collate([([5, 6], [7, 1]), ([5], [8, 9, 1])], pad_id=0, device="cpu")
     assert labels.tolist() == [[-100, -100, 7, 1], [-100, 8, 9, 1]]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]] and ids[0].tolist() == [5, 6, 7, 1]

@@ -16,11 +16,11 @@ from grpo import algorithm as A
 from grpo.cli import main, parser
 from grpo.config import ConfigError, SFTConfig, TrainConfig, build, describe
 from grpo.data import PromptSampler
-from grpo.train.distributed import World
+from grpo.runs.inputs import say_preset
+from grpo.runtime.distributed import World
+from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.train.evaluate import AccuracyReward
-from grpo.train.inputs import say_preset
 from grpo.train.loop import train
-from grpo.train.optim import make_optimizer, make_scheduler
 from grpo.train.reference_sync import mix_into_reference
 
 BASE = {"model": "m", "dataset": "d.jsonl", "rewards": ["exact_answer"]}
@@ -339,7 +339,7 @@ def test_sft_heldout_loss_is_the_completion_loss(tiny_model_dir, addition_files,
     from transformers import AutoModelForCausalLM
 
     from grpo.engine.models import load_tokenizer
-    from grpo.train.sft import collate, completion_loss, encode_pairs, train_sft
+    from grpo.supervised.sft import collate, completion_loss, encode_pairs, train_sft
 
     heldout = [{**json.loads(l), "completion": json.loads(l)["answer"]} for l in open(addition_files["heldout"])][:6]
     cfg = build(SFTConfig, dict(model=tiny_model_dir, dataset=addition_files["train"], eval_dataset=heldout,

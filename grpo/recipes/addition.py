@@ -8,8 +8,8 @@ from pathlib import Path
 
 from grpo.config import SFTConfig, build
 from grpo.errors import RunError
-from grpo.train.run_dir import clear_output_dir
-from grpo.train.sft import train_sft
+from grpo.runs.run_dir import clear_output_dir
+from grpo.supervised.sft import train_sft
 
 from .tasks import addition_problems, save_tiny_model, write_jsonl
 

@@ -32,8 +32,8 @@ from grpo.data import decode_completions, format_prompt, load_rows, tokenize_pro
 from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import load_causal_lm, load_tokenizer, pick_device
 from grpo.rewards import is_exact_answer
+from grpo.supervised.reward_model import eval_reward_model, train_reward_model
 from grpo.train.loop import train
-from grpo.train.reward_model import eval_reward_model, train_reward_model
 
 from .addition import GRPO, SFT, claim_recipe_dir, warm_start
 from .preferences import make_preferences

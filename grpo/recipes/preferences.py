@@ -25,8 +25,8 @@ from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import ConfigError
 from grpo.rewards.preferences import TASKS, pairs_for_prompt
-from grpo.train.run_dir import check_output_file
-from grpo.train.setup import start_run
+from grpo.runs.run_dir import check_output_file
+from grpo.runtime.setup import start_run
 
 
 @torch.no_grad()

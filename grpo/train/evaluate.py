@@ -11,18 +11,9 @@ from __future__ import annotations
 import torch
 
 from grpo.engine.backend import RolloutBackend, SamplingParams
-from grpo.errors import ConfigError
 from grpo.rewards.scoring import RewardLog, evaluating
 
 from .rollout import sampling_params, score_group
-
-
-def check_accuracy_reward(rewards, requested: str) -> None:
-    """A named accuracy_reward must be one of the run's rewards (one line before any model loads)."""
-    names = [r.name for r in rewards]
-    if requested and requested not in names:
-        raise ConfigError(f"accuracy_reward: {requested!r} is not one of the run's rewards {names}; name one "
-                          f"of them, or leave it empty to use the first reward whose values are all 0 or 1")
 
 
 def is_binary(values: torch.Tensor) -> bool:

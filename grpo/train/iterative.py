@@ -33,10 +33,10 @@ from grpo.errors import ConfigError
 from grpo.rewards import build_rewards
 from grpo.rewards.models import RewardModelScorer, load_reward_model
 from grpo.rewards.preferences import Pair, evaluate_pairs, load_preferences, pair_scores, pairs_from_labels
+from grpo.runtime.precision import Precision
+from grpo.runtime.sharding import gathered
 
-from .precision import Precision
 from .rollout import sampling_params, score_group
-from .sharding import gathered
 
 
 class RewardModelRounds:

@@ -2,7 +2,7 @@
 update, log, checkpoint.
 
 The maths is in `grpo.algorithm`; generation is behind `grpo.engine.backend`; the models as the
-config asks for them (LoRA, FSDP2) in `train.models`; this file only wires the stages together
+config asks for them (LoRA, FSDP2) in `runs.models`; this file only wires the stages together
 (docs/DESIGN.md, "One step").
 """
 
@@ -20,21 +20,21 @@ from grpo.engine.backend import make_backend
 from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_states, reward_states
+from grpo.runs.checkpoint import load_weights, rng_state, save_model, train_state
+from grpo.runs.inputs import check_inputs
+from grpo.runs.interrupts import Interrupted, StopRequests
+from grpo.runs.model_card import write_model_card
+from grpo.runs.models import load_models, restore, save_final, save_train_checkpoint
+from grpo.runtime import host_memory
+from grpo.runtime.optim import make_optimizer, make_scheduler
+from grpo.runtime.setup import start_run
+from grpo.runtime.sharding import gathered
 
-from . import host_memory
 from .best_model import BEST_DIR, BestModel
-from .checkpoint import load_weights, rng_state, save_model, train_state
 from .evaluate import AccuracyReward, evaluate
-from .inputs import check_inputs
-from .interrupts import Interrupted, StopRequests
 from .iterative import RewardModelRounds
-from .model_card import write_model_card
-from .models import load_models, restore, save_final, save_train_checkpoint
-from .optim import make_optimizer, make_scheduler
 from .reference_sync import ReferenceSync
 from .rollout import clock, collect_rollout, trainer_state
-from .setup import start_run
-from .sharding import gathered
 from .update import rollout_metrics, update, with_logged_metrics
 
 

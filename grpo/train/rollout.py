@@ -20,7 +20,6 @@ import torch
 
 from grpo import algorithm
 from grpo.data import as_completion, completion_ids_list, decode_completions, prompt_batch
-from grpo.data.sources import META_COLUMNS
 from grpo.engine.adapters import reference_policy
 from grpo.engine.backend import LocalBackend, RolloutBackend, SamplingParams
 from grpo.engine.generation import Generation
@@ -28,9 +27,10 @@ from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.stochastic_beam import priority_weights
 from grpo.rewards import score
 from grpo.rewards.scoring import RewardLog
-
-from .precision import Precision
-from .sharding import gathered
+from grpo.runs.inputs import reward_columns
+from grpo.runtime.host_memory import large_vocabulary
+from grpo.runtime.precision import Precision
+from grpo.runtime.sharding import gathered
 
 
 @dataclass
@@ -62,11 +62,6 @@ def sampling_params(cfg, group_size: int | None = None) -> SamplingParams:
     return SamplingParams(group_size=group_size or cfg.group_size, max_new_tokens=cfg.max_completion_length,
                           strategy=cfg.generation, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                           min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty)
-
-
-def reward_columns(row: dict, prompt_column: str) -> list[str]:
-    """The dataset columns reward functions get as keywords: all but the prompt (TRL's rule)."""
-    return [k for k in row if k != prompt_column and k not in META_COLUMNS]
 
 
 @dataclass
@@ -157,13 +152,6 @@ def needs_old_logprobs(cfg) -> bool:
     return uses_old and (cfg.num_iterations > 1 or cfg.num_minibatches > 1)
 
 
-def large_vocabulary(model) -> bool:
-    """65,536 tokens or more (a real LLM's: Qwen2's 151,936), where the automatic memory choices
-    (logprob_chunk_size -1, mlp_activations auto) turn on; the small models of tests and the demo
-    stay below it."""
-    return (getattr(getattr(model, "config", None), "vocab_size", 0) or 0) >= 65536
-
-
 def logprob_chunk_size(cfg, model) -> int:
     """Scored tokens per LM-head pass (config key logprob_chunk_size; -1: 128 for a large
     vocabulary, else all at once)."""
@@ -179,10 +167,6 @@ def recompute_mlp(cfg, model) -> bool:
     if cfg.mlp_activations != "auto":
         return cfg.mlp_activations == "recompute"
     return large_vocabulary(model)
-
-
-def needs_reference(cfg) -> bool:
-    return cfg.beta > 0 or cfg.ratio_anchor == "reference" or cfg.reward_kl_coef > 0
 
 
 @torch.no_grad()

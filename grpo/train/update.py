@@ -14,12 +14,12 @@ import torch
 from grpo import algorithm
 from grpo.config import TrainConfig
 from grpo.engine.logprobs import completion_logprobs
+from grpo.runtime.distributed import World
+from grpo.runtime.optim import before_first_step
+from grpo.runtime.precision import Precision
+from grpo.runtime.sharding import is_sharded
 
-from .distributed import World
-from .optim import before_first_step
-from .precision import Precision
 from .rollout import Rollout, logprob_chunk_size, logprob_temperature, recompute_mlp
-from .sharding import is_sharded
 
 
 def gather_varlen(world: World, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     entropy threshold of `top_entropy_quantile`. With `off_policy_correction` each micro-batch's
     surrogate is weighted by min(pi_old / pi_sampler, C), pi_old = the rollout's old log-probs, or
     at one update per rollout the current policy's own (detached): the same weights, no extra pass.
-    On a sharded policy (`grpo.train.sharding`) FSDP's reduce-scatter sums the gradients in the
+    On a sharded policy (`grpo.runtime.sharding`) FSDP's reduce-scatter sums the gradients in the
     backward, in place of `World.sum_gradients`.
     """
     precision = precision or Precision(next(policy.parameters()).device, torch.float32)

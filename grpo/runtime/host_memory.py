@@ -19,10 +19,15 @@ import ctypes
 
 import torch
 
-from .rollout import large_vocabulary
-
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 AUTO_THRESHOLD = 1 << 20
+
+
+def large_vocabulary(model) -> bool:
+    """65,536 tokens or more (a real LLM's: Qwen2's 151,936), where the automatic memory choices
+    (logprob_chunk_size -1, mlp_activations auto) turn on; the small models of tests and the demo
+    stay below it."""
+    return (getattr(getattr(model, "config", None), "vocab_size", 0) or 0) >= 65536
 
 
 def mmap_threshold(cfg, model, device: torch.device) -> int:

@@ -9,13 +9,13 @@ holds 1/world of the float32 master weights, of their gradients and of the AdamW
 `make_optimizer` builds on the sharded parameters.
 
 Gradients are *summed* across processes, not averaged: every loss is already divided by counts
-over the whole batch on all processes (`grpo.train.distributed`), so the sum is the gradient of
+over the whole batch on all processes (`grpo.runtime.distributed`), so the sum is the gradient of
 the whole batch, exactly what `World.sum_gradients` gives without sharding. FSDP2 averages by
 default; a divide factor of 1 with sum-only collectives turns that into a plain sum.
 
 Mixed precision is FSDP2's own `MixedPrecisionPolicy`: the gathered parameters are cast to the
 run's compute dtype (bf16 on CUDA), gradients are reduced in float32, and the sharded master
-weights stay float32 (`grpo.train.precision` gives the reason).
+weights stay float32 (`grpo.runtime.precision` gives the reason).
 
 The engine's fast paths call submodules directly (`decoders.GroupDecoder`, `packed`), which
 FSDP's forward hooks never see. `gathered` unshards the whole model once for a rollout; inside

@@ -19,18 +19,21 @@ from grpo.engine.adapters import add_lora, is_peft, merge_and_unload, quantizati
 from grpo.engine.models import enable_gradient_checkpointing, load_causal_lm
 from grpo.engine.moe import is_moe
 from grpo.errors import ConfigError
+from grpo.runtime.sharding import shard_model
 
 from .checkpoint import restore_train_state, save_checkpoint, save_model
-from .rollout import needs_reference
 from .sharded_checkpoint import (is_sharded_checkpoint, restore_sharded_train_state, save_gathered_pretrained,
                                  save_sharded_checkpoint)
-from .sharding import shard_model
+
+
+def needs_reference(cfg) -> bool:
+    return cfg.beta > 0 or cfg.ratio_anchor == "reference" or cfg.reward_kl_coef > 0
 
 
 def load_models(cfg: TrainConfig, run):
     """pi_theta, and pi_ref (None when the run never uses it: beta = 0 with the ratio anchored at
     pi_old; the policy itself under LoRA). Full fine-tuning: both hold float32 weights whatever the
-    forwards compute in (train.precision), the reference like the policy so that the two agree bit
+    forwards compute in (runtime.precision), the reference like the policy so that the two agree bit
     for bit at step 0 (KL exactly 0, a reference-anchored ratio exactly 1), under bf16 as under
     fp32. LoRA: the frozen base in the compute dtype, the trained adapter in float32."""
     where = torch.device("cpu") if cfg.fsdp else run.device  # fully_shard moves each shard to the device

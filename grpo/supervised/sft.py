@@ -23,14 +23,13 @@ from grpo.engine.models import check_model_source, load_causal_lm, load_tokenize
 from grpo.errors import DataError
 from grpo.observe.progress import SUPERVISED_FIELDS, format_numbers
 from grpo.observe.tracking import RunLogger
-
-from .checkpoint import save_model
-from .inputs import load_data
-from .interrupts import Interrupted, StopRequests
-from .model_card import write_model_card
-from .optim import make_optimizer, make_scheduler
-from .run_dir import check_output_dir, clear_output_dir
-from .setup import start_run
+from grpo.runs.checkpoint import save_model
+from grpo.runs.inputs import load_data
+from grpo.runs.interrupts import Interrupted, StopRequests
+from grpo.runs.model_card import write_model_card
+from grpo.runs.run_dir import check_output_dir, clear_output_dir
+from grpo.runtime.optim import make_optimizer, make_scheduler
+from grpo.runtime.setup import start_run
 
 
 def encode_pairs(tokenizer, rows, cfg: SFTConfig, label: str = "") -> list[tuple[list[int], list[int]]]:

@@ -30,11 +30,10 @@ from grpo.observe.progress import SUPERVISED_FIELDS
 from grpo.observe.tracking import RunLogger
 from grpo.rewards.models import completion_text, load_reward_model, score_batches
 from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
-
-from .interrupts import Interrupted, StopRequests
-from .optim import make_optimizer, make_scheduler
-from .run_dir import check_output_dir, check_output_file, clear_output_dir
-from .setup import start_run
+from grpo.runs.interrupts import Interrupted, StopRequests
+from grpo.runs.run_dir import check_output_dir, check_output_file, clear_output_dir
+from grpo.runtime.optim import make_optimizer, make_scheduler
+from grpo.runtime.setup import start_run
 
 
 def save_reward_model(rm, out: Path) -> None:
@@ -73,7 +72,7 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
     if overwrite:
         clear_output_dir(out)
 
-    # float32 master weights (train.precision): a new reward model of the configured kind.
+    # float32 master weights (runtime.precision): a new reward model of the configured kind.
     rm = load_reward_model(cfg.model, device, torch.float32, tokenizer, max_length=cfg.max_length, fresh=cfg.kind,
                            settings={"score_reduction": cfg.score_reduction, "beta": cfg.dpo_beta})
     model = rm.model

@@ -17,6 +17,7 @@ from grpo.config.loading import qualified_name
 from grpo.config.train import preset_overrides
 from grpo.data import Source, check_prompts, load_source, require_columns
 from grpo.data.rows import file_fingerprint
+from grpo.data.sources import META_COLUMNS
 from grpo.engine.backend import blocked_token_ids
 from grpo.engine.generation import count_completions
 from grpo.engine.models import check_model_source, load_tokenizer
@@ -24,8 +25,6 @@ from grpo.errors import ConfigError, DataError
 from grpo.rewards import build_rewards
 from grpo.rewards.scoring import RESERVED_COLUMNS, check_signatures
 
-from .evaluate import check_accuracy_reward
-from .rollout import reward_columns
 from .run_dir import check_output_dir, check_resume, clear_output_dir
 
 
@@ -76,6 +75,11 @@ def load_data(cfg, key: str = "dataset") -> Source | None:
     return data
 
 
+def reward_columns(row: dict, prompt_column: str) -> list[str]:
+    """The dataset columns reward functions get as keywords: all but the prompt (TRL's rule)."""
+    return [k for k in row if k != prompt_column and k not in META_COLUMNS]
+
+
 def check_columns(rows: list[dict], cfg, label: str) -> list[str]:
     """The columns reward functions will get; none may shadow one of TRL's keywords."""
     columns = reward_columns(rows[0], cfg.prompt_column)
@@ -84,6 +88,14 @@ def check_columns(rows: list[dict], cfg, label: str) -> list[str]:
         raise DataError(f"{label}: column {clash[0]!r} has the name of a keyword reward functions are called "
                         f"with; rename it (rename_columns: {{{clash[0]}: {clash[0]}_}})")
     return columns
+
+
+def check_accuracy_reward(rewards, requested: str) -> None:
+    """A named accuracy_reward must be one of the run's rewards (one line before any model loads)."""
+    names = [r.name for r in rewards]
+    if requested and requested not in names:
+        raise ConfigError(f"accuracy_reward: {requested!r} is not one of the run's rewards {names}; name one "
+                          f"of them, or leave it empty to use the first reward whose values are all 0 or 1")
 
 
 def say_preset(cfg: TrainConfig, say) -> None:

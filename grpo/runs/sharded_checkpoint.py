@@ -1,6 +1,6 @@
-"""Checkpoints of a sharded run (`grpo.train.sharding`), with `torch.distributed.checkpoint`.
+"""Checkpoints of a sharded run (`grpo.runtime.sharding`), with `torch.distributed.checkpoint`.
 
-`checkpoint-<step>/` holds, as `grpo.train.checkpoint` does, `trainer_state.pt` (schedule, loss
+`checkpoint-<step>/` holds, as `grpo.runs.checkpoint` does, `trainer_state.pt` (schedule, loss
 scale, data position, every process's RNG streams, step) and the tokenizer, plus `sharded/`: the
 model and the optimizer as each process's own shards (DCP's format: one file per process and a
 `.metadata` index), written by all processes at once and never gathered. `list_checkpoints` and
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from grpo.errors import ConfigError
+from grpo.runtime.distributed import World
 
 from .checkpoint import RUN_FILE, STATE_FILE, list_checkpoints, load_state, set_rng_state, write_failed
-from .distributed import World
 
 SHARDS_DIR = "sharded"
 

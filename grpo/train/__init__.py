@@ -1,0 +1,1 @@
+"""The GRPO step and `grpo train`: rollout, update, evaluation, the loop that wires them."""
