@@ -153,3 +153,219 @@ def test_templated_prompts_are_counted_with_their_template(tmp_path):
     assert check_prompts(tok, rows, "prompt", "ds", "auto", max_length=10, say=said.append) == 1  # 11 tokens
     assert said[0].startswith("ds row 1: prompt: the prompt is 11 tokens, over max_prompt_length=10")
     assert check_prompts(tok, rows, "prompt", "ds", "auto", max_length=11, say=said.append) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    from grpo.recipes.tasks import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("small") / "model", hidden_size=32, num_layers=1, num_heads=2,
+                           intermediate_size=64)
+
+
+def copy_model(small_model_dir, tmp_path, name="model"):
+    return shutil.copytree(small_model_dir, tmp_path / name)
+
+
+CUSTOM_CONFIG = ("from transformers import LlamaConfig\n\n"
+                 "class CustomConfig(LlamaConfig):\n    model_type = 'grpo_custom_llama'\n")
+CUSTOM_MODEL = ("from transformers import LlamaForCausalLM\nfrom .configuration_custom import CustomConfig\n\n"
+                "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+
+
+def with_custom_code(directory):
+    """A model directory whose config.json's auto_map names classes defined in files beside it."""
+    (directory / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    (directory / "modeling_custom.py").write_text(CUSTOM_MODEL)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="grpo_custom_llama", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_remote_code_is_refused_without_trust_and_never_asked(small_model_dir, tmp_path, monkeypatch):
+    """trust_remote_code reaches the config, the tokenizer and the model, always as a bool: without
+    it, one ModelError says how to allow the code, and Hugging Face's [y/N] prompt never shows."""
+    from grpo.engine.models import check_model_source, load_causal_lm
+
+    model = with_custom_code(copy_model(small_model_dir, tmp_path, "custom_refused"))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("Hugging Face asked on the terminal"))
+    message = r"custom_refused: its (config|model) needs Python code shipped with the model.*trust_remote_code: true"
+    with pytest.raises(ModelError, match=message):
+        check_model_source(str(model))
+    with pytest.raises(ModelError, match=message):
+        load_causal_lm(str(model), CPU, torch.float32)
+    with pytest.raises(ModelError, match=message):
+        load_causal_lm(str(model), CPU, torch.float32, model_init_kwargs={"trust_remote_code": False})
+    from grpo.errors import ConfigError
+    with pytest.raises(ConfigError, match="trust_remote_code: expected true or false, got 'yes'"):
+        load_causal_lm(str(model), CPU, torch.float32, model_init_kwargs={"trust_remote_code": "yes"})
+
+
+def test_remote_code_loads_with_trust(small_model_dir, tmp_path):
+    """In a process of its own, stdin closed, with Hugging Face's module cache in tmp_path (the
+    trusted code is copied there and imported)."""
+    model = with_custom_code(copy_model(small_model_dir, tmp_path, "custom_trusted"))
+    script = f"""
+import json, torch
+from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer, trusts_remote_code
+from grpo.errors import ModelError
+path, trust = {str(model)!r}, trusts_remote_code({{"trust_remote_code": True}})
+out = {{"config": type(check_model_source(path, trust_remote_code=trust)).__name__,
+        "tokenizer": load_tokenizer(path, trust_remote_code=trust).eos_token,
+        "model": type(load_causal_lm(path, torch.device("cpu"), torch.float32,
+                                     model_init_kwargs={{"trust_remote_code": True}})).__name__}}
+try:
+    check_model_source(path)
+except ModelError as e:
+    out["untrusted"] = str(e)
+print(json.dumps(out))
+"""
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["config"] == "CustomConfig" and out["model"] == "CustomForCausalLM" and out["tokenizer"] == "<eos>"
+    assert "needs Python code shipped with the model" in out["untrusted"]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda b: b"", "it is empty"),
+    (lambda b: b[:5], "too short for even the header's length"),
+    (lambda b: b[:40], "its header claims"),
+    (lambda b: b[: len(b) // 2], "its tensors need"),
+    (lambda b: b[:-1], "its tensors need"),
+    (lambda b: b[:8] + b"\xff" * (len(b) - 8), "its header is not JSON"),
+])
+def test_broken_safetensors_is_one_model_error_naming_the_file(small_model_dir, tmp_path, damage, problem):
+    from grpo.engine.models import check_model_source, load_causal_lm
+
+    model = copy_model(small_model_dir, tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    expected = rf"model: {weights} is not a valid safetensors file: .*{problem}.*probably truncated"
+    with pytest.raises(ModelError, match=expected):
+        check_model_source(str(model))  # before anything heavy loads
+    with pytest.raises(ModelError, match=expected):
+        load_causal_lm(str(model), CPU, torch.float32)
+
+
+def test_whole_safetensors_pass_the_check(small_model_dir):
+    from grpo.engine.models import check_weight_files
+
+    check_weight_files(small_model_dir)
+
+
+class WritesAFile:
+    """A pickle that, unpickled by plain `pickle`, would create a file."""
+    target = ""
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def pickled_model(small_model_dir, tmp_path, payload=None):
+    from safetensors.torch import load_file
+
+    model = copy_model(small_model_dir, tmp_path)
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save(state if payload is None else {**state, "extra": payload}, model / "pytorch_model.bin")
+    return model
+
+
+def test_pickled_weights_load_only_through_the_safe_unpickler(small_model_dir, tmp_path):
+    from grpo.engine.models import load_causal_lm
+
+    # Plain tensors: torch's weights_only unpickler rebuilds them, and the model loads.
+    model = pickled_model(small_model_dir, tmp_path / "plain")
+    loaded = load_causal_lm(str(model), CPU, torch.float32)
+    assert isinstance(loaded, torch.nn.Module)
+
+    # A pickle whose __reduce__ would create a file (plain pickle does create it): refused, named,
+    # and its code never runs.
+    import pickle
+    WritesAFile.target = str(tmp_path / "plain_pickle_ran_it")
+    pickle.loads(pickle.dumps(WritesAFile())).close()
+    assert (tmp_path / "plain_pickle_ran_it").exists()
+    target = tmp_path / "created_by_the_pickle"
+    WritesAFile.target = str(target)
+    evil = pickled_model(small_model_dir, tmp_path / "evil", payload=WritesAFile())
+    with pytest.raises(ModelError, match=rf"model: {evil / 'pytorch_model.bin'} holds pickled weights that torch's "
+                                         r"safe unpickler \(weights_only=True\) refuses.*convert it to safetensors"):
+        load_causal_lm(str(evil), CPU, torch.float32)
+    assert not target.exists()
+
+    # Asking for the unsafe unpickler is refused before anything is read.
+    from grpo.errors import ConfigError
+    with pytest.raises(ConfigError, match="weights_only"):
+        load_causal_lm(str(evil), CPU, torch.float32, model_init_kwargs={"weights_only": False})
+    assert not target.exists()
+
+
+def tokenizer_without(directory, *, eos: bool, pad: bool):
+    """A character tokenizer saved in `directory` with or without EOS and pad tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from grpo.recipes.tasks import CHARS, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    special = {"unk_token": "<unk>", **({"eos_token": "<eos>"} if eos else {}),
+               **({"pad_token": "<pad>"} if pad else {})}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(directory)
+
+
+def drop_model_eos(directory):
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((directory / name).read_text())
+        config.pop("eos_token_id", None)
+        (directory / name).write_text(json.dumps(config))
+
+
+def test_tokenizer_without_eos_or_pad(small_model_dir, tmp_path):
+    from grpo.engine.models import load_tokenizer
+
+    # Neither EOS nor pad, and no EOS in the model's configs: refused at load, naming what is missing.
+    model = copy_model(small_model_dir, tmp_path)
+    tokenizer_without(model, eos=False, pad=False)
+    drop_model_eos(model)
+    with pytest.raises(ModelError, match=rf"the tokenizer of {model} has no EOS token and no pad token, and the "
+                                         r"model's generation config names none"):
+        load_tokenizer(str(model))
+    # A pad token alone does not end completions either.
+    tokenizer_without(model, eos=False, pad=True)
+    with pytest.raises(ModelError, match=rf"the tokenizer of {model} has no EOS token, and the model's"):
+        load_tokenizer(str(model))
+    # No EOS in the tokenizer but one in the model's generation config: that one, and pad <- EOS.
+    tokenizer_without(model, eos=False, pad=False)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 1]}))
+    tok = load_tokenizer(str(model))
+    assert tok.eos_token_id == 3 and tok.pad_token_id == 3
+    # EOS but no pad: pad <- EOS, as before.
+    tokenizer_without(model, eos=True, pad=False)
+    tok = load_tokenizer(str(model))
+    assert tok.pad_token_id == tok.eos_token_id == 1 and tok.padding_side == "left"
+
+
+def test_cli_reports_a_broken_model_in_one_line(small_model_dir, tmp_path, capsys):
+    model = copy_model(small_model_dir, tmp_path)
+    (model / "model.safetensors").write_bytes(b"")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    sets = {"model": str(model), "dataset": str(data), "output_dir": str(tmp_path / "o"), "max_steps": 1,
+            "rewards": "[exact_answer]"}
+    assert main(["train", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors is not a valid safetensors file: it is empty" in err and len(err.splitlines()) == 1

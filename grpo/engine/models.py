@@ -2,13 +2,15 @@
 forward signature that the engine needs.
 
 fp32 on CPU (bf16 matmuls are very slow there), bf16 on CUDA; whatever is trained is stored in
-float32 whatever the forwards compute in (master weights: `grpo.train.precision`).
+float32 whatever the forwards compute in (master weights: `grpo.runtime.precision`).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -37,9 +39,34 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_model_source(path: str, key: str = "model"):
+def trusts_remote_code(model_init_kwargs: dict | None) -> bool:
+    """Whether a model's own Python code may run: `model_init_kwargs.trust_remote_code` (where TRL's
+    ModelConfig key lands too), False when absent. It goes to every `from_pretrained` of a model's
+    config, tokenizer and weights, always as a bool: given None, Hugging Face asks `[y/N]` on a
+    terminal, so a run's outcome would depend on how it was started."""
+    value = (model_init_kwargs or {}).get("trust_remote_code", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"model_init_kwargs.trust_remote_code: expected true or false, got {value!r}")
+    return value
+
+
+def _remote_code_error(key: str, path: str, what: str) -> ModelError:
+    return ModelError(f"{key}: {path}: its {what} needs Python code shipped with the model (an auto_map naming "
+                      f"classes of its own), which runs only with trust_remote_code; set model_init_kwargs: "
+                      f"{{trust_remote_code: true}} (TRL: --trust_remote_code) if you trust that code")
+
+
+def _needs_trust(e: Exception) -> bool:
+    return "trust_remote_code" in str(e)
+
+
+def check_model_source(path: str, key: str = "model", trust_remote_code: bool = False):
     """The model's config; one line instead when `path` is neither a model directory nor a
-    reachable hub id, before anything heavy is loaded (reads config.json only)."""
+    reachable hub id, before anything heavy is loaded (reads config.json, and the headers of a
+    local directory's safetensors files: `check_weight_files`).
+
+    `trust_remote_code` (see `trusts_remote_code`): a config whose auto_map names classes of
+    its own is loaded with that code only when True; else one ModelError says how to allow it."""
     from transformers import AutoConfig
 
     if not path:
@@ -52,28 +79,141 @@ def check_model_source(path: str, key: str = "model"):
         raise ModelError(f"{key}: {path} is a directory but holds no model: there is no config.json in it "
                          f"(a model directory is what save_pretrained writes)")
     try:
-        return AutoConfig.from_pretrained(str(local) if local.is_dir() else path)
+        config = AutoConfig.from_pretrained(str(local) if local.is_dir() else path,
+                                            trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as e:
+        if _needs_trust(e) and not trust_remote_code:
+            raise _remote_code_error(key, path, "config") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if local.is_dir():
             raise ModelError(f"{key}: {path}/config.json is not a model config: {reason}") from None
         raise ModelError(f"{key}: {path!r} is not a directory here ({local.resolve()}) and could not be "
                          f"loaded as a hub id: {reason}") from None
+    if local.is_dir():
+        check_weight_files(local, key)
+    return config
 
 
-def load_tokenizer(path: str):
-    """A tokenizer that left-pads (prompts end where completions start) and has a pad token."""
+# The most safetensors itself accepts for a header.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def check_weight_files(directory: str | Path, key: str = "model") -> None:
+    """Every `*.safetensors` file of a model directory is whole: its header is there, is JSON, and
+    the file is as long as the tensors it lists. Reads the headers only. A file cut short by an
+    interrupted download or copy is one ModelError naming it, not a loader's traceback."""
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ModelError(f"{key}: {file} is not a valid safetensors file: {problem}; it is probably truncated "
+                             f"(an interrupted download or copy): fetch or save it again")
+
+
+def _safetensors_problem(file: Path) -> str:
+    """Why `file` is not a whole safetensors file ('' when it is): an 8-byte little-endian header
+    length, that many bytes of JSON mapping each tensor to its `data_offsets` [begin, end) in the
+    data after the header."""
+    size = file.stat().st_size
+    if size < 8:
+        return f"it is {size} bytes, too short for even the header's length" if size else "it is empty (0 bytes)"
+    with file.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > SAFETENSORS_MAX_HEADER or 8 + n > size:
+            return f"its header claims {n} bytes but the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"its tensors need {need} bytes but the file has {size}"
+    return ""
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A tokenizer that left-pads (prompts end where completions start), with an EOS and a pad token.
+
+    EOS: the tokenizer's own; without one, the first EOS id of the model's generation config (or
+    config.json) in the same place, as the model's `generate` would stop on it; with neither, a
+    completion could never end, and one ModelError names the tokenizer and what is missing. Pad:
+    the tokenizer's own, else EOS (many causal LMs ship without one; every mask excludes padding).
+    `trust_remote_code` as in `check_model_source`.
+    """
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as e:
+        if _needs_trust(e) and not trust_remote_code:
+            raise _remote_code_error("model", path, "tokenizer") from None
         raise ModelError(f"model: cannot load the tokenizer of {path!r}: {e}") from None
+    if tokenizer.eos_token_id is None:
+        tokens = [t for t in map(tokenizer.convert_ids_to_tokens, model_eos_ids(path)) if t is not None]
+        if not tokens:
+            pad = "" if tokenizer.pad_token_id is not None else " and no pad token"
+            raise ModelError(f"model: the tokenizer of {path} has no EOS token{pad}, and the model's generation "
+                             f"config names none: a completion could never end; set eos_token in its "
+                             f"tokenizer_config.json (or eos_token_id in generation_config.json)")
+        tokenizer.eos_token = tokens[0]
     if tokenizer.pad_token_id is None:
-        # Many causal LMs ship without a pad token; EOS is safe because every mask excludes padding.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def model_eos_ids(path: str) -> list[int]:
+    """The EOS ids the model at `path` declares: its generation_config.json's, else config.json's
+    (read from a local directory; a hub id's from the local cache, [] when it is not there)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        for name in ("generation_config.json", "config.json"):
+            try:
+                ids = _as_ids(json.loads((local / name).read_text()).get("eos_token_id"))
+            except (OSError, ValueError, AttributeError):
+                continue
+            if ids:
+                return ids
+        return []
+    try:
+        from transformers import GenerationConfig
+
+        return _as_ids(GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id)
+    except Exception:  # not cached, not a model: nothing declared
+        return []
+
+
+def _as_ids(value) -> list[int]:
+    """An eos_token_id as configs give it (an int, a list of ints, or None) as a list."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS first, then each id of the
+    model's `generation_config.eos_token_id` (an int or a list) not already there. Chat models
+    list their end-of-turn tokens there (Llama-3's `<|eot_id|>`, Qwen's `<|im_end|>` and
+    `<|endoftext|>`), and their own `generate` stops on all of them, so generation, completion
+    masks and truncation flags all treat each of them as EOS. `model` may be wrapped by PEFT."""
+    ids = _as_ids(tokenizer.eos_token_id)
+    if model is not None:
+        base = unwrap(model)
+        generation_config = getattr(base, "generation_config", None)
+        declared = generation_config.eos_token_id if generation_config is not None else \
+            getattr(getattr(base, "config", None), "eos_token_id", None)
+        ids += [i for i in _as_ids(declared) if i not in ids]
+    if not ids:
+        raise ModelError("model: neither the tokenizer nor the model's generation config has an EOS token: "
+                         "a completion could never end")
+    return ids
 
 
 def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainable: bool = True,
@@ -90,6 +230,13 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
     "auto" or a torch.dtype), which then replaces the storage dtype chosen above.
     `quantization_config` (`adapters.quantization_config`): the Linear layers stored in 4 bits,
     loaded straight onto `device` (a quantized model is placed by from_pretrained, not moved).
+
+    Safety: `trust_remote_code` is always passed, False unless given (`trusts_remote_code`), so
+    Hugging Face never asks on a terminal. Pickled weights (`pytorch_model.bin`) are loaded only
+    through torch's safe unpickler (`weights_only=True`, which rebuilds tensors and refuses any
+    other object, so a pickle cannot run code); a file it refuses is one ModelError naming it,
+    never retried unsafely, and `weights_only: false` in model_init_kwargs is refused. A
+    safetensors file that is cut short is one ModelError naming it (`check_weight_files`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -98,19 +245,39 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
         if "dtype" in kwargs:
             raise ConfigError("model_init_kwargs: give dtype or torch_dtype, not both")
         kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if kwargs.get("weights_only", True) is not True:
+        raise ConfigError("model_init_kwargs.weights_only: pickled weights are only loaded with torch's safe "
+                          "unpickler (weights_only=True); convert them to safetensors instead")
+    kwargs["weights_only"] = True
+    kwargs["trust_remote_code"] = trusts_remote_code(kwargs)
     default = (storage_dtype or torch.float32) if trainable else dtype
     kwargs["dtype"] = _init_dtype(kwargs.get("dtype", default))
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map={"": device})
+    local = Path(path).expanduser()
+    if local.is_dir():
+        check_weight_files(local)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise ModelError(f"model: {_pickled_weights(local, path)} holds pickled weights that torch's safe unpickler "
+                         f"(weights_only=True) refuses: {_first_line(e)}. Unpickling it fully could run any code "
+                         f"it carries, so it is not loaded; where you trust it, convert it to safetensors "
+                         f"(from_pretrained(..., weights_only=False).save_pretrained(dir))") from None
     except OSError as e:
         raise ModelError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
     except (TypeError, ValueError) as e:  # an unknown or invalid keyword, e.g. attn_implementation
+        if _needs_trust(e) and not kwargs["trust_remote_code"]:
+            raise _remote_code_error("model", path, "model") from None
         if not model_init_kwargs:
             raise ModelError(f"model: could not load {path!r} with AutoModelForCausalLM.from_pretrained: {e}") from None
         raise ConfigError(f"model_init_kwargs {sorted(model_init_kwargs)}: from_pretrained({path!r}) "
                           f"rejected them: {e}") from None
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":  # a hub model's file, or one that changed since the check
+            raise ModelError(f"model: {path}: a safetensors file is not valid: {_first_line(e)}; it is probably "
+                             f"truncated: fetch or save it again") from None
+        raise
     if quantization_config is None:
         model.to(device)
     else:
@@ -122,6 +289,17 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trainabl
         model.requires_grad_(False)
     disable_dropout(model)
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _pickled_weights(local: Path, path: str) -> str:
+    """The pickled weight file(s) of a model directory, for a message; the path itself otherwise."""
+    files = sorted(local.glob("*.bin")) if local.is_dir() else []
+    return ", ".join(map(str, files)) if files else path
 
 
 def keep_trainable_layout(model) -> None:
