@@ -500,17 +500,19 @@ def score(rewards: list[Reward], prompts: list, completions: list, columns: dict
         if pending:
             outputs.update(call_async_rewards(pending, timeout, kwargs_for))
     n = len(completions)
-    per_reward, total = {}, torch.zeros(n, dtype=torch.float64)
+    per_reward, total = {}, torch.zeros(n, dtype=torch.float32)
+    exact = torch.zeros(n, dtype=torch.float64)  # the same sum where it cannot overflow, to check it
     for r in rewards:
         values = _as_floats(r, outputs[r.name], n)
         per_reward[r.name] = torch.tensor(values, dtype=torch.float32)
-        total += r.weight * torch.tensor(values, dtype=torch.float64).nan_to_num(nan=0.0)
+        total += r.weight * per_reward[r.name].nan_to_num(nan=0.0)  # float32, as TRL's nansum
+        exact += r.weight * torch.tensor(values, dtype=torch.float64).nan_to_num(nan=0.0)
     _check_coverage(rewards, per_reward, n)
-    # Weights can carry finite values past float32's range (float64 holds the sum to check it).
-    beyond = (~(total.abs() <= FLOAT32_MAX)).nonzero()
+    # Weights can carry finite values past float32's range.
+    beyond = (~(exact.abs() <= FLOAT32_MAX) | ~total.isfinite()).nonzero()
     if len(beyond):
         i = int(beyond[0])
         parts = " + ".join(f"{r.weight:g} * {per_reward[r.name][i].item():g}" for r in rewards)
-        raise RewardError(f"the weighted sum of the rewards of completion {i} ({parts} = {total[i].item():g}) is "
+        raise RewardError(f"the weighted sum of the rewards of completion {i} ({parts} = {exact[i].item():g}) is "
                           f"beyond float32's range (|r| <= {FLOAT32_MAX:.4g}); lower the weights or the values")
-    return total.float(), per_reward
+    return total, per_reward
