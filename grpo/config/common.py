@@ -12,7 +12,7 @@ from .loading import at_least
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORTERS = ("tensorboard", "wandb")
-# Hugging Face's `optim` names for the optimizers `grpo.train.optim` builds.
+# Hugging Face's `optim` names for the optimizers `grpo.runtime.optim` builds.
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "rmsprop")
 
 

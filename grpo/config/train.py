@@ -290,7 +290,7 @@ class TrainConfig(LoopConfig):
     """CPU, glibc: tensors of this many bytes or more are handed back to the operating system when
     freed (mallopt M_MMAP_THRESHOLD, as the MALLOC_MMAP_THRESHOLD_ variable) instead of staying in
     the process's heap, where glibc's own moving threshold keeps everything up to 32 MiB
-    (grpo.train.host_memory); 0: glibc's default; -1: 1 MiB on a CPU when the vocabulary has
+    (grpo.runtime.host_memory); 0: glibc's default; -1: 1 MiB on a CPU when the vocabulary has
     65,536 tokens or more (as logprob_chunk_size), else glibc's default. No effect on CUDA."""
     router_aux_loss_coef: float = 0.0
     """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss

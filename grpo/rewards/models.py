@@ -68,7 +68,7 @@ class RunningMoments:
 
 # The reward model must score exactly the text the policy produced it from: the prompt formatted as
 # the policy saw it (chat template included) followed by the completion. Training
-# (grpo.train.reward_model) and scoring (RewardModelScorer) both go through these functions.
+# (grpo.supervised.reward_model) and scoring (RewardModelScorer) both go through these functions.
 
 def completion_text(completion) -> str:
     """A completion as plain text: a string, or the content of a list of (assistant) chat messages."""
