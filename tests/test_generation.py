@@ -353,3 +353,59 @@ def test_top_k_1_is_greedy_even_with_tied_maxima():
     token, logp = _draw(logits, 1.0, 1, 1.0, torch.Generator().manual_seed(0))
     assert (token == 1).all()
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1)[:, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Every EOS of the model's generation config stops a completion (a chat model's end of turn)
+
+def test_stop_token_ids_are_the_tokenizers_eos_and_the_generation_configs(tokenizer):
+    from grpo.engine.models import stop_token_ids
+
+    model = build_tiny_model(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    for declared, expected in ((EOS, [EOS]), (5, [EOS, 5]), ([5, EOS, 7], [EOS, 5, 7]), (None, [EOS])):
+        model.generation_config.eos_token_id = declared
+        assert stop_token_ids(tokenizer, model) == expected  # the tokenizer's first, no repeats
+    assert stop_token_ids(tokenizer) == [EOS]
+
+
+@pytest.mark.parametrize("strategy", ["sample", "beam", "stochastic_beam"])
+def test_a_completion_ends_at_any_eos_of_the_generation_config(tokenizer, prompts, strategy):
+    """A model whose generation_config lists a second EOS id X (as Qwen's <|im_end|>): the backend
+    stops there, the mask covers through X, the row is not truncated, and the text a reward reads
+    ends before it."""
+    from grpo.data import decode_completions
+    from grpo.engine.backend import LocalBackend, SamplingParams
+
+    ids, mask = prompts
+    model = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             seed=2).eval()  # a seed whose greedy completion of prompt 0 does not end at once
+    greedy = SamplingParams.greedy(8)
+    before = LocalBackend(model, tokenizer).generate(ids, mask, greedy)
+    x = int(before.completion_ids[0, 0])  # what the model writes first for prompt 0
+    assert x not in (EOS, PAD) and int(before.completion_mask[0].sum()) > 1
+
+    model.generation_config.eos_token_id = [EOS, x]
+    backend = LocalBackend(model, tokenizer)
+    assert backend.stop_token_ids == [EOS, x]
+    first = backend.generate(ids, mask, greedy)
+    assert first.completion_ids[0, :1].tolist() == [x] and first.completion_mask[0].sum() == 1
+    assert not first.truncated[0]
+
+    G, L = 6, 10
+    params = SamplingParams(group_size=G, max_new_tokens=L, strategy=strategy, temperature=1.0, top_p=1.0, top_k=0)
+    gen = backend.generate(ids, mask, params, torch.Generator().manual_seed(0))
+    check_layout(gen, [EOS, x], L)  # every stop id ends a row; its mask covers through it
+    ends = [row[int(m.sum()) - 1] for row, m in zip(gen.completion_ids.tolist(), gen.completion_mask)]
+    assert x in [e for e, t in zip(ends, gen.truncated.tolist()) if not t]
+    if strategy == "beam":  # the best hypothesis of prompt 0 is X alone: the greedy first token, then stop
+        assert completions_by_row(gen)[0] == (x,)
+    # The text a reward reads ends before X; without the stop ids only the tokenizer's EOS is cut.
+    texts = decode_completions(tokenizer, gen.completion_ids, gen.completion_mask, stop_ids=backend.stop_token_ids)
+    kept = decode_completions(tokenizer, gen.completion_ids, gen.completion_mask)
+    char = tokenizer.convert_ids_to_tokens(x)
+    for row, (end, truncated) in enumerate(zip(ends, gen.truncated.tolist())):
+        n = int(gen.completion_mask[row].sum())
+        if not truncated and end == x:
+            assert texts[row] == tokenizer.decode(gen.completion_ids[row, :n - 1]) and kept[row] == texts[row] + char
+        else:
+            assert texts[row] == kept[row]

@@ -136,26 +136,28 @@ def left_pad(tokenizer, ids: list[list[int]], max_length: int, device=None) -> t
     return input_ids.to(device), mask.to(device)
 
 
-def decode_completions(tokenizer, completion_ids, completion_mask=None) -> list[str]:
+def decode_completions(tokenizer, completion_ids, completion_mask=None, stop_ids=None) -> list[str]:
     """The text of each completion, as rewards and evaluation both see it: every token the model
     wrote up to its EOS, special ones included, and nothing after (no EOS, no padding).
 
     The tokens come from `completion_mask` (1 up to and including EOS) when given, else up to the
-    first EOS. Special tokens are kept on purpose: a policy that learned to write `<pad>` or
-    `<bos>` mid-answer must not have them silently dropped before a reward reads its text (the
-    sampler cannot emit those two any more, see grpo.engine.backend.blocked_token_ids, but other
-    special tokens are the model's own writing).
+    first EOS. An EOS is any id of `stop_ids` (what generation stopped on:
+    `grpo.engine.models.stop_token_ids`, e.g. a chat model's `<|im_end|>` as well as the
+    tokenizer's EOS); without them, the tokenizer's EOS. Special tokens are kept on purpose: a
+    policy that learned to write `<pad>` or `<bos>` mid-answer must not have them silently dropped
+    before a reward reads its text (the sampler cannot emit those two any more, see
+    grpo.engine.backend.blocked_token_ids, but other special tokens are the model's own writing).
     """
-    eos = tokenizer.eos_token_id
+    stops = {tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
+    stops.discard(None)
     rows = completion_ids.tolist() if isinstance(completion_ids, torch.Tensor) else [list(r) for r in completion_ids]
     masks = completion_mask.tolist() if isinstance(completion_mask, torch.Tensor) else completion_mask
     texts = []
     for i, row in enumerate(rows):
         if masks is not None:
             row = [t for t, m in zip(row, masks[i]) if m]
-        if eos is not None and eos in row:
-            row = row[:row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=False))
+        end = next((j for j, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=False))
     return texts
 
 

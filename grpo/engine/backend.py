@@ -27,6 +27,7 @@ from torch import Tensor
 from grpo.algorithm.registry import Registry
 
 from .generation import Generation, generate_groups
+from .models import stop_token_ids
 
 ROLLOUT_BACKENDS = Registry("rollout_backend")
 register_backend = ROLLOUT_BACKENDS.register
@@ -57,8 +58,10 @@ def blocked_token_ids(tokenizer) -> list[int]:
     Padding is not text (a reward reading `250<pad>` would be reading what was never written), and
     neither is BOS, except where the model's own format puts BOS inside the text (a chat template
     that opens every turn with it, as Llama-2's `<s>[INST]`): then it stays allowed. An id that is
-    also an EOS is never blocked (many tokenizers pad with EOS). The completions a reward sees are
-    decoded with special tokens kept (grpo.data.decode_completions), so nothing else is hidden.
+    also an EOS is never blocked (many tokenizers pad with EOS; `generate_groups` unblocks every
+    stop id, so Qwen's pad `<|endoftext|>`, an EOS of its generation config, still ends a
+    completion). The completions a reward sees are decoded with special tokens kept
+    (grpo.data.decode_completions), so nothing else is hidden.
     """
     eos = tokenizer.eos_token_id
     blocked = []
@@ -96,13 +99,17 @@ class LocalBackend:
 
     def __init__(self, model, tokenizer):
         self.model = model
-        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        # Every id that ends a completion: the tokenizer's EOS and each EOS of the model's
+        # generation_config (a chat model's end-of-turn token), so completions stop where the
+        # model's own generate would, and their masks and truncation flags agree with that.
+        self.stop_token_ids = stop_token_ids(tokenizer, model)
+        self.pad_token_id = tokenizer.pad_token_id
         self.blocked_token_ids = blocked_token_ids(tokenizer)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
                  generator: torch.Generator | None = None) -> Generation:
         return generate_groups(self.model, prompt_ids, prompt_mask, group_size=params.group_size,
-                               max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_id,
+                               max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_token_ids,
                                pad_token_id=self.pad_token_id, strategy=params.strategy,
                                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                generator=generator, min_p=params.min_p,
