@@ -1,7 +1,7 @@
 """The model engine: loading, generation behind the rollout-backend seam, log-probs.
 
 - `models`: loading models and tokenizers, device and dtype, dropout off, activation checkpointing
-- `backend`: `RolloutBackend` (generate, sync_weights) and the `local` implementation
+- `backend`: `RolloutBackend` (generate, sync_weights, stop_token_ids) and the `local` implementation
 - `generation`: sampling and exact beam search of G completions per prompt
 - `decoders`: the decode states (the model's own KV cache; the group decoder with one prompt KV
   per group for Llama-style models)

@@ -7,6 +7,8 @@ seed pipeline all call
         completion token ids, their mask, the log-probs they were sampled with, truncation
     backend.sync_weights(model)
         after an optimizer step: make the next `generate` sample the updated weights
+    backend.stop_token_ids
+        every id that ends a completion (`models.stop_token_ids`), for decoding its text
 
 so a second engine (vLLM, SGLang) plugs in here, registered by name (config key
 `rollout_backend`), without the trainer changing. The first implementation, `local`, is this
@@ -87,6 +89,8 @@ def _bos_inside_text(tokenizer) -> bool:
 
 
 class RolloutBackend(Protocol):
+    stop_token_ids: list[int]  # what `generate` stops on; decode_completions(stop_ids=) cuts there
+
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
                  generator: torch.Generator | None = None) -> Generation: ...
 
