@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from grpo.data.prompts import CHAT_TEMPLATE_MODES
@@ -22,8 +23,9 @@ class CommonConfig:
                                "apply_chat_template": CHAT_TEMPLATE_MODES}
     # Keys holding paths, and how a relative one in a config file is resolved (loading.resolve_paths):
     # `dir` against the file's directory when it exists there (else a hub id), `data` likewise or
-    # when it names a data file, `rewards` the files and directories of `rewards:` entries.
-    # output_dir is not here: like Hugging Face's Trainer, it is relative to the working directory.
+    # when it names a data file, `rewards` the files and directories of `rewards:` entries, `out`
+    # (what a command writes) against the working directory, as Hugging Face's Trainer. A leading
+    # `~` is the home directory in all of them.
     PATHS: ClassVar[dict] = {"model": "dir", "dataset": "data", "eval_dataset": "data", "rewards": "rewards"}
 
     model: str = ""
@@ -76,6 +78,7 @@ class CommonConfig:
 @dataclass
 class LoopConfig(CommonConfig):
     CHOICES: ClassVar[dict] = {"lr_scheduler": LR_SCHEDULERS, "optim": OPTIMIZERS}
+    PATHS: ClassVar[dict] = {"output_dir": "out"}
     # Hugging Face TrainingArguments' names for the same keys.
     ALIASES: ClassVar[dict] = {"lr_scheduler_type": "lr_scheduler"}
 
@@ -133,6 +136,10 @@ class LoopConfig(CommonConfig):
 
     def validate(self, bad) -> None:
         super().validate(bad)
+        if not self.output_dir.strip():
+            bad("output_dir", "required: the directory the run writes its model, checkpoints and metrics to")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            bad("output_dir", f"{self.output_dir} is a file, not a directory")
         at_least(self, bad, 1, "max_steps", "micro_batch_size", "logging_steps")
         at_least(self, bad, 0, "save_steps", "save_total_limit", "warmup_steps")
         if not 0 <= self.warmup_ratio < 1:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import errno
 import inspect
+import math
+import os
 import textwrap
 import typing
 from pathlib import Path
@@ -52,6 +55,98 @@ def type_name(annotation: Any) -> str:
     return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
 
 
+# A config is a page of keys, not a data set: a file above this size is refused before it is
+# read, and a document whose aliases (`*name`) would repeat more values than this is refused
+# before any Python object is built from it ("billion laughs").
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"{key!r} given twice (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently). Merge keys (`<<: *base`) may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(root) -> int:
+    """How many values the document holds once every alias is replaced by what it points to,
+    counted without expanding anything (each node's size once); a recursive alias raises."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            open_.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_CONFIG_VALUES + 1)
+            continue
+        if id(node) in open_:
+            raise yaml.YAMLError(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it")
+        open_.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_:
+                raise yaml.YAMLError(f"line {child.start_mark.line + 1}: an alias refers to a value that contains it")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, name: str):
+    """One YAML document as Python values, and its composed node (for line numbers), or a
+    ConfigError naming `name` (a file, or `--set key`): not YAML, a key given twice, too large."""
+    loader = ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        size = _expanded_size(node)
+        if size > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{name}: expands to more than {MAX_CONFIG_VALUES:,} values (its aliases repeat "
+                              f"what they point to); a config holds keys, data belongs in a dataset file")
+        return loader.construct_document(node), node
+    except _DuplicateKey as e:
+        raise ConfigError(f"{name}:{e.line}: {e.key} is given twice (first at line {e.first}); keep one") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: nested too deeply") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        what = ", ".join(" ".join(str(part).split()) for part in (e.context, e.problem) if part)
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`--set key=value` pairs; values are parsed as YAML so `beta=0`, `rewards=[...]` work."""
     out = {}
@@ -59,29 +154,43 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+        out[key.strip()] = parse_yaml(raw, f"--set {key.strip()}")[0]
     return out
 
 
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """The top-level mapping of a YAML config file, and the line of each key (1-based)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    problem = path_problem(str(path))
+    if problem:
+        raise ConfigError(f"config file {problem}")
     try:
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory, not a YAML file")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes; a config file holds at most {MAX_CONFIG_BYTES:,} "
+                              f"(data belongs in a dataset file)")
         text = path.read_text()
-        data = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    data, node = parse_yaml(text, str(path))
+    if data is None:
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    lines = {}
+    for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:
+            continue
+        if key_node.tag != "tag:yaml.org,2002:str":
+            raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: a key must be a name, got "
+                              f"{key_node.value!r}")
+        lines[key_node.value] = key_node.start_mark.line + 1
     return data, lines
 
 
@@ -127,16 +236,21 @@ def build(cls, values: dict[str, Any], source: str = "config", origins: dict[str
                 origins[key] = origins[alias]
     if hasattr(cls, "expand"):
         values = cls.expand(values, where("preset"))
+    values = resolve_paths(cls, values, None)  # `~` in paths given from Python or --set
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: a key must be a name, got {key!r}")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where(key)}: unknown key {key!r}{hint}")
         ok, value = _type_ok(value, hints[key])
         if not ok:
-            raise ConfigError(f"{where(key)}: {key}: expected {type_name(hints[key])}, got "
-                              f"{type(value).__name__} {value!r}")
+            got = "no value" if value is None else f"{type(value).__name__} {_short(value)}"
+            raise ConfigError(f"{where(key)}: {key}: expected {type_name(hints[key])}, got {got}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where(key)}: {key}: expected a finite number, got {value}")
         if key in allowed and value not in allowed[key]:
             raise ConfigError(f"{where(key)}: {key}: {value!r} is not one of {', '.join(map(str, allowed[key]))}")
         kwargs[key] = value
@@ -145,8 +259,14 @@ def build(cls, values: dict[str, Any], source: str = "config", origins: dict[str
     def bad(key: str, msg: str):
         raise ConfigError(f"{where(key)}: {key}: {msg}")
 
+    check_paths(cls, cfg, bad)
     cfg.validate(bad)
     return cfg
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def at_least(cfg, bad, minimum, *keys: str) -> None:
@@ -171,35 +291,55 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return build(cls, values, str(path) if path else "config", origins)
 
 
-def resolve_paths(cls, values: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative paths of a config file, made relative to the file's directory (`base`) instead of
-    the working directory: the keys `cls.PATHS` lists (see CommonConfig). A value that is not
-    there and does not look like a file (a hub id) is left as it is; `--set` values are not passed
-    here (on the command line a path is the shell's)."""
-    from grpo.data.sources import DATA_SUFFIXES
-
+def path_kinds(cls) -> dict[str, str]:
+    """{key: kind} of the keys holding paths, merged over the class hierarchy (`PATHS`)."""
     kinds: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         kinds.update(vars(klass).get("PATHS", {}))
+    return kinds
+
+
+def home(value: str) -> str:
+    """`~` or `~user` at the start of a path is that home directory; nothing else is expanded
+    (no environment variables: `$HOME` in a config is a directory named `$HOME`)."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+def resolve_paths(cls, values: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """The keys `cls.PATHS` lists (see CommonConfig), as paths: a leading `~` is the home
+    directory everywhere (`home`), and with `base` (the config file's directory) a relative path
+    of a config file is made relative to it instead of the working directory. A value that is
+    not there and does not look like a file (a hub id) is left as it is; `--set` values get no
+    `base` (on the command line a path is the shell's), nor do the `out` keys (output_dir,
+    output_file: relative to the working directory, as Hugging Face's Trainer)."""
+    from grpo.data.sources import DATA_SUFFIXES
+
+    kinds = path_kinds(cls)
     names = {f.name for f in dataclasses.fields(cls)} | {a for a, k in aliases(cls).items() if k == "rewards"}
 
     def local(value, data: bool = False):
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        if not isinstance(value, str) or not value:
+            return value
+        value = home(value)
+        if base is None or Path(value).is_absolute():
             return value
         candidate = base / value
-        if candidate.exists() or (data and Path(value).suffix.lower() in DATA_SUFFIXES):
+        if os.path.lexists(candidate) or (data and Path(value).suffix.lower() in DATA_SUFFIXES):
             return str(candidate)
         return value
 
     def reward(entry):
         if isinstance(entry, str) and ":" in entry and entry.rsplit(":", 1)[0].endswith(".py"):
             target, fn = entry.rsplit(":", 1)
-            return f"{target if Path(target).is_absolute() else base / target}:{fn}"
+            target = home(target)
+            return f"{target if base is None or Path(target).is_absolute() else base / target}:{fn}"
         if isinstance(entry, dict):
             entry = dict(entry)
             if "function" in entry:
                 entry["function"] = reward(entry["function"])
-            if isinstance(entry.get("model"), str):
+            if isinstance(entry.get("model"), list):
+                entry["model"] = [local(m) for m in entry["model"]]
+            elif "model" in entry:
                 entry["model"] = local(entry["model"])
         return entry
 
@@ -212,11 +352,43 @@ def resolve_paths(cls, values: dict[str, Any], base: Path) -> dict[str, Any]:
             out[key] = [reward(e) for e in value]
         elif kind in ("dir", "data"):
             out[key] = local(value, data=kind == "data")
+        elif kind == "out" and isinstance(value, str):
+            out[key] = home(value)
         elif kind == "iterative" and isinstance(value, dict):
             out[key] = {**value, **({"replay_dataset": local(value["replay_dataset"], data=True)}
                                     if "replay_dataset" in value else {}),
                         **({"labeler": reward(value["labeler"])} if "labeler" in value else {})}
     return out
+
+
+def path_problem(value: str) -> str | None:
+    """What makes a path unusable whatever the command does with it, or None: a symbolic link
+    loop on the way (resolving it raises), a NUL character."""
+    try:
+        os.stat(value)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{value} is, or passes through, a symbolic link loop"
+    except ValueError:
+        return f"{value!r} contains a NUL character"
+    return None
+
+
+def check_paths(cls, cfg, bad) -> None:
+    """`bad(key, ...)` for a path-valued key (`PATHS`) whose path is unusable (`path_problem`)."""
+    for key, kind in path_kinds(cls).items():
+        value = getattr(cfg, key, None)
+        if kind == "rewards" and isinstance(value, list):
+            for i, entry in enumerate(value):
+                models = entry.get("model") if isinstance(entry, dict) else None
+                for model in models if isinstance(models, list) else [models]:
+                    problem = isinstance(model, str) and model and path_problem(model)
+                    if problem:
+                        bad(f"{key}[{i}].model", problem)
+        elif kind != "rewards" and isinstance(value, str) and value:
+            problem = path_problem(value)
+            if problem:
+                bad(key, problem)
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
 class RewardModelEvalConfig(PreferenceColumns, CommonConfig):
     """`grpo reward-model eval` (pairwise accuracy on a preference file) and `score`
     (a score for every prompt/completion row)."""
+    PATHS: ClassVar[dict] = {"output_file": "out"}
     completion_column: str = "completion"
     """score: the dataset column holding the completion to score."""
     output_file: str = ""
@@ -89,6 +90,7 @@ class RewardModelEvalConfig(PreferenceColumns, CommonConfig):
 class PreferenceConfig(CommonConfig):
     """`grpo reward-model make-preferences`: `model` is the policy that is sampled; `dataset`
     holds the task's prompts and answers."""
+    PATHS: ClassVar[dict] = {"output_file": "out"}
     task: str = "addition"
     """The built-in task whose verifier labels the samples (and, where it has one, whose distance
     ranks two wrong answers)."""
@@ -119,5 +121,7 @@ class PreferenceConfig(CommonConfig):
         super().validate(bad)
         at_least(self, bad, 1, "samples_per_prompt", "max_completion_length", "batch_size")
         at_least(self, bad, 0, "num_prompts")
+        if not self.output_file.strip():
+            bad("output_file", "required: the file the preference pairs are written to")
         if self.temperature <= 0:
             bad("temperature", f"must be > 0, got {self.temperature}")

@@ -8,6 +8,7 @@ CISPO (MiniMax-M1, 2506.13585), GMPO (2507.20673).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,6 +22,9 @@ from .common import LoopConfig
 from .loading import at_least
 from .trl import TRAIN_KEYS as TRL_TRAIN_KEYS
 from .trl import translate_train_keys
+
+# reward_timeout's bound, in seconds.
+MAX_REWARD_TIMEOUT = 365 * 24 * 3600
 
 # What each preset changes from the defaults (which are `grpo`, DeepSeekMath's).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,6 +95,8 @@ class RewardSpec:
             value = spec.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 bad(f"{where}.{key}", f"expected a number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{where}.{key}", f"expected a finite number, got {value}")
         for key in ("batch_size", "max_length"):
             if spec.get(key, 1) < 1:
                 bad(f"{where}.{key}", f"must be >= 1, got {spec[key]}")
@@ -143,6 +149,13 @@ class IterativeSpec:
         if unknown:
             bad(where, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(cls.FIELDS)}")
         out = cls(**spec)
+        for key in ("learning_rate", "replay", "nll_coef"):
+            value = getattr(out, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                bad(f"{where}.{key}", f"expected a finite number, got {value!r}")
+        for key, kind in (("labeler", str), ("replay_dataset", str), ("reset_reference", bool)):
+            if not isinstance(getattr(out, key), kind):
+                bad(f"{where}.{key}", f"expected {kind.__name__}, got {getattr(out, key)!r}")
         for key in ("every", "prompts", "samples_per_prompt", "pairs_per_prompt", "steps", "batch_size"):
             value = getattr(out, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "every" else 1):
@@ -460,8 +473,10 @@ class TrainConfig(LoopConfig):
                                          f"got {self.metric_for_best_model!r}")
         if self.load_best_model_at_end and self.fsdp:
             bad("load_best_model_at_end", "not with fsdp yet")
-        if self.reward_timeout <= 0:
-            bad("reward_timeout", f"must be > 0 seconds, got {self.reward_timeout}")
+        if not 0 < self.reward_timeout <= MAX_REWARD_TIMEOUT:
+            bad("reward_timeout", f"must be > 0 and at most {MAX_REWARD_TIMEOUT} seconds (a year: a reward slower "
+                                  f"than that is a hang, and Python's thread timeouts end not far above), "
+                                  f"got {self.reward_timeout:g}")
         if not self.rewards:
             bad("rewards", "at least one reward is required, e.g. rewards: [{function: exact_answer}]")
         for i, spec in enumerate(self.rewards):
@@ -479,6 +494,14 @@ class TrainConfig(LoopConfig):
                                          f"generation: {self.generation} samples no tokens i.i.d. (use sample)")
         if not 0 < self.top_entropy_quantile <= 1:
             bad("top_entropy_quantile", f"must be in (0, 1], got {self.top_entropy_quantile}")
+        coupled = ("policy_loss: gmpo" if self.policy_loss == "gmpo" else
+                   "ratio_level: sequence" if self.ratio_level == "sequence" and self.policy_loss != "cispo" else "")
+        if self.top_entropy_quantile < 1 and coupled:
+            bad("top_entropy_quantile", f"selects the tokens that get a policy gradient, but with {coupled} each "
+                                        f"token's loss holds the whole sequence's ratio, so the unselected tokens "
+                                        f"still get one through the selected ones; use ppo_clip or cispo at "
+                                        f"ratio_level: token (cispo also at sequence level: its weight is a "
+                                        f"constant), or top_entropy_quantile: 1")
         if self.advantage_estimator == "priority" and self.generation != "stochastic_beam":
             bad("advantage_estimator", "priority needs the sampling weights of generation: stochastic_beam")
         if self.policy_loss == "gmpo" and self.ratio_level != "token":
@@ -489,10 +512,12 @@ class TrainConfig(LoopConfig):
             bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", f"must be > 0 (1 is off), got {self.repetition_penalty}")
-        if self.delta and self.delta <= 1:
-            bad("delta", f"caps the ratio from above: must be > 1 (0 is off), got {self.delta}")
         if self.delta and self.policy_loss != "ppo_clip":
             bad("delta", f"two-sided clipping is for policy_loss ppo_clip, not {self.policy_loss}")
+        if self.delta and self.delta <= 1 + self.epsilon_high:
+            bad("delta", f"caps the ratio from above: must be > 1 + epsilon_high = {1 + self.epsilon_high:g}, above "
+                         f"the clip band (0 is off), got {self.delta:g}; a cap inside the band stops the gradient "
+                         f"of tokens the band lets through and miscounts the clip statistics")
         at_least(self, bad, 1, "ref_model_sync_steps", "num_generations_eval")
         if not 0 < self.ref_model_mixup_alpha <= 1:
             bad("ref_model_mixup_alpha", f"must be in (0, 1], got {self.ref_model_mixup_alpha}")
