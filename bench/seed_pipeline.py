@@ -125,7 +125,7 @@ def grpo(out: Path, seed: int, rm: str, guard: dict, generation: str) -> dict:
 
 
 def main() -> None:
-    from grpo.cli import _quiet_libraries
+    from grpo.cli import quiet_libraries
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -133,7 +133,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write every measurement here")
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     results = []
     for seed in args.seeds:

@@ -7,20 +7,40 @@ library's input errors (grpo.errors) into one clear message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# Libraries whose log records and warnings reach a user's terminal during a run. Their loggers
+# are named after their packages; a library that sets no level of its own follows the root's.
+THIRD_PARTY = ("transformers", "huggingface_hub", "datasets", "torch", "peft", "accelerate", "bitsandbytes",
+               "kernels", "safetensors", "tokenizers", "filelock", "fsspec", "urllib3", "httpx", "matplotlib",
+               "PIL", "numexpr")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Our commands print only our own lines: other libraries' warnings, log records below errors
+    and progress bars are dropped, unless `verbose`. grpo's own loggers keep their warnings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+        return
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers first logs
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("grpo").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"grpo(\.|$)")
+    if "transformers" in sys.modules:  # already imported: its own switches, not just the env
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 # Shown under each command's --help: a few real invocations, and where every key is described.
@@ -68,8 +88,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"grpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
+    # Every command takes --verbose, after its name as users type it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show other libraries' warnings, log records and progress bars")
+
     def command(name: str, **kw):
-        return sub.add_parser(name, epilog=EPILOGS.get(name), formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        return sub.add_parser(name, epilog=EPILOGS.get(name), formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=[common], **kw)
 
     t = command("train", help="train a policy with GRPO (or DAPO, Dr. GRPO, GSPO via preset)")
     t.add_argument("--config", help="YAML config file")
@@ -104,13 +130,14 @@ def parser() -> argparse.ArgumentParser:
                        ("score", "score prompt/completion rows and write them to a file"),
                        ("make-preferences", "sample a policy on a built-in task and write preference pairs")):
         family = {"train": "reward-model", "make-preferences": "make-preferences"}.get(name, "reward-model-eval")
-        c = rm_sub.add_parser(name, help=text, epilog=f"every key, its default and meaning: grpo config {family}")
+        c = rm_sub.add_parser(name, help=text, epilog=f"every key, its default and meaning: grpo config {family}",
+                              parents=[common])
         c.add_argument("--config", help="YAML config file")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         c.add_argument("--overwrite", action="store_true", help="replace what the output holds")
         c.add_argument("--quiet", action="store_true")
 
-    r = sub.add_parser("report", help="write report.html and PNG plots for one or more runs")
+    r = sub.add_parser("report", help="write report.html and PNG plots for one or more runs", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--output", help="where to write report.html (default: the first run directory)")
 
@@ -120,8 +147,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the parser imports any library: some read their switches from the environment once.
+    quiet_libraries("--verbose" in (sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(argv)
-    _quiet_libraries()
     from grpo.errors import GrpoError, RewardError
     from grpo.runs.interrupts import Interrupted
 
