@@ -15,7 +15,8 @@ def make(**kw):
 
 def test_defaults_follow_the_grpo_preset():
     cfg = make()
-    assert (cfg.scale_rewards, cfg.loss_aggregation, cfg.beta, cfg.kl_estimator) == ("group", "sequence_mean", 0.04, "k3")
+    assert (cfg.scale_rewards, cfg.loss_aggregation, cfg.beta, cfg.kl_estimator) == \
+        ("group", "sequence_mean", 0.04, "k3")
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -18,6 +18,6 @@ COMMANDS = {"train": (TrainConfig, "grpo train"), "sft": (SFTConfig, "grpo sft")
             "reward-model-eval": (RewardModelEvalConfig, "grpo reward-model eval / score"),
             "make-preferences": (PreferenceConfig, "grpo reward-model make-preferences")}
 
-__all__ = ["COMMANDS", "ConfigError", "IterativeSpec", "CommonConfig", "LR_SCHEDULERS", "LoopConfig", "PRESETS", "PreferenceConfig",
-           "RewardModelConfig", "RewardModelEvalConfig", "RewardSpec", "SFTConfig", "TrainConfig", "build",
-           "describe", "field_docs", "load_config", "load_yaml", "parse_overrides", "to_dict"]
+__all__ = ["COMMANDS", "ConfigError", "IterativeSpec", "CommonConfig", "LR_SCHEDULERS", "LoopConfig", "PRESETS",
+           "PreferenceConfig", "RewardModelConfig", "RewardModelEvalConfig", "RewardSpec", "SFTConfig", "TrainConfig",
+           "build", "describe", "field_docs", "load_config", "load_yaml", "parse_overrides", "to_dict"]

@@ -146,9 +146,11 @@ def _model_config(values: dict[str, Any], source: str) -> dict[str, Any]:
     use_peft = values.pop("use_peft")
     if not use_peft:
         if four_bit.get("load_in_4bit"):
-            raise ConfigError(f"{source}: load_in_4bit: a 4-bit base trains only through an adapter; set use_peft: true")
+            raise ConfigError(f"{source}: load_in_4bit: a 4-bit base trains only through an adapter; "
+                              "set use_peft: true")
         if values.get("peft"):
-            raise ConfigError(f"{source}: use_peft: false (TRL's name) contradicts peft, which the config sets; give one")
+            raise ConfigError(f"{source}: use_peft: false (TRL's name) contradicts peft, which the config "
+                              "sets; give one")
         return values
     _conflict(values, source, "use_peft", "peft")
     peft = {ours: lora.get(theirs, default) for theirs, (ours, default) in MODEL_CONFIG_LORA.items()}
@@ -168,8 +170,10 @@ LORA_DEFAULTS = {"bias": "none", "use_dora": False, "use_rslora": False, "module
 def _lora(config, source: str) -> dict:
     """TRL's `peft_config` (a peft.LoraConfig, or a dict of its fields) as our `peft` mapping."""
     fields = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(fields, dict) or (hasattr(config, "peft_type") and str(config.peft_type) not in ("LORA", "PeftType.LORA")):
-        raise ConfigError(f"{source}: peft_config: expected a peft.LoraConfig (or a dict of its fields), got {config!r}")
+    lora = str(getattr(config, "peft_type", "LORA")) in ("LORA", "PeftType.LORA")
+    if not isinstance(fields, dict) or not lora:
+        raise ConfigError(f"{source}: peft_config: expected a peft.LoraConfig (or a dict of its fields), "
+                          f"got {config!r}")
     differ = sorted(k for k, default in LORA_DEFAULTS.items() if k in fields and fields[k] != default)
     if differ:
         raise ConfigError(f"{source}: peft_config: {differ} are not supported here (only "
