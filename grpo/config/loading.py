@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import errno
 import inspect
+import itertools
 import math
 import os
 import textwrap
@@ -445,6 +446,35 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+# The topics every config's keys are grouped under, in the order `grpo config` prints them.
+TOPIC_ORDER = ("model", "data", "generation", "rewards", "algorithm", "optimisation", "evaluation", "scale",
+               "logging and saving")
+
+
+def topics(cls) -> dict[str, list[str]]:
+    """Every key of `cls` by topic, the topics in TOPIC_ORDER (those with keys): each class of the
+    hierarchy lists the keys it adds in its `TOPICS` table, {topic: (key, ...)}, a base class's
+    keys before a subclass's; a subclass may also list an inherited key, which moves it there
+    (e.g. `seed` to generation where nothing is optimised). Redefining a key's default keeps it
+    where it was."""
+    placed: dict[str, tuple[str, int]] = {}  # key: (topic, rank), a later listing after every earlier one
+    rank = itertools.count()
+    for klass in reversed(cls.__mro__):
+        for topic, keys in vars(klass).get("TOPICS", {}).items():
+            if topic not in TOPIC_ORDER:
+                raise ValueError(f"{klass.__name__}.TOPICS: {topic!r} is not one of {TOPIC_ORDER}")
+            for key in keys:
+                placed[key] = (topic, next(rank))
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if set(placed) != set(fields):
+        raise ValueError(f"{cls.__name__}: keys in no TOPICS table: {sorted(set(fields) - set(placed))}; "
+                         f"in a TOPICS table but not keys: {sorted(set(placed) - set(fields))}")
+    out: dict[str, list[str]] = {topic: [] for topic in TOPIC_ORDER}
+    for key, (topic, _) in sorted(placed.items(), key=lambda item: item[1][1]):
+        out[topic].append(key)
+    return {topic: keys for topic, keys in out.items() if keys}
+
+
 def defaults(cls) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cls):
@@ -459,8 +489,12 @@ def describe(cls, title: str, width: int = 100) -> str:
     names = {}
     for alias, key in aliases(cls).items():
         names.setdefault(key, []).append(alias)
-    lines = [f"# {title}", "# Every key with its default. Any of them can go in the YAML file or in --set key=value.", ""]
-    for key, value in values.items():
+    lines = [f"# {title}", "# Every key with its default, by topic. Any of them can go in the YAML file or in "
+                           "--set key=value.", ""]
+    heading = {keys[0]: topic for topic, keys in topics(cls).items()}
+    for key, value in ((k, values[k]) for keys in topics(cls).values() for k in keys):
+        if key in heading:
+            lines += [f"# ---- {heading[key]} ----", ""]
         doc = docs.get(key, "")
         if key in allowed:
             doc += f" One of: {', '.join(map(str, allowed[key]))}."

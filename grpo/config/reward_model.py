@@ -11,6 +11,11 @@ from .loading import at_least
 
 @dataclass
 class PreferenceColumns:
+    TOPICS: ClassVar[dict] = {
+        "data": ("chosen_column", "rejected_column", "margin_column"),
+    }
+
+    # ---- data
     chosen_column: str = "chosen"
     """The preferred completion of a pair (text or chat messages)."""
     rejected_column: str = "rejected"
@@ -23,7 +28,22 @@ class PreferenceColumns:
 class RewardModelConfig(PreferenceColumns, LoopConfig):
     """`grpo reward-model train`. `model` is the backbone: any causal LM directory or hub id."""
     CHOICES: ClassVar[dict] = {"kind": ("score_head", "likelihood", "dpo"), "score_reduction": ("mean", "sum")}
+    TOPICS: ClassVar[dict] = {
+        "data": ("eval_dataset", "eval_fraction", "max_length"),
+        "algorithm": ("kind", "nll_coef", "score_reduction", "dpo_beta"),
+        "optimisation": ("batch_size",),
+        "evaluation": ("eval_steps",),
+    }
 
+    # ---- data
+    eval_dataset: str = ""
+    """Held-out preference pairs; "" holds out eval_fraction of `dataset` instead."""
+    eval_fraction: float = 0.1
+    """The share of `dataset` held out when there is no eval_dataset."""
+    max_length: int = 512
+    """Tokens of prompt + completion; a longer text loses its start."""
+
+    # ---- algorithm
     kind: str = "score_head"
     """What scores: `score_head` (a linear head on the backbone, InstructGPT), `likelihood` (the
     completion's log-likelihood under the causal LM itself, a generative verifier) or `dpo`
@@ -35,25 +55,27 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
     """likelihood: the score is the mean (or the sum) of the completion's token log-probs."""
     dpo_beta: float = 0.1
     """dpo: beta of the implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
-    output_dir: str = "runs/reward_model"
-    """Where the reward model (a directory `rewards: [{model: DIR}]` takes) and its metrics go."""
-    eval_dataset: str = ""
-    """Held-out preference pairs; "" holds out eval_fraction of `dataset` instead."""
-    eval_fraction: float = 0.1
-    """The share of `dataset` held out when there is no eval_dataset."""
+
+    # ---- optimisation
+    max_steps: int = 300
+    """Optimizer steps."""
     learning_rate: float = 1e-4
     adam_beta2: float = 0.999
     batch_size: int = 32
     """Preference pairs per optimizer step."""
-    micro_batch_size: int = 64
-    """Pairs per forward/backward pass (twice that many sequences)."""
-    max_steps: int = 300
-    """Optimizer steps."""
+
+    # ---- evaluation
     eval_steps: int = 50
     """Every N steps the held-out pairs are evaluated; 0: only at the end."""
+
+    # ---- scale
+    micro_batch_size: int = 64
+    """Pairs per forward/backward pass (twice that many sequences)."""
+
+    # ---- logging and saving
+    output_dir: str = "runs/reward_model"
+    """Where the reward model (a directory `rewards: [{model: DIR}]` takes) and its metrics go."""
     logging_steps: int = 10
-    max_length: int = 512
-    """Tokens of prompt + completion; a longer text loses its start."""
 
     def validate(self, bad) -> None:
         super().validate(bad)
@@ -72,14 +94,25 @@ class RewardModelEvalConfig(PreferenceColumns, CommonConfig):
     """`grpo reward-model eval` (pairwise accuracy on a preference file) and `score`
     (a score for every prompt/completion row)."""
     PATHS: ClassVar[dict] = {"output_file": "out"}
+    TOPICS: ClassVar[dict] = {
+        "data": ("completion_column", "max_length"),
+        "scale": ("seed", "batch_size"),
+        "logging and saving": ("output_file",),
+    }
+
+    # ---- data
     completion_column: str = "completion"
     """score: the dataset column holding the completion to score."""
-    output_file: str = ""
-    """score: where the rows and their score go (.jsonl or .csv)."""
-    batch_size: int = 64
-    """Sequences per forward pass."""
     max_length: int = 512
     """Tokens of prompt + completion; a longer text loses its start."""
+
+    # ---- scale
+    batch_size: int = 64
+    """Sequences per forward pass."""
+
+    # ---- logging and saving
+    output_file: str = ""
+    """score: where the rows and their score go (.jsonl or .csv)."""
 
     def validate(self, bad) -> None:
         super().validate(bad)
@@ -91,31 +124,48 @@ class PreferenceConfig(CommonConfig):
     """`grpo reward-model make-preferences`: `model` is the policy that is sampled; `dataset`
     holds the task's prompts and answers."""
     PATHS: ClassVar[dict] = {"output_file": "out"}
-    task: str = "addition"
-    """The built-in task whose verifier labels the samples (and, where it has one, whose distance
-    ranks two wrong answers)."""
+    TOPICS: ClassVar[dict] = {
+        "data": ("answer_column", "num_prompts"),
+        "generation": ("seed", "samples_per_prompt", "temperature", "max_completion_length"),
+        "rewards": ("task", "correct_pairs_per_prompt", "closer_pairs_per_prompt", "use_reference_answer"),
+        "scale": ("batch_size",),
+        "logging and saving": ("output_file",),
+    }
+
+    # ---- data
+    max_prompt_length: int = 64
+    """Prompt tokens kept."""
     answer_column: str = "answer"
     """The dataset column holding the reference answer."""
-    output_file: str = "preferences.jsonl"
-    """Where the pairs go (JSONL rows: prompt, chosen, rejected, kind, answer)."""
     num_prompts: int = 0
     """Prompts sampled from the dataset; 0: every row."""
+
+    # ---- generation
     samples_per_prompt: int = 8
     """Completions sampled per prompt."""
     temperature: float = 1.0
     """Sampling temperature."""
     max_completion_length: int = 8
     """Tokens per sampled completion at most."""
-    max_prompt_length: int = 64
-    """Prompt tokens kept."""
-    batch_size: int = 64
-    """Prompts per generation batch."""
+
+    # ---- rewards
+    task: str = "addition"
+    """The built-in task whose verifier labels the samples (and, where it has one, whose distance
+    ranks two wrong answers)."""
     correct_pairs_per_prompt: int = 2
     """Correct-vs-incorrect pairs per prompt, at most."""
     closer_pairs_per_prompt: int = 1
     """Closer-vs-farther wrong-answer pairs per prompt, at most."""
     use_reference_answer: bool = True
     """When no sample of a prompt is right, the reference answer stands in as the chosen one."""
+
+    # ---- scale
+    batch_size: int = 64
+    """Prompts per generation batch."""
+
+    # ---- logging and saving
+    output_file: str = "preferences.jsonl"
+    """Where the pairs go (JSONL rows: prompt, chosen, rejected, kind, answer)."""
 
     def validate(self, bad) -> None:
         super().validate(bad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .common import LoopConfig
 from .loading import at_least
@@ -11,37 +11,49 @@ from .loading import at_least
 
 @dataclass
 class SFTConfig(LoopConfig):
-    output_dir: str = "runs/sft"
-    """Where the warmed-up model (a model directory `grpo train` takes) and its metrics go."""
+    TOPICS: ClassVar[dict] = {
+        "data": ("completion_column", "max_completion_length", "eval_dataset", "dataset_test_split",
+                 "shuffle_dataset"),
+        "optimisation": ("batch_size",),
+        "evaluation": ("eval_steps", "eval_max_prompts", "eval_batch_size"),
+        "logging and saving": ("model_card",),
+    }
+
+    # ---- data
     completion_column: str = "completion"
     """The dataset column holding the target completion; the loss is on its tokens only."""
-    learning_rate: float = 1e-3
-    adam_beta2: float = 0.999
-    batch_size: int = 64
-    """Prompt/completion pairs per optimizer step."""
-    max_steps: int = 1000
-    """Optimizer steps."""
     max_completion_length: int = 256
     """Completion tokens kept (EOS included); a longer completion is cut at its end."""
-
-    # --- Held-out evaluation and TRL's data options (issue 14)
     eval_dataset: Any = ""
     """Held-out prompt/completion pairs (any form `dataset` takes): the completion loss before,
     during (eval_steps) and after training, and the greedy exact-match accuracy (the greedy
     completion, stripped, equals the target)."""
     dataset_test_split: str = "test"
     """The split of `eval_dataset` to evaluate on when it has several."""
+    shuffle_dataset: bool = True
+    """Draw pairs in a fresh random order each pass over the dataset; false: in file order."""
+
+    # ---- optimisation
+    max_steps: int = 1000
+    """Optimizer steps."""
+    learning_rate: float = 1e-3
+    adam_beta2: float = 0.999
+    batch_size: int = 64
+    """Prompt/completion pairs per optimizer step."""
+
+    # ---- evaluation
     eval_steps: int = 0
     """Every N steps the held-out pairs are evaluated; 0: only before and after training."""
     eval_max_prompts: int = 500
     """Held-out pairs used (the first N rows)."""
     eval_batch_size: int = 64
     """Pairs per held-out loss batch and greedy generation batch."""
-    shuffle_dataset: bool = True
-    """Draw pairs in a fresh random order each pass over the dataset; false: in file order."""
+
+    # ---- logging and saving
+    output_dir: str = "runs/sft"
+    """Where the warmed-up model (a model directory `grpo train` takes) and its metrics go."""
     model_card: bool = True
     """Write README.md (a Hugging Face model card) beside the final model; nothing is uploaded."""
-    # --- end of issue 14 keys
 
     def validate(self, bad) -> None:
         super().validate(bad)

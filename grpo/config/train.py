@@ -192,31 +192,49 @@ class TrainConfig(LoopConfig):
     TRL_KEYS: ClassVar[dict] = TRL_TRAIN_KEYS
     # The fields of each entry of a list-valued key (for `grpo config train`).
     NESTED: ClassVar[dict] = {"rewards": RewardSpec, "iterative_rl": IterativeSpec}
+    TOPICS: ClassVar[dict] = {
+        "model": ("model_init_kwargs", "peft", "merge_adapter"),
+        "data": ("eval_dataset", "dataset_test_split", "shuffle_dataset"),
+        "generation": ("prompts_per_step", "group_size", "generation", "rollout_backend", "max_completion_length",
+                       "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
+                       "dynamic_sampling", "max_generation_rounds"),
+        "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl"),
+        "algorithm": ("preset", "advantage_estimator", "advantage_eps", "policy_loss", "ratio_level",
+                      "ratio_anchor", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator",
+                      "loss_aggregation", "mask_truncated_completions", "num_iterations", "num_minibatches",
+                      "off_policy_correction", "off_policy_cap", "top_entropy_quantile", "sync_ref_model",
+                      "ref_model_sync_steps", "ref_model_mixup_alpha", "router_aux_loss_coef"),
+        "evaluation": ("eval_steps", "eval_max_prompts", "eval_batch_size", "num_generations_eval",
+                       "early_stopping_patience", "metric_for_best_model", "greater_is_better",
+                       "load_best_model_at_end"),
+        "scale": ("fsdp", "gradient_checkpointing", "logprob_chunk_size", "mlp_activations",
+                  "malloc_mmap_threshold"),
+        "logging and saving": ("samples_steps", "num_samples", "model_card"),
+    }
 
-    preset: str = "grpo"
-    """A bundle of algorithm keys (grpo: DeepSeekMath; dapo; dr_grpo; gspo; cispo; gmpo); keys you set win."""
+    # ---- model
+    model_init_kwargs: dict = field(default_factory=dict)
+    """Passed to from_pretrained for the policy and the reference, as TRL's: e.g.
+    {attn_implementation: sdpa, trust_remote_code: true}; the trained weights stay float32."""
+    peft: dict = field(default_factory=dict)
+    """LoRA through peft ({r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}); {}: full
+    fine-tuning. The reference is the base model with the adapter off: beta > 0 costs no copy.
+    QLoRA: `quantization: nf4` (or fp4) stores the base's Linear layers in 4 bits (bitsandbytes,
+    extra grpo[qlora]), `double_quant: true` quantizes their scales too (arXiv:2305.14314)."""
+    merge_adapter: bool = False
+    """With peft: the output directory holds the merged model (plain transformers loads it) and
+    adapter/ the adapter; otherwise it holds the adapter."""
 
-    # --- Data and rewards
-    rewards: list = field(default_factory=lambda: [])
-    """The rewards, summed with their weights: [{function: exact_answer}, {model: DIR, weight: 0.5}]."""
-    accuracy_reward: str = ""
-    """The reward whose value 1.0 means "correct", for the accuracy metrics; "" picks exact_answer
-    when it is one of the rewards."""
+    # ---- data
     eval_dataset: Any = ""
     """Held-out prompts (any form `dataset` takes): accuracy and reward of greedy completions (or
     num_generations_eval samples) before, during (eval_steps) and after training."""
-    eval_steps: int = 0
-    """Every N steps the held-out set is evaluated; 0: only before and after training."""
-    eval_max_prompts: int = 500
-    """Held-out prompts used (the first N rows)."""
-    eval_batch_size: int = 256
-    """Prompts per greedy generation batch in evaluation."""
-    reward_timeout: float = 300.0
-    """Seconds one call of a reward function may take; after that the run stops with an error
-    naming it (a function that never returns would otherwise hang the run, and under torchrun
-    every process with it)."""
+    dataset_test_split: str = "test"
+    """The split of `eval_dataset` to evaluate on when it has several (TRL's script argument)."""
+    shuffle_dataset: bool = True
+    """Draw prompts in a fresh random order each pass over the dataset; false: in file order."""
 
-    # --- Rollout
+    # ---- generation
     prompts_per_step: int = 8
     """P: prompts per step and process."""
     group_size: int = 8
@@ -236,10 +254,43 @@ class TrainConfig(LoopConfig):
     """Nucleus sampling: the smallest set of tokens holding top_p of the mass; 1 disables it."""
     top_k: int = 0
     """Sample among the k most likely tokens only; 0 disables it."""
-    mask_truncated_completions: bool = False
-    """DAPO's overlong filtering: leave truncated completions out of the loss."""
+    min_p: float = 0.0
+    """Sampling: drop tokens whose probability is below min_p times the most likely token's; 0: off."""
+    repetition_penalty: float = 1.0
+    """Sampling: the logit of every token already in the prompt or the completion is divided by it
+    (multiplied when negative), as in Hugging Face and vLLM; 1: off."""
+    generation_kwargs: dict = field(default_factory=dict)
+    """TRL's bag of sampling options: its temperature, top_p, top_k, min_p, repetition_penalty and
+    max_new_tokens entries override those keys."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (section 3.2): groups whose rewards all tie (zero variance, so zero
+    advantage and no policy gradient) are dropped, and more prompts are generated until the step
+    holds prompts_per_step groups that teach. Each extra round costs a generation pass; it pays
+    where many groups tie: a task the policy mostly fails, or, later in a run, mostly solves."""
+    max_generation_rounds: int = 4
+    """With dynamic_sampling: generation calls per step at most, each of at most prompts_per_step
+    prompts; a batch still short after them is topped up with tied groups (logged)."""
 
-    # --- Advantages, ratio, loss
+    # ---- rewards
+    rewards: list = field(default_factory=lambda: [])
+    """The rewards, summed with their weights: [{function: exact_answer}, {model: DIR, weight: 0.5}]."""
+    accuracy_reward: str = ""
+    """The reward whose value 1.0 means "correct", for the accuracy metrics; "" picks exact_answer
+    when it is one of the rewards."""
+    reward_timeout: float = 300.0
+    """Seconds one call of a reward function may take; after that the run stops with an error
+    naming it (a function that never returns would otherwise hang the run, and under torchrun
+    every process with it)."""
+    reward_kl_coef: float = 0.0
+    """KL to the reference in the reward (InstructGPT): r_i - coef * sum_t (l_t - l_ref_t) before the
+    advantages; 0: none (beta is the KL in the loss)."""
+    iterative_rl: dict = field(default_factory=dict)
+    """Iterative RL (DeepSeekMath section 4.2): keep training the reward model on the policy's own
+    samples, labelled by a verifier; {}: off. Fields below."""
+
+    # ---- algorithm
+    preset: str = "grpo"
+    """A bundle of algorithm keys (grpo: DeepSeekMath; dapo; dr_grpo; gspo; cispo; gmpo); keys you set win."""
     advantage_estimator: str = "group"
     """The registered advantage estimator: group ((r - mean) / std in the group, DeepSeekMath),
     batch (std over the whole batch), none (r - mean, Dr. GRPO), rloo (leave-one-out mean),
@@ -259,6 +310,9 @@ class TrainConfig(LoopConfig):
     """The clip band's lower side: ratios below 1 - epsilon_low are clipped (1: no lower bound)."""
     epsilon_high: float = 0.2
     """The clip band's upper side: 1 + epsilon_high (DAPO's clip-higher raises it to 0.28)."""
+    delta: float = 0.0
+    """Two-sided clipping (INTELLECT-2, TRL's `delta`): the unclipped ratio is also capped at delta,
+    so a token with negative advantage and a huge ratio cannot blow up the loss; 0: off, else > 1."""
     beta: float = 0.04
     """The KL penalty's weight; 0 loads no reference model at all."""
     kl_estimator: str = "k3"
@@ -266,23 +320,53 @@ class TrainConfig(LoopConfig):
     loss_aggregation: str = "sequence_mean"
     """How token losses become one number: sequence_mean (DeepSeekMath), token_mean (DAPO),
     constant_normalizer (Dr. GRPO), group_sum (the seed notes)."""
+    mask_truncated_completions: bool = False
+    """DAPO's overlong filtering: leave truncated completions out of the loss."""
     num_iterations: int = 1
     """mu: passes over each rollout (more than 1 makes pi_old differ from pi_theta)."""
     num_minibatches: int = 1
     """Optimizer steps per pass, each over whole groups."""
+    off_policy_correction: str = "none"
+    """Truncated importance sampling from the distribution completions were drawn from (with its
+    top_k/top_p) to the trainer's pi_old: none, token (a weight per token) or sequence (one per
+    completion). generation: sample only."""
+    off_policy_cap: float = 2.0
+    """C in the weight min(pi_old / pi_sampler, C) (verl's rollout_is_threshold; TRL's
+    vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max)."""
+    top_entropy_quantile: float = 1.0
+    """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
+    "Beyond the 80/20 rule"); 1 keeps every token."""
+    sync_ref_model: bool = False
+    """TR-DPO's reference update: every ref_model_sync_steps optimizer steps
+    pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref (needs a reference: beta > 0)."""
+    ref_model_sync_steps: int = 512
+    """tau: optimizer steps between two reference updates, with sync_ref_model."""
+    ref_model_mixup_alpha: float = 0.6
+    """alpha: the policy's share in each reference update, with sync_ref_model (1 copies it)."""
+    router_aux_loss_coef: float = 0.0
+    """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss
+    (e.g. Mixtral's 0.02); 0: none."""
 
-    # --- Real model sizes: adapters, sharding, memory.
-    model_init_kwargs: dict = field(default_factory=dict)
-    """Passed to from_pretrained for the policy and the reference, as TRL's: e.g.
-    {attn_implementation: sdpa, trust_remote_code: true}; the trained weights stay float32."""
-    peft: dict = field(default_factory=dict)
-    """LoRA through peft ({r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}); {}: full
-    fine-tuning. The reference is the base model with the adapter off: beta > 0 costs no copy.
-    QLoRA: `quantization: nf4` (or fp4) stores the base's Linear layers in 4 bits (bitsandbytes,
-    extra grpo[qlora]), `double_quant: true` quantizes their scales too (arXiv:2305.14314)."""
-    merge_adapter: bool = False
-    """With peft: the output directory holds the merged model (plain transformers loads it) and
-    adapter/ the adapter; otherwise it holds the adapter."""
+    # ---- evaluation
+    eval_steps: int = 0
+    """Every N steps the held-out set is evaluated; 0: only before and after training."""
+    eval_max_prompts: int = 500
+    """Held-out prompts used (the first N rows)."""
+    eval_batch_size: int = 256
+    """Prompts per greedy generation batch in evaluation."""
+    num_generations_eval: int = 1
+    """Completions per held-out prompt: 1 is one greedy completion; more are sampled as in
+    training, and the held-out numbers are their means."""
+    early_stopping_patience: int = 0
+    """Stop after this many held-out evaluations without a new best metric_for_best_model; 0: never."""
+    metric_for_best_model: str = "eval_accuracy"
+    """The held-out number early stopping and load_best_model_at_end watch (eval_accuracy, eval_reward)."""
+    greater_is_better: bool = True
+    """Whether a larger metric_for_best_model is better."""
+    load_best_model_at_end: bool = False
+    """The final model is the best held-out evaluation's (kept as best-model/ in output_dir)."""
+
+    # ---- scale
     fsdp: bool = False
     """Under torchrun: shard parameters, gradients and optimizer state over the processes with
     PyTorch's FSDP2 (per decoder layer, then the root); checkpoints are sharded
@@ -305,90 +389,19 @@ class TrainConfig(LoopConfig):
     the process's heap, where glibc's own moving threshold keeps everything up to 32 MiB
     (grpo.runtime.host_memory); 0: glibc's default; -1: 1 MiB on a CPU when the vocabulary has
     65,536 tokens or more (as logprob_chunk_size), else glibc's default. No effect on CUDA."""
-    router_aux_loss_coef: float = 0.0
-    """Mixture-of-experts models: weight of the router's load-balancing loss added to the GRPO loss
-    (e.g. Mixtral's 0.02); 0: none."""
 
-    # --- Guards against a reward model's errors (the seed pipeline; docs/DESIGN.md).
-    reward_kl_coef: float = 0.0
-    """KL to the reference in the reward (InstructGPT): r_i - coef * sum_t (l_t - l_ref_t) before the
-    advantages; 0: none (beta is the KL in the loss)."""
-    iterative_rl: dict = field(default_factory=dict)
-    """Iterative RL (DeepSeekMath section 4.2): keep training the reward model on the policy's own
-    samples, labelled by a verifier; {}: off. Fields below."""
-    early_stopping_patience: int = 0
-    """Stop after this many held-out evaluations without a new best metric_for_best_model; 0: never."""
-    metric_for_best_model: str = "eval_accuracy"
-    """The held-out number early stopping and load_best_model_at_end watch (eval_accuracy, eval_reward)."""
-    greater_is_better: bool = True
-    """Whether a larger metric_for_best_model is better."""
-    load_best_model_at_end: bool = False
-    """The final model is the best held-out evaluation's (kept as best-model/ in output_dir)."""
-
-    # --- Checkpoints: a long run keeps something to resume from unless told otherwise.
+    # ---- logging and saving
     save_steps: int = 100
     """Every N steps a resumable checkpoint-N/ is written; 0 keeps only the final model."""
     save_total_limit: int = 3
     """Checkpoints kept (the oldest are deleted); 0 keeps every checkpoint."""
-
-    # --- Watching
     samples_steps: int = 0
     """Every N steps (and at step 1) a table of sample completions goes to the console and samples.jsonl; 0: never."""
     num_samples: int = 4
     """Completions per sample table."""
-
-    # --- Groups that teach (issue 13)
-    dynamic_sampling: bool = False
-    """DAPO's dynamic sampling (section 3.2): groups whose rewards all tie (zero variance, so zero
-    advantage and no policy gradient) are dropped, and more prompts are generated until the step
-    holds prompts_per_step groups that teach. Each extra round costs a generation pass; it pays
-    where many groups tie: a task the policy mostly fails, or, later in a run, mostly solves."""
-    max_generation_rounds: int = 4
-    """With dynamic_sampling: generation calls per step at most, each of at most prompts_per_step
-    prompts; a batch still short after them is topped up with tied groups (logged)."""
-    off_policy_correction: str = "none"
-    """Truncated importance sampling from the distribution completions were drawn from (with its
-    top_k/top_p) to the trainer's pi_old: none, token (a weight per token) or sequence (one per
-    completion). generation: sample only."""
-    off_policy_cap: float = 2.0
-    """C in the weight min(pi_old / pi_sampler, C) (verl's rollout_is_threshold; TRL's
-    vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max)."""
-    top_entropy_quantile: float = 1.0
-    """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
-    "Beyond the 80/20 rule"); 1 keeps every token."""
-
-    # ------------------------------------------------------------------------------------------
-    # Options a TRL user reaches for, under TRL's names (issue 14; README "Coming from TRL").
-    dataset_test_split: str = "test"
-    """The split of `eval_dataset` to evaluate on when it has several (TRL's script argument)."""
-    min_p: float = 0.0
-    """Sampling: drop tokens whose probability is below min_p times the most likely token's; 0: off."""
-    repetition_penalty: float = 1.0
-    """Sampling: the logit of every token already in the prompt or the completion is divided by it
-    (multiplied when negative), as in Hugging Face and vLLM; 1: off."""
-    generation_kwargs: dict = field(default_factory=dict)
-    """TRL's bag of sampling options: its temperature, top_p, top_k, min_p, repetition_penalty and
-    max_new_tokens entries override those keys."""
-    sync_ref_model: bool = False
-    """TR-DPO's reference update: every ref_model_sync_steps optimizer steps
-    pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref (needs a reference: beta > 0)."""
-    ref_model_sync_steps: int = 512
-    """tau: optimizer steps between two reference updates, with sync_ref_model."""
-    ref_model_mixup_alpha: float = 0.6
-    """alpha: the policy's share in each reference update, with sync_ref_model (1 copies it)."""
-    delta: float = 0.0
-    """Two-sided clipping (INTELLECT-2, TRL's `delta`): the unclipped ratio is also capped at delta,
-    so a token with negative advantage and a huge ratio cannot blow up the loss; 0: off, else > 1."""
-    num_generations_eval: int = 1
-    """Completions per held-out prompt: 1 is one greedy completion; more are sampled as in
-    training, and the held-out numbers are their means."""
-    shuffle_dataset: bool = True
-    """Draw prompts in a fresh random order each pass over the dataset; false: in file order."""
     model_card: bool = True
     """Write README.md (a Hugging Face model card: base model, data, config, held-out results)
     beside the final model, as push_to_hub would (nothing is uploaded)."""
-    # --- end of the TRL options block
-    # ------------------------------------------------------------------------------------------
 
     @classmethod
     def expand(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -469,8 +482,8 @@ class TrainConfig(LoopConfig):
                           f"{self.eval_steps}): otherwise only the warm start is ever evaluated")
         if (self.early_stopping_patience or self.load_best_model_at_end) and \
                 not self.metric_for_best_model.startswith("eval_"):
-            bad("metric_for_best_model", f"a held-out number, eval_accuracy or eval_reward (or eval_<a logged metric>), "
-                                         f"got {self.metric_for_best_model!r}")
+            bad("metric_for_best_model", f"a held-out number, eval_accuracy or eval_reward (or eval_<a logged "
+                                         f"metric>), got {self.metric_for_best_model!r}")
         if self.load_best_model_at_end and self.fsdp:
             bad("load_best_model_at_end", "not with fsdp yet")
         if not 0 < self.reward_timeout <= MAX_REWARD_TIMEOUT:
