@@ -280,7 +280,7 @@ class TrainConfig(LoopConfig):
     reward_timeout: float = 300.0
     """Seconds one call of a reward function may take; after that the run stops with an error
     naming it (a function that never returns would otherwise hang the run, and under torchrun
-    every process with it)."""
+    every process with it). At most a year (31536000)."""
     reward_kl_coef: float = 0.0
     """KL to the reference in the reward (InstructGPT): r_i - coef * sum_t (l_t - l_ref_t) before the
     advantages; 0: none (beta is the KL in the loss)."""
@@ -312,7 +312,8 @@ class TrainConfig(LoopConfig):
     """The clip band's upper side: 1 + epsilon_high (DAPO's clip-higher raises it to 0.28)."""
     delta: float = 0.0
     """Two-sided clipping (INTELLECT-2, TRL's `delta`): the unclipped ratio is also capped at delta,
-    so a token with negative advantage and a huge ratio cannot blow up the loss; 0: off, else > 1."""
+    so a token with negative advantage and a huge ratio cannot blow up the loss; 0: off, else
+    > 1 + epsilon_high (above the clip band)."""
     beta: float = 0.04
     """The KL penalty's weight; 0 loads no reference model at all."""
     kl_estimator: str = "k3"
@@ -335,7 +336,8 @@ class TrainConfig(LoopConfig):
     vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max)."""
     top_entropy_quantile: float = 1.0
     """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
-    "Beyond the 80/20 rule"); 1 keeps every token."""
+    "Beyond the 80/20 rule"); 1 keeps every token. Below 1 it needs a per-token surrogate: not
+    gmpo, nor ratio_level sequence (except with cispo)."""
     sync_ref_model: bool = False
     """TR-DPO's reference update: every ref_model_sync_steps optimizer steps
     pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref (needs a reference: beta > 0)."""
