@@ -3,7 +3,7 @@
 GRPO was introduced in DeepSeekMath (Shao et al. 2024, arXiv:2402.03300) and used with rule-based
 rewards by DeepSeek-R1 (DeepSeek-AI 2025, arXiv:2501.12948).
 
-Layers, each a subpackage whose imports point only downward (docs/DESIGN.md):
+Layers, each a subpackage whose imports point only downward (docs/design.md):
 
     algorithm  the maths: advantages, policy losses, KL, aggregation (pure, registries)
     engine     models, generation behind the rollout backend, log-probs, packed forwards
@@ -11,7 +11,10 @@ Layers, each a subpackage whose imports point only downward (docs/DESIGN.md):
     config     one typed config per command family, the single place a choice is made
     rewards    reward functions, reward models, preference pairs
     observe    metrics files, the console, the HTML report
-    train      the GRPO loop, rollout, update, checkpoints, processes, SFT, reward-model training
+    runtime    what every training command shares: device, processes, sharding, precision, optimizer
+    runs       a run's files: output directory, checkpoints, inputs, interrupts, the model card
+    train      the GRPO step: the loop, rollout, update, evaluation, reference sync, iterative RL
+    supervised the other training commands: SFT and reward-model training
     recipes    built-in tasks, the demo and the seed notes' pipeline
     cli        the `grpo` command
 """

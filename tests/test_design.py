@@ -1,4 +1,4 @@
-"""docs/DESIGN.md's worked examples (adding a policy loss, an advantage estimator, a reward, a
+"""docs/design.md's worked examples (adding a policy loss, an advantage estimator, a reward, a
 rollout backend) run as written."""
 
 import re
@@ -10,7 +10,7 @@ from conftest import single_thread
 from grpo.algorithm import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 from grpo.engine.backend import ROLLOUT_BACKENDS
 
-DESIGN = Path(__file__).resolve().parent.parent / "docs" / "DESIGN.md"
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DESIGN.read_text(), re.DOTALL)
 
 

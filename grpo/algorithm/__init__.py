@@ -3,7 +3,7 @@
 Pure functions over tensors and masks; nothing here loads a model, reads a file or knows about
 processes. The choices users extend are registered by name (`register_adv_est`,
 `register_policy_loss`); the small fixed ones (KL estimator, aggregation, ratio level and anchor)
-are plain branches. The names are the config values (docs/DESIGN.md, "The maths").
+are plain branches. The names are the config values (docs/design.md, "The maths").
 
 - `advantages`: group / batch / none (DeepSeekMath, Dr. GRPO), rloo, reinforce_pp(_baseline),
   priority (stochastic-beam groups)

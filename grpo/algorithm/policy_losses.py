@@ -9,7 +9,7 @@ with ``anchor_logprobs`` already detached (pi_old, or pi_ref for the seed's lite
 ``mask`` True on scored tokens. Values at masked positions may be garbage; a loss must not let
 them reach its output there as NaN (`torch.where`, never a multiplication by the mask).
 
-Adding a loss is one function here plus its test (docs/DESIGN.md, "Adding a policy loss").
+Adding a loss is one function here plus its test (docs/design.md, "Adding a policy loss").
 Registered: ppo_clip (PPO / DeepSeekMath), cispo (MiniMax-M1), gmpo (geometric mean, GMPO).
 """
 

@@ -1,4 +1,4 @@
-"""`grpo train`: every choice of a GRPO run, one key each (docs/DESIGN.md, "The maths").
+"""`grpo train`: every choice of a GRPO run, one key each (docs/design.md, "The maths").
 
 The algorithm keys default to DeepSeekMath's GRPO. A `preset` changes a coherent bundle of them
 (PRESETS below lists only what each changes); any key the user sets explicitly wins over it.
