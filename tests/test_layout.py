@@ -16,7 +16,7 @@ from grpo.config.loading import defaults
 
 ROOT = Path(__file__).resolve().parent.parent / "grpo"
 # Bottom to top: a module may import from its own layer and the layers before it.
-LAYERS = ["errors", "algorithm", "engine", "data", "config", "rewards", "observe",
+LAYERS = ["errors", "algorithm", "engine", "data", "config", "rewards", "agents", "observe",
           "runtime", "runs", "train", "supervised", "recipes", "cli"]
 
 
