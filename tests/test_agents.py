@@ -346,6 +346,16 @@ def test_calls_of_one_episode_run_in_the_order_written(qwen):
     assert [m["content"] for m in ep.completion if m["role"] == "tool"] == ["first", "first second"]
 
 
+def test_parallel_calls_overlap_the_calls_of_one_turn(qwen):
+    turn = "\n".join(call_text("qwen2.5", "slow", '{"x": %d}' % k) for k in range(4))
+    start = time.perf_counter()
+    [ep] = run_episodes(qwen, ["Q0"], Script(qwen, {"Q0": [turn, "ok"]}), tools=[slow], parallel_calls=True,
+                        max_completion_length=4000)
+    elapsed = time.perf_counter() - start
+    assert [m["content"] for m in ep.completion if m["role"] == "tool"] == ["0", "1", "2", "3"]
+    assert elapsed < 4 * 0.3 / 2, f"4 calls of 0.3 s in one turn took {elapsed:.2f} s: not overlapped"
+
+
 @pytest.mark.parametrize("tool", [hang, hang_async])
 def test_a_tool_that_overruns_the_timeout_is_reported_and_counted(qwen, tool):
     start = time.perf_counter()

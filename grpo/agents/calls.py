@@ -2,7 +2,8 @@
 
 `CallRunner.run` takes one list of calls per episode. The lists run concurrently; the calls of
 one list run in the order the model wrote them, since they may act on one environment's state
-(a game's two moves, a file written then read). `async def` functions are awaited together on
+(a game's two moves, a file written then read), unless `ordered=False` lets them overlap too
+(independent lookups: several searches in one turn). `async def` functions are awaited together on
 one event loop, which lives on its own thread for the runner's whole life (so async clients a
 tool keeps between calls stay on one loop, and a caller inside a running loop, a notebook, is no
 obstacle); plain functions run in a thread pool.
@@ -59,11 +60,12 @@ class CallRunner:
         self.thread = threading.Thread(target=self.loop.run_forever, name="grpo-agent-loop", daemon=True)
         self.thread.start()
 
-    def run(self, batches: list[list[Call]], timeout: float | None) -> list[list[Outcome]]:
-        """The outcome of every call: batches concurrently, the calls of a batch in order."""
+    def run(self, batches: list[list[Call]], timeout: float | None, ordered: bool = True) -> list[list[Outcome]]:
+        """The outcome of every call: batches concurrently, the calls of a batch in order (or, with
+        `ordered=False`, concurrently as well)."""
         if not any(batches):
             return [[] for _ in batches]
-        return asyncio.run_coroutine_threadsafe(self._all(batches, timeout), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(self._all(batches, timeout, ordered), self.loop).result()
 
     def close(self) -> None:
         """Stop the loop and let the pool's threads end when their calls return."""
@@ -79,11 +81,13 @@ class CallRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    async def _all(self, batches: list[list[Call]], timeout: float | None) -> list[list[Outcome]]:
-        async def in_order(calls: list[Call]) -> list[Outcome]:
+    async def _all(self, batches: list[list[Call]], timeout: float | None, ordered: bool) -> list[list[Outcome]]:
+        async def batch(calls: list[Call]) -> list[Outcome]:
+            if not ordered:
+                return list(await asyncio.gather(*(self._one(call, timeout) for call in calls)))
             return [await self._one(call, timeout) for call in calls]
 
-        return list(await asyncio.gather(*(in_order(calls) for calls in batches)))
+        return list(await asyncio.gather(*(batch(calls) for calls in batches)))
 
     async def _one(self, call: Call, timeout: float | None) -> Outcome:
         start = time.perf_counter()

@@ -114,8 +114,8 @@ def run_episodes(tokenizer, prompts: list, generate: Generate, *, rows: list[dic
                  tools: list = (), environments: Environments | Callable | str | None = None,
                  max_turns: int = 10, max_completion_length: int = 1024, tool_timeout: float | None = 60.0,
                  stop_token_ids: list[int] | None = None, template_kwargs: dict | None = None,
-                 reward_reduce: Callable[[list[float]], float] = sum, runner: CallRunner | None = None,
-                 source: str = "dataset") -> list[Episode]:
+                 reward_reduce: Callable[[list[float]], float] = sum, parallel_calls: bool = False,
+                 runner: CallRunner | None = None, source: str = "dataset") -> list[Episode]:
     """Run one episode per prompt, all in lockstep, and return them in order.
 
     `prompts`: each a list of chat messages (or a string: one user message). `rows`: each
@@ -124,7 +124,8 @@ def run_episodes(tokenizer, prompts: list, generate: Generate, *, rows: list[dic
     `environments`: an environment class or factory (or a spec, or an `Environments` kept across
     calls), one instance per episode. `stop_token_ids`: the ids that end a turn (the backend's;
     default the tokenizer's EOS). `reward_reduce` turns the per-turn rewards and the final one
-    into the episode's. `runner` runs the calls (default: one made and closed here).
+    into the episode's. `parallel_calls`: the calls of one turn overlap (independent tools) instead
+    of running in the order written. `runner` runs the calls (default: one made and closed here).
     """
     if max_turns < 1 or max_completion_length < 1:
         raise ValueError(f"max_turns and max_completion_length must be >= 1, got {max_turns}, {max_completion_length}")
@@ -148,7 +149,7 @@ def run_episodes(tokenizer, prompts: list, generate: Generate, *, rows: list[dic
         _reset(runs, runner, tool_timeout)
         for run in runs:
             run.prompt_ids = run.turn_prompt = _render_prompt(renderer, run)
-        loop = _Loop(tokenizer, renderer, runner, max_turns, max_completion_length, tool_timeout)
+        loop = _Loop(tokenizer, renderer, runner, max_turns, max_completion_length, tool_timeout, parallel_calls)
         while active := [r for r in runs if not r.done]:
             loop.turn(active, generate)
         rewards = _final_rewards(runs, runner, tool_timeout)
@@ -197,9 +198,10 @@ class _Loop:
     """One turn of every running episode: generate, act, append."""
 
     def __init__(self, tokenizer, renderer: Renderer, runner: CallRunner, max_turns: int,
-                 max_completion_length: int, tool_timeout: float | None):
+                 max_completion_length: int, tool_timeout: float | None, parallel_calls: bool):
         self.tokenizer, self.renderer, self.runner = tokenizer, renderer, runner
         self.max_turns, self.limit, self.timeout = max_turns, max_completion_length, tool_timeout
+        self.ordered = not parallel_calls
 
     def turn(self, runs: list[_Run], generate: Generate) -> None:
         budgets = [self.limit - len(r.ids) for r in runs]
@@ -208,7 +210,7 @@ class _Loop:
             raise ValueError(f"generate returned {len(out)} completions for {len(runs)} contexts")
         for run, sampled, budget in zip(runs, out, budgets):
             self.take(run, as_sampled(sampled), budget)
-        outcomes = self.runner.run([r.jobs for r in runs], self.timeout)
+        outcomes = self.runner.run([r.jobs for r in runs], self.timeout, self.ordered)
         for run, outs in zip(runs, outcomes):
             self.absorb(run, outs)
 
