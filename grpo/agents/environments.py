@@ -38,7 +38,7 @@ from typing import Any, Callable
 from grpo.data import META_COLUMNS, where
 from grpo.errors import ConfigError, RewardError
 
-from .tools import Tool, check_distinct, load_object, make_tool
+from .tools import Tool, check_distinct, describe, load_object, make_tool
 
 RESERVED = ("reset", "get_reward", "step")  # never tools
 
@@ -92,7 +92,7 @@ class Environments:
         except Exception as e:
             name = getattr(self.factory, "__name__", repr(self.factory))
             raise ConfigError(f"environment_factory {name}: making an instance failed: "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{describe(e)}") from None
 
     def take(self, n: int) -> list[Any]:
         """n distinct instances for one batch of episodes (reset by the episode loop)."""
@@ -138,7 +138,7 @@ def reset_kwargs(row: dict) -> dict:
 def failure(env: Any, method: str, row_label: str, outcome) -> AgentError:
     """The one-line error for an environment call that raised or overran."""
     what = "did not return within tool_timeout" if outcome.timed_out else \
-        f"raised {type(outcome.error).__name__}: {outcome.error}"
+        f"raised {describe(outcome.error)}"
     return AgentError(f"environment {type(env).__name__}.{method} {what} (on {row_label})")
 
 

@@ -44,7 +44,7 @@ from .environments import (Environments, as_environments, as_observation, as_rew
                            final_reward_source, is_text_environment, reset_kwargs, row_name)
 from .parsing import ERROR_KINDS, RAISED, TIMEOUT, CallError, ToolCall, parse_turn
 from .rendering import Renderer, assistant_message
-from .tools import Tool, check_chat_template, check_distinct, load_tools
+from .tools import Tool, check_chat_template, check_distinct, describe, load_tools
 
 
 @dataclass
@@ -187,7 +187,7 @@ def _render_prompt(renderer: Renderer, run: _Run) -> list[int]:
         return renderer.ids(run.prompt, run.schemas, add_generation_prompt=True)
     except Exception as e:  # the template's own error (a role it refuses, a missing variable)
         raise DataError(f"{run.row_label}: the chat template of {renderer.tokenizer.name_or_path!r} cannot render "
-                        f"the prompt: {type(e).__name__}: {e}") from None
+                        f"the prompt: {describe(e)}") from None
 
 
 def _observation_role(env: Any) -> str:
@@ -291,6 +291,7 @@ class _Loop:
             content = f"Error: {call.name} did not return within {self.timeout:g} seconds"
         elif outcome.error is not None:
             run.errors[RAISED] += 1
+            # The whole text, newlines kept: the model reads it (a failed command's output).
             content = f"Error: {type(outcome.error).__name__}: {outcome.error}"
         else:
             content = result_text(outcome.value)

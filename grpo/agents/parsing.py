@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .rendering import assistant_message
-from .tools import Tool, argument_problem
+from .tools import Tool, argument_problem, describe
 
 PARSE, UNKNOWN_TOOL, BAD_ARGUMENTS, RAISED, TIMEOUT = "parse", "unknown_tool", "bad_arguments", "raised", "timeout"
 ERROR_KINDS = (PARSE, UNKNOWN_TOOL, BAD_ARGUMENTS, RAISED, TIMEOUT)
@@ -156,7 +156,7 @@ def _parse_with_template(text: str, tools: dict[str, Tool], tokenizer, ids: list
     try:
         parsed = tokenizer.parse_response(ids, prefix=prefix_ids, tools=[t.schema for t in tools.values()] or None)
     except Exception as e:  # the template's parser refuses what the model wrote (malformed JSON, ...)
-        error = CallError(PARSE, f"the tool call could not be parsed ({type(e).__name__}: {e})".replace("\n", " "))
+        error = CallError(PARSE, f"the tool call could not be parsed ({describe(e)})")
         return ParsedTurn(assistant_message(text, []), [error])
     parsed = dict(parsed or {})
     raw = [_normalise(c) for c in parsed.pop("tool_calls", None) or []]

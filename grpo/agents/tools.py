@@ -14,7 +14,8 @@ public methods, `grpo.agents.environments`).
 `load_tools` refuses, with one ConfigError naming the function, a tool that cannot be imported
 or has no schema (a missing hint or docstring); `check_chat_template` refuses one the tokenizer's
 chat template cannot render, and a template that cannot carry a tool call and its result at all.
-Both run on the tokenizer alone, so a bad tool stops a run before any model loads.
+Neither needs a model (the second only the tokenizer), so a bad tool stops a run before any model
+loads.
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ class Tool:
     name: str
     fn: Callable
     schema: dict            # {"type": "function", "function": {"name", "description", "parameters"}}
-    is_async: bool
     label: str              # how messages name it: the spec, or module.function / Class.method
 
     @property
     def parameters(self) -> dict:
         return self.schema["function"].get("parameters", {})
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line of an error message: its type and its text, newlines folded."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def load_object(spec: str, what: str) -> Any:
@@ -60,7 +66,7 @@ def load_object(spec: str, what: str) -> Any:
         try:
             module = importlib.import_module(target)
         except Exception as e:
-            raise ConfigError(f"{what} {spec!r}: cannot import module {target!r}: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"{what} {spec!r}: cannot import module {target!r}: {describe(e)}") from None
     obj = getattr(module, name, None)
     if obj is None:
         raise ConfigError(f"{what} {spec!r}: {target} has no attribute {name!r}")
@@ -80,7 +86,7 @@ def _load_file(path: Path, what: str, spec: str):
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise ConfigError(f"{what} {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{what} {spec!r}: importing {path} failed: {describe(e)}") from None
     sys.modules[key] = module
     return module
 
@@ -97,9 +103,9 @@ def make_tool(fn: Callable, label: str | None = None) -> Tool:
     try:
         schema = get_json_schema(fn)
     except Exception as e:  # transformers' TypeHintParsingException / DocstringParsingException
-        raise ConfigError(f"tool {label}: no JSON schema for it: {e} (a tool needs a type hint on every argument "
-                          f"and a Google-style docstring describing it and each argument)") from None
-    return Tool(name=schema["function"]["name"], fn=fn, schema=schema, is_async=_is_async(fn), label=label)
+        raise ConfigError(f"tool {label}: no JSON schema for it: {describe(e)} (a tool needs a type hint on every "
+                          f"argument and a Google-style docstring describing it and each argument)") from None
+    return Tool(name=schema["function"]["name"], fn=fn, schema=schema, label=label)
 
 
 def load_tools(tools: list) -> list[Tool]:
@@ -123,10 +129,6 @@ def check_distinct(tools: list[Tool]) -> None:
         if tool.name in seen:
             raise ConfigError(f"tool {tool.label}: its name {tool.name!r} is also the name of {seen[tool.name].label}")
         seen[tool.name] = tool
-
-
-def _is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 def _qualified_name(fn: Callable) -> str:
@@ -190,7 +192,7 @@ def check_chat_template(tokenizer, tools: list[Tool], template_kwargs: dict | No
                                                  add_generation_prompt=True, **kwargs)
         except Exception as e:
             raise ConfigError(f"tool {tool.label}: the chat template of {name} cannot render its schema: "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{describe(e)}") from None
         if tool.name not in text:
             raise ConfigError(f"tool {tool.label}: the chat template of {name} does not show tools to the model "
                               f"(the tool's name is not in what it renders)")
@@ -202,7 +204,7 @@ def check_chat_template(tokenizer, tools: list[Tool], template_kwargs: dict | No
             text = tokenizer.apply_chat_template(messages, tools=[t.schema for t in tools], tokenize=False, **kwargs)
         except Exception as e:
             raise ConfigError(f"tools: the chat template of {name} cannot render a tool call and its result: "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{describe(e)}") from None
         if _PROBE_ARGUMENT not in text or _PROBE_RESULT not in text:
             raise ConfigError(f"tools: the chat template of {name} drops tool calls or tool results when it renders a "
                               f"conversation, so the model would never see them")
