@@ -10,6 +10,7 @@ Layers, each a subpackage whose imports point only downward (docs/design.md):
     data       dataset rows, prompt text and tokens, the draw order
     config     one typed config per command family, the single place a choice is made
     rewards    reward functions, reward models, preference pairs
+    agents     multi-turn episodes: tools, environments, the token-exact loop and its loss mask
     observe    metrics files, the console, the HTML report
     runtime    what every training command shares: device, processes, sharding, precision, optimizer
     runs       a run's files: output directory, checkpoints, inputs, interrupts, the model card
