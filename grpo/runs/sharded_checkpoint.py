@@ -11,20 +11,27 @@ a shared file system).
 
 The final model is gathered instead: `save_gathered_pretrained` writes one ordinary
 `save_pretrained` directory that plain `AutoModelForCausalLM.from_pretrained` loads.
+
+DCP's own reader unpickles `sharded/.metadata` with plain `pickle.load`, which runs whatever a
+crafted file carries; `--resume` reads it through `SafeReader` instead, whose unpickler builds
+only DCP's metadata classes, paths, sizes, dtypes and layouts. A damaged or refused metadata
+file or shard is one RunError naming it, on every process.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
-from grpo.errors import ConfigError
+from grpo.errors import ConfigError, GrpoError, RunError
 from grpo.runtime.distributed import World
 
-from .checkpoint import RUN_FILE, STATE_FILE, list_checkpoints, load_state, set_rng_state, write_failed
+from .checkpoint import (RUN_FILE, STATE_FILE, NotStorable, cause_of, list_checkpoints, load_state, restore_rng,
+                         restoring, storable, write_failed)
 
 SHARDS_DIR = "sharded"
 
@@ -60,10 +67,10 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, token
         if world.main:
             model.config.save_pretrained(tmp)  # what the weights are, for whoever opens the directory
             tokenizer.save_pretrained(tmp)
-            torch.save({**state, "optimizer": None}, tmp / STATE_FILE)
+            torch.save(storable({**state, "optimizer": None}, "the trainer state"), tmp / STATE_FILE)
             if run is not None:
                 (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
-    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, on any process
+    except (OSError, RuntimeError, CheckpointException, NotStorable) as e:  # a full disk, on any process
         failed = e
     if world.any(failed is not None):  # every process stops together, none waits at a barrier
         if world.main:
@@ -84,11 +91,87 @@ def is_sharded_checkpoint(checkpoint: Path) -> bool:
     return (Path(checkpoint) / SHARDS_DIR).is_dir()
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """What DCP's `.metadata` pickle is made of, and nothing else: its metadata dataclasses and
+    enums, the storage records of its file system writer, paths, sizes, dtypes and layouts. Any
+    other global (a function a crafted file would call) is refused, so it is never called."""
+
+    PATHS = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+
+    def find_class(self, module: str, name: str):
+        if "." not in name and self._allowed(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not part of a checkpoint's metadata")
+
+    def _allowed(self, module: str, name: str) -> bool:
+        if module == "torch.distributed.checkpoint.metadata":  # its own classes only, not what it imports
+            import torch.distributed.checkpoint.metadata as metadata
+            found = getattr(metadata, name, None)
+            return isinstance(found, type) and found.__module__ == module
+        if module in ("pathlib", "pathlib._local"):
+            return name in self.PATHS
+        if module == "torch" and name != "Size":
+            return isinstance(getattr(torch, name, None), torch.dtype)
+        return (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                                  ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+
+def _safe_reader(path: Path):
+    """DCP's file system reader, with `.metadata` read by `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            file = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+            try:
+                with open(file, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except Exception as e:  # damaged, cut short, or refused: nothing in it ran
+                raise RunError(f"--resume: {file} is not a readable checkpoint index ({cause_of(e)}); resume from an "
+                               f"earlier checkpoint (move this one away) or start a fresh run") from None
+            if not isinstance(metadata, Metadata):
+                raise RunError(f"--resume: {file} is not a checkpoint index (it holds a {type(metadata).__name__})")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _load_shards(shards: dict, checkpoint: Path) -> None:
+    """`dcp.load` of the checkpoint's shards, in place; what any process failed on is one RunError
+    on every process (DCP gathers the failures), naming the directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    directory = checkpoint / SHARDS_DIR
+
+    def unreadable(e: BaseException) -> RunError:
+        return RunError(f"--resume: the shards in {directory} cannot be read ({cause_of(e)}); they are probably "
+                        f"truncated or damaged: resume from an earlier checkpoint (move this one away) or start a "
+                        f"fresh run")
+
+    try:
+        dcp.load(shards, storage_reader=_safe_reader(directory))
+    except CheckpointException as e:
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        ours = next((f for f in failures if isinstance(f, GrpoError)), None)
+        if ours is not None:
+            raise RunError(str(ours)) from None
+        raise unreadable(failures[0] if failures else e) from None
+    except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
+        if isinstance(e, GrpoError):
+            raise
+        raise unreadable(e) from None
+
+
 def restore_sharded_train_state(checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator,
                                 rank: int) -> dict:
     """`checkpoint.restore_train_state` for a sharded checkpoint: every process loads its own
     shards of the weights and the optimizer, then the rest of the state; returns that state."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     checkpoint = Path(checkpoint)
@@ -99,18 +182,22 @@ def restore_sharded_train_state(checkpoint: Path, policy, optimizer, scheduler, 
     options = _options(policy)
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=options)
     shards = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(shards, checkpoint_id=str(checkpoint / SHARDS_DIR))  # in place, into this process's shards
-    loaded = set_state_dict(policy, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
-                            options=options)
+    _load_shards(shards, checkpoint)  # in place, into this process's shards
+    with restoring(checkpoint, "sharded weights and optimizer"):
+        loaded = set_state_dict(policy, optimizer, model_state_dict=shards["model"],
+                                optim_state_dict=shards["optimizer"], options=options)
     trained = {name for name, p in policy.named_parameters() if p.requires_grad}
     missing = sorted(trained & set(getattr(loaded, "missing_keys", ())))
     if missing:  # strict=False (the frozen base is not in the shards) must not pass over a trained weight
         raise ConfigError(f"--resume: {checkpoint} holds no {missing[0]} (and {len(missing) - 1} more trained weights)")
-    scheduler.load_state_dict(state["scheduler"])
+    with restoring(checkpoint, "learning-rate schedule"):
+        scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
-        precision.scaler.load_state_dict(state["scaler"])
-    sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"][rank], generator)
+        with restoring(checkpoint, "loss scale"):
+            precision.scaler.load_state_dict(state["scaler"])
+    with restoring(checkpoint, "data position"):
+        sampler.load_state_dict(state["sampler"])
+    restore_rng(state, generator, rank, checkpoint)
     return state
 
 
