@@ -41,9 +41,13 @@ class Rollout:
     completion_mask: torch.Tensor     # [N, T] float: 1 on tokens up to and incl. EOS (0 for masked truncated rows)
     truncated: torch.Tensor           # [N] bool: no EOS within max_completion_length
     lengths: torch.Tensor             # [N] generated tokens, EOS included
-    rewards: torch.Tensor             # [N] weighted sum of the rewards
+    rewards: torch.Tensor             # [N] weighted sum of the rewards (less the KL with reward_kl_coef)
     advantages: torch.Tensor          # [N]
     rewards_per_function: dict[str, torch.Tensor]
+    # [N] the weighted sum before reward_kl_coef's KL shift (the same as `rewards` without one): what
+    # the reward functions said, so ties between them are counted here (zero_variance_frac), not
+    # on the shifted rewards, which the KL unties. None where a rollout was built without it.
+    rewards_before_kl: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None   # [N, T] pi_old, when the update needs it
     ref_logprobs: torch.Tensor | None = None   # [N, T] pi_ref, when beta > 0 or the ratio is anchored there
     prompts: list[str] = field(default_factory=list)      # formatted prompt text, one per row
@@ -293,6 +297,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         completion_mask=algorithm.loss_mask(out.completion_mask, out.truncated, cfg.mask_truncated_completions),
         truncated=out.truncated, lengths=out.completion_mask.sum(1),
         rewards=total, advantages=torch.zeros_like(total), rewards_per_function=scored.per_function,
+        rewards_before_kl=total,
         prompts=[t for t in scored.texts for _ in range(G)], completions=scored.completions,
         sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log)
 

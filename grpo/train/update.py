@@ -181,10 +181,14 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
 
 def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | None) -> dict[str, float]:
     lengths = rollout.lengths.float()
+    # Groups the reward functions cannot rank: ties of the rewards before reward_kl_coef's KL
+    # shift, which differs between completions and would untie almost every group (as the
+    # advantage estimators' docstrings say, and as dynamic sampling filters).
+    scored = rollout.rewards if rollout.rewards_before_kl is None else rollout.rewards_before_kl
     m = {"reward_mean": rollout.rewards.mean().item(), "reward_std": rollout.rewards.std().item(),
          "completion_length_mean": lengths.mean().item(), "completion_length_max": lengths.max().item(),
          "truncated_frac": rollout.truncated.float().mean().item(),
-         "zero_variance_frac": algorithm.zero_variance_groups(rollout.rewards, cfg.group_size).float().mean().item(),
+         "zero_variance_frac": algorithm.zero_variance_groups(scored, cfg.group_size).float().mean().item(),
          "advantage_abs_mean": rollout.advantages.abs().mean().item()}
     for name, values in rollout.rewards_per_function.items():
         # NaN is a function's "no opinion" on a sample (TRL's None): counted out, as in the total.

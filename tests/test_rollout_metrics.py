@@ -1,0 +1,83 @@
+"""What a rollout says about itself: `zero_variance_frac` counts the groups the reward functions
+cannot rank, ties of the rewards before `reward_kl_coef` shifts them by each completion's KL
+(which unties almost every group).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from grpo import algorithm
+from grpo.config import TrainConfig, build
+from grpo.engine.models import load_causal_lm, load_tokenizer
+from grpo.rewards import Reward
+from grpo.train.rollout import Rollout, collect_rollout
+from grpo.train.update import rollout_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+def config(tiny_model_dir, addition_files, **kw):
+    values = dict(model=tiny_model_dir, dataset=addition_files["train"], rewards=[{"function": "exact_answer"}],
+                  prompts_per_step=2, group_size=4, max_completion_length=4, max_prompt_length=16,
+                  learning_rate=1e-3, beta=0.0, report_to=[])
+    values.update(kw)
+    return build(TrainConfig, values)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def rows(n):
+    return [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(n)]
+
+
+def test_zero_variance_frac_counts_ties_before_the_kl_shift_on_a_hand_made_rollout(tiny_model_dir, addition_files):
+    P, G = 3, 4
+    N = P * G
+    before = torch.tensor([1.0] * G + [0.0] * G + [0.5] * G)  # every group ties on the reward
+    kl = torch.linspace(0.0, 1.0, N)                            # and the KL differs in every row
+    shifted = before - 0.1 * kl
+    rollout = Rollout(prompt_ids=torch.zeros(N, 1, dtype=torch.long), prompt_mask=torch.ones(N, 1),
+                      completion_ids=torch.zeros(N, 2, dtype=torch.long), completion_mask=torch.ones(N, 2),
+                      truncated=torch.zeros(N, dtype=torch.bool), lengths=torch.full((N,), 2),
+                      rewards=shifted, advantages=torch.zeros(N), rewards_per_function={"exact_answer": before},
+                      rewards_before_kl=before)
+    cfg = config(tiny_model_dir, addition_files, group_size=G, prompts_per_step=P, reward_kl_coef=0.1)
+    assert not algorithm.zero_variance_groups(shifted, G).any()  # what the metric used to count
+    assert rollout_metrics(rollout, cfg, None)["zero_variance_frac"] == 1.0
+    # A rollout built without the pre-shift rewards (no KL in the reward) counts its rewards.
+    rollout.rewards_before_kl = None
+    assert rollout_metrics(rollout, cfg, None)["zero_variance_frac"] == 0.0
+
+
+def test_a_rollout_keeps_its_rewards_before_the_kl_shift(policy, tokenizer, tiny_model_dir, addition_files):
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    with torch.no_grad():  # a reference the policy has moved away from: the KL is not zero
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tied = [Reward("tied", lambda prompts, completions, **_: [1.0] * len(completions))]
+    cfg = config(tiny_model_dir, addition_files, reward_kl_coef=0.5)
+    rollout = collect_rollout(policy, reference, tokenizer, rows(cfg.prompts_per_step), tied, cfg,
+                              torch.Generator().manual_seed(0))
+    G = cfg.group_size
+    assert torch.equal(rollout.rewards_before_kl, torch.ones(len(rollout)))
+    assert not torch.equal(rollout.rewards, rollout.rewards_before_kl)  # the KL shifted them
+    assert not algorithm.zero_variance_groups(rollout.rewards, G).all()
+    m = rollout_metrics(rollout, cfg, None)
+    assert m["zero_variance_frac"] == 1.0 and m["rewards/tied/zero_variance_frac"] == 1.0
+    assert m["reward_kl"] != 0.0
+    # Without the KL in the reward both are the same tensor of scores.
+    plain = collect_rollout(policy, None, tokenizer, rows(cfg.prompts_per_step), tied,
+                            config(tiny_model_dir, addition_files), torch.Generator().manual_seed(0))
+    assert torch.equal(plain.rewards, plain.rewards_before_kl)
