@@ -1,6 +1,9 @@
-"""What a rollout says about itself: `zero_variance_frac` counts the groups the reward functions
-cannot rank, ties of the rewards before `reward_kl_coef` shifts them by each completion's KL
-(which unties almost every group).
+"""What a rollout says about itself, and where its completions end.
+
+- `zero_variance_frac` counts the groups the reward functions cannot rank: ties of the rewards
+  before `reward_kl_coef` shifts them by each completion's KL (which unties almost every group);
+- the text rewards and evaluation read ends at whichever stop id ended the completion (the
+  tokenizer's EOS or any EOS of the model's generation config), as generation's masks do.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import torch
 
 from grpo import algorithm
 from grpo.config import TrainConfig, build
+from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import load_causal_lm, load_tokenizer
 from grpo.rewards import Reward
+from grpo.train.evaluate import evaluate
 from grpo.train.rollout import Rollout, collect_rollout
 from grpo.train.update import rollout_metrics
 
@@ -81,3 +86,45 @@ def test_a_rollout_keeps_its_rewards_before_the_kl_shift(policy, tokenizer, tiny
     plain = collect_rollout(policy, None, tokenizer, rows(cfg.prompts_per_step), tied,
                             config(tiny_model_dir, addition_files), torch.Generator().manual_seed(0))
     assert torch.equal(plain.rewards, plain.rewards_before_kl)
+
+
+@pytest.fixture
+def second_eos(policy, tokenizer):
+    """The policy with a second EOS in its generation config: the token its greedy completion of
+    the first prompt begins with (as a chat model lists <|im_end|> there)."""
+    model = copy.deepcopy(policy)
+    ids = torch.tensor([tokenizer("0+1=", add_special_tokens=False)["input_ids"]])
+    first = LocalBackend(model, tokenizer).generate(ids, torch.ones_like(ids), SamplingParams.greedy(4))
+    x = int(first.completion_ids[0, 0])
+    assert x != tokenizer.eos_token_id and int(first.completion_mask[0].sum()) > 1
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, x]
+    return model, x
+
+
+def test_rewards_and_evaluation_read_completions_cut_at_any_stop_id(second_eos, tokenizer, tiny_model_dir,
+                                                                    addition_files):
+    model, x = second_eos
+    seen = []
+
+    def record(prompts, completions, **_):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    rewards = [Reward("record", record)]
+    cfg = config(tiny_model_dir, addition_files, eval_batch_size=2)
+    backend = LocalBackend(model, tokenizer)
+    result = evaluate(backend, tokenizer, rows(1), rewards, cfg)
+    # Greedy: the first token is X, which now ends the completion; the text before it is empty.
+    assert result["completions"] == [""] and seen == [""]
+    written = tokenizer.convert_ids_to_tokens(x)
+
+    seen.clear()
+    rollout = collect_rollout(model, None, tokenizer, rows(2), rewards, cfg, torch.Generator().manual_seed(0),
+                              backend=backend)
+    assert seen == rollout.completions
+    for row, text in enumerate(rollout.completions):
+        n = int(rollout.lengths[row])
+        last = int(rollout.completion_ids[row, n - 1])
+        if not rollout.truncated[row] and last == x:  # ended by X: the text stops before it
+            assert text == tokenizer.decode(rollout.completion_ids[row, :n - 1])
+        assert not text.endswith(written) or rollout.truncated[row] or last != x

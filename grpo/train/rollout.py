@@ -24,6 +24,7 @@ from grpo.engine.adapters import reference_policy
 from grpo.engine.backend import LocalBackend, RolloutBackend, SamplingParams
 from grpo.engine.generation import Generation
 from grpo.engine.logprobs import completion_logprobs
+from grpo.engine.models import stop_token_ids
 from grpo.engine.stochastic_beam import priority_weights
 from grpo.rewards import score
 from grpo.rewards.scoring import RewardLog
@@ -93,6 +94,14 @@ class Scored:
                       {k: v[on] for k, v in self.per_function.items()})
 
 
+def completion_stop_ids(backend: RolloutBackend, tokenizer) -> list[int]:
+    """The ids `backend` ends a completion on: the tokenizer's EOS and every EOS of the model's
+    generation config (`grpo.engine.models.stop_token_ids`). A backend that does not say is
+    taken to stop where its model's own `generate` would."""
+    ids = getattr(backend, "stop_token_ids", None)
+    return list(ids) if ids is not None else stop_token_ids(tokenizer, getattr(backend, "model", None))
+
+
 def score_group(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg, params: SamplingParams,
                 generator, *, log: RewardLog | None = None, trainer_state=None, precision: Precision | None = None,
                 device=None) -> Scored:
@@ -108,8 +117,10 @@ def score_group(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, c
         out = backend.generate(prompt_ids, prompt_mask, params, generator)
     t1 = clock(device) if device is not None else time.perf_counter()
 
-    # Decoded once, the same way for rewards and evaluation (data.decode_completions).
-    completions = decode_completions(tokenizer, out.completion_ids, out.completion_mask)
+    # Decoded once, the same way for rewards and evaluation (data.decode_completions), cut at
+    # whichever stop id ended each completion, as generation's masks and truncation flags are.
+    completions = decode_completions(tokenizer, out.completion_ids, out.completion_mask,
+                                     stop_ids=completion_stop_ids(backend, tokenizer))
     prompts = [p for p in raw for _ in range(G)]
     columns = {k: [row.get(k) for row in rows for _ in range(G)] for k in reward_columns(rows[0], cfg.prompt_column)}
     log = log if log is not None else RewardLog()
