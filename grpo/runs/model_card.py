@@ -21,8 +21,12 @@ def hub_id(value) -> str | None:
     return value if isinstance(value, str) and value and not Path(value).expanduser().exists() else None
 
 
-def write_model_card(out: Path, config: dict, results: dict, command: str = "grpo train") -> Path:
-    """README.md in `out`: `config` is the run's to_dict, `results` {name: {metric: value}}."""
+def write_model_card(out: Path, config: dict, results: dict, command: str = "grpo train",
+                     shown_as: Path | None = None) -> Path:
+    """README.md in `out`: `config` is the run's to_dict, `results` {name: {metric: value}}.
+    `shown_as`: the directory the card names, when `out` is where it is written before it is
+    moved there (runs.run_dir.publish)."""
+    where = Path(shown_as) if shown_as is not None else out
     base = hub_id(config.get("model"))
     datasets = [d for d in (hub_id(config.get("dataset")), hub_id(config.get("eval_dataset"))) if d]
     meta = {"library_name": "transformers", "tags": ["grpo", command.split()[-1], "generated_from_trainer"]}
@@ -30,13 +34,13 @@ def write_model_card(out: Path, config: dict, results: dict, command: str = "grp
         meta["base_model"] = base
     if datasets:
         meta["datasets"] = sorted(set(datasets))
-    name = out.resolve().name
+    name = where.resolve().name
     origin = f"[{base}](https://huggingface.co/{base})" if base else f"`{config.get('model')}`"
     lines = ["---", yaml.safe_dump(meta, sort_keys=True).strip(), "---", "", f"# {name}", "",
              f"Fine-tuned from {origin} with `{command}` (grpo {__version__}) on `{config.get('dataset')}`.", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             f'model = AutoModelForCausalLM.from_pretrained("{out}")',
-             f'tokenizer = AutoTokenizer.from_pretrained("{out}")', "```", "", "## Training", "",
+             f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```", "", "## Training", "",
              "| key | value |", "|---|---|"]
     lines += [f"| {k} | {config[k]} |" for k in CARD_KEYS if k in config]
     rewards = [str(r.get("function") or r.get("model")) if isinstance(r, dict) else str(r)
