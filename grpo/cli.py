@@ -103,13 +103,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue even if the config or data differ from the checkpoint's")
-    t.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run a non-empty output_dir holds (only ever what grpo wrote there)")
     t.add_argument("--quiet", action="store_true", help="no console output (metrics.jsonl is still written)")
 
     s = command("sft", help="supervised warm start on prompt/completion pairs")
     s.add_argument("--config", help="YAML config file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run a non-empty output_dir holds (only ever what grpo wrote there)")
     s.add_argument("--quiet", action="store_true")
 
     d = command("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
@@ -118,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
                    help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
     d.add_argument("--overwrite", action="store_true",
-                   help="replace what a non-empty --output-dir holds (an earlier demo's output is replaced anyway)")
+                   help="replace what grpo wrote in a non-empty --output-dir (an earlier run of the same demo is "
+                        "replaced anyway; files grpo did not write are never deleted)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a key of the GRPO stage (grpo config train), e.g. --set 'peft={r: 16, alpha: 32}'")
     d.add_argument("--quiet", action="store_true")
@@ -180,13 +183,15 @@ def run_command(args) -> int:
 
     if args.command == "train":
         from grpo.train.loop import train
+        # The config file goes down with the config: an input of the run no --overwrite may delete.
         out = train(load_config(TrainConfig, args.config, args.set), resume=args.resume, quiet=args.quiet,
-                    overwrite=args.overwrite, allow_changes=args.allow_changes)
+                    overwrite=args.overwrite, allow_changes=args.allow_changes, config_path=args.config)
         if not args.quiet:
             print(f"model saved to {out}")
     elif args.command == "sft":
         from grpo.supervised.sft import train_sft
-        out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet, overwrite=args.overwrite)
+        out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet, overwrite=args.overwrite,
+                        config_path=args.config)
         if not args.quiet:
             print(f"model saved to {out}")
     elif args.command == "demo":
@@ -204,12 +209,12 @@ def run_command(args) -> int:
         from grpo.supervised import reward_model as rm
         if args.rm_command == "train":
             rm.train_reward_model(load_config(RewardModelConfig, args.config, args.set), quiet=args.quiet,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, config_path=args.config)
         elif args.rm_command == "eval":
             rm.eval_reward_model(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet)
         elif args.rm_command == "score":
             rm.score_file(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, config_path=args.config)
         else:
             from grpo.recipes.preferences import make_preferences
             make_preferences(load_config(PreferenceConfig, args.config, args.set), quiet=args.quiet,

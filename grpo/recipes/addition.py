@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.config import SFTConfig, build
-from grpo.errors import RunError
-from grpo.runs.run_dir import clear_output_dir
+from grpo.runs.run_dir import RunLock, check_output_dir, claim_output_dir
 from grpo.supervised.sft import train_sft
 
 from .tasks import addition_problems, save_tiny_model, write_jsonl
@@ -25,22 +24,18 @@ GRPO = dict(max_steps=200, prompts_per_step=32, group_size=8, max_completion_len
             rewards=[{"function": "exact_answer"}])
 
 
-MARKER = ".grpo-recipe"
+RECIPES = {"demo": "grpo demo", "seed pipeline": "grpo demo --pipeline seed"}
 
 
-def claim_recipe_dir(out: Path, recipe: str, overwrite: bool) -> None:
-    """A recipe (the demo, the seed pipeline) owns its output directory: it replaces what an earlier
-    run of the same recipe left there, and refuses any other non-empty directory unless told
-    `overwrite`."""
-    if out.exists() and any(out.iterdir()):
-        marker = out / MARKER
-        mine = marker.is_file() and marker.read_text().strip() == recipe
-        if not (mine or overwrite):
-            raise RunError(f"{out} is not empty and was not written by `grpo demo` ({recipe}); pass --overwrite "
-                           f"to replace what is there, or choose another --output-dir")
-        clear_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(recipe + "\n")
+def claim_recipe_dir(out: Path, recipe: str, overwrite: bool) -> RunLock:
+    """A recipe (the demo, the seed pipeline) claims its output directory as a run does
+    (runs.run_dir: locked, marked): it replaces what an earlier run of the same recipe wrote
+    there without being asked, anything else grpo wrote only when told `overwrite`, and never a
+    file grpo did not write (then it refuses, with or without `overwrite`). Returns the held
+    lock: the recipe holds it until it ends."""
+    command = RECIPES[recipe]
+    check_output_dir(out, inputs={}, resume=False, overwrite=overwrite, replace_own=command)
+    return claim_output_dir(out, command, inputs={}, resume=False, overwrite=overwrite, replace_own=command)
 
 
 @dataclass

@@ -27,44 +27,45 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, quiet: bool = False,
     grpo/ (the GRPO run), summary.json and report.html."""
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     out = Path(output_dir)
-    claim_recipe_dir(out, "demo", overwrite)
-    start = time.time()
-    say = (lambda *a: None) if quiet else print
+    with claim_recipe_dir(out, "demo", overwrite):  # locked until the recipe ends
+        start = time.time()
+        say = (lambda *a: None) if quiet else print
 
-    t = time.time()
-    say(f"[demo] tiny model, addition data and supervised warm start (grpo sft) under {out}")
-    task = warm_start(out, seed, sft_overrides, quiet=quiet)
-    sft_seconds = time.time() - t
-    train_file, heldout_file, heldout_rows = task.train_file, task.heldout_file, task.heldout_rows
+        t = time.time()
+        say(f"[demo] tiny model, addition data and supervised warm start (grpo sft) under {out}")
+        task = warm_start(out, seed, sft_overrides, quiet=quiet)
+        sft_seconds = time.time() - t
+        train_file, heldout_file, heldout_rows = task.train_file, task.heldout_file, task.heldout_rows
 
-    grpo_cfg = build(TrainConfig, {"model": str(out / "sft"), "dataset": str(train_file),
-                                   "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
-                                   "output_dir": str(out / "grpo"), "seed": seed, **GRPO, **(grpo_overrides or {})},
-                     "demo grpo")
-    say("[demo] GRPO on the exact-answer reward (grpo train)")
-    train(grpo_cfg, quiet=quiet)
-    run = json.loads((out / "grpo" / "summary.json").read_text())
+        grpo_cfg = build(TrainConfig, {"model": str(out / "sft"), "dataset": str(train_file),
+                                       "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
+                                       "output_dir": str(out / "grpo"), "seed": seed, **GRPO, **(grpo_overrides or {})},
+                         "demo grpo")
+        say("[demo] GRPO on the exact-answer reward (grpo train)")
+        train(grpo_cfg, quiet=quiet)
+        run = json.loads((out / "grpo" / "summary.json").read_text())
 
-    summary = {
-        "accuracy_before": run["eval_before"]["eval_accuracy"],
-        "accuracy_after": run["eval_after"]["eval_accuracy"],
-        "heldout_prompts": len(heldout_rows),
-        "train_seconds": run["train_seconds"],
-        "sft_seconds": sft_seconds,
-        "total_seconds": time.time() - start,
-        "metrics": str(out / "grpo" / "metrics.jsonl"),
-        "model": str(out / "grpo"),
-        "sft": SFT | (sft_overrides or {}),
-        "grpo": {k: v for k, v in GRPO.items()} | (grpo_overrides or {}),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    try:
-        summary["report"] = str(write_report([out / "grpo"], out / "report.html"))
+        summary = {
+            "accuracy_before": run["eval_before"]["eval_accuracy"],
+            "accuracy_after": run["eval_after"]["eval_accuracy"],
+            "heldout_prompts": len(heldout_rows),
+            "train_seconds": run["train_seconds"],
+            "sft_seconds": sft_seconds,
+            "total_seconds": time.time() - start,
+            "metrics": str(out / "grpo" / "metrics.jsonl"),
+            "model": str(out / "grpo"),
+            "sft": SFT | (sft_overrides or {}),
+            "grpo": {k: v for k, v in GRPO.items()} | (grpo_overrides or {}),
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        say(f"[demo] report: {summary['report']}")
-    except ReportError as e:  # e.g. matplotlib (the `report` extra) is not installed
-        say(f"[demo] no report ({e})")
-    say(f"[demo] held-out accuracy on {len(heldout_rows)} problems: {summary['accuracy_before']:.1%} -> "
-        f"{summary['accuracy_after']:.1%}  (GRPO {summary['train_seconds']:.0f}s, total {summary['total_seconds']:.0f}s)")
-    say(f"[demo] summary: {out / 'summary.json'}")
-    return summary
+        try:
+            summary["report"] = str(write_report([out / "grpo"], out / "report.html"))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            say(f"[demo] report: {summary['report']}")
+        except ReportError as e:  # e.g. matplotlib (the `report` extra) is not installed
+            say(f"[demo] no report ({e})")
+        say(f"[demo] held-out accuracy on {len(heldout_rows)} problems: {summary['accuracy_before']:.1%} -> "
+            f"{summary['accuracy_after']:.1%}  (GRPO {summary['train_seconds']:.0f}s, "
+            f"total {summary['total_seconds']:.0f}s)")
+        say(f"[demo] summary: {out / 'summary.json'}")
+        return summary

@@ -153,91 +153,92 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
     """Run the whole pipeline into output_dir; write and return summary.json's content."""
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     out = Path(output_dir)
-    claim_recipe_dir(out, "seed pipeline", overwrite)
-    start = time.time()
-    say = (lambda *a: None) if quiet else print
-    timings = {}
+    with claim_recipe_dir(out, "seed pipeline", overwrite):  # locked until the recipe ends
+        start = time.time()
+        say = (lambda *a: None) if quiet else print
+        timings = {}
 
-    # 1. The tiny model, the addition data and the supervised warm start.
-    say(f"[seed] 1/4 tiny model, addition data and supervised warm start under {out}")
-    t = time.time()
-    task = warm_start(out, seed, sft_overrides, quiet=True)
-    sft_dir, train_file, heldout_file, heldout_rows = task.sft_dir, task.train_file, task.heldout_file, task.heldout_rows
-    timings["sft"] = time.time() - t
-
-    # 2. Preference pairs from the warm policy's own samples.
-    say("[seed] 2/4 preference data from the warm policy's samples")
-    t = time.time()
-    prefs = {}
-    for name, data, n in (("train", train_file, preference_prompts),
-                          ("heldout", heldout_file, heldout_preference_prompts)):
-        prefs[name] = make_preferences(build(PreferenceConfig, {
-            "model": str(sft_dir), "dataset": str(data), "num_prompts": n, "seed": seed,
-            "output_file": str(out / "data" / f"preferences_{name}.jsonl"),
-            **PREFERENCES, **(preference_overrides or {})}, "seed preferences"), quiet=quiet)
-    timings["preferences"] = time.time() - t
-
-    # 3. The reward model, its backbone the warm policy; held-out pairs come from held-out prompts.
-    say("[seed] 3/4 reward model from the pairs (Bradley-Terry)")
-    t = time.time()
-    rm_dir = out / "reward_model"
-    rm = train_reward_model(build(RewardModelConfig, {
-        "model": str(sft_dir), "dataset": prefs["train"]["output_file"],
-        "eval_dataset": prefs["heldout"]["output_file"], "output_dir": str(rm_dir), "seed": seed,
-        **REWARD_MODEL, **(rm_overrides or {})}, "seed reward model"), quiet=quiet)
-    # The RM's gap between a right and a wrong answer, to put its score gains in accuracy units.
-    correct_only = _correct_pairs_file(Path(prefs["heldout"]["output_file"]),
-                                       out / "data" / "heldout_correct_pairs.jsonl")
-    rm_correct = eval_reward_model(build(RewardModelEvalConfig, {"model": str(rm_dir), "dataset": str(correct_only),
-                                                                 "max_length": REWARD_MODEL["max_length"]}),
-                                   quiet=True)
-    timings["reward_model"] = time.time() - t
-
-    # 4. GRPO on the reward model's score, beam groups then sampled groups, from the same start.
-    heldout_sample = load_rows(heldout_file)[:zero_variance_prompts]
-    rm_settings = REWARD_MODEL | (rm_overrides or {})
-    grpo_settings = {**SEED_GRPO, "iterative_rl": {**ITERATIVE, "replay_dataset": prefs["train"]["output_file"]},
-                     **(grpo_overrides or {})}
-    rm_kind, guard = describe_recipe(rm_settings, grpo_settings)
-    variants = {}
-    for generation in generations:
-        say(f"[seed] 4/4 GRPO with reward = reward-model score ({rm_kind}; guard: {guard}), groups by {generation}")
-        run_dir = out / generation
-        cfg = build(TrainConfig, {
-            "model": str(sft_dir), "dataset": str(train_file), "eval_dataset": str(heldout_file),
-            "eval_max_prompts": len(heldout_rows), "output_dir": str(run_dir), "seed": seed,
-            "generation": generation, **grpo_settings,
-            "rewards": (grpo_overrides or {}).get("rewards", _rewards(str(rm_dir)))}, f"seed grpo {generation}")
+        # 1. The tiny model, the addition data and the supervised warm start.
+        say(f"[seed] 1/4 tiny model, addition data and supervised warm start under {out}")
         t = time.time()
-        train(cfg, quiet=quiet)
-        timings[f"grpo_{generation}"] = time.time() - t
-        variants[generation] = _variant_summary(run_dir, rm_correct["margin"])
-        variants[generation].update(reward_model=rm_kind, guard=guard)
-        if (run_dir / "reward_model").is_dir():  # the reward model as iterative RL left it
-            variants[generation]["rm_correct_vs_wrong_after"] = eval_reward_model(build(RewardModelEvalConfig, {
-                "model": str(run_dir / "reward_model"), "dataset": str(correct_only),
-                "max_length": REWARD_MODEL["max_length"]}), quiet=True)["accuracy"]
-        variants[generation]["zero_variance_frac_true_reward_at_start"] = true_zero_variance_fraction(
-            str(sft_dir), heldout_sample, generation, cfg.group_size, cfg.max_completion_length, seed)
+        task = warm_start(out, seed, sft_overrides, quiet=True)
+        sft_dir, train_file, heldout_file = task.sft_dir, task.train_file, task.heldout_file
+        heldout_rows = task.heldout_rows
+        timings["sft"] = time.time() - t
 
-    summary = {
-        "reward_model": {"kind": rm_kind, "heldout_pairwise_accuracy": rm["eval_accuracy"],
-                         "heldout_margin": rm["eval_margin"],
-                         "heldout_correct_vs_wrong_accuracy": rm_correct["accuracy"],
-                         "heldout_correct_vs_wrong_margin": rm_correct["margin"],
-                         "train_pairs": rm["train_pairs"], "heldout_pairs": rm["eval_pairs"], "model": str(rm_dir)},
-        "preferences": prefs,
-        "variants": variants,
-        "heldout_prompts": len(heldout_rows),
-        "seconds": {**timings, "total": time.time() - start},
-        "settings": {"sft": SFT | (sft_overrides or {}), "preferences": PREFERENCES | (preference_overrides or {}),
-                     "reward_model": rm_settings,
-                     "grpo": {k: v for k, v in grpo_settings.items() if k != "rewards"}},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    say(format_table(summary))
-    say(f"[seed] summary: {out / 'summary.json'}")
-    return summary
+        # 2. Preference pairs from the warm policy's own samples.
+        say("[seed] 2/4 preference data from the warm policy's samples")
+        t = time.time()
+        prefs = {}
+        for name, data, n in (("train", train_file, preference_prompts),
+                              ("heldout", heldout_file, heldout_preference_prompts)):
+            prefs[name] = make_preferences(build(PreferenceConfig, {
+                "model": str(sft_dir), "dataset": str(data), "num_prompts": n, "seed": seed,
+                "output_file": str(out / "data" / f"preferences_{name}.jsonl"),
+                **PREFERENCES, **(preference_overrides or {})}, "seed preferences"), quiet=quiet)
+        timings["preferences"] = time.time() - t
+
+        # 3. The reward model, its backbone the warm policy; held-out pairs come from held-out prompts.
+        say("[seed] 3/4 reward model from the pairs (Bradley-Terry)")
+        t = time.time()
+        rm_dir = out / "reward_model"
+        rm = train_reward_model(build(RewardModelConfig, {
+            "model": str(sft_dir), "dataset": prefs["train"]["output_file"],
+            "eval_dataset": prefs["heldout"]["output_file"], "output_dir": str(rm_dir), "seed": seed,
+            **REWARD_MODEL, **(rm_overrides or {})}, "seed reward model"), quiet=quiet)
+        # The RM's gap between a right and a wrong answer, to put its score gains in accuracy units.
+        correct_only = _correct_pairs_file(Path(prefs["heldout"]["output_file"]),
+                                           out / "data" / "heldout_correct_pairs.jsonl")
+        rm_correct = eval_reward_model(build(RewardModelEvalConfig, {"model": str(rm_dir), "dataset": str(correct_only),
+                                                                     "max_length": REWARD_MODEL["max_length"]}),
+                                       quiet=True)
+        timings["reward_model"] = time.time() - t
+
+        # 4. GRPO on the reward model's score, beam groups then sampled groups, from the same start.
+        heldout_sample = load_rows(heldout_file)[:zero_variance_prompts]
+        rm_settings = REWARD_MODEL | (rm_overrides or {})
+        grpo_settings = {**SEED_GRPO, "iterative_rl": {**ITERATIVE, "replay_dataset": prefs["train"]["output_file"]},
+                         **(grpo_overrides or {})}
+        rm_kind, guard = describe_recipe(rm_settings, grpo_settings)
+        variants = {}
+        for generation in generations:
+            say(f"[seed] 4/4 GRPO with reward = reward-model score ({rm_kind}; guard: {guard}), groups by {generation}")
+            run_dir = out / generation
+            cfg = build(TrainConfig, {
+                "model": str(sft_dir), "dataset": str(train_file), "eval_dataset": str(heldout_file),
+                "eval_max_prompts": len(heldout_rows), "output_dir": str(run_dir), "seed": seed,
+                "generation": generation, **grpo_settings,
+                "rewards": (grpo_overrides or {}).get("rewards", _rewards(str(rm_dir)))}, f"seed grpo {generation}")
+            t = time.time()
+            train(cfg, quiet=quiet)
+            timings[f"grpo_{generation}"] = time.time() - t
+            variants[generation] = _variant_summary(run_dir, rm_correct["margin"])
+            variants[generation].update(reward_model=rm_kind, guard=guard)
+            if (run_dir / "reward_model").is_dir():  # the reward model as iterative RL left it
+                variants[generation]["rm_correct_vs_wrong_after"] = eval_reward_model(build(RewardModelEvalConfig, {
+                    "model": str(run_dir / "reward_model"), "dataset": str(correct_only),
+                    "max_length": REWARD_MODEL["max_length"]}), quiet=True)["accuracy"]
+            variants[generation]["zero_variance_frac_true_reward_at_start"] = true_zero_variance_fraction(
+                str(sft_dir), heldout_sample, generation, cfg.group_size, cfg.max_completion_length, seed)
+
+        summary = {
+            "reward_model": {"kind": rm_kind, "heldout_pairwise_accuracy": rm["eval_accuracy"],
+                             "heldout_margin": rm["eval_margin"],
+                             "heldout_correct_vs_wrong_accuracy": rm_correct["accuracy"],
+                             "heldout_correct_vs_wrong_margin": rm_correct["margin"],
+                             "train_pairs": rm["train_pairs"], "heldout_pairs": rm["eval_pairs"], "model": str(rm_dir)},
+            "preferences": prefs,
+            "variants": variants,
+            "heldout_prompts": len(heldout_rows),
+            "seconds": {**timings, "total": time.time() - start},
+            "settings": {"sft": SFT | (sft_overrides or {}), "preferences": PREFERENCES | (preference_overrides or {}),
+                         "reward_model": rm_settings,
+                         "grpo": {k: v for k, v in grpo_settings.items() if k != "rewards"}},
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        say(format_table(summary))
+        say(f"[seed] summary: {out / 'summary.json'}")
+        return summary
 
 
 def format_table(summary: dict) -> str:

@@ -1,6 +1,7 @@
 """Everything `grpo train` checks before it loads a model, in the order a user would want to hear
 about it: the data, the rewards, the output directory (and what a resume would continue), the
-model, every prompt as the tokenizer will format it, the beam width.
+model, every prompt as the tokenizer will format it, the beam width. Then the output directory is
+claimed (locked, emptied under --overwrite, marked: `runs.run_dir`).
 
 Each failure is one line naming the key, the file and line, or the reward function.
 """
@@ -21,11 +22,11 @@ from grpo.data.sources import META_COLUMNS
 from grpo.engine.backend import blocked_token_ids
 from grpo.engine.generation import count_completions
 from grpo.engine.models import check_model_source, load_tokenizer
-from grpo.errors import ConfigError, DataError
+from grpo.errors import ConfigError, DataError, GrpoError, RunError
 from grpo.rewards import build_rewards
 from grpo.rewards.scoring import RESERVED_COLUMNS, check_signatures
 
-from .run_dir import check_output_dir, check_resume, clear_output_dir
+from .run_dir import RunLock, check_output_dir, check_resume, check_steps_left, claim_output_dir
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainInputs:
     checkpoint: Path | None                      # the checkpoint to resume, or None
     fingerprints: dict = field(default_factory=dict)  # what run.json records of the data and reward files
     config_changes: dict = field(default_factory=dict)
+    model: dict | None = None                    # the base model's fingerprint (run.json), None when unknown
+    lock: RunLock = field(default_factory=RunLock)  # held on the output directory until the run ends
 
 
 def fingerprints(cfg: TrainConfig, data: Source, eval_data: Source | None) -> dict:
@@ -62,6 +65,64 @@ def fingerprints(cfg: TrainConfig, data: Source, eval_data: Source | None) -> di
         if target.endswith(".py") and Path(target).is_file():
             out[f"reward file {target}"] = file_fingerprint(target)
     return out
+
+
+def model_fingerprint(model: str) -> dict | None:
+    """What identifies the base model's weights (its KL reference, the policy's start): for a local
+    directory the sha256 of each weight file (*.safetensors, *.bin), read in blocks; for a hub id
+    the commit its cached files come from; None when neither is known."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        weights = sorted(p for p in local.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+        return {"files": {p.name: file_fingerprint(p) for p in weights}}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:  # no cache, a name the hub library refuses: nothing recorded, nothing compared
+        return None
+    return {"revision": Path(found).parent.name} if isinstance(found, str) else None
+
+
+def source_file(obj) -> str | None:
+    """The file a user's function (a reward, a tool) comes from: `file.py:fn` names it, a
+    function or an instance knows it (a partial's function, an instance's class)."""
+    if isinstance(obj, str):
+        target = obj.rsplit(":", 1)[0]
+        return target if target.endswith(".py") else None
+    fn = getattr(obj, "func", obj)  # functools.partial
+    for candidate in (fn, getattr(fn, "__func__", None), type(fn)):
+        try:
+            path = inspect.getsourcefile(candidate) if candidate is not None else None
+        except TypeError:  # a builtin: no file
+            continue
+        if path:
+            return path
+    return None
+
+
+def run_inputs(cfg: TrainConfig, rewards, config_path: str | None) -> dict[str, str]:
+    """Every input path of a run by key: the config file, the model, the data, the reward models,
+    the files reward functions and tools come from (kept out of the output directory and out of
+    any --overwrite)."""
+    iterative = IterativeSpec(**cfg.iterative_rl)
+    paths = {k: v for k, v in (("config", config_path or ""), ("model", cfg.model), ("dataset", cfg.dataset),
+                               ("eval_dataset", cfg.eval_dataset)) if isinstance(v, str) and v}
+    for i, spec in enumerate(cfg.rewards):
+        if isinstance(spec, dict):
+            models = spec.get("model") if isinstance(spec.get("model"), list) else [spec.get("model") or ""]
+            paths.update({f"rewards[{i}].model" + (f"[{j}]" if len(models) > 1 else ""): m
+                          for j, m in enumerate(models) if m})
+    for r in rewards:
+        path = source_file(r.fn)
+        if path:
+            paths[f"reward {r.name}'s file"] = path
+    for i, tool in enumerate(getattr(cfg, "tools", None) or []):
+        path = source_file(getattr(tool, "fn", tool))
+        if path:
+            paths[f"tools[{i}]'s file"] = path
+    if iterative.every and iterative.replay_dataset:
+        paths["iterative_rl.replay_dataset"] = iterative.replay_dataset
+    return paths
 
 
 def load_data(cfg, key: str = "dataset") -> Source | None:
@@ -119,7 +180,8 @@ def check_beam_width(cfg: TrainConfig, vocab_size: int) -> None:
                           f"raise max_completion_length")
 
 
-def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_changes: bool, say) -> TrainInputs:
+def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_changes: bool, say,
+                 config_path: str | None = None) -> TrainInputs:
     say_preset(cfg, say)
     data, eval_data = load_data(cfg, "dataset"), load_data(cfg, "eval_dataset")
     rows = data.rows
@@ -129,6 +191,7 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
     check_signatures(rewards, columns)
     check_accuracy_reward(rewards, cfg.accuracy_reward)
     iterative = IterativeSpec(**cfg.iterative_rl)
+    labeler = []
     if iterative.every:  # its labeler and replayed pairs exist before any model is loaded
         labeler = build_rewards([iterative.labeler], run.device, run.dtype)
         check_signatures(labeler, columns)
@@ -137,12 +200,10 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
     if "exact_answer" in [r.name for r in rewards] or (iterative.every and iterative.labeler == "exact_answer"):
         require_columns(rows, ["answer"], data.label)
 
-    paths = {k: v for k, v in (("model", cfg.model), ("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset))
-             if isinstance(v, str)}
-    inputs = {**paths, **{f"rewards[{i}]": m for i, s in enumerate(cfg.rewards) if isinstance(s, dict)
-                          for m in (s["model"] if isinstance(s.get("model"), list) else [s.get("model") or ""])},
-              **({"iterative_rl.replay_dataset": iterative.replay_dataset} if iterative.every else {})}
+    inputs = run_inputs(cfg, rewards + labeler, config_path)
     checkpoint = check_output_dir(run.out, inputs=inputs, resume=resume, overwrite=overwrite)
+    if checkpoint is not None:
+        check_steps_left(checkpoint, cfg.max_steps)
     model_config = check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     for source, checked in ((data, rows), (eval_data, eval_rows)):
@@ -152,8 +213,28 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
     check_beam_width(cfg, model_config.vocab_size - len(blocked_token_ids(tokenizer)))
 
     found = fingerprints(cfg, data, eval_data)
-    changes = check_resume(checkpoint, to_dict(cfg), found, allow_changes, say) if checkpoint else {}
-    if overwrite and run.world.main:
-        clear_output_dir(run.out)  # every check passed: only now is the old run deleted
-    run.world.barrier()
-    return TrainInputs(rows, eval_rows, rewards, tokenizer, checkpoint, found, changes)
+    # The base model's weights, read once (rank 0) and shared: every process compares the same.
+    model = run.world.gather_objects(model_fingerprint(cfg.model) if run.world.main else None)[0]
+    changes = check_resume(checkpoint, to_dict(cfg), found, allow_changes, say, model) if checkpoint else {}
+    lock = claim(run, inputs=inputs, resume=resume, overwrite=overwrite)
+    return TrainInputs(rows, eval_rows, rewards, tokenizer, checkpoint, found, changes, model, lock)
+
+
+def claim(run, command: str = "grpo train", **checks) -> RunLock:
+    """Every check passed: rank 0 locks the output directory, empties it under --overwrite (only
+    now is an old run deleted) and marks it; every process hears whether it could. The other
+    ranks write into the same directory under rank 0's lock."""
+    world = run.world
+    world.barrier()  # every process has looked at the directory's lock before rank 0 takes it
+    lock, problem = RunLock(), None
+    if world.main:
+        try:
+            lock = claim_output_dir(run.out, command, **checks)
+        except GrpoError as e:
+            problem = str(e)
+    problem = world.gather_objects(problem)[0]
+    if problem:
+        lock.release()
+        raise RunError(problem)
+    world.barrier()
+    return lock

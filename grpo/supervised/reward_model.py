@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from grpo.observe.tracking import RunLogger
 from grpo.rewards.models import completion_text, load_reward_model, score_batches
 from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
 from grpo.runs.interrupts import Interrupted, StopRequests
-from grpo.runs.run_dir import check_output_dir, check_output_file, clear_output_dir
+from grpo.runs.run_dir import check_output_dir, check_output_file, claim_output_dir, publish, staging_dir
 from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
 
@@ -50,13 +52,16 @@ def _preference_columns(cfg, log) -> dict:
                 chat_template=cfg.apply_chat_template, log=log)
 
 
-def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: bool = False) -> dict:
-    """Train, evaluate on held-out pairs during and after training, save. Returns the summary."""
+def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: bool = False,
+                       config_path: str | None = None) -> dict:
+    """Train, evaluate on held-out pairs during and after training, save. Returns the summary.
+    The output directory is claimed as every run's (runs.run_dir); `config_path`: the config file
+    the run was loaded from, an input no overwrite may delete."""
     log = (lambda *a: None) if quiet else print
     run = start_run(cfg)
-    device, precision, out = run.device, run.precision, run.out
-    check_output_dir(out, inputs={"model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset},
-                     resume=False, overwrite=overwrite)
+    out = run.out
+    paths = {"config": config_path or "", "model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
+    check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
@@ -69,9 +74,14 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
         if not pairs:
             raise DataError(f"{cfg.dataset}: nothing left to train on after holding out eval_fraction")
     log(f"reward model: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, backbone {cfg.model}")
-    if overwrite:
-        clear_output_dir(out)
+    with claim_output_dir(out, "grpo reward-model train", inputs=paths, resume=False, overwrite=overwrite):
+        return run_reward_model(cfg, run, tokenizer, pairs, eval_pairs, quiet)
 
+
+def run_reward_model(cfg: RewardModelConfig, run, tokenizer, pairs, eval_pairs, quiet: bool) -> dict:
+    """The training itself, once the inputs are checked and the output directory claimed."""
+    log = (lambda *a: None) if quiet else print
+    device, precision, out = run.device, run.precision, run.out
     # float32 master weights (runtime.precision): a new reward model of the configured kind.
     rm = load_reward_model(cfg.model, device, torch.float32, tokenizer, max_length=cfg.max_length, fresh=cfg.kind,
                            settings={"score_reduction": cfg.score_reduction, "beta": cfg.dpo_beta})
@@ -127,16 +137,23 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
                         rm.save(out / f"checkpoint-{step}")
                         where = f"saved the reward model to {out / f'checkpoint-{step}'}"
                     raise Interrupted(f"interrupted by {stop.name()} at step {step}: {where}", stop.signum)
+            # Every step is trained (the last one evaluated): a signal now waits for the save,
+            # written whole (runs.run_dir.publish), then stops the run.
+            with stop.deferred():
+                final = staging_dir(out)
+                save_reward_model(rm, final)
+                last = next((h for h in reversed(history) if "eval_accuracy" in h), {})
+                summary = {"model": str(out), "kind": cfg.kind, "backbone": cfg.model, "train_pairs": len(pairs),
+                           "eval_pairs": len(eval_pairs),
+                           "eval_accuracy": last.get("eval_accuracy"), "eval_margin": last.get("eval_margin"),
+                           "eval_loss": last.get("eval_loss"), "train_seconds": time.time() - start}
+                (final / "summary.json").write_text(json.dumps(summary, indent=2))
+                publish(final, out)
+            if stop.requested:
+                raise Interrupted(f"interrupted by {stop.name()} after the last step ({cfg.max_steps}): the trained "
+                                  f"reward model is saved in {out}", stop.signum)
     finally:
         logger.close()
-
-    save_reward_model(rm, out)
-    final = next((h for h in reversed(history) if "eval_accuracy" in h), {})
-    summary = {"model": str(out), "kind": cfg.kind, "backbone": cfg.model, "train_pairs": len(pairs),
-               "eval_pairs": len(eval_pairs),
-               "eval_accuracy": final.get("eval_accuracy"), "eval_margin": final.get("eval_margin"),
-               "eval_loss": final.get("eval_loss"), "train_seconds": time.time() - start}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"reward model saved to {out} (held-out pairwise accuracy {summary['eval_accuracy']})")
     return summary
 
@@ -169,11 +186,16 @@ def eval_reward_model(cfg: RewardModelEvalConfig, quiet: bool = False) -> dict:
     return result
 
 
-def score_file(cfg: RewardModelEvalConfig, quiet: bool = False, overwrite: bool = False) -> Path:
-    """Score every prompt/completion row; write the rows with a `score` column (.jsonl or .csv)."""
+def score_file(cfg: RewardModelEvalConfig, quiet: bool = False, overwrite: bool = False,
+               config_path: str | None = None) -> Path:
+    """Score every prompt/completion row; write the rows with a `score` column (.jsonl or .csv).
+    The output file never lands on an input, nor inside the reward model's directory
+    (runs.run_dir.check_output_file); it is written whole, through a temporary file beside it."""
     if not cfg.output_file:
         raise ConfigError("output_file: required for `reward-model score` (a .jsonl or .csv path)")
-    check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset}, overwrite=overwrite)
+    path = Path(cfg.output_file)
+    check_output_file(path, inputs={"dataset": cfg.dataset, "model": cfg.model, "config": config_path or ""},
+                      overwrite=overwrite)
     rows = load_rows(cfg.dataset)
     require_columns(rows, [cfg.prompt_column, cfg.completion_column], cfg.dataset)
     rm, tokenizer = _load_for_use(cfg)
@@ -185,18 +207,26 @@ def score_file(cfg: RewardModelEvalConfig, quiet: bool = False, overwrite: bool 
         except (DataError, TypeError) as e:
             raise DataError(f"{cfg.dataset}:{row['_line']}: {e}") from None
     scores = score_batches(rm, prompts, completions, cfg.batch_size).tolist()
-    path = Path(cfg.output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{**{k: v for k, v in row.items() if k != "_line"}, "score": s} for row, s in zip(rows, scores)]
-    if path.suffix.lower() == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        with path.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # a name nobody has
+    tmp = Path(name)
+    try:
+        if path.suffix.lower() == ".csv":
+            with os.fdopen(fd, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            with os.fdopen(fd, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; an output file is as any other
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if not quiet:
         print(f"scored {len(rows)} rows (mean {sum(scores) / len(scores):.4f}) -> {path}")
     return path

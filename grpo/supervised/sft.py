@@ -27,7 +27,7 @@ from grpo.runs.checkpoint import save_model
 from grpo.runs.inputs import load_data
 from grpo.runs.interrupts import Interrupted, StopRequests
 from grpo.runs.model_card import write_model_card
-from grpo.runs.run_dir import check_output_dir, clear_output_dir
+from grpo.runs.run_dir import check_output_dir, claim_output_dir, publish, staging_dir
 from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
 
@@ -93,15 +93,18 @@ def completion_loss(model, ids, mask, labels) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> Path:
+def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False, config_path: str | None = None) -> Path:
+    """Check every input, claim the output directory (runs.run_dir: locked, emptied under
+    `overwrite` when grpo wrote all it holds), train. `config_path`: the config file the run was
+    loaded from, an input no overwrite may delete."""
     run = start_run(cfg)
-    device, precision, out = run.device, run.precision, run.out
+    out = run.out
     data, eval_data = load_data(cfg, "dataset"), load_data(cfg, "eval_dataset")
     for source in (data, eval_data):
         if source is not None:
             require_columns(source.rows, [cfg.prompt_column, cfg.completion_column], source.label)
-    paths = {k: v for k, v in (("model", cfg.model), ("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset))
-             if isinstance(v, str)}
+    paths = {k: v for k, v in (("config", config_path or ""), ("model", cfg.model), ("dataset", cfg.dataset),
+                               ("eval_dataset", cfg.eval_dataset)) if isinstance(v, str) and v}
     check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -111,8 +114,13 @@ def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> P
                           cfg.chat_template_kwargs)
     pairs = encode_pairs(tokenizer, data.rows, cfg, data.label)
     eval_pairs = encode_pairs(tokenizer, eval_data.rows[:cfg.eval_max_prompts], cfg, eval_data.label) if eval_data else []
-    if overwrite:
-        clear_output_dir(out)
+    with claim_output_dir(out, "grpo sft", inputs=paths, resume=False, overwrite=overwrite):
+        return run_sft(cfg, run, tokenizer, pairs, eval_pairs, quiet)
+
+
+def run_sft(cfg: SFTConfig, run, tokenizer, pairs, eval_pairs, quiet: bool) -> Path:
+    """The training itself, once the inputs are checked and the output directory claimed."""
+    device, precision, out = run.device, run.precision, run.out
     model = load_causal_lm(cfg.model, device, precision.dtype)  # float32 master weights
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -156,14 +164,28 @@ def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False) -> P
                     kept = f"saved the model to {out / f'checkpoint-{step}'}" if cfg.save_on_interrupt \
                         else "not saved (save_on_interrupt is off)"
                     raise Interrupted(f"interrupted by {stop.name()} at step {step}: {kept}", stop.signum)
-        if eval_pairs:
-            results["after"] = heldout(model, tokenizer, eval_pairs, cfg, precision)
-            logger.info(f"held-out after training: {format_numbers(results['after'])}")
+            # Every step is trained: from here a signal abandons the final evaluation, never the
+            # trained model, which is saved (whole: runs.run_dir.publish) before the run stops.
+            with stop.deferred():
+                skipped = False
+                if eval_pairs:
+                    after = stop.unless_stopped(lambda: heldout(model, tokenizer, eval_pairs, cfg, precision))
+                    skipped = after is None
+                    if not skipped:
+                        results["after"] = after
+                        logger.info(f"held-out after training: {format_numbers(results['after'])}")
+                final = staging_dir(out)
+                save_model(final, model, tokenizer)
+                if results:
+                    (final / "summary.json").write_text(json.dumps({f"eval_{k}": v for k, v in results.items()},
+                                                                   indent=2))
+                if cfg.model_card:
+                    write_model_card(final, to_dict(cfg), results, command="grpo sft", shown_as=out)
+                publish(final, out)
+            if stop.requested:
+                raise Interrupted(f"interrupted by {stop.name()} after the last step ({cfg.max_steps}): "
+                                  f"{'the final evaluation was skipped; ' if skipped else ''}the trained model is "
+                                  f"saved in {out}", stop.signum)
     finally:
         logger.close()
-    save_model(out, model, tokenizer)
-    if results:
-        (out / "summary.json").write_text(json.dumps({f"eval_{k}": v for k, v in results.items()}, indent=2))
-    if cfg.model_card:
-        write_model_card(out, to_dict(cfg), results, command="grpo sft")
     return out

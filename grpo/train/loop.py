@@ -1,5 +1,6 @@
-"""`grpo train`: the GRPO loop. Read `train` top to bottom: set up, then per step rollout,
-update, log, checkpoint.
+"""`grpo train`: the GRPO loop. `train` checks every input and claims the output directory; read
+`run_training` top to bottom: set up, then per step rollout, update, log, checkpoint, and after
+the last step the final evaluation and the save.
 
 The maths is in `grpo.algorithm`; generation is behind `grpo.engine.backend`; the models as the
 config asks for them (LoRA, FSDP2) in `runs.models`; this file only wires the stages together
@@ -25,6 +26,7 @@ from grpo.runs.inputs import check_inputs
 from grpo.runs.interrupts import Interrupted, StopRequests
 from grpo.runs.model_card import write_model_card
 from grpo.runs.models import load_models, restore, save_final, save_train_checkpoint
+from grpo.runs.run_dir import STAGING, publish, staging_dir
 from grpo.runtime import host_memory
 from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
@@ -39,18 +41,28 @@ from .update import rollout_metrics, update, with_logged_metrics
 
 
 def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, overwrite: bool = False,
-          allow_changes: bool = False) -> Path:
+          allow_changes: bool = False, config_path: str | None = None) -> Path:
     """Run GRPO. `cfg`: a TrainConfig (from `build` or `load_config`), or the dict of keys to build
     one from (Python functions and datasets welcome). `resume`: continue the latest checkpoint in
-    output_dir (refused when there is none, or when it belongs to a different run, unless
-    `allow_changes`); `overwrite`: replace what a non-empty output_dir holds (refused otherwise)."""
+    output_dir (refused when there is none, when it is at max_steps already, or when it belongs to
+    a different run, unless `allow_changes`); `overwrite`: replace what a non-empty output_dir
+    holds, when grpo wrote all of it (runs.run_dir says what may be deleted); `config_path`: the
+    config file the run was loaded from, an input no overwrite may delete."""
     cfg = build(TrainConfig, cfg, "train()") if isinstance(cfg, dict) else cfg
     run = start_run(cfg, distributed=True)
-    device, world, precision, out = run.device, run.world, run.precision, run.out
-    say = (lambda *a: None) if quiet or not world.main else print
+    say = (lambda *a: None) if quiet or not run.world.main else print
 
-    # Every input is checked before any model is loaded (data, rewards, output dir, resume, prompts).
-    inputs = check_inputs(cfg, run, resume=resume, overwrite=overwrite, allow_changes=allow_changes, say=say)
+    # Every input is checked before any model is loaded (data, rewards, output dir, resume, prompts);
+    # then the output directory is locked for this run (and emptied, under --overwrite).
+    inputs = check_inputs(cfg, run, resume=resume, overwrite=overwrite, allow_changes=allow_changes, say=say,
+                          config_path=config_path)
+    with inputs.lock:  # held until the run ends, however it ends
+        return run_training(cfg, run, inputs, quiet)
+
+
+def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
+    """The run itself, once its inputs are checked and its directory claimed (`train`)."""
+    device, world, precision, out = run.device, run.world, run.precision, run.out
     rows, eval_rows, rewards, tokenizer = inputs.rows, inputs.eval_rows, inputs.rewards, inputs.tokenizer
 
     policy, reference = load_models(cfg, run)
@@ -137,7 +149,8 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
         state["iterative"] = rounds.state_dict() if rounds is not None else None
         state["best"] = best.state_dict() if best is not None else None
         return save_train_checkpoint(cfg, out, step, policy, optimizer, tokenizer, state, world,
-                                     run={"config": to_dict(cfg), "data": inputs.fingerprints, "step": step})
+                                     run={"config": to_dict(cfg), "data": inputs.fingerprints, "model": inputs.model,
+                                          "step": step})
 
     summary = {}
     if eval_rows and start_step == 0:
@@ -201,25 +214,51 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
                                     f"{best.step})")
                     break
 
-        summary["train_seconds"] = time.time() - train_start
-        if best is not None and cfg.load_best_model_at_end and best.value is not None:
-            # The main process (the only one that watched the evaluations, and the one that
-            # evaluates and saves below) goes back to the best evaluation's weights.
-            load_weights(out / BEST_DIR, policy, cfg.model_init_kwargs)
-            summary["best"] = {"step": best.step, cfg.metric_for_best_model: best.value}
-        if eval_rows:
-            summary["eval_after"] = run_eval(cfg.max_steps)
-            logger.info(f"held-out after training: {format_numbers(summary['eval_after'])}")
-        save_final(cfg, out, policy, tokenizer, world)
-        if rounds is not None and world.main:  # the reward model as iterative RL left it
-            rounds.rm.save(out / "reward_model")
-        if world.main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            if cfg.model_card:
-                write_model_card(out, to_dict(cfg), {k.removeprefix("eval_"): v for k, v in summary.items()
-                                                     if k.startswith("eval_")})
+            # Every step is trained: from here a signal abandons the final evaluation, never the
+            # trained model, which is saved before the run stops.
+            with stop.deferred():
+                summary["train_seconds"] = time.time() - train_start
+                if best is not None and cfg.load_best_model_at_end and best.value is not None:
+                    # The main process (the only one that watched the evaluations, and the one that
+                    # evaluates and saves below) goes back to the best evaluation's weights.
+                    load_weights(out / BEST_DIR, policy, cfg.model_init_kwargs)
+                    summary["best"] = {"step": best.step, cfg.metric_for_best_model: best.value}
+                # Every process agrees whether to start the evaluation (it may gather sharded weights).
+                skipped = bool(eval_rows) and world.any(stop.requested)
+                if eval_rows and not skipped:
+                    after = stop.unless_stopped(lambda: run_eval(cfg.max_steps))
+                    skipped = after is None
+                    if not skipped and world.main:
+                        summary["eval_after"] = after
+                        logger.info(f"held-out after training: {format_numbers(summary['eval_after'])}")
+                if skipped:
+                    summary["eval_after_skipped"] = f"stopped by {stop.name() or 'another process'}"
+                save_everything(cfg, out, policy, tokenizer, world, rounds, summary)
+            if world.any(stop.requested):
+                last = summary.get("early_stopped_at", cfg.max_steps)
+                raise Interrupted(f"interrupted by {stop.name() or 'another process'} after the last step "
+                                  f"({last}): {'the final evaluation was skipped; ' if skipped else ''}"
+                                  f"the trained model is saved in {out}", stop.signum or 2)
     finally:
         logger.close()
     world.barrier()
     world.close()
     return out
+
+
+def save_everything(cfg: TrainConfig, out: Path, policy, tokenizer, world, rounds, summary: dict) -> None:
+    """The trained model, the reward model iterative RL left, summary.json and the model card:
+    written into a temporary directory beside them, then moved into `out` (runs.run_dir.publish),
+    so a run killed while saving never leaves a half-written model."""
+    final = staging_dir(out) if world.main else out / STAGING
+    world.barrier()  # the directory exists before any process writes into it
+    save_final(cfg, final, policy, tokenizer, world)
+    if not world.main:
+        return
+    if rounds is not None:  # the reward model as iterative RL left it
+        rounds.rm.save(final / "reward_model")
+    (final / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.model_card:
+        write_model_card(final, to_dict(cfg), {k.removeprefix("eval_"): v for k, v in summary.items()
+                                               if k.startswith("eval_") and isinstance(v, dict)}, shown_as=out)
+    publish(final, out)
