@@ -5,10 +5,9 @@ traceback of ours; a checkpoint grpo writes always loads with torch's safe unpic
 """
 
 import io
-import json
 import pickle
 import shutil
-from collections import OrderedDict, namedtuple
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -127,14 +126,17 @@ def test_a_checkpoint_grpo_writes_loads_with_the_safe_unpickler(saved_run):
 
 def test_storable_makes_the_state_safe_to_load_or_refuses_it_when_saving(tmp_path, tiny_model_dir):
     Point = namedtuple("Point", "x y")
-    state = {"numpy": np.float32(1.5), "array": np.arange(3), "named": Point(1, 2), "ordered": OrderedDict(a=1),
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).state_dict()
+    state = {"numpy": np.float32(1.5), "array": np.arange(3), "named": Point(1, 2), "module": module,
              "rng": rng_state(torch.Generator()), "set": {1, 2}, "dtype": torch.bfloat16}
     buffer = io.BytesIO()
     torch.save(storable(state), buffer)
     buffer.seek(0)
     back = torch.load(buffer, weights_only=True)
     assert back["numpy"] == 1.5 and torch.equal(back["array"], torch.arange(3)) and back["named"] == (1, 2)
-    assert back["ordered"] == {"a": 1} and back["set"] == {1, 2} and back["dtype"] is torch.bfloat16
+    assert back["set"] == {1, 2} and back["dtype"] is torch.bfloat16
+    # A module's state_dict keeps its order and the versions load_state_dict reads.
+    assert list(back["module"]) == list(module) and back["module"]._metadata == module._metadata
     assert back["rng"]["python"] == state["rng"]["python"]
 
     with pytest.raises(NotStorable, match=r"the trainer state\['reward_states'\]\[0\]\['r'\] is a .*Marker"):
@@ -253,7 +255,3 @@ def test_damaged_shards_are_one_run_error_naming_them(shards, damage):
     file.write_bytes(file.read_bytes()[:20])
     with pytest.raises(RunError, match=r"sharded"):
         _load_shards(fresh_model_state(), checkpoint)
-
-
-def test_run_json_written_beside_the_state_is_json(saved_run):
-    assert json.loads((saved_run / "checkpoint-1" / "run.json").read_text())["step"] == 1

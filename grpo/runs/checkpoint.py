@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -68,18 +69,23 @@ _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.d
 
 def storable(value, where: str = "state"):
     """`value` as what `torch.load(weights_only=True)` reads back: tensors, numbers, strings, None,
-    torch sizes, dtypes and devices, in dicts, lists, tuples and sets. NumPy values (a user
-    reward's running statistics, say) become tensors or Python numbers; a dict subclass or a named
-    tuple becomes the plain container. Anything else would make a checkpoint that cannot be
-    resumed, so it is refused now, naming where it is (NotStorable)."""
+    torch sizes, dtypes and devices, in dicts (ordered ones too, with a state_dict's versions),
+    lists, tuples and sets. NumPy values (a user reward's running statistics, say) become tensors
+    or Python numbers; another dict subclass or a named tuple becomes the plain container.
+    Anything else would make a checkpoint that cannot be resumed, so it is refused now, naming
+    where it is (NotStorable)."""
     if isinstance(value, torch.Tensor) or type(value) in _ATOMS:
         return value
     if isinstance(value, dict):
-        out = {}
+        ordered = isinstance(value, OrderedDict)
+        out = OrderedDict() if ordered else {}
         for k, v in value.items():
             if type(k) not in _ATOMS:
                 raise NotStorable(f"{where} has a key of type {type(k).__name__}")
             out[k] = storable(v, f"{where}[{k!r}]")
+        if ordered and getattr(value, "_metadata", None) is not None:
+            # A module's state_dict carries its modules' versions there, which load_state_dict reads.
+            out._metadata = storable(value._metadata, f"{where}._metadata")
         return out
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [storable(v, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -232,7 +238,8 @@ def restore_rng(state: dict, generator: torch.Generator, rank: int, checkpoint: 
 # ----------------------------------------------------------------------------------------------
 # What `grpo train` keeps beside the weights, and how a resumed run gets it back.
 
-def train_state(step: int, optimizer, scheduler, precision, sampler, config: dict, rng: list, rewards_state: list) -> dict:
+def train_state(step: int, optimizer, scheduler, precision, sampler, config: dict, rng: list,
+                rewards_state: list) -> dict:
     return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": precision.scaler.state_dict(), "sampler": sampler.state_dict(), "config": config,
             "rng": rng, "reward_states": rewards_state}
@@ -260,7 +267,8 @@ def load_weights(checkpoint: Path, policy, model_init_kwargs: dict | None = None
                 raise
             raise RunError(f"{adapter} cannot be loaded into this run's adapter: {cause_of(e)}") from None
         if getattr(result, "unexpected_keys", None):
-            raise RunError(f"--resume: {checkpoint}'s adapter does not fit this model ({result.unexpected_keys[:3]} ...)")
+            raise RunError(f"--resume: {checkpoint}'s adapter does not fit this model "
+                           f"({result.unexpected_keys[:3]} ...)")
         return
     try:
         weights = load_causal_lm(str(checkpoint), torch.device("cpu"), torch.float32,
