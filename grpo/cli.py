@@ -218,7 +218,7 @@ def run_command(args) -> int:
         else:
             from grpo.recipes.preferences import make_preferences
             make_preferences(load_config(PreferenceConfig, args.config, args.set), quiet=args.quiet,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, config_path=args.config)
     elif args.command == "report":
         from grpo.observe.report import cli_main as report_main
         return report_main(args)

@@ -105,7 +105,8 @@ def true_zero_variance_fraction(model_dir: str, rows: list[dict], strategy: str,
     for i in range(0, len(rows), 50):
         chunk = rows[i:i + 50]
         ids, mask = tokenize_prompts(tokenizer, [format_prompt(tokenizer, r["prompt"]) for r in chunk], 16)
-        texts = decode_completions(tokenizer, backend.generate(ids, mask, params, generator).completion_ids)
+        out = backend.generate(ids, mask, params, generator)
+        texts = decode_completions(tokenizer, out.completion_ids, out.completion_mask, stop_ids=backend.stop_token_ids)
         for p, row in enumerate(chunk):
             right = {is_exact_answer(t, row["answer"]) for t in texts[p * group_size:(p + 1) * group_size]}
             zero += len(right) == 1

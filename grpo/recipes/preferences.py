@@ -30,11 +30,13 @@ from grpo.runtime.setup import start_run
 
 
 @torch.no_grad()
-def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool = False) -> dict:
+def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool = False,
+                     config_path: str | None = None) -> dict:
     """Sample the policy on the task's prompts, write preference pairs as JSONL; returns counts."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
-    check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset}, overwrite=overwrite)
+    check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset, "model": cfg.model,
+                                                     "config": config_path or ""}, overwrite=overwrite)
     task = TASKS[cfg.task]
     run = start_run(cfg)
     rows = load_rows(cfg.dataset)
@@ -55,7 +57,9 @@ def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool
         chunk = rows[i:i + cfg.batch_size]
         texts = [format_prompt(tokenizer, r[cfg.prompt_column], cfg.apply_chat_template) for r in chunk]
         ids, mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length)
-        completions = decode_completions(tokenizer, backend.generate(ids, mask, params, generator).completion_ids)
+        out = backend.generate(ids, mask, params, generator)
+        completions = decode_completions(tokenizer, out.completion_ids, out.completion_mask,
+                                         stop_ids=backend.stop_token_ids)
         for p, row in enumerate(chunk):
             group = completions[p * G:(p + 1) * G]
             answer = str(row[cfg.answer_column])

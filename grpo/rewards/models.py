@@ -294,16 +294,17 @@ def load_reward_model(path: str, device: torch.device, dtype: torch.dtype, token
     kind = info["kind"]
     if kind == "score_head":
         model = _quietly(lambda: AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, **({"num_labels": 1} if fresh else {})))
+            path, dtype=dtype, trust_remote_code=False, **({"num_labels": 1} if fresh else {})))
         if model.config.num_labels != 1:
             raise RewardError(f"reward model {path!r}: expected one label (a scalar score), "
                               f"found num_labels={model.config.num_labels}")
         return ScoreHead(model.to(device), tokenizer, max_length)
-    model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype)).to(device)
+    model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)).to(device)
     if kind == "likelihood":
         return Likelihood(model, tokenizer, max_length, info.get("score_reduction", "mean"))
     reference_path = path if fresh else str(Path(path) / info.get("reference", REFERENCE_DIR))
-    reference = _quietly(lambda: AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype)).to(device).eval()
+    reference = _quietly(lambda: AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype,
+                                                                       trust_remote_code=False)).to(device).eval()
     reference.requires_grad_(False)
     return DPOImplicit(model, reference, tokenizer, max_length, float(info.get("beta", 0.1)))
 
@@ -338,7 +339,7 @@ class RewardModelScorer:
         from transformers import AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise RewardError(f"reward model {path!r}: cannot load its tokenizer: {e}") from None
         self.rm = load_reward_model(path, device, dtype, self.tokenizer, max_length=max_length)

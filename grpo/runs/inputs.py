@@ -21,7 +21,7 @@ from grpo.data.rows import file_fingerprint
 from grpo.data.sources import META_COLUMNS
 from grpo.engine.backend import blocked_token_ids
 from grpo.engine.generation import count_completions
-from grpo.engine.models import check_model_source, load_tokenizer
+from grpo.engine.models import check_model_source, load_tokenizer, trusts_remote_code
 from grpo.errors import ConfigError, DataError, GrpoError, RunError
 from grpo.rewards import build_rewards
 from grpo.rewards.scoring import RESERVED_COLUMNS, check_signatures
@@ -204,12 +204,14 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
     checkpoint = check_output_dir(run.out, inputs=inputs, resume=resume, overwrite=overwrite)
     if checkpoint is not None:
         check_steps_left(checkpoint, cfg.max_steps)
-    model_config = check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
+    trust = trusts_remote_code(cfg.model_init_kwargs)
+    model_config = check_model_source(cfg.model, trust_remote_code=trust)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=trust)
     for source, checked in ((data, rows), (eval_data, eval_rows)):
-        if source is not None:
+        if source is not None:  # over-long prompts lose their start, as TRL's do: said once, not silently
             check_prompts(tokenizer, checked, cfg.prompt_column, source.label, cfg.apply_chat_template,
-                          cfg.chat_template_kwargs)
+                          cfg.chat_template_kwargs, max_length=cfg.max_prompt_length,
+                          say=None if run.world.main else (lambda message: None))
     check_beam_width(cfg, model_config.vocab_size - len(blocked_token_ids(tokenizer)))
 
     found = fingerprints(cfg, data, eval_data)

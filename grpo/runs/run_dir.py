@@ -434,7 +434,15 @@ def read_run(checkpoint: Path) -> dict:
     if not path.is_file():
         raise RunError(f"--resume: {checkpoint} has no {RUN_FILE} (written by an older grpo?), so it cannot be "
                        f"checked against this run; start a fresh run")
-    return json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"--resume: {path} is not readable JSON ({e}); resume from an earlier checkpoint "
+                       f"(move this one away) or start a fresh run") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise RunError(f"--resume: {path} does not hold a run's config (a JSON object with a 'config' object); "
+                       f"resume from an earlier checkpoint (move this one away) or start a fresh run")
+    return saved
 
 
 def checkpoint_step(checkpoint: Path) -> int:

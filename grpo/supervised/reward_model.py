@@ -167,7 +167,7 @@ def _load_for_use(cfg: RewardModelEvalConfig):
     run = start_run(cfg)
     check_model_source(cfg.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise RewardError(f"model: cannot load the tokenizer of {cfg.model!r}: {e}") from None
     rm = load_reward_model(cfg.model, run.device, run.dtype, tokenizer, max_length=cfg.max_length)

@@ -66,7 +66,7 @@ def heldout(model, tokenizer, pairs, cfg: SFTConfig, precision) -> dict[str, flo
                 ids, mask = left_pad(tokenizer, [p for p, _ in chunk], cfg.max_prompt_length, device)
                 out = backend.generate(ids, mask, greedy)
             tokens += n
-            texts = decode_completions(tokenizer, out.completion_ids, out.completion_mask)
+            texts = decode_completions(tokenizer, out.completion_ids, out.completion_mask, stop_ids=backend.stop_token_ids)
             targets = decode_completions(tokenizer, [c for _, c in chunk])
             right += sum(a.strip() == b.strip() for a, b in zip(texts, targets))
     finally:
@@ -111,7 +111,7 @@ def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False, conf
     for source, rows in ((data, data.rows), (eval_data, eval_data.rows[:cfg.eval_max_prompts] if eval_data else [])):
         if rows:  # every prompt formatted before any model: a bad row stops with its file and line
             check_prompts(tokenizer, rows, cfg.prompt_column, source.label, cfg.apply_chat_template,
-                          cfg.chat_template_kwargs)
+                          cfg.chat_template_kwargs, max_length=cfg.max_prompt_length)
     pairs = encode_pairs(tokenizer, data.rows, cfg, data.label)
     eval_pairs = encode_pairs(tokenizer, eval_data.rows[:cfg.eval_max_prompts], cfg, eval_data.label) if eval_data else []
     with claim_output_dir(out, "grpo sft", inputs=paths, resume=False, overwrite=overwrite):

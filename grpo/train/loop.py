@@ -21,7 +21,7 @@ from grpo.engine.backend import make_backend
 from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.rewards import load_reward_states, reward_states
-from grpo.runs.checkpoint import load_weights, rng_state, save_model, train_state
+from grpo.runs.checkpoint import load_weights, restoring, rng_state, save_model, train_state
 from grpo.runs.inputs import check_inputs
 from grpo.runs.interrupts import Interrupted, StopRequests
 from grpo.runs.model_card import write_model_card
@@ -87,15 +87,19 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
         state = restore(cfg, inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world)
         # Each process's own (its reward model's running moments saw its own samples); a run
         # resumed on more processes than it was saved from starts the extra ones from rank 0's.
-        states = state.get("reward_states", {})
-        load_reward_states(rewards, states[world.rank if world.rank < len(states) else 0]
-                           if isinstance(states, list) else states)
+        states, ckpt = state.get("reward_states", {}), inputs.checkpoint
+        with restoring(ckpt, "reward states"):
+            load_reward_states(rewards, states[world.rank if world.rank < len(states) else 0]
+                               if isinstance(states, list) else states)
         if state.get("reference") is not None:  # moved by sync_ref_model, or reset by iterative RL
-            reference.load_state_dict(state["reference"])
+            with restoring(ckpt, "reference model"):
+                reference.load_state_dict(state["reference"])
         if rounds is not None and state.get("iterative"):
-            rounds.load_state_dict(state["iterative"])
+            with restoring(ckpt, "iterative RL state"):
+                rounds.load_state_dict(state["iterative"])
         if best is not None and state.get("best"):
-            best.load_state_dict(state["best"])
+            with restoring(ckpt, "best-model record"):
+                best.load_state_dict(state["best"])
         start_step = state["step"]
         backend.sync_weights(policy)
     sync_reference = ReferenceSync(policy, reference, cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha,
