@@ -255,3 +255,13 @@ def test_damaged_shards_are_one_run_error_naming_them(shards, damage):
     file.write_bytes(file.read_bytes()[:20])
     with pytest.raises(RunError, match=r"sharded"):
         _load_shards(fresh_model_state(), checkpoint)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "binary", "not_an_object", "no_config"])
+def test_a_damaged_run_record_is_one_run_error_naming_it(saved_run, tiny_model_dir, addition_files, tmp_path, capsys,
+                                                         damage):
+    out, checkpoint = copy_of(saved_run, tmp_path)
+    path = checkpoint / "run.json"
+    path.write_bytes({"garbage": b"{not json", "binary": b"\xff\xfe\x00garbage", "not_an_object": b"[1, 2]",
+                      "no_config": b'{"data": {}}'}[damage])
+    resume_fails(tiny_model_dir, addition_files, out, capsys, str(path))
