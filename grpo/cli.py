@@ -54,7 +54,7 @@ EPILOGS = {
   torchrun --nproc_per_node 8 -m grpo.cli train --config my.yaml
 
 every key, its default and meaning: grpo config train  (grpo config train > my.yaml starts a config)
-TRL's names work too (num_generations, loss_type, epsilon, reward_weights, ...): see the README""",
+TRL's names work too (num_generations, loss_type, epsilon, reward_weights, ...): see docs/migrating-from-trl.md""",
     "sft": """examples:
   grpo sft --config sft.yaml
   grpo sft --set model=runs/base --set dataset=data/train.jsonl --set eval_dataset=data/test.jsonl
@@ -64,7 +64,7 @@ every key, its default and meaning: grpo config sft""",
   grpo demo                                # tiny model, supervised warm start, GRPO on addition
   grpo demo --pipeline seed --output-dir runs/seed
 
-the settings it uses are in the README ("The demo"); grpo config train / sft describe each key""",
+the settings it uses are in docs/getting-started.md ("The demo"); grpo config train / sft describe each key""",
     "reward-model": """examples:
   grpo reward-model make-preferences --config prefs.yaml
   grpo reward-model train --config rm.yaml

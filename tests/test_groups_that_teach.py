@@ -1,4 +1,4 @@
-"""The issue-13 options wired through the rollout and the update: dynamic sampling, the
+"""Groups that teach, wired through the rollout and the update: dynamic sampling, the
 off-policy correction against the distribution actually sampled (top-p), high-entropy token
 selection over the whole minibatch, and short runs of the new variants."""
 
@@ -133,7 +133,8 @@ def test_sampler_logprobs_are_the_filtered_distribution_and_weights_correct_towa
     torch.testing.assert_close(rollout.sampling_logprobs[m], kept.gather(2, token).squeeze(-1)[m], atol=1e-4, rtol=0)
     trainer = batched_logprobs(policy, rollout, 1.2, 64)
     w = algorithm.truncated_is_weights(trainer, rollout.sampling_logprobs, m, "token", 2.0)
-    mass = torch.logsumexp(filter_logits(full.view(-1, full.shape[-1]), 0, 0.7, blocked=blocked), -1).exp().view(m.shape)
+    filtered = filter_logits(full.view(-1, full.shape[-1]), 0, 0.7, blocked=blocked)
+    mass = torch.logsumexp(filtered, -1).exp().view(m.shape)
     torch.testing.assert_close(w[m], mass[m], atol=1e-4, rtol=0)
     assert (w[m] < 1 + 1e-5).all() and (w[m] < 0.999).any()
     model = copy.deepcopy(policy)

@@ -1,4 +1,4 @@
-"""Never lose a user's work, and one clear line for every bad input (issue 11, case by case).
+"""Never lose a user's work, and one clear line for every bad input, case by case.
 
 Each test is one of the cases a user hit: a second run into a finished directory, --resume with
 nothing to resume, a changed config on resume, a full disk, Ctrl-C and SIGTERM, a reward that
@@ -135,7 +135,8 @@ def test_beam_wider_than_the_distinct_completions_stops_before_touching_the_dire
     metrics = (out / "metrics.jsonl").read_text()
     # 19 tokens, padding never written: at most 1 token gives 18 completions (the EOS alone, 17 cut
     # after one token).
-    with pytest.raises(ConfigError, match=r"group_size: beam search of width 19 needs 19 distinct completions.*only 18"):
+    too_few = r"group_size: beam search of width 19 needs 19 distinct completions.*only 18"
+    with pytest.raises(ConfigError, match=too_few):
         train(small(tiny_model_dir, addition_files, out, generation="beam", group_size=19, max_completion_length=1),
               overwrite=True, quiet=True)
     assert (out / "metrics.jsonl").read_text() == metrics
@@ -251,7 +252,8 @@ def test_a_chat_role_the_template_rejects_names_the_row(tiny_model_dir, tmp_path
     from conftest import model_with_chat_template
     model = model_with_chat_template(
         tiny_model_dir, tmp_path, "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
-                                  "{{ raise_exception('roles must be user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
+                                  "{{ raise_exception('roles must be user/assistant') }}{% endif %}"
+                                  "{{ m['content'] }}{% endfor %}")
     data = tmp_path / "d.jsonl"
     rows = [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"},
             {"prompt": [{"role": "tool", "content": "2+2="}], "answer": "4"}]
@@ -354,8 +356,9 @@ def test_a_signal_mid_run_saves_says_where_and_resumes_exactly(tiny_model_dir, a
     assert "Traceback" not in err and len(ours) == 2, err  # the notice, then where it was saved
     assert f"grpo: {signal.Signals(signum).name}: stopping at the end of this step" in ours[0]
     step = int(ours[-1].split(" at step ")[1].split(":")[0])
-    assert f"interrupted by {signal.Signals(signum).name} at step {step}: saved {tmp_path / 'run' / f'checkpoint-{step}'}" \
-        in ours[-1] and "--resume" in ours[-1] and step < 30
+    saved = (f"interrupted by {signal.Signals(signum).name} at step {step}: "
+             f"saved {tmp_path / 'run' / f'checkpoint-{step}'}")
+    assert saved in ours[-1] and "--resume" in ours[-1] and step < 30
     resumed = spawn_train(["--resume", *args], tmp_path)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err

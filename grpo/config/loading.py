@@ -2,7 +2,7 @@
 
 A config is a dataclass whose fields are the keys; under each field a docstring says what it means
 (CleanRL's habit), and `field_docs` reads those docstrings back, so `grpo config <command>`
-and the README's reference come from the same lines as the defaults. Validation happens before
+and the docs' configuration page come from the same lines as the defaults. Validation happens before
 any model is loaded: an unknown key, a wrong type or an impossible value stops the run with one
 message that names the key, the file it came from (or the `--set` flag) and what is allowed.
 """
@@ -447,7 +447,7 @@ def field_docs(cls) -> dict[str, str]:
 
 
 # The topics every config's keys are grouped under, in the order `grpo config` prints them.
-TOPIC_ORDER = ("model", "data", "generation", "rewards", "algorithm", "optimisation", "evaluation", "scale",
+TOPIC_ORDER = ("model", "data", "generation", "rewards", "agents", "algorithm", "optimisation", "evaluation", "scale",
                "logging and saving")
 
 

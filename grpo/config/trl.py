@@ -4,7 +4,7 @@ A plain rename is an `ALIASES` entry of the config class (`num_generations` -> `
 The keys here need more than a rename: one TRL key setting two of ours (`epsilon`), a choice
 whose values are spelled differently (`loss_type`, `scale_rewards: true`), or a dict whose
 entries land on several keys (`generation_kwargs`). Each translation refuses to contradict a key
-the user also gave. The README's table "Coming from TRL" lists them all.
+the user also gave. docs/migrating-from-trl.md lists them all.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top
                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_completion_length",
                    "max_tokens": "max_completion_length"}
 
-# For `grpo config train` (loading.describe) and the README.
+# For `grpo config train` (loading.describe) and docs/migrating-from-trl.md.
 LOOP_KEYS = {
     "bf16 / fp16": "true sets dtype to bfloat16 / float16 (false leaves dtype as it is)",
     "lr_scheduler_type": "lr_scheduler; `constant_with_warmup` is our `constant` (which warms up first)",
@@ -34,6 +34,7 @@ TRAIN_KEYS = {
                  "token_mean",
     "scale_rewards": "advantage_estimator; true is `group`, false is `none`",
     "reward_weights": "one weight per entry of rewards (reward_funcs), in order",
+    "max_tool_calling_iterations": "max_turns - 1 (the tool rounds after the first turn)",
     "generation_kwargs": "its temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens / "
                          "max_tokens entries override those keys (as in TRL); other entries are refused",
     "delta, min_p: null": "null is 0 (off)",
@@ -98,6 +99,12 @@ def translate_train_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
             values[key] = 0.0
     if values.get("num_generations_eval", 0) is None:
         values.pop("num_generations_eval")
+    if "max_tool_calling_iterations" in values:  # TRL counts the tool rounds after the first turn
+        _conflict(values, source, "max_tool_calling_iterations", "max_turns")
+        iterations = values.pop("max_tool_calling_iterations")
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+            raise ConfigError(f"{source}: max_tool_calling_iterations: expected an integer >= 0, got {iterations!r}")
+        values["max_turns"] = iterations + 1
     if "reward_weights" in values:
         values["rewards"] = _weighted(values.pop("reward_weights"), values.get("rewards"), source)
     kwargs = values.get("generation_kwargs") or {}

@@ -316,10 +316,9 @@ def forward(model, pk: PackedGroups, call):
 
 # ----------------------------------------------------------------------------------------------
 # The hand-written Llama-style forward over the same packed list. It computes what `forward` does
-# for the models `llama.supported` accepts, a few percent faster on the ~1M-parameter models this
-# repository's CPU tests and benchmarks train (no Hugging Face layer machinery per op; measured
-# against `forward`, 2026-12-01: 30-33 vs 29-31 ms forward + backward on the 1M Llama, 4 x 8
-# rows of 16 tokens), and on real models lighter: its MLP can keep half of its activations
+# for the models `llama.supported` accepts, a little faster on the ~1M-parameter models this
+# repository's CPU tests and benchmarks train (no Hugging Face layer machinery per op), and on
+# real models lighter: its MLP can keep half of its activations
 # (`llama.mlp`). It calls the layers' submodules directly, which would bypass Hugging Face's
 # activation checkpointing (a wrapper around each layer's __call__), so under checkpointing it
 # checkpoints each of its layers itself (torch.utils.checkpoint, non-reentrant, as HF does); it is
@@ -395,7 +394,8 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
     qp, kp, vp = (heads_first(x, U).contiguous() for x in (qp, kp, vp))
     out = q.new_empty(M, H * hd)
     out = _WriteRows.apply(out, sdpa(qp, kp, vp, prompt_mask).transpose(1, 2).reshape(n_prompt, H * hd), 0, n_prompt)
-    for r0, (a, b), q_run, k_run, v_run in zip(range(0, rows, per_call), zip(starts, starts[1:]), q_runs, k_runs, v_runs):
+    for r0, (a, b), q_run, k_run, v_run in zip(range(0, rows, per_call), zip(starts, starts[1:]),
+                                                q_runs, k_runs, v_runs):
         r1 = min(r0 + per_call, rows)
         where = pk.layout_index[a:b] - r0 * Tc                          # the fed tokens' slots in this run
 
@@ -405,7 +405,8 @@ def _llama_attention(q: Tensor, k: Tensor, v: Tensor, pk: PackedGroups, scale: f
         keys = torch.cat([kp.index_select(0, prompt_of), layout(k_run)], dim=2)
         values = torch.cat([vp.index_select(0, prompt_of), layout(v_run)], dim=2)
         o = sdpa(layout(q_run), keys, values, completion_mask[r0:r1])
-        out = _WriteRows.apply(out, o.transpose(1, 2).reshape(-1, H * hd).index_select(0, where), n_prompt + a, n_prompt + b)
+        out = _WriteRows.apply(out, o.transpose(1, 2).reshape(-1, H * hd).index_select(0, where),
+                               n_prompt + a, n_prompt + b)
     return out
 
 

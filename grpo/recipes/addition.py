@@ -17,7 +17,7 @@ from .tasks import addition_problems, save_tiny_model, write_jsonl
 SFT = dict(max_steps=500, batch_size=64, learning_rate=1e-3, warmup_steps=50, lr_scheduler="constant",
            logging_steps=50, max_completion_length=8, max_prompt_length=16)
 # 32 prompts x 8 completions per step: smaller batches or a larger learning rate were noisier
-# and could collapse the tiny policy (see README, "The demo").
+# and could collapse the tiny policy (docs/getting-started.md, "The demo").
 GRPO = dict(max_steps=200, prompts_per_step=32, group_size=8, max_completion_length=6,
             learning_rate=1e-4, warmup_steps=10, lr_scheduler="constant", temperature=1.0, beta=0.04,
             micro_batch_size=256, logging_steps=5, eval_steps=50, samples_steps=50, max_prompt_length=16,

@@ -48,8 +48,7 @@ PREFERENCES = dict(samples_per_prompt=8, temperature=1.0, max_completion_length=
 PREFERENCE_PROMPTS, HELDOUT_PREFERENCE_PROMPTS = 2000, 250
 # The reward model: a generative verifier (the completion's likelihood under the warm policy's own
 # network, Bradley-Terry plus NLL on the chosen answer); a fresh linear score head on this tiny
-# backbone stays near 60% correct-vs-wrong, and GRPO exploits it at once (README, the seed's
-# pipeline).
+# backbone stays near 60% correct-vs-wrong, and GRPO exploits it at once (docs/seed-pipeline.md).
 REWARD_MODEL = dict(kind="likelihood", nll_coef=1.0, max_steps=500, batch_size=64, learning_rate=5e-4,
                     warmup_steps=20, eval_steps=100, logging_steps=50, max_length=32, micro_batch_size=64)
 # The guard: iterative RL (DeepSeekMath 4.2): every 25 steps the reward model learns from the

@@ -7,7 +7,7 @@ to 32 MiB. A step of a real model frees many tensors of a few to 32 MiB (a chunk
 logits, of the MLP's activations, a layer's hidden states), so after the first of them they all
 come from the heap, and what the backward frees stays in the process, in pieces the next phase's
 differently sized tensors rarely fit: the process's peak grows by gigabytes above what is ever
-alive (bench/memory.py: 2,748 against 1,681 MiB for one LoRA step at Qwen2-0.5B's vocabulary).
+alive (bench/memory.py measures it; docs/benchmarks.md has the numbers).
 Fixing the threshold (`mallopt(M_MMAP_THRESHOLD)`, which also stops it moving) hands every tensor
 of that size or more back when it is freed, for the price of a page fault per page on the next
 allocation. CUDA's caching allocator has its own pool: nothing here applies to GPU memory.
