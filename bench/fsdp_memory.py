@@ -134,7 +134,8 @@ def table(results: list[dict]) -> str:
         s = r["state"]
         policy = s["parameters"] + s["gradients"] + s["optimizer"]
         ratio = f"{r['ru_maxrss'] / single['ru_maxrss']:.2f}" if single else "-"
-        lines.append(f"| {r['mode']} | {r['rank']} of {r['processes']} | {policy / MiB:,.0f} | {s['reference'] / MiB:,.0f} "
+        lines.append(f"| {r['mode']} | {r['rank']} of {r['processes']} | {policy / MiB:,.0f} "
+                     f"| {s['reference'] / MiB:,.0f} "
                      f"| {(policy + s['reference']) / r['parameters']:.2f} | {r['rss_setup'] / MiB:,.0f} "
                      f"| {r['peak_rollout'] / MiB:,.0f} | {r['peak_update'] / MiB:,.0f} | {r['ru_maxrss'] / MiB:,.0f} "
                      f"| {ratio} |")

@@ -116,8 +116,8 @@ def run_ours(args) -> dict:
     n = args.prompts * args.group
     cfg = TrainConfig(model=args.model, prompts_per_step=args.prompts, group_size=args.group,
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
-                      num_minibatches=1, micro_batch_size=args.micro_batch or n, learning_rate=1e-6, max_prompt_length=4096,
-                      dtype="float32", device="cpu", num_threads=args.threads, optim=args.optim,
+                      num_minibatches=1, micro_batch_size=args.micro_batch or n, learning_rate=1e-6,
+                      max_prompt_length=4096, dtype="float32", device="cpu", num_threads=args.threads, optim=args.optim,
                       logprob_chunk_size=args.chunk, rewards=[{"function": "exact_answer"}])
     device = torch.device("cpu")
     precision = Precision(device, torch.float32)
@@ -265,9 +265,9 @@ def main(argv=None) -> None:
     for T in args.tokens:
         for mode in args.modes:
             for system in systems:
-                extra = [system.split("-")[0], "--model", model, "--prompts", str(args.prompts), "--group", str(args.group),
-                         "--tokens", str(T), "--threads", str(args.threads), "--chunk", str(args.chunk),
-                         "--optim", args.optim, "--micro-batch", str(args.micro_batch)]
+                extra = [system.split("-")[0], "--model", model, "--prompts", str(args.prompts),
+                         "--group", str(args.group), "--tokens", str(T), "--threads", str(args.threads),
+                         "--chunk", str(args.chunk), "--optim", args.optim, "--micro-batch", str(args.micro_batch)]
                 extra += ["--lora"] * MODES[mode]["lora"] + ["--gc"] * MODES[mode]["gc"]
                 if system == "trl-mmap":
                     extra += ["--mmap-threshold", str(args.trl_mmap_threshold)]
@@ -287,8 +287,8 @@ def report(raw: list[dict], args, command: str, model: str) -> str:
     cfg = json.loads((Path(model) / "config.json").read_text())
     lines = [f"Peak RSS of one GRPO step: {args.prompts} prompts x {args.group} completions forced to T tokens, "
              f"beta 0.04, float32, CPU, {args.threads} threads; Qwen2 {cfg['vocab_size']} x {cfg['hidden_size']} "
-             f"(tied), {cfg['num_hidden_layers']} layers; ours with logprob_chunk_size {args.chunk} and optim {args.optim} "
-             f"(TRL: its default, adamw_torch_fused); "
+             f"(tied), {cfg['num_hidden_layers']} layers; ours with logprob_chunk_size {args.chunk} "
+             f"and optim {args.optim} (TRL: its default, adamw_torch_fused); "
              f"{args.micro_batch or args.prompts * args.group} rows per forward.",
              f"Command: `{command}`", "",
              "| T | mode | ours peak MiB | TRL peak MiB | ours / TRL | TRL peak, threshold fixed | ours / that "

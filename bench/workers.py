@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 from bench.common import addition_rows, emit, exact_answer, long_prompt_rows, matmul_flops_per_s, set_threads
 

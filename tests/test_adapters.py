@@ -96,7 +96,8 @@ def assert_group_decoder_equals_plain(model, pids, pmask, monkeypatch):
     gives the model's own KV cache's tokens and log-probs under the same seed."""
     states = record_decoders(monkeypatch)
     kw = dict(group_size=3, max_new_tokens=8, eos_token_id=1, pad_token_id=PAD)
-    plain = generate_groups(model, pids[::3], pmask[::3], engine="plain", generator=torch.Generator().manual_seed(0), **kw)
+    plain = generate_groups(model, pids[::3], pmask[::3], engine="plain", generator=torch.Generator().manual_seed(0),
+                            **kw)
     fast = generate_groups(model, pids[::3], pmask[::3], generator=torch.Generator().manual_seed(0), **kw)
     assert states == ["CacheDecoder", "GroupDecoder"]
     assert torch.equal(plain.completion_ids, fast.completion_ids)
@@ -202,7 +203,8 @@ def test_qlora_stores_the_base_in_4_bits_and_its_reference_is_that_base_exactly(
     import bitsandbytes as bnb
     base, model = qlora(tmp_path, quantization=quantization, double_quant=double_quant)
     four_bit = [m for m in adapters.unwrap(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(four_bit) == 2 * 7 and all(m.weight.dtype == torch.uint8 for m in four_bit)  # 2 layers x q,k,v,o,gate,up,down
+    # 2 layers x q,k,v,o,gate,up,down
+    assert len(four_bit) == 2 * 7 and all(m.weight.dtype == torch.uint8 for m in four_bit)
     assert all(m.weight.quant_state.quant_type == quantization for m in four_bit)
     assert adapters.unwrap(model).is_loaded_in_4bit
     assert all("lora_" in n and p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)

@@ -163,7 +163,8 @@ class Batch:
         return self.P * self.G
 
     def norm(self):
-        return dict(num_sequences=self.N, num_tokens=int(self.mask.sum()), group_size=self.G, max_completion_length=self.T)
+        return dict(num_sequences=self.N, num_tokens=int(self.mask.sum()), group_size=self.G,
+                    max_completion_length=self.T)
 
 
 def random_batch(P, G, T, seed, old_noise=0.3, ref_noise=0.5):
@@ -385,7 +386,8 @@ AGG_EXPECTED = {
 
 @pytest.mark.parametrize("mode", AGGREGATIONS)
 def test_aggregate_by_hand(mode):
-    out = aggregate(t(AGG_L), t(AGG_M).bool(), mode, num_sequences=4, num_tokens=6, group_size=2, max_completion_length=3)
+    out = aggregate(t(AGG_L), t(AGG_M).bool(), mode, num_sequences=4, num_tokens=6, group_size=2,
+                    max_completion_length=3)
     assert out.dim() == 0 and close(out, AGG_EXPECTED[mode])
 
 

@@ -56,7 +56,8 @@ def test_format_prompt_plain_and_chat():
     assert format_prompt(tok, "1+2=") == "1+2="
     with pytest.raises(DataError, match="no chat template"):
         format_prompt(tok, [{"role": "user", "content": "1+2="}])
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}{% if add_generation_prompt %}?{% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}={% endfor %}"
+                         "{% if add_generation_prompt %}?{% endif %}")
     assert format_prompt(tok, [{"role": "user", "content": "1+2"}]) == "1+2=?"
     assert format_prompt(tok, "1+2") == "1+2"            # auto (TRL's rule): plain text is left as is
     assert format_prompt(tok, "1+2", "always") == "1+2=?"  # always: plain text becomes one user turn
@@ -89,7 +90,8 @@ def test_builtin_rewards_by_hand():
 
 
 def test_weighted_sum_and_per_function_values():
-    rewards = build_rewards([{"function": "exact_answer", "weight": 2.0}, "answer_distance"], torch.device("cpu"), torch.float32)
+    rewards = build_rewards([{"function": "exact_answer", "weight": 2.0}, "answer_distance"], torch.device("cpu"),
+                            torch.float32)
     total, parts = score(rewards, ["p"] * 2, ["46", "44"], {"answer": ["46", "46"]})
     assert parts["exact_answer"].tolist() == [1.0, 0.0]
     assert torch.allclose(total, torch.tensor([2.0 + 1.0, 0.0 + 1 / 3]))
@@ -124,7 +126,9 @@ def test_unloadable_reward_functions(spec, message):
 ])
 def test_bad_reward_outputs_name_the_function(tmp_path, body, message):
     f = tmp_path / "r.py"
-    f.write_text(f"def bad(prompts, completions, **kw):\n    wrong_column = kw['nope'] if 'nope' in kw else None\n    {body}\n")
+    f.write_text("def bad(prompts, completions, **kw):\n"
+                 "    wrong_column = kw['nope'] if 'nope' in kw else None\n"
+                 f"    {body}\n")
     rewards = build_rewards([f"{f}:bad"], torch.device("cpu"), torch.float32)
     with pytest.raises(RewardError) as e:
         score(rewards, ["a", "b"], ["x", "y"], {})

@@ -92,7 +92,8 @@ def test_split_selection_and_its_errors(ds, tmp_path):
 def test_rename_columns(ds):
     rows = load_source(ds, rename={"answer": "solution", "prompt": "question"}).rows
     assert plain(rows)[0] == {"question": "1+1=", "solution": "2"}
-    with pytest.raises(DataError, match=r"rename_columns: no column 'nope' to rename \(the row has \['answer', 'prompt'\]\)"):
+    no_column = r"rename_columns: no column 'nope' to rename \(the row has \['answer', 'prompt'\]\)"
+    with pytest.raises(DataError, match=no_column):
         load_source(ds, rename={"nope": "x"})
     with pytest.raises(DataError, match="already has a column 'prompt'"):
         load_source(ds, rename={"answer": "prompt"})
@@ -109,7 +110,7 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch):
 
 
 def test_missing_files_and_directories_say_where_they_looked(tmp_path):
-    with pytest.raises(DataError, match=rf"dataset data/x.jsonl does not exist \(looked for .*data/x.jsonl\)"):
+    with pytest.raises(DataError, match=r"dataset data/x.jsonl does not exist \(looked for .*data/x.jsonl\)"):
         load_source("data/x.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is a directory without a dataset"):
@@ -127,7 +128,8 @@ def test_config_paths_resolve_relative_to_the_config_file(tmp_path, monkeypatch)
     (project / "reward.py").write_text("def r(completions, **kw):\n    return [0.0] * len(completions)\n")
     (project / "model").mkdir()
     config = project / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": "model", "dataset": "data/train.jsonl", "eval_dataset": "data/missing.jsonl",
+    config.write_text(yaml.safe_dump({"model": "model", "dataset": "data/train.jsonl",
+                                      "eval_dataset": "data/missing.jsonl",
                                       "rewards": ["reward.py:r", {"function": "exact_answer"}],
                                       "output_dir": "runs/x"}))
     monkeypatch.chdir(tmp_path)  # somewhere else: the config's paths must not depend on it
@@ -143,7 +145,8 @@ def test_config_paths_resolve_relative_to_the_config_file(tmp_path, monkeypatch)
                                                        "replay_dataset": "data/pairs.jsonl"}}))
     assert load_config(TrainConfig, config).iterative_rl == {"every": 2, "labeler": f"{project / 'reward.py'}:r",
                                                             "replay_dataset": str(project / "data" / "pairs.jsonl")}
-    config.write_text(yaml.safe_dump({"model": "org/hub-model", "dataset": "openai/gsm8k", "rewards": ["exact_answer"]}))
+    config.write_text(yaml.safe_dump({"model": "org/hub-model", "dataset": "openai/gsm8k",
+                                      "rewards": ["exact_answer"]}))
     cfg = load_config(TrainConfig, config)
     assert (cfg.model, cfg.dataset) == ("org/hub-model", "openai/gsm8k")  # hub ids stay hub ids
 
@@ -218,9 +221,9 @@ def test_chat_template_kwargs_reach_the_rollout(tiny_model_dir, tmp_path):
                                   "{% if short is defined and short %}{% else %}?{% endif %}{% endif %}")
     rows = [{"prompt": [{"role": "user", "content": "1+1"}], "answer": "2"}] * 2
     for short, expected in ((True, "1+1="), (False, "1+1=?")):
-        out = train(dict(model=str(model), dataset=rows, output_dir=str(tmp_path / str(short)), rewards=["exact_answer"],
-                         chat_template_kwargs={"short": short}, prompts_per_step=1, group_size=2,
-                         max_completion_length=2, max_steps=1, samples_steps=1, report_to=[]), quiet=True)
+        out = train(dict(model=str(model), dataset=rows, output_dir=str(tmp_path / str(short)),
+                         rewards=["exact_answer"], chat_template_kwargs={"short": short}, prompts_per_step=1,
+                         group_size=2, max_completion_length=2, max_steps=1, samples_steps=1, report_to=[]), quiet=True)
         samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
         assert {s["prompt"] for s in samples} == {expected}
 

@@ -63,7 +63,8 @@ def test_model_init_kwargs_dtype_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="model_init_kwargs.dtype"):
         load_causal_lm(str(tmp_path), CPU, torch.float32, model_init_kwargs={"dtype": "float8"})
     with pytest.raises(ConfigError, match="dtype or torch_dtype"):
-        load_causal_lm(str(tmp_path), CPU, torch.float32, model_init_kwargs={"dtype": "float32", "torch_dtype": "float32"})
+        load_causal_lm(str(tmp_path), CPU, torch.float32,
+                       model_init_kwargs={"dtype": "float32", "torch_dtype": "float32"})
     with pytest.raises(ConfigError, match="model_init_kwargs"):
         load_causal_lm(str(tmp_path), CPU, torch.float32, model_init_kwargs={"attn_implementation": "no_such_thing"})
 

@@ -243,7 +243,8 @@ def test_packed_forward_with_uneven_groups_and_unscored_rows():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,model", [("llama_gqa", llama(kv_heads=2, init=0.5, seed=2)), ("qwen2_bias_gqa", qwen2())])
+@pytest.mark.parametrize("name,model", [("llama_gqa", llama(kv_heads=2, init=0.5, seed=2)),
+                                        ("qwen2_bias_gqa", qwen2())])
 def test_beam_on_group_engine_equals_plain_beam(name, model):
     """Beam search on the group decoder (prompt KV once per prompt, beams reordered in the
     completion cache only) returns the same beams, in the same order, as on HF's cache."""
@@ -268,7 +269,8 @@ def test_the_mlp_keeping_two_tensors_equals_the_modules_own(down, rows, monkeypa
 
     monkeypatch.setattr(llama, "ROWS", rows)  # 3: 7 tokens in chunks of 3, 3 and 1
     torch.manual_seed(0)
-    module = LlamaMLP(LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, mlp_bias=down == "linear+bias"))
+    module = LlamaMLP(LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2,
+                                  mlp_bias=down == "linear+bias"))
     if down == "wrapped":
         class Wrapped(torch.nn.Module):  # a stand-in for peft's lora.Linear: not a plain nn.Linear
             def __init__(self, inner):
@@ -532,7 +534,8 @@ def test_write_rows_hands_each_block_its_rows_of_the_gradient_without_copying_th
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
-            if isinstance(result, torch.Tensor) and result.shape == (6, 4) and func is not torch.ops.aten.detach.default:
+            if (isinstance(result, torch.Tensor) and result.shape == (6, 4)
+                    and func is not torch.ops.aten.detach.default):
                 self.made += 1
             return result
 

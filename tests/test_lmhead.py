@@ -53,7 +53,8 @@ def test_chunked_stats_equal_whole_logits_with_gradients(entropy_grad):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # The head really is Gemma 2's: the model's own logits for these hidden states.
     with torch.no_grad():
-        capped = model.config.final_logit_softcapping * torch.tanh(model.lm_head(hidden) / model.config.final_logit_softcapping)
+        cap = model.config.final_logit_softcapping
+        capped = cap * torch.tanh(model.lm_head(hidden) / cap)
         torch.testing.assert_close(head_logits(model, hidden), capped)
 
 
@@ -66,7 +67,8 @@ def _head_case(tied: bool, bias: bool, scale: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     K, D = 23, model.config.hidden_size
     hidden = torch.randn(K, D, generator=g).requires_grad_()
-    return model, hidden, torch.randint(0, 301, (K,), generator=g), torch.randn(K, generator=g), torch.randn(K, generator=g)
+    return (model, hidden, torch.randint(0, 301, (K,), generator=g), torch.randn(K, generator=g),
+            torch.randn(K, generator=g))
 
 
 def _chunked(model, hidden, targets, entropy_grad, chunk, fused=True):

@@ -44,7 +44,8 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
     import grpo.runs.models
 
     def run(name):
-        cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"], output_dir=str(tmp_path / name),
+        cfg = build(TrainConfig, dict(model=small_model, dataset=addition_files["train"],
+                                      output_dir=str(tmp_path / name),
                                       rewards=[{"function": "answer_distance"}], prompts_per_step=2, group_size=4,
                                       max_completion_length=4, max_steps=2, learning_rate=1e-6, beta=0.04,
                                       max_prompt_length=16, dtype=dtype))
@@ -182,5 +183,6 @@ def test_fp16_resume_restores_the_loss_scale(small_model, addition_files, tmp_pa
     state = torch.load(tmp_path / "full" / "checkpoint-2" / "trainer_state.pt", weights_only=False)
     assert state["scaler"]["scale"] == 4.0
     assert made[0].scaler.get_scale() == made[1].scaler.get_scale() == 16.0  # not 4.0 from a fresh scaler
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -199,7 +199,8 @@ def test_a_run_with_no_readable_step_is_one_error_line(tmp_path, capsys):
     run = plain_run(tmp_path, ["null", "garbage", '{"step": "one"}'])
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("grpo report: error: ") and "no metrics.jsonl with logged steps" in err[0]
+    assert len(err) == 1 and err[0].startswith("grpo report: error: ")
+    assert "no metrics.jsonl with logged steps" in err[0]
     assert "line 1 (null, not an object)" in err[0] and "line 3 (its step is a string, not a number)" in err[0]
     assert not (run / "report.html").exists()
 

@@ -76,7 +76,8 @@ def test_each_kind_records_itself_loads_in_transformers_and_scores_the_policy_te
             reference = AutoModelForCausalLM.from_pretrained(d / "reference").eval() if kind == "dpo" else None
             plain = []
             for p, c in zip(PROMPTS, COMPLETIONS):
-                pi, ci = tok(p, add_special_tokens=False)["input_ids"], tok(c.strip(), add_special_tokens=False)["input_ids"]
+                pi = tok(p, add_special_tokens=False)["input_ids"]
+                ci = tok(c.strip(), add_special_tokens=False)["input_ids"]
                 ci = ci + [tok.eos_token_id]
                 lp = plain_logprob(model, pi, ci)
                 plain.append((lp / len(ci)).item() if kind == "likelihood" else
@@ -132,7 +133,8 @@ def test_dpo_implicit_reward_is_zero_at_the_start(tiny_model_dir):
 
 
 def test_ensembles_take_the_mean_or_the_worst_member_and_clip_bounds_scores(kinds):
-    members = [RewardModelScorer(str(kinds / k), torch.device("cpu"), torch.float32) for k in ("score_head", "likelihood")]
+    members = [RewardModelScorer(str(kinds / k), torch.device("cpu"), torch.float32)
+               for k in ("score_head", "likelihood")]
     each = torch.tensor([m(PROMPTS, COMPLETIONS) for m in members])
     assert EnsembleScorer(members, "min")(PROMPTS, COMPLETIONS) == pytest.approx(each.min(0).values.tolist())
     assert EnsembleScorer(members, "mean")(PROMPTS, COMPLETIONS) == pytest.approx(each.mean(0).tolist())
@@ -200,7 +202,8 @@ def test_best_model_remembers_the_best_and_stops_after_patience(tmp_path):
 
 def test_a_best_model_metric_that_no_evaluation_gives_is_a_config_error(tmp_path):
     best = BestModel("eval_acuracy", True, patience=2, keep=False, out=tmp_path)
-    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'eval_acuracy' .*\['eval_accuracy', 'eval_reward'\]"):
+    unknown = r"metric_for_best_model: 'eval_acuracy' .*\['eval_accuracy', 'eval_reward'\]"
+    with pytest.raises(ConfigError, match=unknown):
         best.observe(0, {"step": 0, "eval_accuracy": 0.2, "eval_reward": 0.1}, lambda d: None)
 
 
@@ -214,7 +217,8 @@ def test_load_best_model_at_end_and_early_stopping(tiny_model_dir, addition_file
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {l["step"]: l["eval_reward"] for l in lines if "eval_reward" in l}
     best_step = max(evals, key=lambda s: (evals[s], -s))
-    assert summary["best"]["step"] == best_step and summary["eval_after"]["eval_reward"] == pytest.approx(evals[best_step])
+    assert summary["best"]["step"] == best_step
+    assert summary["eval_after"]["eval_reward"] == pytest.approx(evals[best_step])
     final, kept = load_file(str(out / "model.safetensors")), load_file(str(out / "best-model" / "model.safetensors"))
     assert all(torch.equal(final[k], kept[k]) for k in final)
     if "early_stopped_at" in summary:
@@ -225,7 +229,8 @@ def test_iterative_rl_rounds_train_the_reward_model_and_resume_exactly(tiny_mode
                                                                          preferences, tmp_path):
     def cfg(out, **kw):
         return small(tiny_model_dir, addition_files, out, max_steps=4, save_steps=2, beta=0.04,
-                     rewards=[{"model": str(kinds / "likelihood"), "name": "rm"}, {"function": "exact_answer", "weight": 0}],
+                     rewards=[{"model": str(kinds / "likelihood"), "name": "rm"},
+                              {"function": "exact_answer", "weight": 0}],
                      iterative_rl={"every": 2, "prompts": 8, "samples_per_prompt": 4, "steps": 3, "batch_size": 4,
                                    "replay_dataset": str(preferences), "labeler": "answer_distance"}, **kw)
 

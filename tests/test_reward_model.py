@@ -74,7 +74,8 @@ def test_all_bad_file_stops(tmp_path):
 
 def test_chat_messages_use_the_template():
     tok = build_char_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
     import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write(json.dumps({"prompt": [{"role": "user", "content": "1+1"}],

@@ -96,8 +96,9 @@ def test_min_p_one_samples_the_greedy_completion(tiny, engine):
 
 
 def test_generation_kwargs_set_the_sampling_keys_as_in_trl():
-    cfg = build(TrainConfig, {**BASE, "top_p": 0.5, "generation_kwargs": {"top_p": 0.9, "min_p": 0.05,
-                                                                         "repetition_penalty": 1.1, "max_new_tokens": 32}})
+    cfg = build(TrainConfig, {**BASE, "top_p": 0.5,
+                              "generation_kwargs": {"top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1,
+                                                    "max_new_tokens": 32}})
     assert (cfg.top_p, cfg.min_p, cfg.repetition_penalty, cfg.max_completion_length) == (0.9, 0.05, 1.1, 32)
     with pytest.raises(ConfigError, match=r"generation_kwargs: \['num_beams'\] have no equivalent"):
         build(TrainConfig, {**BASE, "generation_kwargs": {"num_beams": 4}})

@@ -186,7 +186,8 @@ def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tin
     torchrun([*common, "--set", f"output_dir={tmp_path / 'ddp'}"], tmp_path)
     torchrun([*common, "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "fsdp=true"], tmp_path)
     assert (tmp_path / "fsdp" / "checkpoint-2" / "sharded").is_dir()
-    ddp, fsdp = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    fsdp = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
     assert ddp.keys() == fsdp.keys()
     for k in ddp:  # sharded gradients are the summed ones: the same training, to fp32 rounding
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)

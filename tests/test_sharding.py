@@ -74,13 +74,14 @@ def half_rollout(policy, reference, tokenizer, rows, cfg, rank):
     """Process `rank`'s share of the batch: its two prompts, its own generator, and its own
     completion length (6 and 4 tokens: the two processes run different numbers of forwards)."""
     cfg = dataclasses.replace(cfg, max_completion_length=6 - 2 * rank)
-    return collect_rollout(policy, reference, tokenizer, rows[2 * rank:2 * rank + 2], build_rewards(cfg.rewards, None, None),
-                           cfg, torch.Generator().manual_seed(100 + rank))
+    return collect_rollout(policy, reference, tokenizer, rows[2 * rank:2 * rank + 2],
+                           build_rewards(cfg.rewards, None, None), cfg, torch.Generator().manual_seed(100 + rank))
 
 
 def one_update(policy, cfg, rollout, world):
     optimizer = make_optimizer(policy, cfg)
-    stats = update(policy, optimizer, make_scheduler(optimizer, cfg), rollout, cfg, world, torch.Generator().manual_seed(1))
+    stats = update(policy, optimizer, make_scheduler(optimizer, cfg), rollout, cfg, world,
+                   torch.Generator().manual_seed(1))
     return stats, optimizer
 
 

@@ -15,9 +15,12 @@ import torch
 from grpo.engine.generation import generate_groups
 from grpo.engine.logprobs import completion_logprobs
 from grpo.engine.stochastic_beam import priority_weights, truncated_gumbel
-# model, prompts and tokenizer are test_generation's fixtures.
-from test_generation import (EOS, PAD, check_layout, completions_by_row, model, prompts,  # noqa: F401
-                             recompute_logprobs, tiny_peaked_llama, tokenizer)
+import test_generation
+from test_generation import EOS, PAD, check_layout, completions_by_row, recompute_logprobs, tiny_peaked_llama
+
+# test_generation's fixtures, found here as module attributes (bound by assignment, not import, so
+# that the tests' own `model` arguments and variables do not read as redefinitions of them).
+model, prompts, tokenizer = test_generation.model, test_generation.prompts, test_generation.tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -21,8 +21,9 @@ METRIC_KEYS = {"step", "reward_mean", "reward_std", "rewards/exact_answer/mean",
 
 def small(tiny_model_dir, addition_files, out, **kw):
     values = dict(model=tiny_model_dir, dataset=addition_files["train"], output_dir=str(out),
-                  rewards=[{"function": "exact_answer"}, {"function": "answer_distance"}], prompts_per_step=2, group_size=4,
-                  max_completion_length=4, max_steps=2, learning_rate=1e-3, max_prompt_length=16)
+                  rewards=[{"function": "exact_answer"}, {"function": "answer_distance"}],
+                  prompts_per_step=2, group_size=4, max_completion_length=4, max_steps=2, learning_rate=1e-3,
+                  max_prompt_length=16)
     values.update(kw)
     return build(TrainConfig, values)
 

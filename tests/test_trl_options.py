@@ -153,7 +153,8 @@ def test_eval_generations_shuffle_model_card_and_accuracy_of_a_users_reward(tiny
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and "grpo" in meta["tags"] and "base_model" not in meta  # local model
-    assert f"| after | {summary['eval_after']['eval_reward']:.4f} | {summary['eval_after']['eval_accuracy']:.4f} |" in card
+    after = summary["eval_after"]
+    assert f"| after | {after['eval_reward']:.4f} | {after['eval_accuracy']:.4f} |" in card
     assert "| group_size | 4 |" in card
 
 
@@ -213,7 +214,8 @@ def test_warmup_ratio_is_a_share_of_all_optimizer_steps():
 def test_optim_choices():
     model = torch.nn.Linear(3, 2)
     for name, kind in (("adamw_torch", torch.optim.AdamW), ("adamw_torch_fused", torch.optim.AdamW),
-                       ("adafactor", torch.optim.Adafactor), ("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop)):
+                       ("adafactor", torch.optim.Adafactor), ("sgd", torch.optim.SGD),
+                       ("rmsprop", torch.optim.RMSprop)):
         assert isinstance(make_optimizer(model, make(optim=name)), kind)
     # SGD is the textbook step: w <- w - lr * g.
     before = model.weight.detach().clone()
@@ -250,8 +252,9 @@ def test_fused_adamw_runs_the_fused_kernel_on_cpu_and_takes_the_foreach_step():
 # TRL's names
 
 def test_trls_names_map_onto_ours():
-    cfg = make(num_generations=4, epsilon=0.3, loss_type="dr_grpo", scale_rewards=False, importance_sampling_level="sequence",
-               lr_scheduler_type="constant_with_warmup", steps_per_generation=2, prompts_per_step=4, bf16=True)
+    cfg = make(num_generations=4, epsilon=0.3, loss_type="dr_grpo", scale_rewards=False,
+               importance_sampling_level="sequence", lr_scheduler_type="constant_with_warmup", steps_per_generation=2,
+               prompts_per_step=4, bf16=True)
     assert (cfg.group_size, cfg.epsilon_low, cfg.epsilon_high, cfg.loss_aggregation, cfg.advantage_estimator,
             cfg.ratio_level, cfg.lr_scheduler, cfg.num_minibatches, cfg.dtype) == \
         (4, 0.3, 0.3, "constant_normalizer", "none", "sequence", "constant", 2, "bfloat16")

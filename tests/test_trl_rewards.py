@@ -99,7 +99,8 @@ def test_trl_example_2_conversational_format():
     completions = [
         [{"role": "assistant", "content": "<think>The sum of 1 and 2 is 3, which we multiply by 4 to get 12.</think>"
                                           "<answer>(1 + 2) * 4 = 12</answer>"}],
-        [{"role": "assistant", "content": "The sum of 3 and 1 is 4, which we multiply by 2 to get 8. So (3 + 1) * 2 = 8."}]]
+        [{"role": "assistant", "content": "The sum of 3 and 1 is 4, which we multiply by 2 to get 8. "
+                                          "So (3 + 1) * 2 = 8."}]]
     _, parts = score(rewards_of(format_reward_func, "think_format"), prompts, completions, {})
     assert parts["format_reward_func"].tolist() == [1.0, 0.0]
     assert parts["think_format"].tolist() == [1.0, 0.0]  # the built-ins read messages too
@@ -190,7 +191,8 @@ def test_trl_keywords_go_only_to_functions_that_take_them():
     total, _ = score(rewards_of(plain, named), ["p"], ["c"], {"answer": ["a"]}, completion_ids=[[1]],
                      trainer_state="STATE", log_metric=print, log_extra=print)
     assert total.tolist() == [1.0]
-    assert seen["state"] == "STATE" and seen["keys"] == {"prompts", "answer", "completion_ids", "log_metric", "log_extra"}
+    assert seen["state"] == "STATE"
+    assert seen["keys"] == {"prompts", "answer", "completion_ids", "log_metric", "log_extra"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +221,9 @@ def test_training_calls_rewards_with_trls_contract(chat_model_dir, tmp_path):
     calls = []
 
     def spy(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, answer, **kwargs):
-        calls.append(dict(prompts=prompts, completions=completions, ids=completion_ids, step=trainer_state.global_step,
-                          max_steps=trainer_state.max_steps, epoch=trainer_state.epoch, answer=answer, extra=set(kwargs)))
+        calls.append(dict(prompts=prompts, completions=completions, ids=completion_ids,
+                          step=trainer_state.global_step, max_steps=trainer_state.max_steps, epoch=trainer_state.epoch,
+                          answer=answer, extra=set(kwargs)))
         log_metric("my_metric", 0.25 * (1 + trainer_state.global_step))
         log_extra("golden", list(answer))
         return [float(len(c[0]["content"])) for c in completions]

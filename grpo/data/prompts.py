@@ -51,7 +51,8 @@ def is_templated(prompt: Any, mode: str = "auto") -> bool:
     return is_messages(prompt) or (mode == "always" and isinstance(prompt, str))
 
 
-def encode_prompt(tokenizer, prompt: Any, mode: str = "auto", template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+def encode_prompt(tokenizer, prompt: Any, mode: str = "auto",
+                  template_kwargs: dict | None = None) -> tuple[str, list[int]]:
     """The prompt's text and token ids. Templated text is tokenized as it is (the template wrote
     its special tokens); plain text gets the tokenizer's own (a Llama tokenizer's BOS), as TRL and
     `tokenizer(text)` do."""

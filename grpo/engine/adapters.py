@@ -56,7 +56,8 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_
     if not (target_modules is None or target_modules == "all-linear" or
             (isinstance(target_modules, (list, tuple)) and target_modules and
              all(isinstance(m, str) for m in target_modules))):
-        raise ConfigError(f"peft.target_modules: expected 'all-linear' or a list of module names, got {target_modules!r}")
+        raise ConfigError("peft.target_modules: expected 'all-linear' or a list of module names, "
+                          f"got {target_modules!r}")
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), task_type="CAUSAL_LM",
                              target_modules=target_modules if target_modules is None or isinstance(target_modules, str)
                              else list(target_modules))

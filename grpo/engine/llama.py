@@ -92,7 +92,8 @@ class _SwiGLU(torch.autograd.Function):
         w, bias = wd.to(dtype), cast(bd, dtype)
         out = a.new_empty(x.shape[0], wd.shape[0])
         for r in range(0, x.shape[0], ROWS):
-            out[r:r + ROWS] = torch.nn.functional.linear(torch.nn.functional.silu(a[r:r + ROWS]) * b[r:r + ROWS], w, bias)
+            out[r:r + ROWS] = torch.nn.functional.linear(torch.nn.functional.silu(a[r:r + ROWS]) * b[r:r + ROWS],
+                                                         w, bias)
         ctx.save_for_backward(x, a, b, wg, bg, wu, bu, wd, bd)
         return out
 

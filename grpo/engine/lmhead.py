@@ -191,8 +191,8 @@ def chunked_token_stats(model, hidden: Tensor, targets: Tensor, temperature: flo
     def stats(h, t):
         return token_stats(head_logits(model, h), t, temperature, compute_entropy, entropy_grad)
 
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or
-                                        any(p.requires_grad for p in unwrap(model).get_output_embeddings().parameters()))
+    grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in unwrap(model).get_output_embeddings().parameters()))
     # A plain head takes the written-out path with or without grad: its forward is lighter than
     # `token_stats` (one [chunk, V] buffer, the logits scaled in place, where that makes four),
     # and scoring (no grad) then computes exactly what the update's forward will.
@@ -239,5 +239,6 @@ def forward_hidden(model, keep: Tensor | None = None, **kwargs):
     with _Capture(model) as cap:
         out = model(**kwargs, logits_to_keep=keep)
     if cap.hidden is None:
-        raise RuntimeError(f"logprob_chunk_size: could not read the final hidden states of {type(unwrap(model)).__name__}")
+        raise RuntimeError("logprob_chunk_size: could not read the final hidden states of "
+                           f"{type(unwrap(model)).__name__}")
     return cap.hidden, out

@@ -1,6 +1,6 @@
 """What a generation call returns (`Generation`), and the per-step distribution every strategy
-draws from: softmax(logits / temperature) within top-k / top-p / min-p, blocked tokens excluded. Shared by `generation.py`
-(sampling, beam search) and `stochastic_beam.py`."""
+draws from: softmax(logits / temperature) within top-k / top-p / min-p, blocked tokens excluded.
+Shared by `generation.py` (sampling, beam search) and `stochastic_beam.py`."""
 
 from __future__ import annotations
 

@@ -98,8 +98,9 @@ def stochastic_beam(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_
                     generator: torch.Generator | None, fast: bool, min_p: float = 0.0,
                     blocked: Tensor | None = None) -> Generation:
     """G completions per prompt without replacement from softmax(logits / temperature) (within
-    top-k / top-p / min-p when set, blocked tokens excluded), rows p*G .. p*G+G-1 in the order drawn; a completion that reaches
-    max_new_tokens without EOS is a leaf (truncated), as in sampling.
+    top-k / top-p / min-p when set, blocked tokens excluded), rows p*G .. p*G+G-1 in the order
+    drawn; a completion that reaches max_new_tokens without EOS is a leaf (truncated), as in
+    sampling.
 
     Per prompt a beam of G slots, each a prefix with phi (its log-prob under the sampling
     distribution) and key (its perturbed log-prob); finished slots compete as they are. At the

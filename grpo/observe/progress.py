@@ -113,7 +113,8 @@ class Progress:
         self.status = fit(line, self.width() - 1)
         if "eval_accuracy" in record or "eval_reward" in record or "eval_loss" in record:
             # Eval results are rare and worth keeping on screen once the status line moves on.
-            evals = format_numbers({k: record[k] for k in ("eval_loss", "eval_reward", "eval_accuracy") if k in record}, 3)
+            evals = format_numbers({k: record[k] for k in ("eval_loss", "eval_reward", "eval_accuracy")
+                                    if k in record}, 3)
             self.message(f"step {record['step']}: {evals}")  # prints it, then the new status line
         else:
             self._write("\r\x1b[2K" + self.status)

@@ -395,7 +395,8 @@ PLOTS = [
      simple("clip fraction", "fraction of tokens", [("clip_frac_low", "low (1 - eps_low)", "-"),
                                                      ("clip_frac_high", "high (1 + eps_high)", "--")]), "step"),
     ("zero_variance_frac", "Fraction of groups whose rewards were all equal (no learning signal)",
-     simple("zero-variance groups", "fraction of groups", [("zero_variance_frac", "zero variance", "-")], fraction=True), "step"),
+     simple("zero-variance groups", "fraction of groups", [("zero_variance_frac", "zero variance", "-")],
+            fraction=True), "step"),
     ("time_per_step", "Time per step split into generation, scoring, log-probs and update",
      lambda *a: plot_time_split(*a), "step"),
 ]

@@ -180,6 +180,10 @@ def sample_rows(step: int, rollout, indices: list[int], group_size: int) -> list
     if extra:
         for row in rows:
             row["extra"] = {k: _plain(v[row["index"]]) for k, v in extra.items()}
+    messages = getattr(rollout, "messages", None)
+    if messages is not None:  # agent runs: the whole conversation, tool calls and results visible
+        for row in rows:
+            row["messages"] = messages[row["index"]]
     return rows
 
 

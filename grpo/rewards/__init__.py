@@ -3,8 +3,10 @@
 
 from grpo.errors import RewardError
 
-from .functions import BUILTIN, answer_distance, exact_answer, first_number, is_exact_answer, load_function, think_format
-from .models import EnsembleScorer, RewardModelScorer, RunningMoments, load_reward_model, reward_model_text, score_batches
+from .functions import (BUILTIN, answer_distance, exact_answer, first_number, is_exact_answer, load_function,
+                        think_format)
+from .models import (EnsembleScorer, RewardModelScorer, RunningMoments, load_reward_model, reward_model_text,
+                     score_batches)
 from .scoring import Reward, build_rewards, load_reward_states, reward_states, score
 
 __all__ = ["BUILTIN", "Reward", "RewardError", "RewardModelScorer", "RunningMoments", "answer_distance",

@@ -104,7 +104,8 @@ def encode_completions(tokenizer, prompts: list[str], completions: list, max_len
     eos = tokenizer.eos_token_id
     rows = []
     for p, c in zip(prompts, completions):
-        completion = tokenizer(completion_text(c).strip(), add_special_tokens=False)["input_ids"][: max_length - 1] + [eos]
+        tokens = tokenizer(completion_text(c).strip(), add_special_tokens=False)["input_ids"]
+        completion = tokens[: max_length - 1] + [eos]
         room = max_length - len(completion)
         prompt = tokenizer(p, add_special_tokens=False)["input_ids"][-room:] if room > 0 else []
         rows.append((prompt, completion))
@@ -299,7 +300,8 @@ def load_reward_model(path: str, device: torch.device, dtype: torch.dtype, token
             raise RewardError(f"reward model {path!r}: expected one label (a scalar score), "
                               f"found num_labels={model.config.num_labels}")
         return ScoreHead(model.to(device), tokenizer, max_length)
-    model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)).to(device)
+    model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False))
+    model = model.to(device)
     if kind == "likelihood":
         return Likelihood(model, tokenizer, max_length, info.get("score_reduction", "mean"))
     reference_path = path if fresh else str(Path(path) / info.get("reference", REFERENCE_DIR))

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import SFTConfig, to_dict
-from grpo.data import PromptSampler, check_prompts, content_of, decode_completions, encode_prompt, is_messages, require_columns, where
+from grpo.data import (PromptSampler, check_prompts, content_of, decode_completions, encode_prompt, is_messages,
+                       require_columns, where)
 from grpo.data.prompts import left_pad
 from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
@@ -66,7 +67,8 @@ def heldout(model, tokenizer, pairs, cfg: SFTConfig, precision) -> dict[str, flo
                 ids, mask = left_pad(tokenizer, [p for p, _ in chunk], cfg.max_prompt_length, device)
                 out = backend.generate(ids, mask, greedy)
             tokens += n
-            texts = decode_completions(tokenizer, out.completion_ids, out.completion_mask, stop_ids=backend.stop_token_ids)
+            texts = decode_completions(tokenizer, out.completion_ids, out.completion_mask,
+                                       stop_ids=backend.stop_token_ids)
             targets = decode_completions(tokenizer, [c for _, c in chunk])
             right += sum(a.strip() == b.strip() for a, b in zip(texts, targets))
     finally:
@@ -113,7 +115,8 @@ def train_sft(cfg: SFTConfig, quiet: bool = False, overwrite: bool = False, conf
             check_prompts(tokenizer, rows, cfg.prompt_column, source.label, cfg.apply_chat_template,
                           cfg.chat_template_kwargs, max_length=cfg.max_prompt_length)
     pairs = encode_pairs(tokenizer, data.rows, cfg, data.label)
-    eval_pairs = encode_pairs(tokenizer, eval_data.rows[:cfg.eval_max_prompts], cfg, eval_data.label) if eval_data else []
+    eval_pairs = (encode_pairs(tokenizer, eval_data.rows[:cfg.eval_max_prompts], cfg, eval_data.label)
+                  if eval_data else [])
     with claim_output_dir(out, "grpo sft", inputs=paths, resume=False, overwrite=overwrite):
         return run_sft(cfg, run, tokenizer, pairs, eval_pairs, quiet)
 

@@ -59,9 +59,10 @@ class AccuracyReward:
 
 @torch.no_grad()
 def evaluate(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg, *, trainer_state=None,
-             generator: torch.Generator | None = None) -> dict:
+             generator: torch.Generator | None = None, agent=None) -> dict:
     """Completions for `rows` (cfg: prompt_column, apply_chat_template, max_prompt_length,
-    max_completion_length, eval_batch_size, num_generations_eval, the sampling keys); returns the
+    max_completion_length, eval_batch_size, num_generations_eval, the sampling keys; with `agent`
+    (grpo.train.agent_rollout.AgentSetup) each completion is an episode); returns the
     mean reward, each reward's values, the completions and what the rewards logged."""
     group = cfg.num_generations_eval
     params = SamplingParams.greedy(cfg.max_completion_length) if group == 1 else \
@@ -71,7 +72,7 @@ def evaluate(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg,
         chunk = rows[i:i + cfg.eval_batch_size]
         with evaluating(rewards):  # held-out scores teach no reward its statistics
             scored = score_group(backend, tokenizer, chunk, rewards, cfg, params, generator, log=log,
-                                 trainer_state=trainer_state)
+                                 trainer_state=trainer_state, agent=agent)
         totals.append(scored.total)
         for k, v in scored.per_function.items():
             per_function.setdefault(k, []).append(v)

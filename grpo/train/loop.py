@@ -79,8 +79,9 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
     # verifier's best is kept and watched (early stopping).
     iterative = IterativeSpec(**cfg.iterative_rl)
     rounds = RewardModelRounds(iterative, cfg, rows, rewards, device, precision) if iterative.every else None
-    best = BestModel(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience,
-                     cfg.load_best_model_at_end, out) if cfg.early_stopping_patience or cfg.load_best_model_at_end else None
+    best = (BestModel(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience,
+                      cfg.load_best_model_at_end, out)
+            if cfg.early_stopping_patience or cfg.load_best_model_at_end else None)
 
     start_step = 0
     if inputs.checkpoint is not None:
@@ -111,7 +112,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
     if inputs.checkpoint is not None:
         logger.info(f"resumed from {inputs.checkpoint} at step {start_step}")
         if inputs.config_changes:
-            logger.log({"step": start_step, "resumed_with_changes": {k: list(v) for k, v in inputs.config_changes.items()}})
+            logger.log({"step": start_step,
+                        "resumed_with_changes": {k: list(v) for k, v in inputs.config_changes.items()}})
 
     # Held-out accuracy: the named reward, else the first whose values are all 0 or 1 (said once).
     accuracy = AccuracyReward(rewards, cfg.accuracy_reward, logger.info)
@@ -141,7 +143,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
 
     def better(step: int, record: dict) -> bool:
         """After an evaluation: keep a new best; True on every process when it is time to stop."""
-        stop = best is not None and world.main and best.observe(step, record, lambda d: save_model(d, policy, tokenizer))
+        stop = (best is not None and world.main
+                and best.observe(step, record, lambda d: save_model(d, policy, tokenizer)))
         return world.any(stop) if best is not None else False
 
     def save(step: int) -> Path | None:
