@@ -199,6 +199,8 @@ class TrainConfig(LoopConfig):
                        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
                        "dynamic_sampling", "max_generation_rounds"),
         "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl"),
+        "agents": ("tools", "environment_factory", "rollout_func", "max_turns", "tool_timeout",
+                   "parallel_tool_calls"),
         "algorithm": ("preset", "advantage_estimator", "advantage_eps", "policy_loss", "ratio_level",
                       "ratio_anchor", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator",
                       "loss_aggregation", "mask_truncated_completions", "num_iterations", "num_minibatches",
@@ -287,6 +289,25 @@ class TrainConfig(LoopConfig):
     iterative_rl: dict = field(default_factory=dict)
     """Iterative RL (DeepSeekMath section 4.2): keep training the reward model on the policy's own
     samples, labelled by a verifier; {}: off. Fields below."""
+
+    # ---- agents
+    tools: list = field(default_factory=list)
+    """Functions the model may call during an episode (docs/agents.md): path/to/file.py:fn or
+    package.module:fn; from Python also the functions themselves. Each needs a type hint on every
+    argument and a Google-style docstring; the chat template shows them to the model."""
+    environment_factory: Any = ""
+    """An environment class, one instance per episode, reset(**row) at its start: its public
+    methods are tools (TRL's environment_factory), or it has step(text) (a text environment). Its
+    reward, when it has one, is one more reward column named after the class, weight 1."""
+    rollout_func: Any = None
+    """Python only: rollout_func(prompts, trainer) runs the episodes itself and returns a list of
+    grpo.agents.Episode or TRL's dict of prompt_ids, completion_ids, logprobs (and env_mask)."""
+    max_turns: int = 10
+    """Model turns per episode at most (TRL's max_tool_calling_iterations is max_turns - 1)."""
+    tool_timeout: float = 60.0
+    """Seconds one tool call may take; a call that overruns is an error the model reads."""
+    parallel_tool_calls: bool = False
+    """The calls of one turn run at once (independent tools) instead of in the order written."""
 
     # ---- algorithm
     preset: str = "grpo"
@@ -492,12 +513,34 @@ class TrainConfig(LoopConfig):
             bad("reward_timeout", f"must be > 0 and at most {MAX_REWARD_TIMEOUT} seconds (a year: a reward slower "
                                   f"than that is a hang, and Python's thread timeouts end not far above), "
                                   f"got {self.reward_timeout:g}")
-        if not self.rewards:
+        if not self.rewards and not (self.environment_factory or self.rollout_func):
             bad("rewards", "at least one reward is required, e.g. rewards: [{function: exact_answer}]")
+        self.validate_agents(bad)
         for i, spec in enumerate(self.rewards):
             RewardSpec.parse(spec, f"rewards[{i}]", bad)
         self.validate_groups_that_teach(bad)
         self.validate_trl_options(bad)
+
+    @property
+    def agent(self) -> bool:
+        """Episodes of several turns (tools, an environment or the user's rollout_func) make the rollout."""
+        return bool(self.tools or self.environment_factory or self.rollout_func)
+
+    def validate_agents(self, bad) -> None:
+        at_least(self, bad, 1, "max_turns")
+        if self.tool_timeout <= 0:
+            bad("tool_timeout", f"must be > 0, got {self.tool_timeout:g}")
+        if not isinstance(self.tools, list):
+            bad("tools", f"expected a list of file.py:fn, module:fn or functions, got {self.tools!r}")
+        if self.rollout_func is not None and not callable(self.rollout_func):
+            bad("rollout_func", f"a Python function (train({{..., 'rollout_func': fn}})), got {self.rollout_func!r}")
+        if self.rollout_func is not None and (self.tools or self.environment_factory):
+            bad("rollout_func", "runs the episodes itself: give it, or tools / environment_factory, not both")
+        if self.agent and self.generation != "sample":
+            bad("generation", f"episodes with tools or an environment are sampled turn by turn; "
+                              f"generation: {self.generation} makes whole groups at once (use sample)")
+        if self.agent and self.dynamic_sampling:
+            bad("dynamic_sampling", "not with tools, an environment or a rollout_func yet")
 
     def validate_groups_that_teach(self, bad) -> None:
         at_least(self, bad, 1, "max_generation_rounds")

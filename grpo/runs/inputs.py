@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo.agents import check_setup
 from grpo.config import IterativeSpec, TrainConfig, to_dict
 from grpo.config.loading import qualified_name
 from grpo.config.train import preset_overrides
@@ -40,6 +41,7 @@ class TrainInputs:
     config_changes: dict = field(default_factory=dict)
     model: dict | None = None                    # the base model's fingerprint (run.json), None when unknown
     lock: RunLock = field(default_factory=RunLock)  # held on the output directory until the run ends
+    agent: tuple | None = None                   # (tools, environments) checked on the tokenizer, agent runs only
 
 
 def fingerprints(cfg: TrainConfig, data: Source, eval_data: Source | None) -> dict:
@@ -120,6 +122,10 @@ def run_inputs(cfg: TrainConfig, rewards, config_path: str | None) -> dict[str, 
         path = source_file(getattr(tool, "fn", tool))
         if path:
             paths[f"tools[{i}]'s file"] = path
+    environment = getattr(cfg, "environment_factory", None)
+    path = source_file(environment) if environment else None
+    if path:
+        paths["environment_factory's file"] = path
     if iterative.every and iterative.replay_dataset:
         paths["iterative_rl.replay_dataset"] = iterative.replay_dataset
     return paths
@@ -213,13 +219,17 @@ def check_inputs(cfg: TrainConfig, run, *, resume: bool, overwrite: bool, allow_
                           cfg.chat_template_kwargs, max_length=cfg.max_prompt_length,
                           say=None if run.world.main else (lambda message: None))
     check_beam_width(cfg, model_config.vocab_size - len(blocked_token_ids(tokenizer)))
+    # Tools importable, typed, documented and shown by the chat template; the environment class
+    # made once: a bad one is one line naming it, before any model loads.
+    agent = check_setup(tokenizer, list(cfg.tools), cfg.environment_factory or None,
+                        template_kwargs=cfg.chat_template_kwargs or None) if cfg.agent else None
 
     found = fingerprints(cfg, data, eval_data)
     # The base model's weights, read once (rank 0) and shared: every process compares the same.
     model = run.world.gather_objects(model_fingerprint(cfg.model) if run.world.main else None)[0]
     changes = check_resume(checkpoint, to_dict(cfg), found, allow_changes, say, model) if checkpoint else {}
     lock = claim(run, inputs=inputs, resume=resume, overwrite=overwrite)
-    return TrainInputs(rows, eval_rows, rewards, tokenizer, checkpoint, found, changes, model, lock)
+    return TrainInputs(rows, eval_rows, rewards, tokenizer, checkpoint, found, changes, model, lock, agent)
 
 
 def claim(run, command: str = "grpo train", **checks) -> RunLock:

@@ -32,6 +32,7 @@ from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
 from grpo.runtime.sharding import gathered
 
+from .agent_rollout import AgentSetup
 from .best_model import BEST_DIR, BestModel
 from .evaluate import AccuracyReward, evaluate
 from .iterative import RewardModelRounds
@@ -68,6 +69,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
     policy, reference = load_models(cfg, run)
     host_memory.configure(cfg, policy, device)  # on a CPU: freed tensors go back to the OS (large models)
     backend = make_backend(cfg.rollout_backend, policy, tokenizer)
+    # Agent runs: episodes of several turns make the rollout (tools, environments, their threads).
+    agent = AgentSetup(*inputs.agent, rollout_func=cfg.rollout_func) if inputs.agent is not None else None
     steps_per_rollout = cfg.num_iterations * cfg.num_minibatches  # optimizer steps
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * steps_per_rollout)
@@ -134,7 +137,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
             eval_generator.manual_seed(cfg.seed * 1000 + 999 + step)  # the same draws after a resume
             with precision.autocast():
                 result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, generator=eval_generator,
-                                  trainer_state=trainer_state(cfg, step * steps_per_rollout, sampler.epochs_done))
+                                  trainer_state=trainer_state(cfg, step * steps_per_rollout, sampler.epochs_done),
+                                  agent=agent)
         if decide:
             accuracy.decide(result["values"], world, "the held-out set")
         found = accuracy.of(result["values"])
@@ -174,7 +178,7 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
                 rollout = collect_rollout(policy, reference, tokenizer, draw(cfg.prompts_per_step), rewards, cfg,
                                           generator, gather=world.gather if world.size > 1 else None,
                                           precision=precision, backend=backend, more_rows=draw,
-                                          trainer_state=state)
+                                          trainer_state=state, agent=agent)
                 accuracy.decide(rollout.rewards_per_function, world, "the first rollout")
                 t1 = clock(device)
                 stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision,
@@ -248,6 +252,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
                                   f"the trained model is saved in {out}", stop.signum or 2)
     finally:
         logger.close()
+        if agent is not None:
+            agent.close()
     world.barrier()
     world.close()
     return out

@@ -33,6 +33,8 @@ from grpo.runtime.host_memory import large_vocabulary
 from grpo.runtime.precision import Precision
 from grpo.runtime.sharding import gathered
 
+from .agent_rollout import AgentSetup, score_episodes
+
 
 @dataclass
 class Rollout:
@@ -58,6 +60,7 @@ class Rollout:
     sample_weights: torch.Tensor | None = None     # [N] priority weights of stochastic-beam groups
     sampling_stats: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts
     reward_log: RewardLog = field(default_factory=RewardLog)  # what reward functions logged (TRL's hooks)
+    messages: list | None = None  # agent runs: each episode's conversation (tool calls and results)
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -83,6 +86,20 @@ class Scored:
     per_function: dict[str, torch.Tensor]
     seconds_generate: float = 0.0
     seconds_score: float = 0.0
+    # Agent episodes (grpo.train.agent_rollout): prompts are per row [P*G, Lp] (an environment may
+    # change a row's prompt), lengths count every completion token (tool results too), and the
+    # agent's metrics and each episode's messages come along.
+    per_row: bool = False
+    lengths: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+    messages: list | None = None
+
+    def expanded_prompts(self, G: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Prompt ids, mask and text of every row (a group's prompt repeated G times)."""
+        if self.per_row:
+            return self.prompt_ids, self.prompt_mask, list(self.texts)
+        return (self.prompt_ids.repeat_interleave(G, 0), self.prompt_mask.repeat_interleave(G, 0),
+                [t for t in self.texts for _ in range(G)])
 
     def take(self, groups: list[int], G: int) -> "Scored":
         """The groups `groups`, in that order."""
@@ -104,11 +121,20 @@ def completion_stop_ids(backend: RolloutBackend, tokenizer) -> list[int]:
 
 def score_group(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg, params: SamplingParams,
                 generator, *, log: RewardLog | None = None, trainer_state=None, precision: Precision | None = None,
-                device=None) -> Scored:
+                device=None, agent: AgentSetup | None = None) -> Scored:
     """G = params.group_size completions for each row's prompt, and their rewards, called with
     TRL's contract (grpo.rewards.scoring): the row's prompt as given (text or messages), each
-    completion as text or as one assistant message, the token ids, the columns."""
+    completion as text or as one assistant message, the token ids, the columns. With `agent`,
+    G episodes of each row instead (grpo.train.agent_rollout)."""
     G = params.group_size
+    if agent is not None:
+        (texts, prompt_ids, prompt_mask, out, completions, total, per_function, lengths, stats, messages,
+         seconds_generate, seconds_score) = score_episodes(
+            agent, backend, tokenizer, rows, rewards, cfg, params, generator, completion_stop_ids(backend, tokenizer),
+            log=log if log is not None else RewardLog(), trainer_state=trainer_state, precision=precision,
+            device=device, clock=(lambda: clock(device)) if device is not None else time.perf_counter)
+        return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function,
+                      seconds_generate, seconds_score, per_row=True, lengths=lengths, stats=stats, messages=messages)
     t0 = clock(device) if device is not None else time.perf_counter()
     raw = [row[cfg.prompt_column] for row in rows]
     texts, prompt_ids, prompt_mask = prompt_batch(tokenizer, raw, cfg.max_prompt_length, cfg.apply_chat_template,
@@ -268,8 +294,9 @@ def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[l
 
 def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg, generator: torch.Generator,
                     gather=None, precision: Precision | None = None, backend: RolloutBackend | None = None,
-                    more_rows: Callable[[int], list[dict]] | None = None, trainer_state=None) -> Rollout:
-    """Generate, score and normalise one step's groups.
+                    more_rows: Callable[[int], list[dict]] | None = None, trainer_state=None,
+                    agent: AgentSetup | None = None) -> Rollout:
+    """Generate, score and normalise one step's groups (with `agent`: episodes, grpo.train.agent_rollout).
 
     `backend` generates (default: the local engine on `policy`); `policy` and `reference` give the
     trainer-side log-probs (`reference` may be `policy` itself when it carries a LoRA adapter:
@@ -294,7 +321,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     def generate(batch_rows) -> Scored:
         with gathered(policy):  # a sharded policy is whole for its rollout only
             return score_group(backend, tokenizer, batch_rows, rewards, cfg, sampling_params(cfg), generator, log=log,
-                               trainer_state=trainer_state, precision=precision, device=device)
+                               trainer_state=trainer_state, precision=precision, device=device, agent=agent)
 
     scored = generate(rows)
     stats = {}
@@ -302,15 +329,17 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         parts, stats = dynamic_sampling(scored, more_rows, generate, cfg, gather)
         scored = _cat(parts, tokenizer.pad_token_id)
     out, total = scored.generation, scored.total
+    prompt_ids, prompt_mask, prompts = scored.expanded_prompts(G)
+    stats = {**stats, **scored.stats}
     rollout = Rollout(
-        prompt_ids=scored.prompt_ids.repeat_interleave(G, 0), prompt_mask=scored.prompt_mask.repeat_interleave(G, 0),
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         completion_ids=out.completion_ids,
         completion_mask=algorithm.loss_mask(out.completion_mask, out.truncated, cfg.mask_truncated_completions),
-        truncated=out.truncated, lengths=out.completion_mask.sum(1),
+        truncated=out.truncated, lengths=out.completion_mask.sum(1) if scored.lengths is None else scored.lengths,
         rewards=total, advantages=torch.zeros_like(total), rewards_per_function=scored.per_function,
         rewards_before_kl=total,
-        prompts=[t for t in scored.texts for _ in range(G)], completions=scored.completions,
-        sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log)
+        prompts=prompts, completions=scored.completions,
+        sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log, messages=scored.messages)
 
     t2 = clock(device)
     temperature = logprob_temperature(cfg)
