@@ -299,3 +299,66 @@ def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["agent/tool_calls"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/agents.md: its examples run
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "agents.md"
+
+
+def docs_blocks(language: str) -> list[str]:
+    import re
+
+    return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), re.DOTALL)
+
+
+def test_the_docs_yaml_config_trains_with_its_tool_file(tool_model, tmp_path, monkeypatch):
+    from grpo import cli
+
+    python = docs_blocks("python")
+    (tmp_path / "calculator.py").write_text(python[0] + "\n\n" + python[1])
+    (tmp_path / "multiply.jsonl").write_text(json.dumps({**ROWS[0], "answer": "408"}) + "\n")
+    (tmp_path / "config.yaml").write_text(docs_blocks("yaml")[0])
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", "--config", "config.yaml", "--quiet", "--set", f"model={tool_model}",
+                     "--set", "max_steps=1", "--set", "prompts_per_step=1", "--set", "group_size=2",
+                     "--set", "max_completion_length=32", "--set", "save_steps=0", "--set", "output_dir=out",
+                     "--set", "model_card=false"])
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "agent/turns" in record and "rewards/answered/mean" in record
+
+
+def test_the_docs_environment_and_rollout_func_run(tool_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.agents import check_setup
+    from grpo.train.agent_rollout import AgentSetup
+    from grpo.train.rollout import collect_rollout
+
+    space: dict = {}
+    for block in docs_blocks("python"):
+        exec(block, space)
+    tok = AutoTokenizer.from_pretrained(tool_model)
+    policy = AutoModelForCausalLM.from_pretrained(tool_model)
+
+    def rollout_with(setup, backend, **over):
+        cfg = config(tool_model, tmp_path, **over)
+        try:
+            return collect_rollout(policy, None, tok, ROWS * 2, build_rewards(cfg), cfg,
+                                   torch.Generator().manual_seed(0), backend=backend, agent=setup)
+        finally:
+            setup.close()
+
+    bump = ScriptedBackend(tok, first='<tool_call>\n{"name": "bump", "arguments": {"by": 3}}\n</tool_call>',
+                           then="done")
+    counted = rollout_with(AgentSetup(*check_setup(tok, [], space["Counter"])), bump, tools=[],
+                           environment_factory=space["Counter"], rewards=[])
+    assert counted.rewards_per_function["Counter"].tolist() == [1.0] * 4
+    assert "Count to 3." in counted.messages[0][0]["content"]
+
+    mine = rollout_with(AgentSetup([], None, rollout_func=space["my_rollout"]), ScriptedBackend(tok), tools=[],
+                        rollout_func=space["my_rollout"])
+    assert mine.rewards_per_function["answered"].tolist() == [1.0] * 4
+    assert mine.sampling_stats["agent/tool_calls"] == 1.0
