@@ -108,14 +108,14 @@ class SampledThenScripted(ScriptedBackend):
                           torch.cat([logprobs, scripted.sampling_logprobs], 1))
 
 
-def _register():
+@pytest.fixture
+def sampled_then_scripted():
+    """The backend registered for one test, and removed again."""
     from grpo.engine.backend import ROLLOUT_BACKENDS, register_backend
 
-    if "sampled_then_scripted" not in ROLLOUT_BACKENDS:
-        register_backend("sampled_then_scripted")(SampledThenScripted)
-
-
-_register()
+    register_backend("sampled_then_scripted")(SampledThenScripted)
+    yield "sampled_then_scripted"
+    ROLLOUT_BACKENDS._table.pop("sampled_then_scripted")
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,7 @@ def test_agent_keys_and_trl_spelling():
     assert build(TrainConfig, dict(model="m", dataset="d", environment_factory=Counter), "t").agent
 
 
-def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path):
+def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path, sampled_then_scripted):
     import shutil
 
     from safetensors.torch import load_file
@@ -287,7 +287,7 @@ def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path):
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
-    over = dict(dataset=str(data), rollout_backend="sampled_then_scripted", max_steps=4, save_steps=2, samples_steps=0)
+    over = dict(dataset=str(data), rollout_backend=sampled_then_scripted, max_steps=4, save_steps=2, samples_steps=0)
     loop.train(config(tool_model, tmp_path / "full", **over), quiet=True)
     part = tmp_path / "part"
     part.mkdir()
