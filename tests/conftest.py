@@ -74,3 +74,14 @@ def addition_files(tmp_path_factory):
     train, heldout = addition_problems()
     return {"train": str(write_jsonl(train, d / "train.jsonl", completion=True)),
             "heldout": str(write_jsonl(heldout, d / "heldout.jsonl"))}
+
+
+def chromium() -> str:
+    """Headless Chromium for the report's browser tests (python3 dev.py test installs Debian's)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("headless Chromium is needed for the report tests: apt-get install -y chromium "
+                "(python3 dev.py test installs it)")

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from conftest import chromium
 from grpo.cli import main
 from grpo.config import TrainConfig, build
 from grpo.observe.report import PLOTS, add_wall_clock, load_run, run_labels, write_report
@@ -47,14 +48,6 @@ def run_dir(tiny_model_dir, addition_files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(run_dir):
     return write_report([run_dir])
-
-
-def chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    pytest.fail("headless Chromium is needed for the report tests: apt-get install -y chromium "
-                "(python3 dev.py test installs it)")
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -3,12 +3,12 @@ page (never markup, never a formula in a plot), and files cut short or holding l
 JSON objects are read around with one warning per file naming the lines, never a traceback."""
 
 import json
-import shutil
 import subprocess
 from html.parser import HTMLParser
 
 import pytest
 
+from conftest import chromium
 from grpo.cli import main
 from grpo.errors import GrpoError
 from grpo.observe.report import ReportError, load_run, write_report
@@ -113,14 +113,6 @@ def test_plots_with_dollar_signs_in_names_are_drawn(hostile_report):
     run = load_run(report.parent, "run")
     assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
     assert all("wall_clock" not in m or isinstance(m["wall_clock"], float) for m in run.metrics)
-
-
-def chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    pytest.fail("headless Chromium is needed for the report tests: apt-get install -y chromium "
-                "(python3 dev.py test installs it)")
 
 
 # Appended to a copy of the report: proof that this browser runs scripts and error handlers here,

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import test_groups_that_teach as shared
 import torch
 
 from grpo import algorithm
-from grpo.config import TrainConfig, build
 from grpo.engine.backend import LocalBackend, SamplingParams
-from grpo.engine.models import load_causal_lm, load_tokenizer
 from grpo.rewards import Reward
 from grpo.train.evaluate import evaluate
 from grpo.train.rollout import Rollout, collect_rollout
@@ -25,22 +24,12 @@ from grpo.train.update import rollout_metrics
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
+# The same small run and module-scoped policy and tokenizer as the groups-that-teach tests.
+policy, tokenizer = shared.policy, shared.tokenizer
+
+
 def config(tiny_model_dir, addition_files, **kw):
-    values = dict(model=tiny_model_dir, dataset=addition_files["train"], rewards=[{"function": "exact_answer"}],
-                  prompts_per_step=2, group_size=4, max_completion_length=4, max_prompt_length=16,
-                  learning_rate=1e-3, beta=0.0, report_to=[])
-    values.update(kw)
-    return build(TrainConfig, values)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir)
+    return shared.config(tiny_model_dir, addition_files, **{"prompts_per_step": 2, **kw})
 
 
 def rows(n):

@@ -292,6 +292,14 @@ def restore_train_state(checkpoint: Path, policy, optimizer, scheduler, precisio
                        f"checkpoint keeps it elsewhere, in its shards)")
     with restoring(checkpoint, "optimizer state"):
         optimizer.load_state_dict(state["optimizer"])
+    restore_schedule_and_position(checkpoint, state, scheduler, precision, sampler, generator, rank)
+    return state
+
+
+def restore_schedule_and_position(checkpoint: Path, state: dict, scheduler, precision, sampler, generator,
+                                  rank: int) -> None:
+    """What every checkpoint, plain or sharded, restores after the weights and the optimizer: the
+    learning-rate schedule, the loss scale, the data position and this process's RNG streams."""
     with restoring(checkpoint, "learning-rate schedule"):
         scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # empty when the checkpoint was not float16
@@ -300,4 +308,3 @@ def restore_train_state(checkpoint: Path, policy, optimizer, scheduler, precisio
     with restoring(checkpoint, "data position"):
         sampler.load_state_dict(state["sampler"])
     restore_rng(state, generator, rank, checkpoint)
-    return state

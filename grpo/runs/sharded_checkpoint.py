@@ -30,8 +30,8 @@ import torch
 from grpo.errors import ConfigError, GrpoError, RunError
 from grpo.runtime.distributed import World
 
-from .checkpoint import (RUN_FILE, STATE_FILE, NotStorable, cause_of, list_checkpoints, load_state, restore_rng,
-                         restoring, storable, write_failed)
+from .checkpoint import (RUN_FILE, STATE_FILE, NotStorable, cause_of, list_checkpoints, load_state,
+                         restore_schedule_and_position, restoring, storable, write_failed)
 
 SHARDS_DIR = "sharded"
 
@@ -190,14 +190,7 @@ def restore_sharded_train_state(checkpoint: Path, policy, optimizer, scheduler, 
     missing = sorted(trained & set(getattr(loaded, "missing_keys", ())))
     if missing:  # strict=False (the frozen base is not in the shards) must not pass over a trained weight
         raise ConfigError(f"--resume: {checkpoint} holds no {missing[0]} (and {len(missing) - 1} more trained weights)")
-    with restoring(checkpoint, "learning-rate schedule"):
-        scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        with restoring(checkpoint, "loss scale"):
-            precision.scaler.load_state_dict(state["scaler"])
-    with restoring(checkpoint, "data position"):
-        sampler.load_state_dict(state["sampler"])
-    restore_rng(state, generator, rank, checkpoint)
+    restore_schedule_and_position(checkpoint, state, scheduler, precision, sampler, generator, rank)
     return state
 
 
