@@ -34,6 +34,7 @@ from grpo.rewards import build_rewards
 from grpo.rewards.models import RewardModelScorer, load_reward_model
 from grpo.rewards.preferences import Pair, evaluate_pairs, load_preferences, pair_scores, pairs_from_labels
 from grpo.runtime.precision import Precision
+from grpo.runtime.seeds import stream_seed
 from grpo.runtime.sharding import gathered
 
 from .rollout import sampling_params, score_group
@@ -54,9 +55,9 @@ class RewardModelRounds:
         self.optimizer = torch.optim.AdamW([p for p in self.rm.model.parameters() if p.requires_grad],
                                            lr=spec.learning_rate, betas=(0.9, 0.999))
         self.labeler = build_rewards([spec.labeler], device, precision.dtype)
-        self.sampler = PromptSampler(len(rows), cfg.seed + 7919)
-        # The same on every process (no rank offset): every process runs the same round.
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 777)
+        self.sampler = PromptSampler(len(rows), stream_seed(cfg.seed, "iterative_prompts"))
+        # The same on every process (no rank in it): every process runs the same round.
+        self.generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "iterative_sampling"))
         self.history: list[Pair] = (load_preferences(spec.replay_dataset, self.scorer.tokenizer, log=lambda *a: None)
                                     if spec.replay_dataset else [])
         self.round = 0
@@ -76,7 +77,7 @@ class RewardModelRounds:
             scored = score_group(backend, tokenizer, rows, self.labeler, cfg, params, self.generator,
                                  precision=self.precision, device=self.device)
         labels = scored.per_function[self.labeler[0].name].tolist()
-        G, rng = spec.samples_per_prompt, random.Random(cfg.seed * 1000 + self.round)
+        G, rng = spec.samples_per_prompt, random.Random(stream_seed(cfg.seed, "iterative_pairs", self.round))
         new = [pair for p, text in enumerate(scored.texts)
                for pair in pairs_from_labels(text, scored.completions[p * G:(p + 1) * G], labels[p * G:(p + 1) * G],
                                              rng, spec.pairs_per_prompt, f"round {self.round}")]
@@ -94,7 +95,7 @@ class RewardModelRounds:
 
     def train(self, new: list[Pair]) -> float:
         spec = self.spec
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.round)
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "iterative_batches", self.round))
         n_old = int(round(spec.batch_size * spec.replay)) if self.history else 0
         losses = []
         for _ in range(spec.steps):

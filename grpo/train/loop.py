@@ -30,6 +30,7 @@ from grpo.runs.run_dir import STAGING, publish, staging_dir
 from grpo.runtime import host_memory
 from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
+from grpo.runtime.seeds import stream_seed
 from grpo.runtime.sharding import gathered
 
 from .agent_rollout import AgentSetup
@@ -75,8 +76,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * steps_per_rollout)
     sampler = PromptSampler(len(rows), cfg.seed, shuffle=cfg.shuffle_dataset)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + world.rank)
-    eval_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 999)  # num_generations_eval > 1
+    generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "rollout", world.rank))
+    eval_generator = torch.Generator(device=device)  # num_generations_eval > 1; seeded per evaluation
 
     # Guards against a reward model's errors: it keeps learning (iterative RL), and the held-out
     # verifier's best is kept and watched (early stopping).
@@ -134,7 +135,7 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
                 if decide:
                     accuracy.decide(None, world, "the held-out set")
                 return {}
-            eval_generator.manual_seed(cfg.seed * 1000 + 999 + step)  # the same draws after a resume
+            eval_generator.manual_seed(stream_seed(cfg.seed, "eval", step))  # the same draws after a resume
             with precision.autocast():
                 result = evaluate(backend, tokenizer, eval_rows, rewards, cfg, generator=eval_generator,
                                   trainer_state=trainer_state(cfg, step * steps_per_rollout, sampler.epochs_done),
