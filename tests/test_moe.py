@@ -44,7 +44,7 @@ def plain_inputs(batch):
 def test_plain_path_aux_loss_is_the_models_own(name):
     model = build(name).train()
     batch = group_batch()
-    lp, _, aux = completion_logprobs(model, *batch[:4], engine="plain", router_aux_loss=True)
+    aux = completion_logprobs(model, *batch[:4], engine="plain", router_aux_loss=True).aux_loss
     ids, attn, fed = plain_inputs(batch)
     counted = torch.cat([batch[1].bool(), fed], 1)
     out = model(input_ids=ids, attention_mask=counted.long(), position_ids=position_ids_from_mask(attn),
@@ -64,7 +64,7 @@ def test_packed_and_kv_cache_paths_count_each_prompt_once(name, monkeypatch):
     batch = group_batch(seed=1)
     pids, pmask = batch[:2]
     G = 3
-    _, _, packed_aux = completion_logprobs(model, *batch[:4], router_aux_loss=True)
+    packed_aux = completion_logprobs(model, *batch[:4], router_aux_loss=True).aux_loss
     # The same tokens selected out of the padded forward: each group's prompt from its first row,
     # every row's fed completion tokens.
     ids, attn, fed = plain_inputs(batch)
@@ -77,7 +77,7 @@ def test_packed_and_kv_cache_paths_count_each_prompt_once(name, monkeypatch):
     expected = naive_switch_loss(out.router_logits, counted, experts, model.num_experts_per_tok)
     torch.testing.assert_close(packed_aux.detach(), expected, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(logprobs_module.packed, "supported", lambda m: False)  # the KV-cache hand-over
-    _, _, cache_aux = completion_logprobs(model, *batch[:4], router_aux_loss=True)
+    cache_aux = completion_logprobs(model, *batch[:4], router_aux_loss=True).aux_loss
     torch.testing.assert_close(cache_aux.detach(), expected, atol=1e-5, rtol=1e-5)
 
 

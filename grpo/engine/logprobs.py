@@ -27,6 +27,24 @@ from .models import (cache_kwarg, checkpointing_active, model_device, output_cac
 from .moe import RouterLogits, load_balancing_loss
 
 
+class TokenLogprobs(tuple):
+    """`(logprobs, entropy)`, always a pair, with the router's load-balancing loss as `.aux_loss`
+    (None unless asked for)."""
+
+    def __new__(cls, logprobs: Tensor, entropy: Tensor | None, aux_loss: Tensor | None = None):
+        pair = super().__new__(cls, (logprobs, entropy))
+        pair.aux_loss = aux_loss
+        return pair
+
+    @property
+    def logprobs(self) -> Tensor:
+        return self[0]
+
+    @property
+    def entropy(self) -> Tensor | None:
+        return self[1]
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, temperature: float = 1.0,
                         compute_entropy: bool = False, engine: str = "auto",
@@ -34,7 +52,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
                         router_aux_loss: bool = False, recompute_mlp: bool = False):
     """log pi(o_t | x, o_<t) for every completion token, from logits divided by `temperature`.
 
-    Returns `(logprobs, entropy)`, both float32 [N, T] (entropy is None unless `compute_entropy`):
+    Returns `TokenLogprobs`, the pair `(logprobs, entropy)`, both float32 [N, T] (entropy is None
+    unless `compute_entropy`):
     entropy[i, t] is the entropy of the tempered next-token distribution that o_t was drawn from.
     `completion_mask` (long, bool or float) only decides which columns count: values where it is 0
     are finite but meaningless. Padding ids must be valid token ids (the usual pad_token_id).
@@ -57,8 +76,9 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     ever whole. 0: all at once.
     `recompute_mlp`: the hand-written Llama-style forward keeps only gate(x) and up(x) of each
     MLP for the backward and recomputes the rest (`llama.mlp`): same numbers, less memory.
-    `router_aux_loss`: also return, third, the model's router load-balancing loss over the
-    tokens these forwards ran (mixture-of-experts models, `moe.load_balancing_loss`).
+    `router_aux_loss`: also compute the model's router load-balancing loss over the tokens these
+    forwards ran (mixture-of-experts models, `moe.load_balancing_loss`), as the result's
+    `.aux_loss` (None otherwise).
     """
     if engine not in ("auto", "plain"):
         raise ValueError(f"engine must be 'auto' or 'plain', got {engine!r}")
@@ -84,8 +104,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     logprobs = torch.zeros(N, T, dtype=torch.float32, device=device)
     entropy = torch.zeros(N, T, dtype=torch.float32, device=device) if compute_entropy else None
     if T_used == 0:
-        aux = torch.zeros((), device=device)
-        return (logprobs, entropy, aux) if router_aux_loss else (logprobs, entropy)
+        return TokenLogprobs(logprobs, entropy, torch.zeros((), device=device) if router_aux_loss else None)
     targets = completion_ids[:, :T_used]
     scorer = _Scorer(model, temperature, compute_entropy, entropy_grad, logprob_chunk_size, router_aux_loss,
                      recompute_mlp)
@@ -179,10 +198,8 @@ class _Scorer:
             lp, ent = token_stats(x, targets, self.temperature, self.compute_entropy, self.entropy_grad)
         return lp.view(shape), (None if ent is None else ent.view(shape))
 
-    def result(self, logprobs, entropy):
-        if not self.aux:
-            return logprobs, entropy
-        return logprobs, entropy, load_balancing_loss(self.model, self.router)
+    def result(self, logprobs, entropy) -> "TokenLogprobs":
+        return TokenLogprobs(logprobs, entropy, load_balancing_loss(self.model, self.router) if self.aux else None)
 
     def plain(self, input_ids, attention_mask, targets, counted):
         T_used = targets.shape[1]

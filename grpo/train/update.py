@@ -114,7 +114,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                         policy, rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
                         forward_mask(policy, rollout, idx), temperature, compute_entropy=True, entropy_grad=False,
                         logprob_chunk_size=chunk, router_aux_loss=aux_loss, recompute_mlp=recompute)
-                logprobs, entropy = forward[:2]
+                logprobs, entropy = forward
                 mask = rollout.completion_mask[idx]
                 # old is None with one update per rollout: policy_loss then uses logprobs.detach().
                 old = None if rollout.old_logprobs is None else rollout.old_logprobs[idx]
@@ -140,7 +140,7 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     # Face forward's `router_aux_loss_coef * aux_loss`), averaged over micro-batches
                     # by their share of the minibatch's sequences. It is not linear in the tokens
                     # (f_e * P_e), so per micro-batch it is not the whole minibatch's value.
-                    aux = forward[2].float()
+                    aux = forward.aux_loss.float()
                     sums["router_aux_loss"] += aux.item() * len(idx) / len(rows)  # this process's mean
                     loss = loss + cfg.router_aux_loss_coef * aux * len(idx) / norm["num_sequences"]
                 if loss.requires_grad:  # False only when every token of the micro-batch is masked out
