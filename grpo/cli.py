@@ -62,6 +62,7 @@ TRL's names work too (num_generations, loss_type, epsilon, reward_weights, ...):
 every key, its default and meaning: grpo config sft""",
     "demo": """examples:
   grpo demo                                # tiny model, supervised warm start, GRPO on addition
+  grpo demo --task calculator              # an agent: 3-digit products through a multiply tool
   grpo demo --pipeline seed --output-dir runs/seed
 
 the settings it uses are in docs/getting-started.md ("The demo"); grpo config train / sft describe each key""",
@@ -119,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
                    help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
+    d.add_argument("--task", choices=["addition", "calculator"], default="addition",
+                   help="addition: two-number sums; calculator: 3-digit products solved by calling a multiply "
+                        "tool (an agent run, docs/agents.md)")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what grpo wrote in a non-empty --output-dir (an earlier run of the same demo is "
                         "replaced anyway; files grpo did not write are never deleted)")
@@ -196,11 +200,18 @@ def run_command(args) -> int:
             print(f"model saved to {out}")
     elif args.command == "demo":
         if args.pipeline == "seed":
+            if args.task != "addition":
+                raise ConfigError("--task: the seed pipeline runs on addition only")
             if args.set:
                 raise ConfigError("--set: only the plain demo (--pipeline grpo) takes overrides; the seed "
                                   "pipeline's settings are in grpo/recipes/pipeline.py")
             from grpo.recipes.pipeline import run_seed_pipeline
             run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
+        elif args.task == "calculator":
+            from grpo.recipes.calculator import run_calculator_demo
+            output_dir = "runs/calculator" if args.output_dir == "runs/demo" else args.output_dir
+            run_calculator_demo(output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                                grpo_overrides=parse_overrides(args.set))
         else:
             from grpo.recipes.demo import run_demo
             run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,

@@ -362,3 +362,45 @@ def test_the_docs_environment_and_rollout_func_run(tool_model, tmp_path):
                         rollout_func=space["my_rollout"])
     assert mine.rewards_per_function["answered"].tolist() == [1.0] * 4
     assert mine.sampling_stats["agent/tool_calls"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo demo --task calculator
+
+def test_the_calculator_warm_start_trains_on_the_tokens_the_rollout_makes():
+    """A solved warm-start episode is token for token, mask and all, what the episode loop makes
+    when the model writes the same turns."""
+    from grpo.agents import Sampled, run_episodes
+    from grpo.recipes.calculator import build_tokenizer, episode, final_answer, multiply, problems
+
+    tok = build_tokenizer()
+    row = problems(0)[1][0]
+    ids, mask = episode(tok, row)
+    a, b = (int(x) for x in row["prompt"][0]["content"].split("*"))
+    turns = [f'<tool_call>{{"name": "multiply", "arguments": {{"a": {a}, "b": {b}}}}}</tool_call>', row["answer"]]
+
+    def generate(contexts, max_new_tokens):
+        text = turns.pop(0)
+        out = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return [Sampled(out, [-0.1] * len(out), True)]
+
+    [ep] = run_episodes(tok, [row["prompt"]], generate, tools=[multiply], max_turns=3, max_completion_length=200)
+    assert ep.prompt_ids + ep.completion_ids == ids
+    assert [0] * len(ep.prompt_ids) + ep.loss_mask == mask
+    assert final_answer([ep.completion], [row["answer"]]) == [1.0]
+
+
+def test_grpo_demo_task_calculator_runs(tmp_path, monkeypatch):
+    from grpo import cli
+    from grpo.recipes import calculator
+
+    monkeypatch.setattr(calculator, "WARM", dict(steps=2, batch_size=4, learning_rate=1e-3))
+    monkeypatch.setattr(calculator, "HELDOUT", 4)
+    code = cli.main(["demo", "--task", "calculator", "--output-dir", str(tmp_path / "demo"), "--quiet",
+                     "--set", "max_steps=1", "--set", "prompts_per_step=2", "--set", "group_size=2",
+                     "--set", "max_completion_length=24"])
+    assert code == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["heldout_prompts"] == 4 and 0 <= summary["success_after"] <= 1
+    record = json.loads((tmp_path / "demo" / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "agent/tool_calls" in record

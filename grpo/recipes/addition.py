@@ -24,7 +24,8 @@ GRPO = dict(max_steps=200, prompts_per_step=32, group_size=8, max_completion_len
             rewards=[{"function": "exact_answer"}])
 
 
-RECIPES = {"demo": "grpo demo", "seed pipeline": "grpo demo --pipeline seed"}
+RECIPES = {"demo": "grpo demo", "seed pipeline": "grpo demo --pipeline seed",
+           "calculator demo": "grpo demo --task calculator"}
 
 
 def claim_recipe_dir(out: Path, recipe: str, overwrite: bool) -> RunLock:
