@@ -21,9 +21,8 @@ from grpo.engine.moe import is_moe
 from grpo.errors import ConfigError
 from grpo.runtime.sharding import shard_model
 
-from .checkpoint import restore_train_state, save_checkpoint, save_model
-from .sharded_checkpoint import (is_sharded_checkpoint, restore_sharded_train_state, save_gathered_pretrained,
-                                 save_sharded_checkpoint)
+from .checkpoint import save_model
+from .sharded_checkpoint import save_gathered_pretrained
 
 
 def needs_reference(cfg) -> bool:
@@ -77,27 +76,6 @@ def quantization(cfg: TrainConfig, compute_dtype: torch.dtype):
     if cfg.peft.get("quantization") is None:
         return None
     return quantization_config(cfg.peft["quantization"], cfg.peft.get("double_quant", False), compute_dtype)
-
-
-def restore(cfg: TrainConfig, checkpoint: Path, policy, optimizer, scheduler, precision, sampler, generator, world):
-    if cfg.fsdp:
-        return restore_sharded_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator,
-                                           world.rank)
-    if is_sharded_checkpoint(checkpoint):
-        from grpo.errors import RunError
-        raise RunError(f"--resume: {checkpoint} was saved sharded (fsdp: true); resume it with fsdp: true")
-    return restore_train_state(checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world.rank,
-                               cfg.model_init_kwargs)
-
-
-def save_train_checkpoint(cfg: TrainConfig, out: Path, step: int, policy, optimizer, tokenizer, state: dict,
-                          world, run: dict) -> Path | None:
-    """Every process calls this (a sharded checkpoint is written by all of them)."""
-    if cfg.fsdp:
-        return save_sharded_checkpoint(out, step, policy, optimizer, tokenizer, state, world, cfg.save_total_limit, run)
-    if world.main:
-        return save_checkpoint(out, step, policy, tokenizer, state, cfg.save_total_limit, run=run)
-    return None
 
 
 def save_final(cfg: TrainConfig, out: Path, policy, tokenizer, world) -> None:

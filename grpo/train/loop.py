@@ -20,13 +20,13 @@ from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
 from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
-from grpo.rewards import load_reward_states, reward_states
-from grpo.runs.checkpoint import load_weights, restoring, rng_state, save_model, train_state
+from grpo.runs.checkpoint import load_weights, save_model
 from grpo.runs.inputs import check_inputs
 from grpo.runs.interrupts import Interrupted, StopRequests
 from grpo.runs.model_card import write_model_card
-from grpo.runs.models import load_models, restore, save_final, save_train_checkpoint
+from grpo.runs.models import load_models, save_final
 from grpo.runs.run_dir import STAGING, publish, staging_dir
+from grpo.runs.state import TrainingState
 from grpo.runtime import host_memory
 from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
@@ -87,25 +87,14 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
                       cfg.load_best_model_at_end, out)
             if cfg.early_stopping_patience or cfg.load_best_model_at_end else None)
 
+    # What a checkpoint holds and a resume puts back (grpo.runs.state).
+    moves = cfg.sync_ref_model or (rounds is not None and iterative.reset_reference)  # then it is saved too
+    checkpoints = TrainingState(cfg, out, world, policy, optimizer, scheduler, precision, sampler, generator,
+                                tokenizer, rewards, reference, reference_moves=moves, rounds=rounds, best=best,
+                                run_record={"data": inputs.fingerprints, "model": inputs.model})
     start_step = 0
     if inputs.checkpoint is not None:
-        state = restore(cfg, inputs.checkpoint, policy, optimizer, scheduler, precision, sampler, generator, world)
-        # Each process's own (its reward model's running moments saw its own samples); a run
-        # resumed on more processes than it was saved from starts the extra ones from rank 0's.
-        states, ckpt = state.get("reward_states", {}), inputs.checkpoint
-        with restoring(ckpt, "reward states"):
-            load_reward_states(rewards, states[world.rank if world.rank < len(states) else 0]
-                               if isinstance(states, list) else states)
-        if state.get("reference") is not None:  # moved by sync_ref_model, or reset by iterative RL
-            with restoring(ckpt, "reference model"):
-                reference.load_state_dict(state["reference"])
-        if rounds is not None and state.get("iterative"):
-            with restoring(ckpt, "iterative RL state"):
-                rounds.load_state_dict(state["iterative"])
-        if best is not None and state.get("best"):
-            with restoring(ckpt, "best-model record"):
-                best.load_state_dict(state["best"])
-        start_step = state["step"]
+        start_step = checkpoints.restore(inputs.checkpoint)
         backend.sync_weights(policy)
     sync_reference = ReferenceSync(policy, reference, cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha,
                                    done=start_step * steps_per_rollout) if cfg.sync_ref_model else None
@@ -151,18 +140,6 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
         stop = (best is not None and world.main
                 and best.observe(step, record, lambda d: save_model(d, policy, tokenizer)))
         return world.any(stop) if best is not None else False
-
-    def save(step: int) -> Path | None:
-        rng = world.gather_objects(rng_state(generator))  # every process takes part
-        states = world.gather_objects(reward_states(rewards))  # one per process, in rank order
-        state = train_state(step, optimizer, scheduler, precision, sampler, to_dict(cfg), rng, states)
-        moved = sync_reference is not None or (rounds is not None and iterative.reset_reference)
-        state["reference"] = reference.state_dict() if moved and reference is not None else None
-        state["iterative"] = rounds.state_dict() if rounds is not None else None
-        state["best"] = best.state_dict() if best is not None else None
-        return save_train_checkpoint(cfg, out, step, policy, optimizer, tokenizer, state, world,
-                                     run={"config": to_dict(cfg), "data": inputs.fingerprints, "model": inputs.model,
-                                          "step": step})
 
     summary = {}
     if eval_rows and start_step == 0:
@@ -212,7 +189,7 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
                 stopping = world.any(stop.requested) and step < cfg.max_steps
                 if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0)
                                              or (stopping and cfg.save_on_interrupt)):
-                    saved = save(step)
+                    saved = checkpoints.save(step)
                 if stopping:
                     where = f"saved {saved}; continue with --resume" if cfg.save_on_interrupt else \
                         "not saved (save_on_interrupt is off)"
