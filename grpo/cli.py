@@ -176,67 +176,95 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grpo {args.command}: stopped at once, without saving (checkpoints already written are kept)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `grpo config train | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # Python flushes stdout once more at exit
+        return 0
     except OSError as e:  # a full disk, a permission, a missing file: the system's own one line
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 
-def run_command(args) -> int:
-    from grpo.config import (COMMANDS, ConfigError, PreferenceConfig, RewardModelConfig, RewardModelEvalConfig,
-                             SFTConfig, TrainConfig, describe, load_config, parse_overrides)
+# Each command's handler: it loads the command's config (file, then --set) and calls the library.
+# The config file goes down with the config: an input of the run that no --overwrite may delete.
 
-    if args.command == "train":
-        from grpo.train.loop import train
-        # The config file goes down with the config: an input of the run no --overwrite may delete.
-        out = train(load_config(TrainConfig, args.config, args.set), resume=args.resume, quiet=args.quiet,
-                    overwrite=args.overwrite, allow_changes=args.allow_changes, config_path=args.config)
-        if not args.quiet:
-            print(f"model saved to {out}")
-    elif args.command == "sft":
-        from grpo.supervised.sft import train_sft
-        out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet, overwrite=args.overwrite,
-                        config_path=args.config)
-        if not args.quiet:
-            print(f"model saved to {out}")
-    elif args.command == "demo":
-        if args.pipeline == "seed":
-            if args.task != "addition":
-                raise ConfigError("--task: the seed pipeline runs on addition only")
-            if args.set:
-                raise ConfigError("--set: only the plain demo (--pipeline grpo) takes overrides; the seed "
-                                  "pipeline's settings are in grpo/recipes/pipeline.py")
-            from grpo.recipes.pipeline import run_seed_pipeline
-            run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
-        elif args.task == "calculator":
-            from grpo.recipes.calculator import run_calculator_demo
-            output_dir = "runs/calculator" if args.output_dir == "runs/demo" else args.output_dir
-            run_calculator_demo(output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
-                                grpo_overrides=parse_overrides(args.set))
-        else:
-            from grpo.recipes.demo import run_demo
-            run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
-                     grpo_overrides=parse_overrides(args.set))
-    elif args.command == "reward-model":
-        from grpo.supervised import reward_model as rm
-        if args.rm_command == "train":
-            rm.train_reward_model(load_config(RewardModelConfig, args.config, args.set), quiet=args.quiet,
-                                  overwrite=args.overwrite, config_path=args.config)
-        elif args.rm_command == "eval":
-            rm.eval_reward_model(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet)
-        elif args.rm_command == "score":
-            rm.score_file(load_config(RewardModelEvalConfig, args.config, args.set), quiet=args.quiet,
-                          overwrite=args.overwrite, config_path=args.config)
-        else:
-            from grpo.recipes.preferences import make_preferences
-            make_preferences(load_config(PreferenceConfig, args.config, args.set), quiet=args.quiet,
-                             overwrite=args.overwrite, config_path=args.config)
-    elif args.command == "report":
-        from grpo.observe.report import cli_main as report_main
-        return report_main(args)
-    elif args.command == "config":
-        cls, command = COMMANDS[args.family]
-        print(describe(cls, command))
+def _train(args) -> int:
+    from grpo.config import TrainConfig, load_config
+    from grpo.train.loop import train
+    out = train(load_config(TrainConfig, args.config, args.set), resume=args.resume, quiet=args.quiet,
+                overwrite=args.overwrite, allow_changes=args.allow_changes, config_path=args.config)
+    if not args.quiet:
+        print(f"model saved to {out}")
     return 0
+
+
+def _sft(args) -> int:
+    from grpo.config import SFTConfig, load_config
+    from grpo.supervised.sft import train_sft
+    out = train_sft(load_config(SFTConfig, args.config, args.set), quiet=args.quiet, overwrite=args.overwrite,
+                    config_path=args.config)
+    if not args.quiet:
+        print(f"model saved to {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from grpo.config import ConfigError, parse_overrides
+    if args.pipeline == "seed":
+        if args.task != "addition":
+            raise ConfigError("--task: the seed pipeline runs on addition only")
+        if args.set:
+            raise ConfigError("--set: only the plain demo (--pipeline grpo) takes overrides; the seed "
+                              "pipeline's settings are in grpo/recipes/pipeline.py")
+        from grpo.recipes.pipeline import run_seed_pipeline
+        run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
+    elif args.task == "calculator":
+        from grpo.recipes.calculator import run_calculator_demo
+        output_dir = "runs/calculator" if args.output_dir == "runs/demo" else args.output_dir
+        run_calculator_demo(output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                            grpo_overrides=parse_overrides(args.set))
+    else:
+        from grpo.recipes.demo import run_demo
+        run_demo(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                 grpo_overrides=parse_overrides(args.set))
+    return 0
+
+
+def _reward_model(args) -> int:
+    from grpo.config import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, load_config
+    from grpo.recipes.preferences import make_preferences
+    from grpo.supervised import reward_model as rm
+    cls, run, writes = {
+        "train": (RewardModelConfig, rm.train_reward_model, True),
+        "eval": (RewardModelEvalConfig, rm.eval_reward_model, False),
+        "score": (RewardModelEvalConfig, rm.score_file, True),
+        "make-preferences": (PreferenceConfig, make_preferences, True),
+    }[args.rm_command]
+    cfg = load_config(cls, args.config, args.set)
+    if writes:
+        run(cfg, quiet=args.quiet, overwrite=args.overwrite, config_path=args.config)
+    else:
+        run(cfg, quiet=args.quiet)
+    return 0
+
+
+def _report(args) -> int:
+    from grpo.observe.report import cli_main
+    return cli_main(args)
+
+
+def _config(args) -> int:
+    from grpo.config import COMMANDS, describe
+    cls, command = COMMANDS[args.family]
+    print(describe(cls, command))
+    return 0
+
+
+HANDLERS = {"train": _train, "sft": _sft, "demo": _demo, "reward-model": _reward_model, "report": _report,
+            "config": _config}
+
+
+def run_command(args) -> int:
+    return HANDLERS[args.command](args)
 
 
 if __name__ == "__main__":

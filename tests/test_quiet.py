@@ -81,3 +81,25 @@ def test_every_command_takes_verbose(command):
 
     args = parser().parse_args([*command, "--verbose"])
     assert args.verbose is True
+
+
+def test_every_command_has_one_handler():
+    from grpo.cli import HANDLERS, parser
+
+    commands = next(a for a in parser()._actions if a.dest == "command").choices
+    assert set(commands) == set(HANDLERS)
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """`grpo config train | head -1`: the reader may stop early; no error, no traceback."""
+    import io
+
+    from grpo.cli import main
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["config", "train"]) == 0
+    assert capsys.readouterr().err == ""
