@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=len(CASES), help="the first N cases of the grid")
     p.add_argument("--skip", type=int, default=0, help="leave out the first N cases (a run continued)")
     args = p.parse_args()
-    print(f"| recipe | model/data seed | sft seed | threads | before | after or lowest | gap | seconds |")
+    print("| recipe | model/data seed | sft seed | threads | before | after or lowest | gap | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     gaps = {}
     for recipe in args.recipe:

@@ -13,7 +13,7 @@ import torch
 from grpo.engine.backend import RolloutBackend, SamplingParams
 from grpo.rewards.scoring import RewardLog, evaluating
 
-from .rollout import sampling_params, score_group
+from .rollout import generate_and_score, sampling_params
 
 
 def is_binary(values: torch.Tensor) -> bool:
@@ -71,8 +71,8 @@ def evaluate(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg,
     for i in range(0, len(rows), cfg.eval_batch_size):
         chunk = rows[i:i + cfg.eval_batch_size]
         with evaluating(rewards):  # held-out scores teach no reward its statistics
-            scored = score_group(backend, tokenizer, chunk, rewards, cfg, params, generator, log=log,
-                                 trainer_state=trainer_state, agent=agent)
+            scored = generate_and_score(backend, tokenizer, chunk, rewards, cfg, params, generator, log=log,
+                                        trainer_state=trainer_state, agent=agent)
         totals.append(scored.total)
         for k, v in scored.per_function.items():
             per_function.setdefault(k, []).append(v)

@@ -37,7 +37,7 @@ from grpo.runtime.precision import Precision
 from grpo.runtime.seeds import stream_seed
 from grpo.runtime.sharding import gathered
 
-from .rollout import sampling_params, score_group
+from .rollout import generate_and_score, sampling_params
 
 
 class RewardModelRounds:
@@ -74,8 +74,8 @@ class RewardModelRounds:
         # reward model learns the samples it will be asked to score.
         params = dataclasses.replace(sampling_params(cfg, spec.samples_per_prompt), strategy="sample")
         with gathered(policy):  # a sharded policy generates with its full weights, on every process
-            scored = score_group(backend, tokenizer, rows, self.labeler, cfg, params, self.generator,
-                                 precision=self.precision, device=self.device)
+            scored = generate_and_score(backend, tokenizer, rows, self.labeler, cfg, params, self.generator,
+                                        precision=self.precision, device=self.device)
         labels = scored.per_function[self.labeler[0].name].tolist()
         G, rng = spec.samples_per_prompt, random.Random(stream_seed(cfg.seed, "iterative_pairs", self.round))
         new = [pair for p, text in enumerate(scored.texts)

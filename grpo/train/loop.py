@@ -135,8 +135,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
         return {"eval_reward": result["reward"], **({} if found is None else {"eval_accuracy": found}),
                 **{f"eval_{k}": v for k, v in result["logged"].items()}}
 
-    def better(step: int, record: dict) -> bool:
-        """After an evaluation: keep a new best; True on every process when it is time to stop."""
+    def keep_best_and_stop(step: int, record: dict) -> bool:
+        """After an evaluation: keep a new best; whether to stop early (the same on every process)."""
         stop = (best is not None and world.main
                 and best.observe(step, record, lambda d: save_model(d, policy, tokenizer)))
         return world.any(stop) if best is not None else False
@@ -146,7 +146,7 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
         summary["eval_before"] = run_eval(0, decide=True)
         logger.info(f"held-out before training: {format_numbers(summary['eval_before'])}")
         logger.log({"step": 0, **summary["eval_before"], "elapsed": 0.0})  # the curves' starting point
-        better(0, summary["eval_before"])
+        keep_best_and_stop(0, summary["eval_before"])
     train_start = time.time()
     try:
         with StopRequests() as stop:
@@ -179,7 +179,7 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
                 stop_early, evaluated = False, eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0
                 if evaluated:
                     record.update(run_eval(step))
-                    stop_early = better(step, record)
+                    stop_early = keep_best_and_stop(step, record)
                 # A step that evaluated or ran a reward-model round is always written: its numbers
                 # exist at that step only.
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps or evaluated or round_stats:

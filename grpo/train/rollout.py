@@ -119,7 +119,7 @@ def completion_stop_ids(backend: RolloutBackend, tokenizer) -> list[int]:
     return list(ids) if ids is not None else stop_token_ids(tokenizer, getattr(backend, "model", None))
 
 
-def score_group(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg, params: SamplingParams,
+def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg, params: SamplingParams,
                 generator, *, log: RewardLog | None = None, trainer_state=None, precision: Precision | None = None,
                 device=None, agent: AgentSetup | None = None) -> Scored:
     """G = params.group_size completions for each row's prompt, and their rewards, called with
@@ -320,8 +320,9 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
 
     def generate(batch_rows) -> Scored:
         with gathered(policy):  # a sharded policy is whole for its rollout only
-            return score_group(backend, tokenizer, batch_rows, rewards, cfg, sampling_params(cfg), generator, log=log,
-                               trainer_state=trainer_state, precision=precision, device=device, agent=agent)
+            return generate_and_score(backend, tokenizer, batch_rows, rewards, cfg, sampling_params(cfg), generator,
+                                      log=log, trainer_state=trainer_state, precision=precision, device=device,
+                                      agent=agent)
 
     scored = generate(rows)
     stats = {}
