@@ -31,7 +31,8 @@ def run_ours(args) -> dict:
     from grpo.runtime.optim import make_optimizer, make_scheduler
     from grpo.runtime.precision import Precision
     from grpo.runtime.setup import RunSetup
-    from grpo.train.rollout import clock, collect_rollout
+    from grpo.runtime.timing import synced_time as clock
+    from grpo.train.rollout import collect_rollout
     from grpo.train.update import update
 
     torch.manual_seed(0)
@@ -98,10 +99,10 @@ def run_ours(args) -> dict:
 
 class _Timer:
     """Accumulates wall time spent inside wrapped callables (one bucket per name), read with
-    grpo's `clock` (which first waits for queued CUDA work on a GPU)."""
+    grpo's `synced_time` (which first waits for queued CUDA work on a GPU)."""
 
     def __init__(self, device):
-        from grpo.train.rollout import clock
+        from grpo.runtime.timing import synced_time as clock
         self.buckets: dict[str, float] = {}
         self.depth = 0
         self.now = lambda: clock(device)

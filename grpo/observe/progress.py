@@ -40,7 +40,7 @@ def is_live(stream) -> bool:
     return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
 
 
-def clock(seconds: float) -> str:
+def hms(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
@@ -96,7 +96,7 @@ class Progress:
         if self.live:
             filled = int(BAR_WIDTH * step / max(1, self.total_steps))
             parts.append("[" + "#" * filled + "-" * (BAR_WIDTH - filled) + "]")
-        parts.append(f"{clock(elapsed)} eta {clock(eta)}")
+        parts.append(f"{hms(elapsed)} eta {hms(eta)}")
         for key, fmt in self.fields:
             if r.get(key) is not None:
                 parts.append(fmt.format(r[key]))

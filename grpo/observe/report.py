@@ -28,8 +28,10 @@ from pathlib import Path
 
 from grpo.errors import GrpoError
 
-PHASES = (("seconds_generate", "generation"), ("seconds_score", "scoring"),
-          ("seconds_logprobs", "log-probs"), ("seconds_update", "update"))
+# A step's phases as the loop times them (runs written before advantages and the weight sync had
+# their own phase show those inside scoring and the update).
+PHASES = (("seconds_generate", "generation"), ("seconds_score", "scoring"), ("seconds_logprobs", "log-probs"),
+          ("seconds_advantages", "advantages"), ("seconds_update", "update"), ("seconds_sync_weights", "weight sync"))
 
 
 class ReportError(GrpoError):
@@ -323,7 +325,7 @@ def plot_time_split(fig, runs, colors, x, scale, xlabel) -> None:
     """Where a step's time goes: mean seconds per phase for each run (stacked), and per step."""
     fig.set_size_inches(11, 3.6)
     ax = fig.add_subplot(1, 2, 1)
-    phase_colors = ["#4c72b0", "#dd8452", "#8172b3", "#55a868"]
+    phase_colors = ["#4c72b0", "#dd8452", "#8172b3", "#c44e52", "#55a868", "#937860"]
     left = [0.0] * len(runs)
     for (key, name), color in zip(PHASES, phase_colors):
         means = []

@@ -32,13 +32,14 @@ from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
 from grpo.runtime.seeds import stream_seed
 from grpo.runtime.sharding import gathered
+from grpo.runtime.timing import PhaseTimer
 
 from .agent_rollout import AgentSetup
 from .best_model import BEST_DIR, BestModel
 from .evaluate import AccuracyReward, evaluate
 from .iterative import RewardModelRounds
 from .reference_sync import ReferenceSync
-from .rollout import clock, collect_rollout, trainer_state
+from .rollout import collect_rollout, trainer_state
 from .update import rollout_metrics, update, with_logged_metrics
 
 
@@ -151,29 +152,30 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
     try:
         with StopRequests() as stop:
             for step in range(start_step + 1, cfg.max_steps + 1):
-                t0 = clock(device)
-                state = trainer_state(cfg, (step - 1) * steps_per_rollout, sampler.epochs_done)  # before the draw
-                rollout = collect_rollout(policy, reference, tokenizer, draw(cfg.prompts_per_step), rewards, cfg,
-                                          generator, gather=world.gather if world.size > 1 else None,
-                                          precision=precision, backend=backend, more_rows=draw,
-                                          trainer_state=state, agent=agent)
+                timer = PhaseTimer(device)
+                trl_state = trainer_state(cfg, (step - 1) * steps_per_rollout, sampler.epochs_done)  # before the draw
+                with timer.phase("rollout"):
+                    rollout = collect_rollout(policy, reference, tokenizer, draw(cfg.prompts_per_step), rewards, cfg,
+                                              generator, gather=world.gather if world.size > 1 else None,
+                                              precision=precision, backend=backend, more_rows=draw,
+                                              trainer_state=trl_state, agent=agent)
                 accuracy.decide(rollout.rewards_per_function, world, "the first rollout")
-                t1 = clock(device)
-                stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision,
-                               after_step=sync_reference)
-                backend.sync_weights(policy)
+                with timer.phase("update"):
+                    stats = update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision,
+                                   after_step=sync_reference)
+                with timer.phase("sync_weights"):
+                    backend.sync_weights(policy)
                 round_stats = {}
                 if rounds is not None and rounds.due(step):  # iterative RL: the reward model learns on
-                    round_stats = rounds.run(backend, tokenizer, policy)
-                    if iterative.reset_reference and reference is not None:
-                        reference.load_state_dict(policy.state_dict())  # Algorithm 1: pi_ref <- pi_theta
-                t2 = clock(device)
+                    with timer.phase("iterative"):
+                        round_stats = rounds.run(backend, tokenizer, policy)
+                        if iterative.reset_reference and reference is not None:
+                            reference.load_state_dict(policy.state_dict())  # Algorithm 1: pi_ref <- pi_theta
 
+                seconds = {**rollout.timings, **{k: v for k, v in timer.seconds.items() if k != "rollout"}}
                 record = {"step": step, **rollout_metrics(rollout, cfg, accuracy.name), **stats,
-                          "seconds_generate": rollout.timings["generate"], "seconds_score": rollout.timings["score"],
-                          "seconds_logprobs": rollout.timings["logprobs"], "seconds_update": t2 - t1,
-                          "seconds_step": t2 - t0,
-                          "tokens_per_second": rollout.completion_mask.sum().item() / (t2 - t0),
+                          **{f"seconds_{k}": v for k, v in seconds.items()}, "seconds_step": timer.total(),
+                          "tokens_per_second": rollout.completion_mask.sum().item() / timer.total(),
                           "elapsed": time.time() - train_start, **round_stats}
                 record = world.average_floats(with_logged_metrics(record, rollout.reward_log.means()))
                 stop_early, evaluated = False, eval_rows and cfg.eval_steps and step % cfg.eval_steps == 0

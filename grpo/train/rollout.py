@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +31,7 @@ from grpo.runs.inputs import reward_columns
 from grpo.runtime.host_memory import large_vocabulary
 from grpo.runtime.precision import Precision
 from grpo.runtime.sharding import gathered
+from grpo.runtime.timing import PhaseTimer, synced_time
 
 from .agent_rollout import AgentSetup, score_episodes
 
@@ -132,16 +132,16 @@ def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rew
          seconds_generate, seconds_score) = score_episodes(
             agent, backend, tokenizer, rows, rewards, cfg, params, generator, completion_stop_ids(backend, tokenizer),
             log=log if log is not None else RewardLog(), trainer_state=trainer_state, precision=precision,
-            device=device, clock=(lambda: clock(device)) if device is not None else time.perf_counter)
+            device=device, clock=lambda: synced_time(device))
         return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function,
                       seconds_generate, seconds_score, per_row=True, lengths=lengths, stats=stats, messages=messages)
-    t0 = clock(device) if device is not None else time.perf_counter()
+    t0 = synced_time(device)
     raw = [row[cfg.prompt_column] for row in rows]
     texts, prompt_ids, prompt_mask = prompt_batch(tokenizer, raw, cfg.max_prompt_length, cfg.apply_chat_template,
                                                   cfg.chat_template_kwargs, device)
     with (precision.autocast() if precision is not None else contextlib.nullcontext()):
         out = backend.generate(prompt_ids, prompt_mask, params, generator)
-    t1 = clock(device) if device is not None else time.perf_counter()
+    t1 = synced_time(device)
 
     # Decoded once, the same way for rewards and evaluation (data.decode_completions), cut at
     # whichever stop id ended each completion, as generation's masks and truncation flags are.
@@ -155,7 +155,7 @@ def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rew
         timeout=cfg.reward_timeout, completion_ids=completion_ids_list(out.completion_ids, out.completion_mask),
         trainer_state=trainer_state, log_metric=log.log_metric, log_extra=log.log_extra,
         model_texts=([t for t in texts for _ in range(G)], completions))
-    t2 = clock(device) if device is not None else time.perf_counter()
+    t2 = synced_time(device)
     return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function, t1 - t0, t2 - t1)
 
 
@@ -225,14 +225,6 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
                                     logprob_chunk_size=logprob_chunk_size, recompute_mlp=recompute_mlp)
         out.append(lp.float())
     return torch.cat(out)
-
-
-def clock(device: torch.device) -> float:
-    """Wall time once the device has finished its queued work, so each phase's seconds are its own
-    (CUDA kernels run asynchronously; on CPU this is just the time)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[list[Scored], dict]:
@@ -342,36 +334,35 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         prompts=prompts, completions=scored.completions,
         sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log, messages=scored.messages)
 
-    t2 = clock(device)
+    timer = PhaseTimer(device)
     temperature = logprob_temperature(cfg)
     chunk, recompute = logprob_chunk_size(cfg, policy), recompute_mlp(cfg, policy)
-    if needs_old_logprobs(cfg):
-        with precision.autocast(), gathered(policy):
-            rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk,
-                                                    recompute_mlp=recompute)
-    if reference is not None:
-        # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter off).
-        # With the KL in the reward, every generated token is scored (a truncated row masked out
-        # of the loss still pays its KL), so pi_ref covers the generated tokens, not the loss mask.
-        scored_mask = out.completion_mask if cfg.reward_kl_coef else None
-        with precision.autocast(), gathered(reference), \
-                (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
-            rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size, chunk,
-                                                    mask=scored_mask, recompute_mlp=recompute)
-    t3 = clock(device)
+    with timer.phase("logprobs"):
+        if needs_old_logprobs(cfg):
+            with precision.autocast(), gathered(policy):
+                rollout.old_logprobs = batched_logprobs(policy, rollout, temperature, cfg.micro_batch_size, chunk,
+                                                        recompute_mlp=recompute)
+        if reference is not None:
+            # `reference is policy`: a LoRA policy, whose reference is its base model (the adapter
+            # off). With the KL in the reward, every generated token is scored (a truncated row
+            # masked out of the loss still pays its KL), so pi_ref covers the generated tokens.
+            scored_mask = out.completion_mask if cfg.reward_kl_coef else None
+            with precision.autocast(), gathered(reference), \
+                    (reference_policy(policy) if reference is policy else contextlib.nullcontext()):
+                rollout.ref_logprobs = batched_logprobs(reference, rollout, temperature, cfg.micro_batch_size,
+                                                        chunk, mask=scored_mask, recompute_mlp=recompute)
 
-    if cfg.reward_kl_coef:  # the KL in the reward, before the advantages (InstructGPT)
-        rollout.rewards, kl = algorithm.kl_penalised_rewards(total, out.logprobs.float(), rollout.ref_logprobs,
-                                                             out.completion_mask, cfg.reward_kl_coef)
-        rollout.sampling_stats = {**stats, "reward_kl": kl.mean().item()}
-    weights = priority_weights(out) if out.inclusion_probs is not None else None
-    rollout.sample_weights = weights
-    rollout.advantages = algorithm.compute_advantages(
-        cfg.advantage_estimator, rollout.rewards, G, eps=cfg.advantage_eps, weights=weights,
-        batch_rewards=gather(rollout.rewards) if gather is not None else None).to(device)
-    seconds_advantages = clock(device) - t3
-    rollout.timings = {"generate": scored.seconds_generate, "score": scored.seconds_score + seconds_advantages,
-                       "logprobs": t3 - t2}
+    with timer.phase("advantages"):
+        if cfg.reward_kl_coef:  # the KL in the reward, before the advantages (InstructGPT)
+            rollout.rewards, kl = algorithm.kl_penalised_rewards(total, out.logprobs.float(), rollout.ref_logprobs,
+                                                                 out.completion_mask, cfg.reward_kl_coef)
+            rollout.sampling_stats = {**stats, "reward_kl": kl.mean().item()}
+        weights = priority_weights(out) if out.inclusion_probs is not None else None
+        rollout.sample_weights = weights
+        rollout.advantages = algorithm.compute_advantages(
+            cfg.advantage_estimator, rollout.rewards, G, eps=cfg.advantage_eps, weights=weights,
+            batch_rewards=gather(rollout.rewards) if gather is not None else None).to(device)
+    rollout.timings = {"generate": scored.seconds_generate, "score": scored.seconds_score, **timer.seconds}
     return rollout
 
 
