@@ -52,8 +52,9 @@ TEMPLATE = (
 
 # Smaller than the addition demo's model: its episodes are ten times longer.
 MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=256)
-# The warm start stops while the model still miscopies numbers in many episodes: room for GRPO.
-WARM = dict(steps=300, batch_size=32, learning_rate=3e-3)
+# The warm start stops once it solves a quarter of a probe of training problems, while it still
+# miscopies numbers in most episodes: room for GRPO.
+WARM = dict(steps=1000, batch_size=32, learning_rate=3e-3, target=0.25)
 GRPO = dict(max_steps=200, prompts_per_step=8, group_size=8, max_completion_length=128, max_turns=3,
             learning_rate=3e-4, warmup_steps=5, lr_scheduler="constant", temperature=1.0, beta=0.0,
             micro_batch_size=64, logging_steps=5, eval_steps=0, samples_steps=0, save_steps=0,
@@ -132,13 +133,31 @@ def episode(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
+def probe_success(model, tokenizer, rows: list[dict]) -> float:
+    """The fraction of `rows` whose greedy episode ends with the right answer."""
+    from grpo.agents import backend_generate, run_episodes
+    from grpo.engine.backend import LocalBackend, SamplingParams
+
+    backend = LocalBackend(model, tokenizer)
+    generate = backend_generate(backend, tokenizer, SamplingParams.greedy(GRPO["max_completion_length"]))
+    with torch.no_grad():
+        episodes = run_episodes(tokenizer, [r["prompt"] for r in rows], generate, tools=[multiply],
+                                max_turns=GRPO["max_turns"], max_completion_length=GRPO["max_completion_length"],
+                                stop_token_ids=backend.stop_token_ids)
+    return sum(final_answer([e.completion for e in episodes], [r["answer"] for r in rows])) / len(rows)
+
+
 def warm_start(model, tokenizer, rows: list[dict], seed: int, steps: int, batch_size: int,
-               learning_rate: float) -> None:
-    """Supervised steps on solved episodes, the loss on the model's turns only."""
+               learning_rate: float, target: float = 0.0, every: int = 25, probe: int = 32) -> int:
+    """Supervised steps on solved episodes, the loss on the model's turns only. With `target`,
+    stop as soon as greedy success on `probe` training rows reaches it (checked every `every`
+    steps; at most `steps`): the point where the copying is half learnt moves a lot between
+    seeds. Returns the steps taken."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    probe_rows = rows[:probe]
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         batch = [episode(tokenizer, r) for r in rng.sample(rows, batch_size)]
         T = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([x + [tokenizer.pad_token_id] * (T - len(x)) for x, _ in batch])
@@ -149,7 +168,13 @@ def warm_start(model, tokenizer, rows: list[dict], seed: int, steps: int, batch_
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if target and step % every == 0:
+            model.eval()
+            if probe_success(model, tokenizer, probe_rows) >= target:
+                return step
+            model.train()
     model.eval()
+    return steps
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
@@ -187,9 +212,9 @@ def _run(out: Path, seed: int, quiet: bool, grpo_overrides: dict | None, warm_ov
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         train_rows, heldout_rows = problems(seed)
         warm = WARM | (warm_overrides or {})
-        say(f"[calculator] supervised warm start on solved episodes ({warm['steps']} steps) under {out}")
+        say(f"[calculator] supervised warm start on solved episodes under {out}")
         torch.manual_seed(seed)
-        warm_start(model, tokenizer, train_rows, seed, **warm)
+        warm_steps = warm_start(model, tokenizer, train_rows, seed, **warm)
         model.save_pretrained(out / "sft")
         tokenizer.save_pretrained(out / "sft")
         warm_seconds = time.time() - start
@@ -205,7 +230,7 @@ def _run(out: Path, seed: int, quiet: bool, grpo_overrides: dict | None, warm_ov
                    "success_after": run["eval_after"]["eval_accuracy"], "heldout_prompts": len(heldout_rows),
                    "warm_seconds": warm_seconds, "train_seconds": run["train_seconds"],
                    "total_seconds": time.time() - start, "model": str(out / "grpo"),
-                   "warm": warm, "grpo": GRPO | (grpo_overrides or {})}
+                   "warm_steps": warm_steps, "warm": warm, "grpo": GRPO | (grpo_overrides or {})}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         say(f"[calculator] held-out success on {len(heldout_rows)} problems: {summary['success_before']:.1%} -> "
             f"{summary['success_after']:.1%} (total {summary['total_seconds']:.0f}s)")
