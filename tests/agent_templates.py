@@ -138,18 +138,10 @@ FAMILIES = {
 
 def build_tokenizer(family: str):
     """A character tokenizer with the family's special tokens, EOS, padding and chat template."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from grpo.recipes.tasks import build_char_tokenizer
 
     spec = FAMILIES[family]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + ADDED + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, name_or_path=f"tiny-{family}", unk_token="<unk>",
-                                  eos_token=spec["eos"], pad_token=spec["pad"], bos_token=spec["bos"],
-                                  padding_side="left", clean_up_tokenization_spaces=False)
+    out = build_char_tokenizer(CHARS, special=SPECIAL, added=ADDED, eos=spec["eos"], pad=spec["pad"],
+                               bos=spec["bos"], name=f"tiny-{family}")
     out.chat_template = spec["template"]
     return out

@@ -26,7 +26,7 @@ from grpo.config import TrainConfig, build
 from grpo.train.loop import train
 
 from .addition import claim_recipe_dir
-from .tasks import build_tiny_model
+from .tasks import build_char_tokenizer, build_tiny_model
 
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 ADDED = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -86,18 +86,7 @@ def final_answer(completions, answer, **kwargs) -> list[float]:
 
 def build_tokenizer():
     """A character tokenizer with the chat turns' special tokens and the tool-call tags."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + ADDED + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, name_or_path="tiny-calculator", unk_token="<unk>",
-                                  eos_token="<|im_end|>", pad_token="<pad>", padding_side="left",
-                                  clean_up_tokenization_spaces=False)
+    out = build_char_tokenizer(CHARS, special=SPECIAL, added=ADDED, eos="<|im_end|>", name="tiny-calculator")
     out.chat_template = TEMPLATE
     return out
 

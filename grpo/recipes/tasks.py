@@ -16,18 +16,28 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*=? ")
 
 
-def build_char_tokenizer(chars: list[str] = CHARS):
-    """A character tokenizer as a `PreTrainedTokenizerFast`: one token per character, no merges."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def build_char_tokenizer(chars: list[str] = CHARS, *, special: list[str] | None = None, added: list[str] = (),
+                         eos: str = "<eos>", pad: str = "<pad>", bos: str | None = None, name: str | None = None):
+    """A character tokenizer as a `PreTrainedTokenizerFast`: one token per character, no merges.
+
+    `special` (a chat format's turn markers, registered as special tokens) and `added` (whole
+    tokens inside the text, such as tool-call tags) come first in the vocabulary; without
+    `special`, the built-in tasks' own (<pad>, <eos>, <unk>, ...) as plain vocabulary entries."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    vocab = {tok: i for i, tok in enumerate((SPECIAL_TOKENS if special is None else special) + list(added) + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if special is not None:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-        padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token="<unk>", padding_side="left",
+        clean_up_tokenization_spaces=False, **({"bos_token": bos} if bos else {}),
+        **({"name_or_path": name} if name else {}),
     )
 
 
