@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.bench_vs_trl import run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = dict(prompts_per_step=32, group_size=8, learning_rate=1e-4, max_completion_length=6, max_prompt_length=16)
@@ -240,18 +240,6 @@ def tied_fraction(model_dir: str, train: str, seed: int, prompts: int, modes: li
 # ----------------------------------------------------------------------------------------------
 # The driver.
 
-def run_worker(python: str, system: str, extra: list[str], timeout: float) -> dict:
-    cmd = [python, "-m", "bench.time_to_accuracy", "worker", system, *extra]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
 def accuracy_at(curve, t: float) -> float:
     """The last evaluated accuracy at or before training second t."""
     return [a for s, a in curve if s <= t + 1e-9][-1]
@@ -419,7 +407,8 @@ def main(argv=None) -> None:
         order = args.systems[k % len(args.systems):] + args.systems[:k % len(args.systems)]
         for system in order:
             python = args.trl_python if system == "trl" else args.python
-            r = run_worker(python, system, common, timeout=args.budget * 4 + 1800)
+            r = run_worker(python, "worker", [system, *common], timeout=args.budget * 4 + 1800,
+                           module="bench.time_to_accuracy")
             results.append(r)
             print(f"[race seed {seed}] {system:24s} {r['steps']:4d} steps  accuracy "
                   f"{r['curve'][0][1]:.1%} -> {r['curve'][-1][1]:.1%}", flush=True)
