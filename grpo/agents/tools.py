@@ -20,17 +20,13 @@ loads.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from grpo.errors import ConfigError
+from grpo.rewards.functions import load_module
 
 from .rendering import assistant_message, template_name
 
@@ -55,40 +51,16 @@ def describe(error: BaseException) -> str:
 
 
 def load_object(spec: str, what: str) -> Any:
-    """The object `spec` names: `path/to/file.py:name` or `package.module:name` (as reward
-    functions are named, grpo.rewards.functions.load_function). Errors name `what` and the spec."""
+    """The object `spec` names: `path/to/file.py:name` or `package.module:name`, loaded as reward
+    functions are (grpo.rewards.functions.load_module), a file once per process so that tools and
+    an environment from one file share it. Errors name `what` and the spec."""
     if ":" not in spec:
         raise ConfigError(f"{what} {spec!r}: not of the form path/to/file.py:name or package.module:name")
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        module = _load_file(Path(target), what, spec)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as e:
-            raise ConfigError(f"{what} {spec!r}: cannot import module {target!r}: {describe(e)}") from None
+    module, name = load_module(spec, what, error=ConfigError, shared=True)
     obj = getattr(module, name, None)
     if obj is None:
-        raise ConfigError(f"{what} {spec!r}: {target} has no attribute {name!r}")
+        raise ConfigError(f"{what} {spec!r}: {spec.rsplit(':', 1)[0]} has no attribute {name!r}")
     return obj
-
-
-def _load_file(path: Path, what: str, spec: str):
-    if not path.is_file():
-        raise ConfigError(f"{what} {spec!r}: file {path} does not exist")
-    # One module per file: a file naming both tools and an environment is executed once, so they
-    # share its module-level state as they would in the user's own program.
-    key = "grpo_user_agent_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    if key in sys.modules:
-        return sys.modules[key]
-    module_spec = importlib.util.spec_from_file_location(key, path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise ConfigError(f"{what} {spec!r}: importing {path} failed: {describe(e)}") from None
-    sys.modules[key] = module
-    return module
 
 
 def make_tool(fn: Callable, label: str | None = None) -> Tool:

@@ -13,14 +13,16 @@ and from Python the function itself. The built-ins take both forms of completion
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
 from grpo.data import content_of
-from grpo.errors import RewardError
+from grpo.errors import GrpoError, RewardError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +70,36 @@ BUILTIN: dict[str, Callable] = {
 }
 
 
+def load_module(spec: str, what: str, error: type[GrpoError] = RewardError, shared: bool = False):
+    """The module `spec` (`path/to/file.py:name` or `package.module:name`) names, and the name.
+
+    A file is executed as a module of its own; `shared`: once per file and process, so that the
+    names one file gives (an agent's tools and its environment) share its module-level state as
+    in the user's own program. Every failure is one `error` naming `what` and the spec."""
+    target, name = spec.rsplit(":", 1)
+    if not target.endswith(".py"):
+        try:
+            return importlib.import_module(target), name
+        except Exception as e:
+            raise error(f"{what} {spec!r}: cannot import module {target!r}: {type(e).__name__}: {e}") from None
+    path = Path(target)
+    if not path.is_file():
+        raise error(f"{what} {spec!r}: file {path} does not exist")
+    key = f"grpo_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}_{path.stem}"
+    if shared and key in sys.modules:
+        return sys.modules[key], name
+    module_spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise error(f"{what} {spec!r}: importing {path} failed: {type(e).__name__}: {' '.join(str(e).split())}") \
+            from None
+    if shared:
+        sys.modules[key] = module
+    return module, name
+
+
 def load_function(spec: str) -> Callable:
     """A built-in name, `path/to/file.py:function` or `package.module:function`."""
     if spec in BUILTIN:
@@ -75,22 +107,8 @@ def load_function(spec: str) -> Callable:
     if ":" not in spec:
         raise RewardError(f"reward function {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not of "
                           f"the form path/to/file.py:function or package.module:function")
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise RewardError(f"reward function {spec!r}: file {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise RewardError(f"reward function {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as e:
-            raise RewardError(f"reward function {spec!r}: cannot import module {target!r}: {e}") from None
+    module, name = load_module(spec, "reward function")
+    target = spec.rsplit(":", 1)[0]
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"reward function {spec!r}: {target} has no function {name!r}")
