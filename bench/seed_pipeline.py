@@ -116,7 +116,7 @@ def grpo(out: Path, seed: int, rm: str, guard: dict, generation: str) -> dict:
     start = time.time()
     train(cfg, quiet=True, overwrite=True)
     summary = json.loads((run / "summary.json").read_text())
-    evals = [json.loads(l).get("eval_accuracy") for l in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(l).get("eval/accuracy") for l in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e is not None]
     result = {"before": summary["eval_before"]["eval_accuracy"], "after": summary["eval_after"]["eval_accuracy"],
               "lowest": min(evals[1:]), "seconds": time.time() - start}

@@ -242,9 +242,10 @@ def test_train_with_tools_runs_and_logs_the_agent_metrics(tool_model, tmp_path):
 
     out = loop.train(config(tool_model, tmp_path / "run"), quiet=True)
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r.get("step") in (1, 2) and "agent/turns" in r]
+    steps = [r for r in records if r.get("step") in (1, 2) and "rollout/agent/turns" in r]
     assert len(steps) == 2
-    for key in ("agent/turns", "agent/tool_calls", "agent/tool_seconds", "agent/truncated"):
+    for key in ("turns", "tool_calls", "tool_seconds", "truncated"):
+        key = f"rollout/agent/{key}"
         assert math.isfinite(steps[0][key])
     samples = [json.loads(line) for line in (Path(out) / "samples.jsonl").read_text().splitlines()]
     assert samples and samples[0]["messages"][0] == {"role": "user", "content": "12*34?"}
@@ -298,7 +299,7 @@ def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path, sampled_
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["agent/tool_calls"] == 1.0
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["rollout/agent/tool_calls"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_the_docs_yaml_config_trains_with_its_tool_file(tool_model, tmp_path, mo
                      "--set", "model_card=false"])
     assert code == 0
     record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "agent/turns" in record and "rewards/answered/mean" in record
+    assert "rollout/agent/turns" in record and "reward/answered/mean" in record
 
 
 def test_the_docs_environment_and_rollout_func_run(tool_model, tmp_path):
@@ -403,4 +404,4 @@ def test_grpo_demo_task_calculator_runs(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["heldout_prompts"] == 4 and 0 <= summary["success_after"] <= 1
     record = json.loads((tmp_path / "demo" / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "agent/tool_calls" in record
+    assert "rollout/agent/tool_calls" in record

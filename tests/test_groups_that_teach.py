@@ -177,7 +177,7 @@ def test_new_variants_train(tiny_model_dir, addition_files, tmp_path, extra):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(v == v for line in lines for v in line.values() if isinstance(v, float))
     if "off_policy_correction" in extra:
-        assert 0 < lines[0]["is_weight_mean"] <= 2 and 0 < lines[0]["pg_token_frac"] < 1
+        assert 0 < lines[0]["loss/is_weight_mean"] <= 2 and 0 < lines[0]["loss/pg_token_frac"] < 1
 
 
 def test_config_rejects_what_cannot_work(tiny_model_dir, addition_files):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from grpo.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_migration"
-TIMINGS = ("seconds", "tokens_per_second", "elapsed")
+TIMINGS = ("time/",)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -30,8 +30,8 @@ def test_yaml_and_python_forms_train_the_same_thing(tiny_model_dir, tmp_path, mo
 
     yaml_run, python_run = tmp_path / "yaml", tmp_path / "python"
     first = metrics(yaml_run)[0]
-    assert {"rewards/correct/mean", "rewards/brevity/mean"} <= set(first)
-    assert first["reward_mean"] == pytest.approx(first["rewards/correct/mean"] + 0.5 * first["rewards/brevity/mean"])
+    assert {"reward/correct/mean", "reward/brevity/mean"} <= set(first)
+    assert first["reward/mean"] == pytest.approx(first["reward/correct/mean"] + 0.5 * first["reward/brevity/mean"])
     assert metrics(yaml_run) == metrics(python_run)  # the same rewards, losses and KL at every step
     a, b = load_file(str(yaml_run / "model.safetensors")), load_file(str(python_run / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)

@@ -117,9 +117,9 @@ def test_router_aux_loss_coef_adds_the_routers_loss_to_the_update(tmp_path, addi
         return json.loads((tmp_path / out / "metrics.jsonl").read_text().splitlines()[0])
 
     plain, routed = first_step("plain", 0.0), first_step("routed", 0.5)
-    assert "router_aux_loss" not in plain and routed["router_aux_loss"] > 0
-    assert routed["reward_mean"] == plain["reward_mean"]
-    assert routed["loss"] == pytest.approx(plain["loss"] + 0.5 * routed["router_aux_loss"], abs=1e-6)
+    assert "loss/router_aux" not in plain and routed["loss/router_aux"] > 0
+    assert routed["reward/mean"] == plain["reward/mean"]
+    assert routed["loss/total"] == pytest.approx(plain["loss/total"] + 0.5 * routed["loss/router_aux"], abs=1e-6)
 
 
 def test_router_aux_loss_coef_on_a_dense_model_is_a_config_error(tiny_model_dir, addition_files, tmp_path):

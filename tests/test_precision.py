@@ -63,7 +63,7 @@ def test_half_precision_training_moves_float32_master_weights(small_model, addit
         assert changed_fraction(before, stored) < 0.1
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     # pi_ref is computed exactly like pi_theta: before the first update the KL is exactly 0.
-    assert lines[0]["kl"] == 0.0
+    assert lines[0]["loss/kl"] == 0.0
     assert all(v == v and abs(v) != float("inf") for l in lines for v in l.values() if isinstance(v, float))
 
 

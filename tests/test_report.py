@@ -140,8 +140,8 @@ def test_cli_report(run_dir, tmp_path, capsys):
 
 
 def test_wall_clock_continues_across_a_resume():
-    metrics = [{"step": 1, "elapsed": 1.0}, {"step": 2, "elapsed": 2.0}, {"step": 3, "elapsed": 0.5},
-               {"step": 4, "elapsed": 1.5}]
+    metrics = [{"step": 1, "time/elapsed": 1.0}, {"step": 2, "time/elapsed": 2.0}, {"step": 3, "time/elapsed": 0.5},
+               {"step": 4, "time/elapsed": 1.5}]
     add_wall_clock(metrics)
     assert [m["wall_clock"] for m in metrics] == [1.0, 2.0, 2.5, 3.5]
 

@@ -177,7 +177,7 @@ def test_kl_in_the_reward_is_zero_before_the_first_update(tiny_model_dir, additi
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     # The sampler's log-probs (the group decoder) against the reference's (the packed forward):
     # the same model at step 1, so zero to float32 rounding; then the policy has moved.
-    assert abs(lines[0]["reward_kl"]) < 1e-5 and abs(lines[1]["reward_kl"]) > 1e-4
+    assert abs(lines[0]["reward/kl"]) < 1e-5 and abs(lines[1]["reward/kl"]) > 1e-4
 
 
 def test_kl_in_the_reward_is_paid_by_truncated_completions_left_out_of_the_loss(tiny_model_dir, addition_files,
@@ -189,7 +189,7 @@ def test_kl_in_the_reward_is_paid_by_truncated_completions_left_out_of_the_loss(
     out = train(small(tiny_model_dir, addition_files, tmp_path / "kl", reward_kl_coef=0.1, beta=0.0,
                       max_completion_length=2, mask_truncated_completions=True, max_steps=1), quiet=True)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert abs(first["reward_kl"]) < 1e-5
+    assert abs(first["reward/kl"]) < 1e-5
 
 
 def test_best_model_remembers_the_best_and_stops_after_patience(tmp_path):
@@ -215,7 +215,7 @@ def test_load_best_model_at_end_and_early_stopping(tiny_model_dir, addition_file
                 quiet=True)
     summary = json.loads((out / "summary.json").read_text())
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = {l["step"]: l["eval_reward"] for l in lines if "eval_reward" in l}
+    evals = {l["step"]: l["eval/reward"] for l in lines if "eval/reward" in l}
     best_step = max(evals, key=lambda s: (evals[s], -s))
     assert summary["best"]["step"] == best_step
     assert summary["eval_after"]["eval_reward"] == pytest.approx(evals[best_step])
@@ -237,9 +237,9 @@ def test_iterative_rl_rounds_train_the_reward_model_and_resume_exactly(tiny_mode
     with single_thread():
         full = train(cfg(tmp_path / "full"), quiet=True)
         lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
-        assert [l.get("iterative/round") for l in lines] == [None, 1.0, None, 2.0]
-        assert lines[1]["iterative/pairs"] > 0 and math.isfinite(lines[1]["iterative/rm_loss"])
-        assert lines[2]["kl"] == 0.0  # pi_ref <- pi_theta at the round: no drift yet at the next step
+        assert [l.get("reward/iterative/round") for l in lines] == [None, 1.0, None, 2.0]
+        assert lines[1]["reward/iterative/pairs"] > 0 and math.isfinite(lines[1]["reward/iterative/rm_loss"])
+        assert lines[2]["loss/kl"] == 0.0  # pi_ref <- pi_theta at the round: no drift yet at the next step
         before = load_file(str(kinds / "likelihood" / "model.safetensors"))
         after = load_file(str(full / "reward_model" / "model.safetensors"))
         assert any(not torch.equal(before[k], after[k]) for k in before)  # the reward model learned
@@ -300,4 +300,4 @@ def test_an_ensemble_trains_through_grpo_train(tiny_model_dir, addition_files, k
     out = train(small(tiny_model_dir, addition_files, tmp_path / "ens",
                       rewards=[{"model": members, "ensemble": "min", "name": "rm"}]), quiet=True)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(math.isfinite(l["rewards/rm/mean"]) for l in lines)
+    assert len(lines) == 2 and all(math.isfinite(l["reward/rm/mean"]) for l in lines)

@@ -113,9 +113,9 @@ def trained_rm(tmp_path_factory, addition_files):
 
 def test_reward_model_reaches_heldout_accuracy(trained_rm):
     metrics = [json.loads(l) for l in (trained_rm["dir"] / "metrics.jsonl").read_text().splitlines()]
-    evals = [m for m in metrics if "eval_accuracy" in m]
+    evals = [m for m in metrics if "eval/accuracy" in m]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 100 and len(evals) == 3  # during and after
-    assert any("loss" in m and "accuracy" in m for m in metrics)                     # training curve
+    assert any("loss/total" in m and "loss/accuracy" in m for m in metrics)                     # training curve
     summary = json.loads((trained_rm["dir"] / "summary.json").read_text())
     assert summary["eval_accuracy"] >= 0.9, summary
 
@@ -188,9 +188,9 @@ def test_grpo_with_reward_model_through_cli(trained_rm, addition_files, tmp_path
                  "--set", f"rewards={json.dumps(rewards)}", "--set", "max_steps=2", "--set", "prompts_per_step=2",
                  "--set", "group_size=4", "--set", "max_completion_length=4", "--set", "generation=beam",
                  "--set", "report_to=[]", "--set", "beta=0"]) == 0
-    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"reward_mean"' in l]
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in l]
     assert len(steps) == 2
     for s in steps:
-        assert "rewards/rm/mean" in s and "accuracy" in s and "rewards/exact_answer/mean" in s
+        assert "reward/rm/mean" in s and "reward/accuracy" in s and "reward/exact_answer/mean" in s
         # weight 0: the total reward is the reward model's (normalised) score alone
-        assert s["reward_mean"] == pytest.approx(s["rewards/rm/mean"], abs=1e-5)
+        assert s["reward/mean"] == pytest.approx(s["reward/rm/mean"], abs=1e-5)

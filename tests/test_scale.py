@@ -40,7 +40,7 @@ def test_lora_trains_the_adapter_only_and_its_reference_is_the_base_exactly(tiny
 
     out = train(small(tiny_model_dir, addition_files, tmp_path / "lora", peft=LORA), quiet=True)
     # pi_ref is the base model with the adapter off: at the first step (B = 0) it is pi_theta exactly.
-    assert metrics(out)[0]["kl"] == 0.0 and metrics(out)[1]["kl"] > 0
+    assert metrics(out)[0]["loss/kl"] == 0.0 and metrics(out)[1]["loss/kl"] > 0
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
@@ -72,7 +72,7 @@ def test_lora_stores_its_frozen_base_in_the_compute_dtype_and_the_adapter_in_flo
     assert trained and set(trained.values()) == {torch.float32} and all("lora_" in n for n in trained)
     assert frozen and set(frozen.values()) == {torch.bfloat16}
     out = train(cfg, quiet=True)
-    assert metrics(out)[0]["kl"] == 0.0 and metrics(out)[-1]["kl"] > 0
+    assert metrics(out)[0]["loss/kl"] == 0.0 and metrics(out)[-1]["loss/kl"] > 0
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(out / "checkpoint-2", part / "checkpoint-2")
@@ -107,7 +107,7 @@ def test_qlora_trains_a_4bit_base_and_merges_into_a_plain_model(tiny_model_dir, 
     from grpo.engine.logprobs import completion_logprobs
 
     out = train(small(tiny_model_dir, addition_files, tmp_path / "q", peft=QLORA, merge_adapter=True), quiet=True)
-    assert metrics(out)[0]["kl"] == 0.0 and metrics(out)[1]["kl"] > 0
+    assert metrics(out)[0]["loss/kl"] == 0.0 and metrics(out)[1]["loss/kl"] > 0
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith(("proj", "lm_head")))
@@ -149,8 +149,8 @@ def test_checkpointing_and_chunked_logprobs_change_no_result(tiny_model_dir, add
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
     for x, y in zip(metrics(plain), metrics(other)):
-        assert x["reward_mean"] == y["reward_mean"]  # the same samples
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
+        assert x["reward/mean"] == y["reward/mean"]  # the same samples
+        assert x["loss/total"] == pytest.approx(y["loss/total"], rel=1e-5, abs=1e-7)
 
 
 def torchrun(args, tmp_path):

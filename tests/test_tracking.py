@@ -8,6 +8,7 @@ import types
 
 import torch
 
+from grpo.observe.metrics import namespaced
 from grpo.observe.progress import Progress, safe_text, samples_table
 from grpo.train.rollout import Rollout
 from grpo.observe.tracking import SAMPLE_FIELDS, RunLogger, pick_rows
@@ -70,7 +71,7 @@ def test_live_status_line_on_a_terminal(tmp_path):
     assert "\r\x1b[2K" in text and "[#####---------------]" in text  # the bar at 1/4
     # Messages and eval results are printed on lines of their own, the status line redrawn below.
     assert "\r\x1b[2Ka message\nstep 1/4" in text
-    assert "step 2: eval_reward 0.800  eval_accuracy 0.750\n" in text
+    assert "step 2: eval/reward 0.800  eval/accuracy 0.750\n" in text
     assert text.endswith("\n")
 
 
@@ -171,10 +172,10 @@ def test_tensorboard_events_hold_every_metric(tmp_path):
     logger.samples(2, fake_rollout())
     logger.close()
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
-    expected = set(record(1)) - {"step"} | {"eval_accuracy"}
+    expected = set(namespaced(record(1))) - {"step"} | {"eval/accuracy"}
     assert set(events.Tags()["scalars"]) == expected
-    assert [e.step for e in events.Scalars("reward_mean")] == [1, 2]
-    assert events.Scalars("eval_accuracy")[0].value == 0.5
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
+    assert events.Scalars("eval/accuracy")[0].value == 0.5
 
 
 def test_no_tensorboard_when_not_asked(tmp_path):
@@ -215,7 +216,7 @@ def test_wandb_offline_without_an_api_key(tmp_path, monkeypatch):
     logger.close()
     assert calls["mode"] == "offline"
     assert calls["init"]["project"] == "proj" and calls["init"]["dir"] == str(tmp_path / "run")
-    assert calls["log"][0] == (1, sorted(k for k in record(1) if k != "step"))
+    assert calls["log"][0] == (1, sorted(k for k in namespaced(record(1)) if k != "step"))
     assert calls["log"][1] == (1, ["samples"]) and calls["finished"]
 
 
@@ -233,4 +234,4 @@ def test_console_text_is_one_line_and_ascii_safe():
 def test_eta_counts_only_this_process_steps_after_a_resume():
     p = Progress(10, start_step=5, stream=io.StringIO(), live=False)
     # 2 steps in 4 s since the resume: 2 s per step, 3 steps left.
-    assert "eta 0:00:06" in p.step_line({"step": 7, "elapsed": 4.0})
+    assert "eta 0:00:06" in p.step_line({"step": 7, "time/elapsed": 4.0})

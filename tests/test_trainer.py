@@ -12,11 +12,12 @@ from grpo.cli import main
 from grpo.config import TrainConfig, build
 from grpo.train.loop import train
 
-METRIC_KEYS = {"step", "reward_mean", "reward_std", "rewards/exact_answer/mean", "rewards/exact_answer/std",
-               "rewards/exact_answer/zero_variance_frac",
-               "accuracy", "loss", "kl", "entropy", "clip_frac_low", "clip_frac_high",
-               "completion_length_mean", "completion_length_max", "truncated_frac", "zero_variance_frac",
-               "seconds_generate", "seconds_score", "seconds_update", "tokens_per_second", "lr", "grad_norm"}
+METRIC_KEYS = {"step", "reward/mean", "reward/std", "reward/exact_answer/mean", "reward/exact_answer/std",
+               "reward/exact_answer/zero_variance_frac",
+               "reward/accuracy", "loss/total", "loss/kl", "loss/entropy", "loss/clip_frac_low", "loss/clip_frac_high",
+               "rollout/completion_length_mean", "rollout/completion_length_max", "rollout/truncated_frac",
+               "rollout/zero_variance_frac", "time/generate", "time/score", "time/update", "time/tokens_per_second",
+               "loss/lr", "loss/grad_norm"}
 
 
 def small(tiny_model_dir, addition_files, out, **kw):
@@ -106,11 +107,11 @@ def test_runs_are_reproducible_with_a_seed(tiny_model_dir, addition_files, tmp_p
 def test_every_variant_trains(tiny_model_dir, addition_files, tmp_path, extra):
     out = train(small(tiny_model_dir, addition_files, tmp_path / "run", **extra), quiet=True)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(l["loss"] == l["loss"] for l in lines)
+    assert len(lines) == 2 and all(l["loss/total"] == l["loss/total"] for l in lines)
     if extra.get("generation") == "beam":
-        assert "zero_variance_frac" in lines[0]
+        assert "rollout/zero_variance_frac" in lines[0]
     if "mask_truncated_completions" in extra:
-        assert lines[0]["truncated_frac"] > 0  # 2 tokens is too short for most answers + EOS
+        assert lines[0]["rollout/truncated_frac"] > 0  # 2 tokens is too short for most answers + EOS
 
 
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, addition_files, tmp_path, monkeypatch):
@@ -134,7 +135,7 @@ def test_sft_command_learns_completion_tokens_only(tiny_model_dir, addition_file
     assert main(["sft", "--set", f"model={tiny_model_dir}", "--set", f"dataset={addition_files['train']}",
                  "--set", f"output_dir={out}", "--set", "max_steps=30", "--set", "batch_size=16",
                  "--set", "micro_batch_size=8", "--quiet"]) == 0
-    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(l)["loss/total"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] * 0.7
     assert (out / "model.safetensors").is_file()
 
@@ -144,8 +145,8 @@ def test_heldout_evaluation_before_during_after(tiny_model_dir, addition_files, 
                       eval_max_prompts=20, eval_steps=1), quiet=True)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 1, 2]
-    assert all(0.0 <= l["eval_accuracy"] <= 1.0 for l in lines)
+    assert all(0.0 <= l["eval/accuracy"] <= 1.0 for l in lines)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval_before"]["eval_accuracy"] == lines[0]["eval_accuracy"]
-    assert summary["eval_after"]["eval_accuracy"] == lines[-1]["eval_accuracy"]  # same weights, same greedy set
+    assert summary["eval_before"]["eval_accuracy"] == lines[0]["eval/accuracy"]
+    assert summary["eval_after"]["eval_accuracy"] == lines[-1]["eval/accuracy"]  # same weights, same greedy set
     assert summary["train_seconds"] > 0

@@ -149,7 +149,7 @@ def test_eval_generations_shuffle_model_card_and_accuracy_of_a_users_reward(tiny
     summary = json.loads((out / "summary.json").read_text())
     assert "eval_accuracy" in summary["eval_before"] and "eval_accuracy" in summary["eval_after"]
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert "accuracy" in metrics[1]
+    assert "reward/accuracy" in metrics[1]
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and "grpo" in meta["tags"] and "base_model" not in meta  # local model
@@ -357,7 +357,7 @@ def test_sft_heldout_loss_is_the_completion_loss(tiny_model_dir, addition_files,
     assert summary["eval_before"]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert summary["eval_before"]["eval_accuracy"] == 0.0  # a random model
     metrics = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 1]
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [0, 1]
     assert (tmp_path / "sft" / "README.md").is_file()
 
 

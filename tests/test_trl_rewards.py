@@ -248,9 +248,9 @@ def test_training_calls_rewards_with_trls_contract(chat_model_dir, tmp_path):
         assert completion[0]["content"] == tok.decode(body) and 1 <= len(ids) <= 4
 
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["my_metric"] for m in metrics] == [0.25, 0.5]
+    assert [m["reward/my_metric"] for m in metrics] == [0.25, 0.5]
     events = EventAccumulator(str(out / "tensorboard")).Reload()
-    assert [e.value for e in events.Scalars("my_metric")] == [0.25, 0.5]
+    assert [e.value for e in events.Scalars("reward/my_metric")] == [0.25, 0.5]
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["extra"]["golden"] == calls[s["step"] - 1]["answer"][s["index"]] for s in samples)
     # Recorded under their qualified names, so train_config.json is still JSON.
@@ -269,5 +269,5 @@ def test_a_list_of_python_functions_with_trl_weights(tiny_model_dir, addition_fi
     assert [r["weight"] for r in cfg.rewards] == [2.0, 0.5] and cfg.rewards[0]["function"] is first_digit_right
     train(cfg, quiet=True)
     line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
-    assert line["reward_mean"] == pytest.approx(2.0 * line["rewards/first_digit_right/mean"]
-                                                + 0.5 * line["rewards/answer_distance/mean"], abs=1e-6)
+    assert line["reward/mean"] == pytest.approx(2.0 * line["reward/first_digit_right/mean"]
+                                                + 0.5 * line["reward/answer_distance/mean"], abs=1e-6)

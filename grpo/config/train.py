@@ -383,7 +383,8 @@ class TrainConfig(LoopConfig):
     early_stopping_patience: int = 0
     """Stop after this many held-out evaluations without a new best metric_for_best_model; 0: never."""
     metric_for_best_model: str = "eval_accuracy"
-    """The held-out number early stopping and load_best_model_at_end watch (eval_accuracy, eval_reward)."""
+    """The held-out number early stopping and load_best_model_at_end watch: eval_accuracy, eval_reward
+    or eval_<a logged held-out metric>, TRL's spelling; the logged name (eval/accuracy) is accepted too."""
     greater_is_better: bool = True
     """Whether a larger metric_for_best_model is better."""
     load_best_model_at_end: bool = False
@@ -504,7 +505,7 @@ class TrainConfig(LoopConfig):
             bad(watching, f"needs an eval_dataset and 0 < eval_steps <= max_steps to watch (eval_steps is "
                           f"{self.eval_steps}): otherwise only the warm start is ever evaluated")
         if (self.early_stopping_patience or self.load_best_model_at_end) and \
-                not self.metric_for_best_model.startswith("eval_"):
+                not self.metric_for_best_model.startswith(("eval_", "eval/")):
             bad("metric_for_best_model", f"a held-out number, eval_accuracy or eval_reward (or eval_<a logged "
                                          f"metric>), got {self.metric_for_best_model!r}")
         if self.load_best_model_at_end and self.fsdp:

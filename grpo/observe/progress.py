@@ -19,13 +19,14 @@ import shutil
 import sys
 import time
 
-# (metric key, console format) in display order; a key missing from a record is left out.
-FIELDS = (("reward_mean", "reward {:.3f}"), ("accuracy", "acc {:.3f}"), ("eval_accuracy", "eval_acc {:.3f}"),
-          ("kl", "kl {:.4f}"), ("completion_length_mean", "len {:.1f}"),
-          ("zero_variance_frac", "zero_var {:.2f}"), ("tokens_per_second", "{:.0f} tok/s"))
+# (logged metric name, console format) in display order; a key missing from a record is left out.
+FIELDS = (("reward/mean", "reward {:.3f}"), ("reward/accuracy", "acc {:.3f}"), ("eval/accuracy", "eval_acc {:.3f}"),
+          ("loss/kl", "kl {:.4f}"), ("rollout/completion_length_mean", "len {:.1f}"),
+          ("rollout/zero_variance_frac", "zero_var {:.2f}"), ("time/tokens_per_second", "{:.0f} tok/s"))
 # The supervised commands (sft, reward-model train).
-SUPERVISED_FIELDS = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("eval_loss", "eval_loss {:.4f}"),
-                     ("eval_accuracy", "eval_acc {:.3f}"), ("lr", "lr {:.2e}"))
+SUPERVISED_FIELDS = (("loss/total", "loss {:.4f}"), ("loss/accuracy", "acc {:.3f}"), ("eval/loss", "eval_loss {:.4f}"),
+                     ("eval/accuracy", "eval_acc {:.3f}"), ("loss/lr", "lr {:.2e}"))
+HELD_OUT = ("eval/loss", "eval/reward", "eval/accuracy")  # printed above the status line when a step has them
 BAR_WIDTH = 20
 
 
@@ -88,7 +89,7 @@ class Progress:
 
     def step_line(self, r: dict) -> str:
         step = r["step"]
-        elapsed = r.get("elapsed", time.time() - self.start)
+        elapsed = r.get("time/elapsed", time.time() - self.start)
         # Steps done by this process: elapsed restarts with the process on resume.
         done = max(1, step - self.start_step)
         eta = elapsed / done * max(0, self.total_steps - step)
@@ -111,10 +112,9 @@ class Progress:
             self._write(line + "\n")
             return
         self.status = fit(line, self.width() - 1)
-        if "eval_accuracy" in record or "eval_reward" in record or "eval_loss" in record:
+        if any(k in record for k in HELD_OUT):
             # Eval results are rare and worth keeping on screen once the status line moves on.
-            evals = format_numbers({k: record[k] for k in ("eval_loss", "eval_reward", "eval_accuracy")
-                                    if k in record}, 3)
+            evals = format_numbers({k: record[k] for k in HELD_OUT if k in record}, 3)
             self.message(f"step {record['step']}: {evals}")  # prints it, then the new status line
         else:
             self._write("\r\x1b[2K" + self.status)

@@ -28,10 +28,12 @@ from pathlib import Path
 
 from grpo.errors import GrpoError
 
+from .metrics import upgrade
+
 # A step's phases as the loop times them (runs written before advantages and the weight sync had
 # their own phase show those inside scoring and the update).
-PHASES = (("seconds_generate", "generation"), ("seconds_score", "scoring"), ("seconds_logprobs", "log-probs"),
-          ("seconds_advantages", "advantages"), ("seconds_update", "update"), ("seconds_sync_weights", "weight sync"))
+PHASES = (("time/generate", "generation"), ("time/score", "scoring"), ("time/logprobs", "log-probs"),
+          ("time/advantages", "advantages"), ("time/update", "update"), ("time/sync_weights", "weight sync"))
 
 
 class ReportError(GrpoError):
@@ -147,7 +149,8 @@ def load_run(path: Path, label: str) -> Run:
         raise ReportError(f"{path}: no such run directory")
     warnings: list[str] = []
     # An object without a step is no step's record: nothing to place on the axis, and no sign of damage.
-    metrics = [r for r in read_jsonl(path / "metrics.jsonl", warnings, check_step) if "step" in r]
+    # Files written before the metric namespaces are read under today's names (metrics.upgrade).
+    metrics = [upgrade(r) for r in read_jsonl(path / "metrics.jsonl", warnings, check_step) if "step" in r]
     if not metrics:
         raise ReportError(f"{path}: no metrics.jsonl with logged steps (is this a `grpo train` output_dir?)"
                           + "".join(f"; {w}" for w in warnings))
@@ -185,7 +188,7 @@ def add_wall_clock(metrics: list[dict]) -> None:
     `elapsed` restarts from zero in a resumed process)."""
     offset = previous = 0.0
     for r in metrics:
-        elapsed = number(r.get("elapsed"))
+        elapsed = number(r.get("time/elapsed"))
         if elapsed is None:
             r.pop("wall_clock", None)  # derived here only: a logged value of that name is not time
             continue
@@ -278,7 +281,7 @@ def line_panel(ax, runs, colors, lines, x="step", title="", ylabel="", scale=1.0
                 xs = [v / scale for v in xs]
             parts = [run.label] if len(runs) > 1 else []
             parts += [name] if len(lines) > 1 else []
-            draw(ax, xs, ys, color, style, plain(" - ".join(parts)) or None, marker=key.startswith("eval_"))
+            draw(ax, xs, ys, color, style, plain(" - ".join(parts)) or None, marker=key.startswith("eval/"))
             drawn += 1
     ax.set_title(plain(title), fontsize=10)
     ax.set_ylabel(ylabel, fontsize=9)
@@ -302,16 +305,17 @@ def reward_functions(runs: list[Run]) -> list[str]:
     for run in runs:
         for r in run.metrics:
             for k in r:
-                if k.startswith("rewards/") and k.endswith("/mean") and k[8:-5] not in names:
-                    names.append(k[8:-5])
+                name = k[len("reward/"):-len("/mean")]
+                if k.startswith("reward/") and k.endswith("/mean") and name and name not in names:
+                    names.append(name)
     return names
 
 
 def plot_reward(fig, runs, colors, x, scale, xlabel) -> None:
     names = reward_functions(runs)
     # The overall reward, then one panel per reward function (their scales differ).
-    panels = [("reward (weighted total)", [("reward_mean", "train", "-"), ("eval_reward", "held-out", "--")])]
-    panels += [(f"reward: {n}", [(f"rewards/{n}/mean", n, "-")]) for n in names]
+    panels = [("reward (weighted total)", [("reward/mean", "train", "-"), ("eval/reward", "held-out", "--")])]
+    panels += [(f"reward: {n}", [(f"reward/{n}/mean", n, "-")]) for n in names]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig.set_size_inches(4.2 * cols, 3.2 * rows)
@@ -361,7 +365,7 @@ def plot_time_split(fig, runs, colors, x, scale, xlabel) -> None:
         from matplotlib.ticker import MaxNLocator
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
-        line_panel(ax, runs, colors, [("seconds_step", "step", "-")], "step", "seconds per step", "seconds")
+        line_panel(ax, runs, colors, [("time/step", "step", "-")], "step", "seconds per step", "seconds")
         ax.set_xlabel("step", fontsize=9)
 
 
@@ -375,7 +379,7 @@ def simple(title, ylabel, lines, x="step", fraction=False):
     return plot
 
 
-ACCURACY = [("accuracy", "train", "-"), ("eval_accuracy", "held-out", "--")]
+ACCURACY = [("reward/accuracy", "train", "-"), ("eval/accuracy", "held-out", "--")]
 # (file stem, caption, plot function, x axis). The order is the page's order.
 PLOTS = [
     ("reward_vs_step", "Reward against step, overall and per reward function",
@@ -385,19 +389,19 @@ PLOTS = [
      simple("accuracy", "fraction correct", ACCURACY, fraction=True), "step"),
     ("accuracy_vs_time", "Accuracy against wall-clock time",
      simple("accuracy", "fraction correct", ACCURACY, "wall_clock", fraction=True), "wall_clock"),
-    ("kl", "KL divergence to the reference policy", simple("KL to reference", "KL", [("kl", "kl", "-")]), "step"),
-    ("entropy", "Token entropy of the policy", simple("entropy", "nats / token", [("entropy", "entropy", "-")]),
+    ("kl", "KL divergence to the reference policy", simple("KL to reference", "KL", [("loss/kl", "kl", "-")]), "step"),
+    ("entropy", "Token entropy of the policy", simple("entropy", "nats / token", [("loss/entropy", "entropy", "-")]),
      "step"),
     ("completion_length", "Completion length in tokens, mean and max",
-     simple("completion length", "tokens", [("completion_length_mean", "mean", "-"),
-                                             ("completion_length_max", "max", "--")]), "step"),
+     simple("completion length", "tokens", [("rollout/completion_length_mean", "mean", "-"),
+                                             ("rollout/completion_length_max", "max", "--")]), "step"),
     ("truncated_frac", "Fraction of completions cut at max_completion_length",
-     simple("truncated fraction", "fraction", [("truncated_frac", "truncated", "-")], fraction=True), "step"),
+     simple("truncated fraction", "fraction", [("rollout/truncated_frac", "truncated", "-")], fraction=True), "step"),
     ("clip_fraction", "Fraction of tokens whose ratio was clipped, below and above",
-     simple("clip fraction", "fraction of tokens", [("clip_frac_low", "low (1 - eps_low)", "-"),
-                                                     ("clip_frac_high", "high (1 + eps_high)", "--")]), "step"),
+     simple("clip fraction", "fraction of tokens", [("loss/clip_frac_low", "low (1 - eps_low)", "-"),
+                                                     ("loss/clip_frac_high", "high (1 + eps_high)", "--")]), "step"),
     ("zero_variance_frac", "Fraction of groups whose rewards were all equal (no learning signal)",
-     simple("zero-variance groups", "fraction of groups", [("zero_variance_frac", "zero variance", "-")],
+     simple("zero-variance groups", "fraction of groups", [("rollout/zero_variance_frac", "zero variance", "-")],
             fraction=True), "step"),
     ("time_per_step", "Time per step split into generation, scoring, log-probs and update",
      lambda *a: plot_time_split(*a), "step"),
@@ -441,15 +445,15 @@ def tail(run: Run, key: str, fraction: float = 0.25) -> list[float]:
 
 def checks(run: Run) -> list[str]:
     notes = []
-    zero = tail(run, "zero_variance_frac")
+    zero = tail(run, "rollout/zero_variance_frac")
     if zero and sum(zero) / len(zero) >= 0.8:
         notes.append(f"{sum(zero) / len(zero):.0%} of groups had equal rewards late in training: almost no "
                      "learning signal (sample at temperature ~1, use larger groups or a denser reward).")
-    truncated = tail(run, "truncated_frac")
+    truncated = tail(run, "rollout/truncated_frac")
     if truncated and sum(truncated) / len(truncated) >= 0.5:
         notes.append(f"{sum(truncated) / len(truncated):.0%} of completions hit max_completion_length late in "
                      "training: raise it or reward shorter answers.")
-    kl = tail(run, "kl")
+    kl = tail(run, "loss/kl")
     if kl and max(kl) > 1.0:
         notes.append(f"KL to the reference reached {max(kl):.2f}: the policy is drifting far (lower the "
                      "learning rate or raise beta).")
@@ -556,12 +560,12 @@ def overview(runs: list[Run], colors: list[str]) -> str:
             "<th>training time</th></tr>")
     rows = []
     for run, color in zip(runs, colors):
-        _, reward = series(run, "reward_mean")
-        accuracy = last_value(run, "accuracy")
+        _, reward = series(run, "reward/mean")
+        accuracy = last_value(run, "reward/accuracy")
         before = accuracy_in_summary(run.summary, "eval_before", "accuracy_before")
         after = accuracy_in_summary(run.summary, "eval_after", "accuracy_after")
         seconds = number(run.summary.get("train_seconds", run.metrics[-1].get("wall_clock")))
-        kl = last_value(run, "kl")
+        kl = last_value(run, "loss/kl")
         total = run.config.get("max_steps", "?")
         cells = [f"<span class='swatch' style='background:{esc(color)}'></span>{esc(run.label)}",
                  str(len(run.metrics)), f"{esc(run.metrics[-1]['step'])} / {esc(fmt(total))}",

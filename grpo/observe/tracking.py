@@ -3,7 +3,8 @@ TensorBoard and Weights & Biases.
 
 Kept apart from the trainer so the algorithm never does I/O. Files in the run directory:
 
-- `metrics.jsonl`: one JSON object per logged step (the trainer's record, unchanged).
+- `metrics.jsonl`: one JSON object per logged step, the trainer's record under the namespaced
+  names of `metrics.py` (`loss/kl`, `reward/mean`, `eval/accuracy`, `time/step`).
 - `train_config.json`: the run's training config (config.json in a run directory is the model's).
 - `samples.jsonl`: a few completions of some steps, one JSON object each, with the fields
   step, index (row in the step's rollout), group (which prompt's group), prompt, completion,
@@ -29,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from .metrics import TRAIN, namespaced
 from .progress import Progress, samples_table
 
 TRAIN_CONFIG = "train_config.json"
@@ -40,11 +42,13 @@ class RunLogger:
     """The metrics writer of every training command (`grpo train`, `sft`, `reward-model train`).
 
     `enabled` is False on every process but rank 0 under torchrun; `fields` picks what the console
-    line shows (see `progress.FIELDS`)."""
+    line shows (see `progress.FIELDS`); `names` is the table that gives each record key its logged
+    name (`metrics.TRAIN` or `metrics.SUPERVISED`)."""
 
     def __init__(self, output_dir: Path, total_steps: int, enabled: bool = True, quiet: bool = False,
-                 resume_step: int = 0, config: dict | None = None, stream=None, fields=None):
-        self.output_dir, self.total_steps = Path(output_dir), total_steps
+                 resume_step: int = 0, config: dict | None = None, stream=None, fields=None,
+                 names: dict[str, str] = TRAIN):
+        self.output_dir, self.total_steps, self.names = Path(output_dir), total_steps, names
         self.enabled, self.quiet = enabled, quiet
         self.config = config or {}
         self.start = time.time()
@@ -70,6 +74,7 @@ class RunLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = namespaced(record, self.names)
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         scalars = {k: float(v) for k, v in record.items()

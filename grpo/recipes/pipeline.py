@@ -120,14 +120,14 @@ def _correct_pairs_file(preferences: Path, out: Path) -> Path:
 def _variant_summary(run_dir: Path, rm_correct_margin: float) -> dict:
     run = json.loads((run_dir / "summary.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [s for s in steps if "reward_mean" in s]  # the training steps (step 0 is the warm start's evaluation)
+    steps = [s for s in steps if "reward/mean" in s]  # the training steps (step 0 is the warm start's evaluation)
     before, after = run["eval_before"], run["eval_after"]
     rm_gain = after["eval_reward"] - before["eval_reward"]
     acc_gain = after["eval_accuracy"] - before["eval_accuracy"]
     # Reward-model score gain in "accuracy units": how much accuracy would have had to rise to
     # raise the score this much, at the RM's held-out gap between a correct and a wrong answer.
     rm_gain_as_accuracy = rm_gain / rm_correct_margin if rm_correct_margin > 0 else float("nan")
-    evals = [s["eval_accuracy"] for s in steps if "eval_accuracy" in s]
+    evals = [s["eval/accuracy"] for s in steps if "eval/accuracy" in s]
     return {
         "accuracy_before": before["eval_accuracy"], "accuracy_after": after["eval_accuracy"],
         # The lowest held-out accuracy at any evaluation during training (the warm start is before).
@@ -135,11 +135,11 @@ def _variant_summary(run_dir: Path, rm_correct_margin: float) -> dict:
         "rm_score_before": before["eval_reward"], "rm_score_after": after["eval_reward"],
         "rm_gain_in_accuracy_units": rm_gain_as_accuracy,
         "pleased_rm_more_than_right": bool(rm_gain_as_accuracy > acc_gain + 0.05),
-        "zero_variance_frac_total_reward": sum(s["zero_variance_frac"] for s in steps) / max(1, len(steps)),
+        "zero_variance_frac_total_reward": sum(s["rollout/zero_variance_frac"] for s in steps) / max(1, len(steps)),
         "train_seconds": run["train_seconds"],
         # Side by side per logged step: the reward the policy is trained on and the truth.
-        "per_step": [{"step": s["step"], "rm_score": s.get("rewards/reward_model/mean"),
-                      "accuracy": s.get("accuracy"), "eval_accuracy": s.get("eval_accuracy")} for s in steps],
+        "per_step": [{"step": s["step"], "rm_score": s.get("reward/reward_model/mean"),
+                      "accuracy": s.get("reward/accuracy"), "eval_accuracy": s.get("eval/accuracy")} for s in steps],
     }
 
 

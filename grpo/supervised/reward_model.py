@@ -28,6 +28,7 @@ from grpo.config import RewardModelConfig, RewardModelEvalConfig, to_dict
 from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns
 from grpo.engine.models import check_model_source, load_tokenizer
 from grpo.errors import ConfigError, RewardError, RunError
+from grpo.observe.metrics import SUPERVISED
 from grpo.observe.progress import SUPERVISED_FIELDS
 from grpo.observe.tracking import RunLogger
 from grpo.rewards.models import completion_text, load_reward_model, score_batches
@@ -90,7 +91,8 @@ def run_reward_model(cfg: RewardModelConfig, run, tokenizer, pairs, eval_pairs, 
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     sampler = PromptSampler(len(pairs), cfg.seed)
-    logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS)
+    logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS,
+                       names=SUPERVISED)
 
     def run_eval() -> dict:
         if not eval_pairs:

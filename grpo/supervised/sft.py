@@ -22,6 +22,7 @@ from grpo.data.prompts import left_pad
 from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import DataError
+from grpo.observe.metrics import SUPERVISED
 from grpo.observe.progress import SUPERVISED_FIELDS, format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.runs.checkpoint import save_model
@@ -128,7 +129,8 @@ def run_sft(cfg: SFTConfig, run, tokenizer, pairs, eval_pairs, quiet: bool) -> P
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     sampler = PromptSampler(len(pairs), cfg.seed, shuffle=cfg.shuffle_dataset)
-    logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS)
+    logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS,
+                       names=SUPERVISED)
     results = {}
     if eval_pairs:
         results["before"] = heldout(model, tokenizer, eval_pairs, cfg, precision)

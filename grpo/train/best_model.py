@@ -12,12 +12,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from grpo.observe.metrics import plain_name
+
 BEST_DIR = "best-model"
 
 
 class BestModel:
     def __init__(self, metric: str, greater_is_better: bool, patience: int, keep: bool, out: Path):
-        self.metric, self.greater, self.patience, self.keep, self.out = metric, greater_is_better, patience, keep, out
+        self.metric = plain_name(metric)  # the record's key, whichever spelling the config used
+        self.greater, self.patience, self.keep, self.out = greater_is_better, patience, keep, out
         self.value: float | None = None
         self.step = 0
         self.since = 0  # evaluations since the best

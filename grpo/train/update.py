@@ -14,6 +14,7 @@ import torch
 from grpo import algorithm
 from grpo.config import TrainConfig
 from grpo.engine.logprobs import completion_logprobs
+from grpo.observe.metrics import logged_name
 from grpo.runtime.distributed import World
 from grpo.runtime.optim import before_first_step
 from grpo.runtime.precision import Precision
@@ -207,8 +208,9 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
 
 def with_logged_metrics(record: dict, logged: dict[str, float]) -> dict:
     """The step's record with what reward functions logged through `log_metric` (TRL's hook),
-    each under its own name; a name the trainer already writes becomes `logged/<name>`."""
+    each as `reward/<name>`; a name the trainer already logs becomes `reward/logged/<name>`."""
     out = dict(record)
+    taken = {logged_name(k) for k in record}
     for name, value in logged.items():
-        out[f"logged/{name}" if name in record else name] = value
+        out[f"reward/logged/{name}" if f"reward/{name}" in taken else f"reward/{name}"] = value
     return out
