@@ -315,7 +315,8 @@ class TrainConfig(LoopConfig):
     advantage_estimator: str = "group"
     """The registered advantage estimator: group ((r - mean) / std in the group, DeepSeekMath),
     batch (std over the whole batch), none (r - mean, Dr. GRPO), rloo (leave-one-out mean),
-    reinforce_pp / reinforce_pp_baseline (REINFORCE++), priority (stochastic_beam groups)."""
+    reinforce_pp / reinforce_pp_baseline (REINFORCE++), priority (stochastic_beam groups), rank
+    (centred ranks within the group, ties at their mean rank: blind to the rewards' scale)."""
     advantage_eps: float = 1e-4
     """Added to the standard deviation before dividing."""
     policy_loss: str = "ppo_clip"
