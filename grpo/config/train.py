@@ -64,9 +64,13 @@ class RewardSpec:
     ensemble: str = "mean"
     """Reward-model ensembles only: `mean` of the members' scores, or `min` (worst case: a
     completion scores well only when every member agrees; Coste et al. 2023)."""
+    per: str = ""
+    """Functions only: `completion` (TRL's contract, all N completions in one call) or `group`
+    (called once per group: fn(prompt, completions, **row columns) -> G scores or a ranking);
+    "": `group` when the function's first parameter is named `prompt`."""
 
     FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length",
-                               "clip", "ensemble")
+                               "clip", "ensemble", "per")
 
     @classmethod
     def parse(cls, spec: Any, where: str, bad) -> "RewardSpec":
@@ -91,6 +95,10 @@ class RewardSpec:
             bad(f"{where}.model", f"expected a directory or a non-empty list of directories, got {models!r}")
         if spec.get("ensemble", "mean") not in ("mean", "min"):
             bad(f"{where}.ensemble", f"{spec['ensemble']!r} is not one of mean, min")
+        if spec.get("per", "") not in ("", "completion", "group"):
+            bad(f"{where}.per", f"{spec['per']!r} is not one of completion, group")
+        if spec.get("per") and not spec.get("function"):
+            bad(f"{where}.per", "applies to functions ({function: file.py:fn, per: group}), not to reward models")
         for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float))):
             value = spec.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):

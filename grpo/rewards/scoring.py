@@ -74,6 +74,7 @@ from grpo.config.train import RewardSpec
 from grpo.errors import RewardError
 
 from .functions import load_function
+from .groups import GroupReward, as_group_reward, takes_a_group
 from .models import EnsembleScorer, RewardModelScorer
 
 
@@ -149,7 +150,9 @@ def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> li
         elif spec.function:
             fn = load_function(spec.function)
             default_name = spec.function.rsplit(":", 1)[-1]
-        else:
+        if spec.function and (spec.per == "group" or (not spec.per and takes_a_group(fn))):
+            fn = as_group_reward(fn)  # called once per group (grpo.rewards.groups)
+        elif not spec.function:
             members = [RewardModelScorer(path, device, dtype, batch_size=spec.batch_size, normalize=spec.normalize,
                                          max_length=spec.max_length, clip=spec.clip)
                        for path in (spec.model if isinstance(spec.model, list) else [spec.model])]
@@ -203,17 +206,23 @@ def check_signatures(rewards: list[Reward], columns: list[str]) -> None:
     model is loaded, as a signature problem (a TypeError raised later, inside the function, is the
     function's own bug)."""
     for r in rewards:
+        group = isinstance(r.fn, GroupReward)
+        fn = r.fn.fn if group else r.fn
         try:
-            signature = inspect.signature(r.fn)
+            signature = inspect.signature(fn)
         except (TypeError, ValueError):  # a builtin without a signature: nothing to check
             continue
-        extra = {} if reads_model_text(r) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
+        if group:  # prompt and completions by position (grpo.rewards.groups)
+            extra = {k: None for k in TRL_KEYWORDS if r.fn.accepts(k)}
+            args, first, form = (None, []), {}, "fn(prompt, completions, **row columns) once per group"
+        else:
+            extra = {} if reads_model_text(r) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
+            args, first, form = (), {"prompts": [], "completions": []}, "fn(prompts=..., completions=..., **columns)"
         try:
-            signature.bind(prompts=[], completions=[], **{c: [] for c in columns}, **extra)
+            signature.bind(*args, **first, **{c: [] for c in columns}, **extra)
         except TypeError as e:
-            raise RewardError(f"reward {r.name!r}: {getattr(r.fn, '__name__', 'fn')}{signature} cannot be called "
-                              f"as fn(prompts=..., completions=..., **columns) with this dataset's columns "
-                              f"{sorted(columns)}: {e}") from None
+            raise RewardError(f"reward {r.name!r}: {getattr(fn, '__name__', 'fn')}{signature} cannot be called "
+                              f"as {form} with this dataset's columns {sorted(columns)}: {e}") from None
 
 
 def _user_frame(error: BaseException, fn) -> str:
@@ -474,7 +483,8 @@ def _check_coverage(rewards: list[Reward], per_reward: dict[str, torch.Tensor], 
 def score(rewards: list[Reward], prompts: list, completions: list, columns: dict[str, list],
           timeout: float | None = None, *, completion_ids: list | None = None, trainer_state: Any = None,
           log_metric: Callable | None = None, log_extra: Callable | None = None,
-          model_texts: tuple[list[str], list[str]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+          model_texts: tuple[list[str], list[str]] | None = None,
+          group_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total [N] and each reward's unweighted values [N], checked for shape, type and
     range (module docstring).
 
@@ -483,16 +493,18 @@ def score(rewards: list[Reward], prompts: list, completions: list, columns: dict
     bounds each function call (config key `reward_timeout`). The keywords after it are TRL's extra
     arguments (module docstring), each passed to the functions that take it; `model_texts` is
     (formatted prompts, completion texts) for reward models (default: `prompts`, `completions`).
-    While the functions run, `os._exit` is guarded (module docstring)."""
+    `group_size`: G, how group rewards (grpo.rewards.groups) split the N completions (None: all
+    N are one group). While the functions run, `os._exit` is guarded (module docstring)."""
     extras = {"completion_ids": completion_ids, "trainer_state": trainer_state, "log_metric": log_metric,
               "log_extra": log_extra}
 
     def kwargs_for(r: Reward) -> dict:
+        group = {"group_size": group_size} if isinstance(r.fn, GroupReward) else {}
         if reads_model_text(r):
             texts, answers = model_texts or (prompts, completions)
-            return dict(prompts=texts, completions=answers, **columns)
+            return dict(prompts=texts, completions=answers, **columns, **group)
         given = {k: v for k, v in extras.items() if v is not None and r.accepts(k)}
-        return dict(prompts=prompts, completions=completions, **columns, **given)
+        return dict(prompts=prompts, completions=completions, **columns, **given, **group)
 
     with _EXIT_GUARD.installed([r.name for r in rewards]):
         outputs = {r.name: call_reward(r, timeout, **kwargs_for(r)) for r in rewards if not r.is_async}

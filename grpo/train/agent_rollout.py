@@ -140,7 +140,7 @@ def score_episodes(setup: AgentSetup, backend: RolloutBackend, tokenizer, rows: 
         total, per_function = score(
             rewards, prompts, conversations, columns, timeout=cfg.reward_timeout,
             completion_ids=[list(e.completion_ids) for e in episodes], trainer_state=trainer_state,
-            log_metric=log.log_metric, log_extra=log.log_extra, model_texts=(texts, completions))
+            log_metric=log.log_metric, log_extra=log.log_extra, model_texts=(texts, completions), group_size=G)
     own = [e.reward for e in episodes]
     if any(r is not None for r in own):
         values = torch.tensor([float("nan") if r is None else r for r in own], dtype=torch.float32)

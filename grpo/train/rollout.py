@@ -154,7 +154,7 @@ def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rew
         rewards, prompts, [as_completion(p, c) for p, c in zip(prompts, completions)], columns,
         timeout=cfg.reward_timeout, completion_ids=completion_ids_list(out.completion_ids, out.completion_mask),
         trainer_state=trainer_state, log_metric=log.log_metric, log_extra=log.log_extra,
-        model_texts=([t for t in texts for _ in range(G)], completions))
+        model_texts=([t for t in texts for _ in range(G)], completions), group_size=G)
     t2 = synced_time(device)
     return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function, t1 - t0, t2 - t1)
 
