@@ -130,10 +130,13 @@ def parser() -> argparse.ArgumentParser:
                    help="a key of the GRPO stage (grpo config train), e.g. --set 'peft={r: 16, alpha: 32}'")
     d.add_argument("--quiet", action="store_true")
 
-    rm = command("reward-model", help="train, evaluate and use Bradley-Terry reward models")
+    rm = command("reward-model", help="train, evaluate and use reward models (pairs: Bradley-Terry; rankings: "
+                                      "Plackett-Luce)")
     rm_sub = rm.add_subparsers(dest="rm_command", required=True)
-    for name, text in (("train", "train a reward model on prompt/chosen/rejected pairs"),
-                       ("eval", "pairwise accuracy and mean margin on a preference file"),
+    for name, text in (("train", "train a reward model on prompt/chosen/rejected pairs or prompt/completions "
+                                 "rankings"),
+                       ("eval", "pairwise accuracy and mean margin on a preference file; Kendall's tau, top-1 and "
+                                "correct-vs-wrong accuracy on rankings"),
                        ("score", "score prompt/completion rows and write them to a file"),
                        ("make-preferences", "sample a policy on a built-in task and write preference pairs")):
         family = {"train": "reward-model", "make-preferences": "make-preferences"}.get(name, "reward-model-eval")
@@ -143,6 +146,9 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         c.add_argument("--overwrite", action="store_true", help="replace what the output holds")
         c.add_argument("--quiet", action="store_true")
+        if name == "make-preferences":
+            c.add_argument("--rankings", type=int, metavar="K",
+                           help="write one ranking of up to K samples per prompt instead of pairs (key rankings)")
 
     r = sub.add_parser("report", help="write report.html and PNG plots for one or more runs", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -239,7 +245,8 @@ def _reward_model(args) -> int:
         "score": (RewardModelEvalConfig, rm.score_file, True),
         "make-preferences": (PreferenceConfig, make_preferences, True),
     }[args.rm_command]
-    cfg = load_config(cls, args.config, args.set)
+    overrides = list(args.set) + ([f"rankings={args.rankings}"] if getattr(args, "rankings", None) is not None else [])
+    cfg = load_config(cls, args.config, overrides)
     if writes:
         run(cfg, quiet=args.quiet, overwrite=args.overwrite, config_path=args.config)
     else:

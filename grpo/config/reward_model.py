@@ -12,7 +12,7 @@ from .loading import at_least
 @dataclass
 class PreferenceColumns:
     TOPICS: ClassVar[dict] = {
-        "data": ("chosen_column", "rejected_column", "margin_column"),
+        "data": ("chosen_column", "rejected_column", "margin_column", "completions_column", "labels_column"),
     }
 
     # ---- data
@@ -22,6 +22,12 @@ class PreferenceColumns:
     """The other completion of the pair."""
     margin_column: str = "margin"
     """An optional per-pair margin for the Bradley-Terry loss; a missing value means 0."""
+    completions_column: str = "completions"
+    """A file whose rows have this column holds rankings, not pairs: the completions best to worst,
+    an entry that is a list being a tie group; trained with the Plackett-Luce loss."""
+    labels_column: str = "labels"
+    """Rankings: an optional verifier label per completion (in written order), for eval's
+    correct-vs-wrong accuracy."""
 
 
 @dataclass
@@ -62,7 +68,7 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
     learning_rate: float = 1e-4
     adam_beta2: float = 0.999
     batch_size: int = 32
-    """Preference pairs per optimizer step."""
+    """Preference pairs (or rankings) per optimizer step."""
 
     # ---- evaluation
     eval_steps: int = 50
@@ -70,7 +76,8 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
 
     # ---- scale
     micro_batch_size: int = 64
-    """Pairs per forward/backward pass (twice that many sequences)."""
+    """Pairs per forward/backward pass (twice that many sequences); rankings of K: 2 *
+    micro_batch_size / K per pass, about as many sequences."""
 
     # ---- logging and saving
     output_dir: str = "runs/reward_model"
@@ -127,7 +134,8 @@ class PreferenceConfig(CommonConfig):
     TOPICS: ClassVar[dict] = {
         "data": ("answer_column", "num_prompts"),
         "generation": ("seed", "samples_per_prompt", "temperature", "max_completion_length"),
-        "rewards": ("task", "correct_pairs_per_prompt", "closer_pairs_per_prompt", "use_reference_answer"),
+        "rewards": ("task", "rankings", "correct_pairs_per_prompt", "closer_pairs_per_prompt",
+                    "use_reference_answer"),
         "scale": ("batch_size",),
         "logging and saving": ("output_file",),
     }
@@ -152,6 +160,10 @@ class PreferenceConfig(CommonConfig):
     task: str = "addition"
     """The built-in task whose verifier labels the samples (and, where it has one, whose distance
     ranks two wrong answers)."""
+    rankings: int = 0
+    """0: preference pairs. K >= 2: one ranking per prompt instead, of up to K distinct samples
+    ordered by the task's verifier and distance (right answers tied first, then closer to farther
+    wrong ones), rows {prompt, completions (best first, a list = a tie group), labels, answer}."""
     correct_pairs_per_prompt: int = 2
     """Correct-vs-incorrect pairs per prompt, at most."""
     closer_pairs_per_prompt: int = 1
@@ -171,6 +183,8 @@ class PreferenceConfig(CommonConfig):
         super().validate(bad)
         at_least(self, bad, 1, "samples_per_prompt", "max_completion_length", "batch_size")
         at_least(self, bad, 0, "num_prompts")
+        if self.rankings == 1 or self.rankings < 0:
+            bad("rankings", f"must be 0 (pairs) or >= 2 (completions per ranking), got {self.rankings}")
         if not self.output_file.strip():
             bad("output_file", "required: the file the preference pairs are written to")
         if self.temperature <= 0:

@@ -4,7 +4,10 @@ This is how the seed pipeline gets preference data without downloading any: samp
 from a policy on the task's prompts, judge them with the task's verifier, and write pairs
   correct vs incorrect            ("kind": "correct")
   closer vs farther wrong answer  ("kind": "closer", where the task has a distance to the answer)
-as JSONL rows {prompt, chosen, rejected, kind, answer} that `grpo reward-model train` reads.
+as JSONL rows {prompt, chosen, rejected, kind, answer} that `grpo reward-model train` reads; or,
+with `rankings: K`, one ranking per prompt of up to K distinct samples, right answers first
+(tied), then the wrong ones closer to farther (grpo.rewards.rankings.ranking_from_samples), as
+rows {prompt, completions, labels, kind: "ranking", answer}.
 
 When no sample of a prompt is correct, the dataset's reference answer can stand in as the chosen
 completion (`use_reference_answer`), as a human labeller would write the right answer; otherwise
@@ -25,6 +28,7 @@ from grpo.engine.backend import LocalBackend, SamplingParams
 from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
 from grpo.errors import ConfigError
 from grpo.rewards.preferences import TASKS, pairs_for_prompt
+from grpo.rewards.rankings import ranking_from_samples
 from grpo.runs.run_dir import check_output_file
 from grpo.runtime.setup import start_run
 
@@ -64,6 +68,12 @@ def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool
             group = completions[p * G:(p + 1) * G]
             answer = str(row[cfg.answer_column])
             sampled_correct += sum(task.is_correct(c, answer) for c in group)
+            if cfg.rankings:
+                ranked = ranking_from_samples(group, answer, task, cfg.rankings, cfg.use_reference_answer)
+                if ranked is not None:
+                    out_rows.append({"prompt": row[cfg.prompt_column], "completions": ranked[0], "labels": ranked[1],
+                                     "kind": "ranking", "answer": answer})
+                continue
             for pair in pairs_for_prompt(group, answer, task, rng, cfg.correct_pairs_per_prompt,
                                          cfg.closer_pairs_per_prompt, cfg.use_reference_answer):
                 # The prompt is written as given (not formatted): training formats it like the policy.
@@ -78,6 +88,14 @@ def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool
              "correct_pairs": sum(r["kind"] == "correct" for r in out_rows),
              "closer_pairs": sum(r["kind"] == "closer" for r in out_rows),
              "sample_accuracy": sampled_correct / max(1, len(rows) * G), "output_file": str(path)}
+    if cfg.rankings:
+        stats = {"prompts": len(rows), "rankings": len(out_rows),
+                 "ranked_completions": sum(len(r["labels"]) for r in out_rows),
+                 "sample_accuracy": stats["sample_accuracy"], "output_file": str(path)}
+        if not quiet:
+            print(f"make-preferences: {stats['rankings']} rankings ({stats['ranked_completions']} completions) "
+                  f"from {len(rows)} prompts x {G} samples (sample accuracy {stats['sample_accuracy']:.1%}) -> {path}")
+        return stats
     if not quiet:
         print(f"make-preferences: {stats['pairs']} pairs ({stats['correct_pairs']} correct/incorrect, "
               f"{stats['closer_pairs']} closer/farther) from {len(rows)} prompts x {G} samples "

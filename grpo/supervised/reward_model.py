@@ -1,4 +1,5 @@
-"""`grpo reward-model train | eval | score`: Bradley-Terry reward models from preference pairs.
+"""`grpo reward-model train | eval | score`: reward models from preference pairs (Bradley-Terry)
+or from rankings (Plackett-Luce).
 
 The seed's pipeline starts here: "train a reward model from preference data". The reward model
 is any causal LM with a one-label head, `AutoModelForSequenceClassification.from_pretrained(
@@ -6,6 +7,14 @@ backbone, num_labels=1)` (for a Llama backbone: the transformer plus a fresh lin
 read at the last real token), trained so that r(prompt, chosen) > r(prompt, rejected):
 
     loss = -log sigmoid(r_chosen - r_rejected - margin)          (grpo.algorithm.bradley_terry_loss)
+
+or, from a file of rankings (`prompt`, `completions` best to worst, tie groups allowed;
+grpo.rewards.rankings), listwise over the K completions of each (Plackett 1975; Luce 1959):
+
+    loss = -sum_k [ r_(k) - log sum_{j >= k} exp r_(j) ]          (grpo.algorithm.plackett_luce_loss)
+
+which at K = 2 is the Bradley-Terry loss. The NLL term of the likelihood kinds is on the chosen
+completion, or on the first tie group of a ranking.
 
 The result is saved with `save_pretrained` next to its tokenizer, so plain
 `AutoModelForSequenceClassification.from_pretrained(dir)` loads it and `grpo train` takes it as
@@ -23,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.algorithm import bradley_terry_loss
+from grpo.algorithm import bradley_terry_loss, plackett_luce_loss
 from grpo.config import RewardModelConfig, RewardModelEvalConfig, to_dict
 from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns
 from grpo.engine.models import check_model_source, load_tokenizer
@@ -33,6 +42,7 @@ from grpo.observe.progress import SUPERVISED_FIELDS
 from grpo.observe.tracking import RunLogger
 from grpo.rewards.models import completion_text, load_reward_model, score_batches
 from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
+from grpo.rewards.rankings import evaluate_rankings, is_ranking_file, load_rankings, ranking_scores
 from grpo.runs.interrupts import Interrupted, StopRequests
 from grpo.runs.run_dir import check_output_dir, check_output_file, claim_output_dir, publish, staging_dir
 from grpo.runtime.optim import make_optimizer, make_scheduler
@@ -53,6 +63,61 @@ def _preference_columns(cfg, log) -> dict:
                 chat_template=cfg.apply_chat_template, log=log)
 
 
+def _ranking_columns(cfg, log) -> dict:
+    return dict(prompt_column=cfg.prompt_column, completions_column=cfg.completions_column,
+                labels_column=cfg.labels_column, chat_template=cfg.apply_chat_template, log=log)
+
+
+def load_feedback(cfg, path: str, tokenizer, log) -> list:
+    """Preference pairs, or rankings when the file's rows have `completions_column`."""
+    if is_ranking_file(path, cfg.completions_column):
+        return load_rankings(path, tokenizer, **_ranking_columns(cfg, log))
+    return load_preferences(path, tokenizer, **_preference_columns(cfg, log))
+
+
+def is_rankings(items: list) -> bool:
+    return bool(items) and hasattr(items[0], "tiers")
+
+
+def pair_loss(rm, chunk, nll_coef: float) -> tuple[torch.Tensor, float, float]:
+    """The Bradley-Terry loss of a chunk of pairs (+ NLL of the chosen), and the chunk's count of
+    pairs ranked right and sum of margins."""
+    c, r = pair_scores(rm, chunk)  # float32 scores
+    nll = rm.nll([p.prompt for p in chunk], [p.chosen for p in chunk]) if nll_coef else 0.0
+    m = torch.tensor([p.margin for p in chunk], device=c.device)
+    return (bradley_terry_loss(c, r, m) + nll_coef * nll, (c > r).float().sum().item(),
+            (c - r).sum().item())
+
+
+def ranking_loss(rm, chunk, nll_coef: float) -> tuple[torch.Tensor, float, float]:
+    """The Plackett-Luce loss of a chunk of rankings (+ NLL of each first tie group), and the
+    chunk's count of rankings whose top score is in the first tie group and sum of margins
+    (mean score of the first tie group minus the mean of the rest)."""
+    scores, tiers, mask = ranking_scores(rm, chunk)
+    best = [(r.prompt, c) for r in chunk for c, t in zip(r.completions, r.tiers) if t == 0]
+    nll = rm.nll([p for p, _ in best], [c for _, c in best]) if nll_coef else 0.0
+    top = scores.detach().masked_fill(~mask, float("-inf")).argmax(dim=1)
+    first = (tiers == 0) & mask
+    rest = (tiers > 0) & mask
+    s = scores.detach()
+    margins = (s * first).sum(1) / first.sum(1) - (s * rest).sum(1) / rest.sum(1)
+    return (plackett_luce_loss(scores, tiers, mask) + nll_coef * nll,
+            first.gather(1, top[:, None]).float().sum().item(), margins.sum().item())
+
+
+def evaluate_feedback(rm, items: list, batch_size: int) -> dict:
+    """Held-out metrics of pairs (accuracy, margin, loss) or rankings (pairwise accuracy,
+    Kendall's tau, top-1 and correct-vs-wrong accuracy, loss), under `eval_` names."""
+    if is_rankings(items):
+        e = evaluate_rankings(rm, items, batch_size)
+        return {"eval_accuracy": e["accuracy"], "eval_kendall_tau": e["kendall_tau"],
+                "eval_top1_accuracy": e["top1_accuracy"], "eval_loss": e["loss"],
+                **({"eval_correct_vs_wrong_accuracy": e["correct_vs_wrong_accuracy"]}
+                   if e["correct_vs_wrong_accuracy"] is not None else {})}
+    e = evaluate_pairs(rm, items, batch_size)
+    return {"eval_accuracy": e["accuracy"], "eval_margin": e["margin"], "eval_loss": e["loss"]}
+
+
 def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: bool = False,
                        config_path: str | None = None) -> dict:
     """Train, evaluate on held-out pairs during and after training, save. Returns the summary.
@@ -65,16 +130,17 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
     check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
+    pairs = load_feedback(cfg, cfg.dataset, tokenizer, log)
     if cfg.eval_dataset:
-        eval_pairs = load_preferences(cfg.eval_dataset, tokenizer, **_preference_columns(cfg, log))
+        eval_pairs = load_feedback(cfg, cfg.eval_dataset, tokenizer, log)
     else:
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_eval = int(len(pairs) * cfg.eval_fraction)
         eval_pairs, pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
         if not pairs:
             raise DataError(f"{cfg.dataset}: nothing left to train on after holding out eval_fraction")
-    log(f"reward model: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, backbone {cfg.model}")
+    what = "rankings" if is_rankings(pairs) else "pairs"
+    log(f"reward model: {len(pairs)} training {what}, {len(eval_pairs)} held-out {what}, backbone {cfg.model}")
     with claim_output_dir(out, "grpo reward-model train", inputs=paths, resume=False, overwrite=overwrite):
         return run_reward_model(cfg, run, tokenizer, pairs, eval_pairs, quiet)
 
@@ -94,12 +160,17 @@ def run_reward_model(cfg: RewardModelConfig, run, tokenizer, pairs, eval_pairs, 
     logger = RunLogger(out, cfg.max_steps, quiet=quiet, config=to_dict(cfg), fields=SUPERVISED_FIELDS,
                        names=SUPERVISED)
 
+    rankings = is_rankings(pairs)
+    batch_loss = ranking_loss if rankings else pair_loss
+    # Sequences per forward: a pair is 2, a ranking its K.
+    width = max(len(p.completions) for p in pairs) if rankings else 2
+    micro = max(1, 2 * cfg.micro_batch_size // width)
+
     def run_eval() -> dict:
         if not eval_pairs:
             return {}
         with precision.autocast():
-            e = evaluate_pairs(rm, eval_pairs, cfg.micro_batch_size)
-        return {"eval_accuracy": e["accuracy"], "eval_margin": e["margin"], "eval_loss": e["loss"]}
+            return evaluate_feedback(rm, eval_pairs, 2 * cfg.micro_batch_size if rankings else cfg.micro_batch_size)
 
     start = time.time()
     history = [{"step": 0, **run_eval(), "elapsed": 0.0}]
@@ -110,18 +181,16 @@ def run_reward_model(cfg: RewardModelConfig, run, tokenizer, pairs, eval_pairs, 
                 batch = [pairs[i] for i in sampler.next(cfg.batch_size)]
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
-                for i in range(0, len(batch), cfg.micro_batch_size):
-                    chunk = batch[i:i + cfg.micro_batch_size]
+                for i in range(0, len(batch), micro):
+                    chunk = batch[i:i + micro]
                     with precision.autocast():
-                        c, r = pair_scores(rm, chunk)  # float32 scores
-                        nll = rm.nll([p.prompt for p in chunk], [p.chosen for p in chunk]) if cfg.nll_coef else 0.0
-                    m = torch.tensor([p.margin for p in chunk], device=c.device)
+                        loss, right, margins = batch_loss(rm, chunk, cfg.nll_coef)
                     # Weight each chunk by its share so the gradient is that of the whole batch's mean.
-                    loss = (bradley_terry_loss(c, r, m) + cfg.nll_coef * nll) * (len(chunk) / len(batch))
+                    loss = loss * (len(chunk) / len(batch))
                     precision.backward(loss)
                     loss_sum += loss.item()
-                    correct += (c > r).float().sum().item()
-                    margin_sum += (c - r).sum().item()
+                    correct += right
+                    margin_sum += margins
                 grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
                 scheduler.step()
                 record = {}
@@ -145,10 +214,12 @@ def run_reward_model(cfg: RewardModelConfig, run, tokenizer, pairs, eval_pairs, 
                 final = staging_dir(out)
                 save_reward_model(rm, final)
                 last = next((h for h in reversed(history) if "eval_accuracy" in h), {})
-                summary = {"model": str(out), "kind": cfg.kind, "backbone": cfg.model, "train_pairs": len(pairs),
+                summary = {"model": str(out), "kind": cfg.kind, "backbone": cfg.model,
+                           "loss": "plackett_luce" if rankings else "bradley_terry", "train_pairs": len(pairs),
                            "eval_pairs": len(eval_pairs),
-                           "eval_accuracy": last.get("eval_accuracy"), "eval_margin": last.get("eval_margin"),
-                           "eval_loss": last.get("eval_loss"), "train_seconds": time.time() - start}
+                           **{k: last.get(k) for k in ("eval_accuracy", "eval_margin", "eval_loss", "eval_kendall_tau",
+                                                       "eval_top1_accuracy", "eval_correct_vs_wrong_accuracy")},
+                           "train_seconds": time.time() - start}
                 (final / "summary.json").write_text(json.dumps(summary, indent=2))
                 publish(final, out)
             if stop.requested:
@@ -178,11 +249,21 @@ def _load_for_use(cfg: RewardModelEvalConfig):
 
 
 def eval_reward_model(cfg: RewardModelEvalConfig, quiet: bool = False) -> dict:
-    """Pairwise accuracy and mean margin of a saved reward model on a preference file."""
+    """Pairwise accuracy and mean margin of a saved reward model on a preference file; on a file of
+    rankings, Kendall's tau, top-1 accuracy, pairwise and correct-vs-wrong accuracy."""
     log = (lambda *a: None) if quiet else print
     rm, tokenizer = _load_for_use(cfg)
-    pairs = load_preferences(cfg.dataset, tokenizer, **_preference_columns(cfg, log))
-    result = evaluate_pairs(rm, pairs, cfg.batch_size)
+    items = load_feedback(cfg, cfg.dataset, tokenizer, log)
+    if is_rankings(items):
+        result = evaluate_rankings(rm, items, cfg.batch_size)
+        cvw = result["correct_vs_wrong_accuracy"]
+        tau = result["kendall_tau"]
+        log(f"{cfg.dataset}: {result['rankings']} rankings, Kendall's tau "
+            f"{'-' if tau is None else f'{tau:.4f}'}, top-1 accuracy {result['top1_accuracy']:.4f}, pairwise "
+            f"accuracy {result['accuracy']:.4f}, correct vs wrong {'-' if cvw is None else f'{cvw:.4f}'}, "
+            f"loss {result['loss']:.4f}")
+        return result
+    result = evaluate_pairs(rm, items, cfg.batch_size)
     log(f"{cfg.dataset}: {result['pairs']} pairs, pairwise accuracy {result['accuracy']:.4f}, "
         f"mean margin {result['margin']:.4f}, loss {result['loss']:.4f}")
     return result
