@@ -120,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
                    help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
+    d.add_argument("--feedback", choices=["pairs", "ranking"], default="pairs",
+                   help="--pipeline seed: the reward model learns from preference pairs (Bradley-Terry) or from "
+                        "rankings of each prompt's samples (Plackett-Luce)")
     d.add_argument("--task", choices=["addition", "calculator"], default="addition",
                    help="addition: two-number sums; calculator: 3-digit products solved by calling a multiply "
                         "tool (an agent run, docs/agents.md)")
@@ -215,6 +218,8 @@ def _sft(args) -> int:
 
 def _demo(args) -> int:
     from grpo.config import ConfigError, parse_overrides
+    if args.feedback != "pairs" and args.pipeline != "seed":
+        raise ConfigError("--feedback: only the seed pipeline (--pipeline seed) has a reward model to train")
     if args.pipeline == "seed":
         if args.task != "addition":
             raise ConfigError("--task: the seed pipeline runs on addition only")
@@ -222,7 +227,8 @@ def _demo(args) -> int:
             raise ConfigError("--set: only the plain demo (--pipeline grpo) takes overrides; the seed "
                               "pipeline's settings are in grpo/recipes/pipeline.py")
         from grpo.recipes.pipeline import run_seed_pipeline
-        run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
+        run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                          feedback=args.feedback)
     elif args.task == "calculator":
         from grpo.recipes.calculator import run_calculator_demo
         output_dir = "runs/calculator" if args.output_dir == "runs/demo" else args.output_dir

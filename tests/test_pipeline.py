@@ -49,3 +49,23 @@ def test_seed_pipeline_end_to_end(tmp_path):
         assert all(s["rm_score"] is not None and s["accuracy"] is not None for s in v["per_step"])
         assert (out / name / "metrics.jsonl").exists()
     assert (out / "reward_model" / "config.json").exists()
+
+
+def test_seed_pipeline_on_ranking_feedback(tmp_path):
+    from grpo.recipes.pipeline import run_seed_pipeline
+
+    out = tmp_path / "seed"
+    with single_thread():
+        summary = run_seed_pipeline(
+            str(out), quiet=True, feedback="ranking", sft_overrides=dict(max_steps=10, logging_steps=5),
+            preference_overrides=dict(samples_per_prompt=4, max_completion_length=4),
+            rm_overrides=dict(max_steps=5, eval_steps=5, logging_steps=5),
+            grpo_overrides=dict(max_steps=2, prompts_per_step=2, group_size=4, max_completion_length=4,
+                                eval_steps=0, eval_max_prompts=8, logging_steps=1, report_to=[]),
+            preference_prompts=40, heldout_preference_prompts=10, zero_variance_prompts=4, generations=("sample",))
+    assert summary["feedback"] == "ranking" and summary["reward_model"]["kind"].endswith("rankings (PL)")
+    rows = [json.loads(line) for line in (out / "data" / "preferences_train.jsonl").read_text().splitlines()]
+    assert rows and all(r["kind"] == "ranking" for r in rows)
+    assert json.loads((out / "reward_model" / "summary.json").read_text())["loss"] == "plackett_luce"
+    assert -1 <= summary["reward_model"]["heldout_kendall_tau"] <= 1
+    assert 0 <= summary["variants"]["sample"]["accuracy_after"] <= 1

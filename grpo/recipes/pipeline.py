@@ -13,6 +13,13 @@
      current policy's samples, labelled by the task's verifier
   5. held-out accuracy by the exact-answer verifier before, every 25 steps and after each run.
 
+With `feedback="ranking"` (`--feedback ranking`), steps 2 and 3 use ranking feedback instead: the
+same 8 samples of each prompt ranked by the verifier and the distance to the answer (right answers
+tied first, then the wrong ones closer to farther), and a reward model trained listwise with the
+Plackett-Luce loss; the same number of completions is judged per prompt (an equal labelling
+budget), and each reward-model step reads about as many sequences (16 rankings of up to 8 against
+64 pairs of 2). Iterative RL's rounds label the policy's samples with the verifier either way.
+
 The verifier is in every GRPO run with weight 0: it changes no advantage, but it makes the trainer
 log true accuracy next to the reward-model score at every step, which is how we see whether the
 policy learns to please the reward model rather than to be right (reward over-optimisation,
@@ -59,6 +66,11 @@ ITERATIVE = dict(every=25, labeler="exact_answer", prompts=256, samples_per_prom
 # GRPO as in the plain demo, shorter (each step also runs the reward model), reward = RM score;
 # held-out accuracy every 25 steps, so a dip below the warm start would show.
 SEED_GRPO = {**GRPO, "max_steps": 100, "eval_steps": 25, "samples_steps": 0}
+FEEDBACK = ("pairs", "ranking")
+# Ranking feedback: one ranking per prompt of its 8 samples (the pairs' budget), and as many
+# sequences per reward-model step as 64 pairs.
+RANKING_PREFERENCES = dict(rankings=8)
+RANKING_REWARD_MODEL = dict(batch_size=16)
 GENERATIONS = ("beam", "sample")
 ZERO_VARIANCE_PROMPTS = 200
 
@@ -113,8 +125,16 @@ def true_zero_variance_fraction(model_dir: str, rows: list[dict], strategy: str,
 
 
 def _correct_pairs_file(preferences: Path, out: Path) -> Path:
+    """The held-out correct-vs-wrong pairs: a preference file's, or every (right, wrong) pair of
+    each ranking's labelled completions, so both kinds of feedback are judged on the same kind of
+    pair."""
     rows = [json.loads(line) for line in preferences.read_text().splitlines() if line.strip()]
-    return write_jsonl([r for r in rows if r["kind"] == "correct"], out)
+    pairs = [r for r in rows if r["kind"] == "correct"]
+    for r in (r for r in rows if r["kind"] == "ranking"):
+        flat = [c for e in r["completions"] for c in (e if isinstance(e, list) else [e])]
+        pairs += [{"prompt": r["prompt"], "chosen": a, "rejected": b, "kind": "correct", "answer": r["answer"]}
+                  for a, la in zip(flat, r["labels"]) for b, lb in zip(flat, r["labels"]) if la > lb]
+    return write_jsonl(pairs, out)
 
 
 def _variant_summary(run_dir: Path, rm_correct_margin: float) -> dict:
@@ -149,8 +169,15 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
                       preference_prompts: int = PREFERENCE_PROMPTS,
                       heldout_preference_prompts: int = HELDOUT_PREFERENCE_PROMPTS,
                       generations: tuple[str, ...] = GENERATIONS,
-                      zero_variance_prompts: int = ZERO_VARIANCE_PROMPTS, overwrite: bool = False) -> dict:
-    """Run the whole pipeline into output_dir; write and return summary.json's content."""
+                      zero_variance_prompts: int = ZERO_VARIANCE_PROMPTS, overwrite: bool = False,
+                      feedback: str = "pairs") -> dict:
+    """Run the whole pipeline into output_dir; write and return summary.json's content.
+    `feedback`: `pairs` (Bradley-Terry) or `ranking` (Plackett-Luce on K-way rankings)."""
+    if feedback not in FEEDBACK:
+        raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
+    ranking = feedback == "ranking"
+    preference_overrides = {**(RANKING_PREFERENCES if ranking else {}), **(preference_overrides or {})}
+    rm_overrides = {**(RANKING_REWARD_MODEL if ranking else {}), **(rm_overrides or {})}
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     out = Path(output_dir)
     with claim_recipe_dir(out, "seed pipeline", overwrite):  # locked until the recipe ends
@@ -167,7 +194,7 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
         timings["sft"] = time.time() - t
 
         # 2. Preference pairs from the warm policy's own samples.
-        say("[seed] 2/4 preference data from the warm policy's samples")
+        say(f"[seed] 2/4 {'rankings' if ranking else 'preference pairs'} from the warm policy's samples")
         t = time.time()
         prefs = {}
         for name, data, n in (("train", train_file, preference_prompts),
@@ -179,7 +206,7 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
         timings["preferences"] = time.time() - t
 
         # 3. The reward model, its backbone the warm policy; held-out pairs come from held-out prompts.
-        say("[seed] 3/4 reward model from the pairs (Bradley-Terry)")
+        say(f"[seed] 3/4 reward model from the {'rankings (Plackett-Luce)' if ranking else 'pairs (Bradley-Terry)'}")
         t = time.time()
         rm_dir = out / "reward_model"
         rm = train_reward_model(build(RewardModelConfig, {
@@ -200,6 +227,7 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
         grpo_settings = {**SEED_GRPO, "iterative_rl": {**ITERATIVE, "replay_dataset": prefs["train"]["output_file"]},
                          **(grpo_overrides or {})}
         rm_kind, guard = describe_recipe(rm_settings, grpo_settings)
+        rm_kind += ", rankings (PL)" if ranking else ""
         variants = {}
         for generation in generations:
             say(f"[seed] 4/4 GRPO with reward = reward-model score ({rm_kind}; guard: {guard}), groups by {generation}")
@@ -222,7 +250,9 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
                 str(sft_dir), heldout_sample, generation, cfg.group_size, cfg.max_completion_length, seed)
 
         summary = {
+            "feedback": feedback,
             "reward_model": {"kind": rm_kind, "heldout_pairwise_accuracy": rm["eval_accuracy"],
+                             "heldout_kendall_tau": rm.get("eval_kendall_tau"),
                              "heldout_margin": rm["eval_margin"],
                              "heldout_correct_vs_wrong_accuracy": rm_correct["accuracy"],
                              "heldout_correct_vs_wrong_margin": rm_correct["margin"],

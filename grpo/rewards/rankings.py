@@ -227,3 +227,12 @@ def ranking_from_samples(completions: list[str], answer: str, task, max_items: i
     entries = [g[0] if len(g) == 1 else g for g in groups]
     labels = [float(task.is_correct(c, answer)) for g in groups for c in g]
     return entries, labels
+
+
+def ranking_pairs(ranking: Ranking) -> list:
+    """Every (better, worse) pair of a ranking, across tie groups, as preference pairs."""
+    from .preferences import Pair
+
+    c, t = ranking.completions, ranking.tiers
+    return [Pair(ranking.prompt, c[i], c[j], 0.0, ranking.where)
+            for i in range(len(c)) for j in range(len(c)) if t[i] < t[j]]

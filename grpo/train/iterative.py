@@ -9,8 +9,9 @@ every `every` steps a round:
 2. labels the samples with a verifier or any labelling function (`labeler`) and pairs them
    (two distinct completions with different labels: the higher one chosen);
 3. trains the reward model further on those pairs, `replay` of each batch drawn from the pairs
-   of earlier rounds and the original preference data (DeepSeekMath: 10% of historical data),
-   its AdamW state carried over rounds;
+   of earlier rounds and the original preference data (DeepSeekMath: 10% of historical data; a
+   file of rankings is replayed as its pairs across tie groups), its AdamW state carried over
+   rounds;
 4. hands the new weights to the reward used by GRPO, and (`reset_reference`) makes the current
    policy the reference for the KL term, as Algorithm 1 does at the start of each iteration.
 
@@ -33,11 +34,21 @@ from grpo.errors import ConfigError
 from grpo.rewards import build_rewards
 from grpo.rewards.models import RewardModelScorer, load_reward_model
 from grpo.rewards.preferences import Pair, evaluate_pairs, load_preferences, pair_scores, pairs_from_labels
+from grpo.rewards.rankings import is_ranking_file, load_rankings, ranking_pairs
 from grpo.runtime.precision import Precision
 from grpo.runtime.seeds import stream_seed
 from grpo.runtime.sharding import gathered
 
 from .rollout import generate_and_score, sampling_params
+
+
+def replay_pairs(path: str, tokenizer) -> list[Pair]:
+    """The original feedback as pairs: a preference file's, or every cross-tier pair of rankings."""
+    if not path:
+        return []
+    if is_ranking_file(path):
+        return [p for r in load_rankings(path, tokenizer, log=lambda *a: None) for p in ranking_pairs(r)]
+    return load_preferences(path, tokenizer, log=lambda *a: None)
 
 
 class RewardModelRounds:
@@ -58,8 +69,7 @@ class RewardModelRounds:
         self.sampler = PromptSampler(len(rows), stream_seed(cfg.seed, "iterative_prompts"))
         # The same on every process (no rank in it): every process runs the same round.
         self.generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "iterative_sampling"))
-        self.history: list[Pair] = (load_preferences(spec.replay_dataset, self.scorer.tokenizer, log=lambda *a: None)
-                                    if spec.replay_dataset else [])
+        self.history: list[Pair] = replay_pairs(spec.replay_dataset, self.scorer.tokenizer)
         self.round = 0
 
     def due(self, step: int) -> bool:
