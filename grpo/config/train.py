@@ -56,9 +56,10 @@ class RewardSpec:
     normalize: bool = False
     """Reward models only: standardise scores with running moments of every score seen so far."""
     batch_size: int = 64
-    """Reward models only: sequences per scoring forward."""
+    """Reward models: sequences per scoring forward; judges: judge prompts per generation batch."""
     max_length: int = 1024
-    """Reward models only: tokens of prompt + completion scored; a longer text loses its start."""
+    """Reward models: tokens of prompt + completion scored; judges: tokens of the judge prompt. A
+    longer text loses its start."""
     clip: float = 0.0
     """Reward models only: the (normalised) score is clipped to [-clip, clip]; 0: not clipped."""
     ensemble: str = "mean"
@@ -68,9 +69,17 @@ class RewardSpec:
     """Functions only: `completion` (TRL's contract, all N completions in one call) or `group`
     (called once per group: fn(prompt, completions, **row columns) -> G scores or a ranking);
     "": `group` when the function's first parameter is named `prompt`."""
+    judge: str = ""
+    """A listwise judge: a causal LM directory (any from_pretrained one) that ranks each group's
+    G completions in one prompt (RULER-style); the ranking becomes scores in [0, 1]."""
+    template: str = ""
+    """Judges only: the judge's prompt, inline or a file, with {prompt}, {candidates} and {n};
+    "": the built-in one (docs/rewards.md)."""
+    max_new_tokens: int = 32
+    """Judges only: tokens of the judge's answer at most."""
 
     FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length",
-                               "clip", "ensemble", "per")
+                               "clip", "ensemble", "per", "judge", "template", "max_new_tokens")
 
     @classmethod
     def parse(cls, spec: Any, where: str, bad) -> "RewardSpec":
@@ -84,9 +93,18 @@ class RewardSpec:
         unknown = set(spec) - set(cls.FIELDS)
         if unknown:
             bad(where, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(cls.FIELDS)}")
-        if bool(spec.get("function")) == bool(spec.get("model")):
-            bad(where, "give exactly one of 'function' (built-in name, file.py:fn or module:fn) "
-                       "or 'model' (a reward model directory)")
+        if sum(bool(spec.get(k)) for k in ("function", "model", "judge")) != 1:
+            bad(where, "give exactly one of 'function' (built-in name, file.py:fn or module:fn), "
+                       "'model' (a reward model directory) or 'judge' (a causal LM directory that ranks each group)")
+        if spec.get("judge") and any(k in spec for k in ("normalize", "clip", "ensemble")):
+            bad(where, "normalize, clip and ensemble apply to reward models ({model: DIR}), not to a judge")
+        only_judges = sorted(k for k in ("template", "max_new_tokens") if k in spec)
+        if only_judges and not spec.get("judge"):
+            bad(where, f"{only_judges} apply to judges ({{judge: DIR}}) only")
+        if spec.get("judge") is not None and not isinstance(spec.get("judge"), str):
+            bad(f"{where}.judge", f"expected a directory, got {spec['judge']!r}")
+        if spec.get("template") is not None and not isinstance(spec.get("template"), str):
+            bad(f"{where}.template", f"expected the template's text or a file, got {spec['template']!r}")
         only_models = sorted(k for k in ("normalize", "batch_size", "max_length", "clip", "ensemble") if k in spec)
         if spec.get("function") and only_models:
             bad(where, f"{only_models} apply to reward models ({{model: DIR}}), not to a function")
@@ -99,13 +117,14 @@ class RewardSpec:
             bad(f"{where}.per", f"{spec['per']!r} is not one of completion, group")
         if spec.get("per") and not spec.get("function"):
             bad(f"{where}.per", "applies to functions ({function: file.py:fn, per: group}), not to reward models")
-        for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float))):
+        for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float)),
+                          ("max_new_tokens", int)):
             value = spec.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 bad(f"{where}.{key}", f"expected a number, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 bad(f"{where}.{key}", f"expected a finite number, got {value}")
-        for key in ("batch_size", "max_length"):
+        for key in ("batch_size", "max_length", "max_new_tokens"):
             if spec.get(key, 1) < 1:
                 bad(f"{where}.{key}", f"must be >= 1, got {spec[key]}")
         if spec.get("clip", 0) < 0:

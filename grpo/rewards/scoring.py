@@ -75,6 +75,7 @@ from grpo.errors import RewardError
 
 from .functions import load_function
 from .groups import GroupReward, as_group_reward, takes_a_group
+from .judge import ListwiseJudge
 from .models import EnsembleScorer, RewardModelScorer
 
 
@@ -152,6 +153,10 @@ def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> li
             default_name = spec.function.rsplit(":", 1)[-1]
         if spec.function and (spec.per == "group" or (not spec.per and takes_a_group(fn))):
             fn = as_group_reward(fn)  # called once per group (grpo.rewards.groups)
+        elif spec.judge:
+            fn = ListwiseJudge(spec.judge, device, dtype, template=spec.template, max_new_tokens=spec.max_new_tokens,
+                               max_length=spec.max_length, batch_size=spec.batch_size)
+            default_name = fn.__name__
         elif not spec.function:
             members = [RewardModelScorer(path, device, dtype, batch_size=spec.batch_size, normalize=spec.normalize,
                                          max_length=spec.max_length, clip=spec.clip)

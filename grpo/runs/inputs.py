@@ -114,8 +114,10 @@ def run_inputs(cfg: TrainConfig, rewards, config_path: str | None) -> dict[str, 
             models = spec.get("model") if isinstance(spec.get("model"), list) else [spec.get("model") or ""]
             paths.update({f"rewards[{i}].model" + (f"[{j}]" if len(models) > 1 else ""): m
                           for j, m in enumerate(models) if m})
+            if spec.get("judge"):
+                paths[f"rewards[{i}].judge"] = spec["judge"]
     for r in rewards:
-        path = source_file(r.fn)
+        path = source_file(getattr(r.fn, "fn", r.fn))  # a group reward: the function it wraps
         if path:
             paths[f"reward {r.name}'s file"] = path
     for i, tool in enumerate(getattr(cfg, "tools", None) or []):
