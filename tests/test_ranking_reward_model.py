@@ -71,12 +71,16 @@ def test_ranking_metrics_by_hand():
 
 def test_ranking_from_samples_by_verifier_and_distance():
     task = TASKS["addition"]
-    entries, labels = ranking_from_samples([" 5", "7", "5", "x", "3", "", "9", "6"], "5", task, 8, True)
+    samples = [" 5", "7", "5", "x", "3", "", "9", "6"]
+    entries, labels = ranking_from_samples(samples, "5", task, 8, True, by="distance")
     # 5 right; 7 and 3 both 2 away (tied), 6 is 1 away, 9 is 4, x is no answer.
     assert entries == ["5", "6", ["7", "3"], "9", "x"] and labels == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    # By the verifier alone: the wrong ones tied below the right one.
+    entries, labels = ranking_from_samples(samples, "5", task, 8, True)
+    assert entries == ["5", ["7", "x", "3", "9", "6"]] and labels == [1.0] + [0.0] * 5
     # Only K distinct kept; no right answer -> the reference on top.
     entries, labels = ranking_from_samples(["7", "8", "9"], "5", task, 2, True)
-    assert entries == ["5", "7", "8"] and labels == [1.0, 0.0, 0.0]
+    assert entries == ["5", ["7", "8"]] and labels == [1.0, 0.0, 0.0]
     assert ranking_from_samples(["7", "7"], "5", task, 8, False) is None
 
 

@@ -134,7 +134,7 @@ class PreferenceConfig(CommonConfig):
     TOPICS: ClassVar[dict] = {
         "data": ("answer_column", "num_prompts"),
         "generation": ("seed", "samples_per_prompt", "temperature", "max_completion_length"),
-        "rewards": ("task", "rankings", "correct_pairs_per_prompt", "closer_pairs_per_prompt",
+        "rewards": ("task", "rankings", "rank_by", "correct_pairs_per_prompt", "closer_pairs_per_prompt",
                     "use_reference_answer"),
         "scale": ("batch_size",),
         "logging and saving": ("output_file",),
@@ -162,8 +162,11 @@ class PreferenceConfig(CommonConfig):
     ranks two wrong answers)."""
     rankings: int = 0
     """0: preference pairs. K >= 2: one ranking per prompt instead, of up to K distinct samples
-    ordered by the task's verifier and distance (right answers tied first, then closer to farther
-    wrong ones), rows {prompt, completions (best first, a list = a tie group), labels, answer}."""
+    ordered by the task's verifier (right answers tied first), rows {prompt, completions (best
+    first, a list = a tie group), labels, answer}."""
+    rank_by: str = "verifier"
+    """rankings: `verifier` (the wrong answers tied below the right ones) or `distance` (the wrong
+    answers ordered closer to farther from the answer, equal distances tied)."""
     correct_pairs_per_prompt: int = 2
     """Correct-vs-incorrect pairs per prompt, at most."""
     closer_pairs_per_prompt: int = 1
@@ -183,6 +186,8 @@ class PreferenceConfig(CommonConfig):
         super().validate(bad)
         at_least(self, bad, 1, "samples_per_prompt", "max_completion_length", "batch_size")
         at_least(self, bad, 0, "num_prompts")
+        if self.rank_by not in ("verifier", "distance"):
+            bad("rank_by", f"must be one of 'verifier', 'distance'; got {self.rank_by!r}")
         if self.rankings == 1 or self.rankings < 0:
             bad("rankings", f"must be 0 (pairs) or >= 2 (completions per ranking), got {self.rankings}")
         if not self.output_file.strip():

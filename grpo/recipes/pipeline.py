@@ -14,8 +14,8 @@
   5. held-out accuracy by the exact-answer verifier before, every 25 steps and after each run.
 
 With `feedback="ranking"` (`--feedback ranking`), steps 2 and 3 use ranking feedback instead: the
-same 8 samples of each prompt ranked by the verifier and the distance to the answer (right answers
-tied first, then the wrong ones closer to farther), and a reward model trained listwise with the
+same 8 samples of each prompt ranked by the verifier (right answers tied first, the wrong ones
+tied below them), and a reward model trained listwise with the
 Plackett-Luce loss; the same number of completions is judged per prompt (an equal labelling
 budget), and each reward-model step reads about as many sequences (16 rankings of up to 8 against
 64 pairs of 2). Iterative RL's rounds label the policy's samples with the verifier either way.
@@ -67,9 +67,11 @@ ITERATIVE = dict(every=25, labeler="exact_answer", prompts=256, samples_per_prom
 # held-out accuracy every 25 steps, so a dip below the warm start would show.
 SEED_GRPO = {**GRPO, "max_steps": 100, "eval_steps": 25, "samples_steps": 0}
 FEEDBACK = ("pairs", "ranking")
-# Ranking feedback: one ranking per prompt of its 8 samples (the pairs' budget), and as many
-# sequences per reward-model step as 64 pairs.
-RANKING_PREFERENCES = dict(rankings=8)
+# Ranking feedback: one ranking per prompt of its 8 samples (the pairs' budget), by the verifier
+# (right answers tied above the wrong ones: ordering the wrong ones by distance cost the reward
+# model correct-vs-wrong accuracy, as closer-vs-farther pairs did), and as many sequences per
+# reward-model step as 64 pairs.
+RANKING_PREFERENCES = dict(rankings=8, rank_by="verifier")
 RANKING_REWARD_MODEL = dict(batch_size=16)
 GENERATIONS = ("beam", "sample")
 ZERO_VARIANCE_PROMPTS = 200

@@ -6,7 +6,8 @@ from a policy on the task's prompts, judge them with the task's verifier, and wr
   closer vs farther wrong answer  ("kind": "closer", where the task has a distance to the answer)
 as JSONL rows {prompt, chosen, rejected, kind, answer} that `grpo reward-model train` reads; or,
 with `rankings: K`, one ranking per prompt of up to K distinct samples, right answers first
-(tied), then the wrong ones closer to farther (grpo.rewards.rankings.ranking_from_samples), as
+(tied), then the wrong ones (tied, or `rank_by: distance` closer to farther;
+grpo.rewards.rankings.ranking_from_samples), as
 rows {prompt, completions, labels, kind: "ranking", answer}.
 
 When no sample of a prompt is correct, the dataset's reference answer can stand in as the chosen
@@ -69,7 +70,8 @@ def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool
             answer = str(row[cfg.answer_column])
             sampled_correct += sum(task.is_correct(c, answer) for c in group)
             if cfg.rankings:
-                ranked = ranking_from_samples(group, answer, task, cfg.rankings, cfg.use_reference_answer)
+                ranked = ranking_from_samples(group, answer, task, cfg.rankings, cfg.use_reference_answer,
+                                              cfg.rank_by)
                 if ranked is not None:
                     out_rows.append({"prompt": row[cfg.prompt_column], "completions": ranked[0], "labels": ranked[1],
                                      "kind": "ranking", "answer": answer})

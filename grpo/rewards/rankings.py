@@ -205,19 +205,20 @@ def evaluate_rankings(rm, rankings: list[Ranking], batch_size: int) -> dict:
 
 
 def ranking_from_samples(completions: list[str], answer: str, task, max_items: int,
-                         use_reference: bool) -> tuple[list, list[float]] | None:
-    """A ranking of one prompt's samples by a task's verifier and distance (grpo.rewards.preferences
-    .Task): the right answers first (tied), then the wrong ones closer to farther, equal distances
-    tied, non-answers last (tied). Duplicates and empty completions are dropped, the first
-    `max_items` distinct ones kept; with `use_reference`, a group with no right answer gets the
-    reference answer on top, as a labeller would write it. Returns (tie groups best first, labels
-    in written order), or None when fewer than 2 distinct completions or one tie group remain."""
+                         use_reference: bool, by: str = "verifier") -> tuple[list, list[float]] | None:
+    """A ranking of one prompt's samples by a task's verifier (grpo.rewards.preferences.Task):
+    the right answers first (tied); then, `by="verifier"`, the wrong ones tied below them, or,
+    `by="distance"`, the wrong ones closer to farther, equal distances tied, non-answers last.
+    Duplicates and empty completions are dropped, the first `max_items` distinct ones kept; with
+    `use_reference`, a group with no right answer gets the reference answer on top, as a labeller
+    would write it. Returns (tie groups best first, labels in written order), or None when fewer
+    than 2 distinct completions or one tie group remain."""
     unique = list(dict.fromkeys(c.strip() for c in completions if c.strip()))[:max_items]
     if use_reference and not any(task.is_correct(c, answer) for c in unique):
         unique.append(str(answer).strip())
 
     def key(c: str) -> tuple:
-        distance = task.distance(c, answer) if task.distance is not None else float("inf")
+        distance = task.distance(c, answer) if by == "distance" and task.distance is not None else float("inf")
         return (not task.is_correct(c, answer), 0.0 if task.is_correct(c, answer) else distance)
 
     keys = sorted({key(c) for c in unique})
