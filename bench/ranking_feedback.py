@@ -77,7 +77,7 @@ def bradley_terry_model(out: Path, seed: int) -> Path:
 def result_of(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    curve = [(line.get("elapsed", 0.0), line["eval_accuracy"]) for line in lines if "eval_accuracy" in line]
+    curve = [(line.get("time/elapsed", 0.0), line["eval/accuracy"]) for line in lines if "eval/accuracy" in line]
     return {"before": summary["eval_before"]["eval_accuracy"], "after": summary["eval_after"]["eval_accuracy"],
             "lowest": min(a for _, a in curve[1:]) if len(curve) > 1 else summary["eval_after"]["eval_accuracy"],
             "curve": curve, "seconds": summary["train_seconds"]}

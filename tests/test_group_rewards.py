@@ -171,4 +171,4 @@ def test_training_with_a_group_reward_from_python(tiny_model_dir, addition_files
     train(cfg, quiet=True)
     assert seen and set(seen) == {3}
     line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
-    assert 0.0 <= line["rewards/closest_first/mean"] <= 1.0
+    assert 0.0 <= line["reward/closest_first/mean"] <= 1.0

@@ -71,7 +71,7 @@ def test_judge_with_a_tiny_model_counts_and_shows_what_it_cannot_parse(tiny_mode
     answers = log.extra["judge_output"]
     assert len(answers) == 4 and answers[0] == answers[1] and answers[2] == answers[3]
     unparsed = [parse_judge_ranking(a, 2) is None for a in answers[::2]]
-    assert log.means()["reward/judge_unparsed_frac"] == sum(unparsed) / 2
+    assert log.means()["judge_unparsed_frac"] == sum(unparsed) / 2
     for g, bad in enumerate(unparsed):
         values = parts[reward.name][2 * g:2 * g + 2]
         assert bool(values.isnan().all()) if bad else sorted(values.tolist()) == [0.0, 1.0]
@@ -85,7 +85,7 @@ def test_scores_of_parsed_answers_are_the_rankings():
     log = RewardLog()
     values = ListwiseJudge.__call__(judge, ["p"] * 6, list("abcdef"), group_size=3, log_metric=log.log_metric)
     assert values[:3] == [0.25, 0.25, 1.0] and values[3:] == [None] * 3
-    assert log.means() == {"reward/judge_unparsed_frac": 0.5}
+    assert log.means() == {"judge_unparsed_frac": 0.5}
 
 
 def test_judge_config_errors():

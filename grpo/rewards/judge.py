@@ -136,7 +136,8 @@ class ListwiseJudge(GroupReward):
         starts = range(0, len(completions), G)
         rankings, answers = self.judge([prompts[s] for s in starts], [list(completions[s:s + G]) for s in starts])
         if log_metric is not None:
-            log_metric("reward/judge_unparsed_frac", sum(r is None for r in rankings) / max(1, len(rankings)))
+            log_metric("judge_unparsed_frac",  # logged as reward/judge_unparsed_frac
+                        sum(r is None for r in rankings) / max(1, len(rankings)))
         if log_extra is not None:
             log_extra("judge_output", [a for a in answers for _ in range(G)])
         return [v for r in rankings for v in ([None] * G if r is None else tiers_to_scores(r, G))]
