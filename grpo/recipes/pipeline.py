@@ -275,13 +275,14 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
 
 def format_table(summary: dict) -> str:
     rm = summary["reward_model"]
+    width = max([19] + [len(v["reward_model"]) + 2 for v in summary["variants"].values()])
     lines = [f"[seed] reward model ({rm['kind']}): held-out pairwise accuracy {rm['heldout_pairwise_accuracy']:.1%}, "
              f"correct vs wrong {rm['heldout_correct_vs_wrong_accuracy']:.1%}",
-             f"{'groups':<8}{'reward model':<19}{'guard':<15}{'RM c-v-w end':>13}{'acc before':>12}{'acc after':>11}"
-             f"{'lowest':>8}{'RM before':>11}{'RM after':>10}{'zero-var (true)':>17}"]
+             f"{'groups':<8}{'reward model':<{width}}{'guard':<15}{'RM c-v-w end':>13}{'acc before':>12}"
+             f"{'acc after':>11}{'lowest':>8}{'RM before':>11}{'RM after':>10}{'zero-var (true)':>17}"]
     for name, v in summary["variants"].items():
         end = v.get("rm_correct_vs_wrong_after")
-        lines.append(f"{name:<8}{v['reward_model']:<19}{v['guard']:<15}{'-' if end is None else f'{end:.1%}':>13}"
+        lines.append(f"{name:<8}{v['reward_model']:<{width}}{v['guard']:<15}{'-' if end is None else f'{end:.1%}':>13}"
                      f"{v['accuracy_before']:>12.1%}{v['accuracy_after']:>11.1%}{v['accuracy_lowest']:>8.1%}"
                      f"{v['rm_score_before']:>11.3f}{v['rm_score_after']:>10.3f}"
                      f"{v['zero_variance_frac_true_reward_at_start']:>17.2f}")
