@@ -64,9 +64,13 @@ class RewardSpec:
     ensemble: str = "mean"
     """Reward-model ensembles only: `mean` of the members' scores, or `min` (worst case: a
     completion scores well only when every member agrees; Coste et al. 2023)."""
+    per: str = "completion"
+    """`completion`: one score per completion (the outcome). `step`: one score per step of each
+    completion (process supervision, `advantage_estimator: process`): the function also gets
+    `steps`, each completion's step texts, and returns a list of scores per completion."""
 
     FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length",
-                               "clip", "ensemble")
+                               "clip", "ensemble", "per")
 
     @classmethod
     def parse(cls, spec: Any, where: str, bad) -> "RewardSpec":
@@ -89,6 +93,10 @@ class RewardSpec:
         models = spec.get("model")
         if isinstance(models, list) and not (models and all(isinstance(m, str) and m for m in models)):
             bad(f"{where}.model", f"expected a directory or a non-empty list of directories, got {models!r}")
+        if spec.get("per", "completion") not in ("completion", "step"):
+            bad(f"{where}.per", f"{spec['per']!r} is not one of completion, step")
+        if spec.get("per") == "step" and not spec.get("function"):
+            bad(f"{where}.per", "per: step is for a function returning each completion's step scores")
         if spec.get("ensemble", "mean") not in ("mean", "min"):
             bad(f"{where}.ensemble", f"{spec['ensemble']!r} is not one of mean, min")
         for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float))):
@@ -198,7 +206,8 @@ class TrainConfig(LoopConfig):
         "generation": ("prompts_per_step", "group_size", "generation", "rollout_backend", "max_completion_length",
                        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
                        "dynamic_sampling", "max_generation_rounds"),
-        "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl"),
+        "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl",
+                    "step_delimiter", "step_splitter"),
         "agents": ("tools", "environment_factory", "rollout_func", "max_turns", "tool_timeout",
                    "parallel_tool_calls"),
         "algorithm": ("preset", "advantage_estimator", "advantage_eps", "policy_loss", "ratio_level",
@@ -289,6 +298,12 @@ class TrainConfig(LoopConfig):
     iterative_rl: dict = field(default_factory=dict)
     """Iterative RL (DeepSeekMath section 4.2): keep training the reward model on the policy's own
     samples, labelled by a verifier; {}: off. Fields below."""
+    step_delimiter: str = "\n"
+    """Process supervision: a step of a completion ends just after each occurrence of this text (a
+    newline, or a token's text such as "<step>"); a completion without it is one step."""
+    step_splitter: Any = ""
+    """Process supervision, instead of step_delimiter: path/to/file.py:fn or module:fn (from Python
+    the function itself), fn(completion: str) -> the character offsets where its steps end."""
 
     # ---- agents
     tools: list = field(default_factory=list)
@@ -315,7 +330,8 @@ class TrainConfig(LoopConfig):
     advantage_estimator: str = "group"
     """The registered advantage estimator: group ((r - mean) / std in the group, DeepSeekMath),
     batch (std over the whole batch), none (r - mean, Dr. GRPO), rloo (leave-one-out mean),
-    reinforce_pp / reinforce_pp_baseline (REINFORCE++), priority (stochastic_beam groups)."""
+    reinforce_pp / reinforce_pp_baseline (REINFORCE++), priority (stochastic_beam groups), process
+    (step rewards to per-token advantages, DeepSeekMath's process supervision; rewards with per: step)."""
     advantage_eps: float = 1e-4
     """Added to the standard deviation before dividing."""
     policy_loss: str = "ppo_clip"
@@ -519,6 +535,7 @@ class TrainConfig(LoopConfig):
         self.validate_agents(bad)
         for i, spec in enumerate(self.rewards):
             RewardSpec.parse(spec, f"rewards[{i}]", bad)
+        self.validate_process(bad)
         self.validate_groups_that_teach(bad)
         self.validate_trl_options(bad)
 
@@ -542,6 +559,25 @@ class TrainConfig(LoopConfig):
                               f"generation: {self.generation} makes whole groups at once (use sample)")
         if self.agent and self.dynamic_sampling:
             bad("dynamic_sampling", "not with tools, an environment or a rollout_func yet")
+
+    def validate_process(self, bad) -> None:
+        """Step rewards and the `process` estimator go together, with what per-token advantages allow."""
+        per_step = [i for i, r in enumerate(self.rewards) if isinstance(r, dict) and r.get("per") == "step"]
+        if per_step and self.advantage_estimator != "process":
+            bad(f"rewards[{per_step[0]}].per", f"step rewards need advantage_estimator: process, got "
+                                               f"{self.advantage_estimator!r}")
+        if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
+            bad("step_delimiter", f"expected a non-empty string, got {self.step_delimiter!r}")
+        if self.step_splitter and not (isinstance(self.step_splitter, str) or callable(self.step_splitter)):
+            bad("step_splitter", f"expected file.py:fn, module:fn or a Python function, got {self.step_splitter!r}")
+        if self.advantage_estimator != "process":
+            return
+        for key, on, why in (("policy_loss", self.policy_loss == "gmpo", "gmpo takes one advantage per sequence"),
+                             ("dynamic_sampling", self.dynamic_sampling, "it filters on completion rewards"),
+                             ("reward_kl_coef", self.reward_kl_coef > 0, "the KL is in the loss (beta) here"),
+                             ("tools", self.agent, "episodes are not cut into steps yet")):
+            if on:
+                bad(key, f"not with advantage_estimator: process ({why})")
 
     def validate_groups_that_teach(self, bad) -> None:
         at_least(self, bad, 1, "max_generation_rounds")

@@ -92,6 +92,7 @@ class Reward:
     name: str
     fn: Callable
     weight: float = 1.0
+    per: str = "completion"  # or "step": one score per step of each completion (grpo.rewards.steps)
     _keywords: tuple | None = field(default=None, repr=False)  # what its signature takes (None: anything)
     # The warnings already given for this reward: each is given once per run, not once per step.
     _warned: set = field(default_factory=set, repr=False, compare=False)
@@ -159,7 +160,7 @@ def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> li
         while name in names:
             name += "_"
         names.add(name)
-        rewards.append(Reward(name, fn, float(spec.weight)))
+        rewards.append(Reward(name, fn, float(spec.weight), per=spec.per))
     return rewards
 
 
@@ -208,11 +209,13 @@ def check_signatures(rewards: list[Reward], columns: list[str]) -> None:
         except (TypeError, ValueError):  # a builtin without a signature: nothing to check
             continue
         extra = {} if reads_model_text(r) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
+        steps = {"steps": []} if r.per == "step" else {}
         try:
-            signature.bind(prompts=[], completions=[], **{c: [] for c in columns}, **extra)
+            signature.bind(prompts=[], completions=[], **{c: [] for c in columns}, **extra, **steps)
         except TypeError as e:
+            call = "prompts=..., completions=..., steps=..." if steps else "prompts=..., completions=..."
             raise RewardError(f"reward {r.name!r}: {getattr(r.fn, '__name__', 'fn')}{signature} cannot be called "
-                              f"as fn(prompts=..., completions=..., **columns) with this dataset's columns "
+                              f"as fn({call}, **columns) with this dataset's columns "
                               f"{sorted(columns)}: {e}") from None
 
 
