@@ -63,6 +63,7 @@ every key, its default and meaning: grpo config sft""",
     "demo": """examples:
   grpo demo                                # tiny model, supervised warm start, GRPO on addition
   grpo demo --task calculator              # an agent: 3-digit products through a multiply tool
+  grpo demo --task steps                   # process supervision: a reward on every line of a chain
   grpo demo --pipeline seed --output-dir runs/seed
 
 the settings it uses are in docs/getting-started.md ("The demo"); grpo config train / sft describe each key""",
@@ -120,9 +121,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
                    help="grpo: exact-answer reward; seed: the seed notes' preferences -> reward model -> GRPO")
-    d.add_argument("--task", choices=["addition", "calculator"], default="addition",
+    d.add_argument("--task", choices=["addition", "calculator", "steps"], default="addition",
                    help="addition: two-number sums; calculator: 3-digit products solved by calling a multiply "
-                        "tool (an agent run, docs/agents.md)")
+                        "tool (an agent run, docs/agents.md); steps: expressions evaluated one reduction per "
+                        "line, with process supervision (docs/algorithms.md)")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what grpo wrote in a non-empty --output-dir (an earlier run of the same demo is "
                         "replaced anyway; files grpo did not write are never deleted)")
@@ -217,6 +219,11 @@ def _demo(args) -> int:
                               "pipeline's settings are in grpo/recipes/pipeline.py")
         from grpo.recipes.pipeline import run_seed_pipeline
         run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite)
+    elif args.task == "steps":
+        from grpo.recipes.steps import run_steps_demo
+        output_dir = "runs/steps" if args.output_dir == "runs/demo" else args.output_dir
+        run_steps_demo(output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                       grpo_overrides=parse_overrides(args.set))
     elif args.task == "calculator":
         from grpo.recipes.calculator import run_calculator_demo
         output_dir = "runs/calculator" if args.output_dir == "runs/demo" else args.output_dir
