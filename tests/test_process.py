@@ -306,3 +306,31 @@ def test_steps_demo_end_to_end(tmp_path, one_thread, monkeypatch):
     assert 0 <= summary["accuracy_after"] <= 1 and summary["grpo"]["advantage_estimator"] == "process"
     metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/step_verifier/mean" in metrics[-1]
+
+
+def test_process_from_yaml_with_a_splitter_and_a_step_reward_file(tiny_model_dir, addition_files, tmp_path,
+                                                                   one_thread, capsys):
+    """The YAML way: a step reward and a step splitter from a file; a splitter that returns an
+    offset outside the completion stops the run with one line naming it."""
+    from grpo.cli import main
+
+    (tmp_path / "steps.py").write_text(
+        "def digits(completion):\n"
+        "    return list(range(1, len(completion)))  # a step per character\n"
+        "def beyond(completion):\n"
+        "    return [len(completion) + 5]\n"
+        "def per_step(prompts, completions, steps, answer, **kwargs):\n"
+        "    return [[float(s in a) for s in ss] for ss, a in zip(steps, answer)]\n")
+    config = tmp_path / "process.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\ndataset: {addition_files['train']}\noutput_dir: {tmp_path / 'run'}\n"
+        "max_steps: 1\nprompts_per_step: 2\ngroup_size: 3\nmax_completion_length: 4\nlogging_steps: 1\n"
+        "samples_steps: 0\nadvantage_estimator: process\nstep_splitter: steps.py:digits\n"
+        "rewards:\n  - exact_answer\n  - {function: steps.py:per_step, per: step}\n")
+    assert main(["train", "--config", str(config), "--quiet"]) == 0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("rewards/per_step/mean") == 1
+    bad = config.read_text().replace("steps.py:digits", "steps.py:beyond").replace("'run'", "'run2'")
+    config.write_text(bad.replace(str(tmp_path / "run"), str(tmp_path / "run2")))
+    assert main(["train", "--config", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_splitter 'beyond' returned the step end" in err[0]

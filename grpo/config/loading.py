@@ -354,6 +354,8 @@ def resolve_paths(cls, values: dict[str, Any], base: Path | None) -> dict[str, A
             out[key] = [reward(e) for e in value]
         elif kind in ("dir", "data"):
             out[key] = local(value, data=kind == "data")
+        elif kind == "function":  # file.py:fn, as a reward's
+            out[key] = reward(value)
         elif kind == "out" and isinstance(value, str):
             out[key] = home(value)
         elif kind == "iterative" and isinstance(value, dict):

@@ -179,7 +179,8 @@ class IterativeSpec:
 
 @dataclass
 class TrainConfig(LoopConfig):
-    PATHS: ClassVar[dict] = {"iterative_rl": "iterative"}  # its replay_dataset and labeler (see CommonConfig)
+    # iterative_rl: its replay_dataset and labeler; step_splitter: file.py:fn as a reward's (see CommonConfig)
+    PATHS: ClassVar[dict] = {"iterative_rl": "iterative", "step_splitter": "function"}
     CHOICES: ClassVar[dict] = {
         "preset": tuple(PRESETS),
         "generation": STRATEGIES,
@@ -302,8 +303,9 @@ class TrainConfig(LoopConfig):
     """Process supervision: a step of a completion ends just after each occurrence of this text (a
     newline, or a token's text such as "<step>"); a completion without it is one step."""
     step_splitter: Any = ""
-    """Process supervision, instead of step_delimiter: path/to/file.py:fn or module:fn (from Python
-    the function itself), fn(completion: str) -> the character offsets where its steps end."""
+    """Process supervision, instead of step_delimiter: path/to/file.py:fn (in a config file relative
+    to it) or module:fn (from Python the function itself), fn(completion: str) -> the character
+    offsets where its steps end."""
 
     # ---- agents
     tools: list = field(default_factory=list)
