@@ -334,3 +334,72 @@ def test_process_from_yaml_with_a_splitter_and_a_step_reward_file(tiny_model_dir
     assert main(["train", "--config", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step_splitter 'beyond' returned the step end" in err[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-turn: a turn is a step
+
+from test_agent_training import tool_model  # noqa: E402, F401  (the fixture: a tiny model with a tool template)
+
+
+def test_turn_ends_and_turn_steps():
+    from grpo.agents import Episode
+    from grpo.train.agent_rollout import turn_ends, turn_steps
+
+    assert turn_ends([0, 1, 1, 0, 0, 1, 0, 1, 1]) == [2, 5, 8]
+    assert turn_ends([1, 1, 1]) == [2] and turn_ends([]) == []
+
+    def episode(mask, turn_rewards):
+        n = len(mask)
+        return Episode(prompt_ids=[1], completion_ids=list(range(n)), loss_mask=mask, logprobs=[0.0] * n,
+                       turn_rewards=turn_rewards)
+
+    # Episode 0: turns ending on tokens 1 and 4 with rewards 1, 0; episode 1: one turn ending on 2, reward 0.
+    st = turn_steps([episode([1, 1, 0, 1, 1], [1.0, 0.0]), episode([1, 1, 1, 0, 0], [0.0])], 5, has_outcome=False)
+    a = compute_advantages("process", torch.zeros(2), 2, eps=1e-12, steps=st)
+    assert torch.allclose(a, torch.tensor([[ROOT3, ROOT3, -ROOT3, -ROOT3, -ROOT3], [-ROOT3] * 3 + [0.0, 0.0]]),
+                          atol=1e-6)
+    with pytest.raises(RewardError, match="episode 0: 2 per-turn rewards for 1 model turns"):
+        turn_steps([episode([1, 1, 0], [1.0, 0.0])], 3, has_outcome=False)
+
+
+def test_per_turn_environment_rewards_are_steps_of_the_rollout(tool_model, tmp_path, one_thread):
+    from test_agent_training import ROWS, ScriptedBackend, build_rewards, config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.agents import check_setup
+    from grpo.train.agent_rollout import AgentSetup, turn_ends
+    from grpo.train.rollout import collect_rollout
+
+    made = []
+
+    class Twice:
+        """A text environment of two turns: each turn's reward is 1 for every other episode."""
+
+        def reset(self, **_):
+            made.append(self)
+            self.n, self.k = 0, len(made)
+            return None
+
+        def step(self, text):
+            self.n += 1
+            return "again", float(self.k % 2), self.n == 2
+
+    model_dir = tool_model
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = config(model_dir, tmp_path, tools=[], environment_factory=Twice, rewards=[], advantage_estimator="process")
+    setup = AgentSetup(*check_setup(tok, [], Twice))
+    try:
+        rollout = collect_rollout(policy, None, tok, ROWS * 2, build_rewards(cfg), cfg, torch.Generator().manual_seed(0),
+                                  backend=ScriptedBackend(tok, first="7"), agent=setup)
+    finally:
+        setup.close()
+    st = rollout.steps
+    assert st is not None and st.scores.shape[1] == 2 and not st.outcome  # no reward functions, no get_reward
+    mask = rollout.completion_mask
+    for i in range(len(rollout)):
+        assert st.ends[i].tolist() == turn_ends([int(m) for m in mask[i].tolist()])
+    assert rollout.advantages.shape == mask.shape
+    odd = [i for i in range(len(rollout)) if st.scores[i, 0] == 1]
+    assert odd and all(rollout.advantages[i, 0] > 0 for i in odd)

@@ -577,7 +577,8 @@ class TrainConfig(LoopConfig):
         for key, on, why in (("policy_loss", self.policy_loss == "gmpo", "gmpo takes one advantage per sequence"),
                              ("dynamic_sampling", self.dynamic_sampling, "it filters on completion rewards"),
                              ("reward_kl_coef", self.reward_kl_coef > 0, "the KL is in the loss (beta) here"),
-                             ("tools", self.agent, "episodes are not cut into steps yet")):
+                             ("rewards", self.agent and bool(per_step), "an episode's steps are its turns, "
+                                                                         "scored by the environment's step")):
             if on:
                 bad(key, f"not with advantage_estimator: process ({why})")
 

@@ -132,12 +132,13 @@ def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rew
     G = params.group_size
     if agent is not None:
         (texts, prompt_ids, prompt_mask, out, completions, total, per_function, lengths, stats, messages,
-         seconds_generate, seconds_score) = score_episodes(
+         seconds_generate, seconds_score, steps) = score_episodes(
             agent, backend, tokenizer, rows, rewards, cfg, params, generator, completion_stop_ids(backend, tokenizer),
             log=log if log is not None else RewardLog(), trainer_state=trainer_state, precision=precision,
             device=device, clock=lambda: synced_time(device))
         return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function,
-                      seconds_generate, seconds_score, per_row=True, lengths=lengths, stats=stats, messages=messages)
+                      seconds_generate, seconds_score, per_row=True, lengths=lengths, stats=stats, messages=messages,
+                      steps=steps)
     t0 = synced_time(device)
     raw = [row[cfg.prompt_column] for row in rows]
     texts, prompt_ids, prompt_mask = prompt_batch(tokenizer, raw, cfg.max_prompt_length, cfg.apply_chat_template,
