@@ -363,7 +363,7 @@ def test_turn_ends_and_turn_steps():
         turn_steps([episode([1, 1, 0], [1.0, 0.0])], 3, has_outcome=False)
 
 
-def test_per_turn_environment_rewards_are_steps_of_the_rollout(tool_model, tmp_path, one_thread):
+def test_per_turn_environment_rewards_are_steps_of_the_rollout(tool_model, tmp_path, one_thread):  # noqa: F811
     from test_agent_training import ROWS, ScriptedBackend, build_rewards, config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -391,8 +391,9 @@ def test_per_turn_environment_rewards_are_steps_of_the_rollout(tool_model, tmp_p
     cfg = config(model_dir, tmp_path, tools=[], environment_factory=Twice, rewards=[], advantage_estimator="process")
     setup = AgentSetup(*check_setup(tok, [], Twice))
     try:
-        rollout = collect_rollout(policy, None, tok, ROWS * 2, build_rewards(cfg), cfg, torch.Generator().manual_seed(0),
-                                  backend=ScriptedBackend(tok, first="7"), agent=setup)
+        rollout = collect_rollout(policy, None, tok, ROWS * 2, build_rewards(cfg), cfg,
+                                  torch.Generator().manual_seed(0), backend=ScriptedBackend(tok, first="7"),
+                                  agent=setup)
     finally:
         setup.close()
     st = rollout.steps
