@@ -39,9 +39,10 @@ def curve(run_dir: Path) -> list[dict]:
     points, seconds = [], 0.0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        seconds += m.get("seconds_step", 0.0)
-        if "eval_accuracy" in m:
-            points.append({"step": m["step"], "seconds": seconds, "accuracy": m["eval_accuracy"]})
+        seconds += m.get("time/step", m.get("seconds_step", 0.0))
+        accuracy = m.get("eval/accuracy", m.get("eval_accuracy"))  # the namespaced name, or the plain one
+        if accuracy is not None:
+            points.append({"step": m["step"], "seconds": seconds, "accuracy": accuracy})
     return points
 
 
