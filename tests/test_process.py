@@ -288,7 +288,7 @@ def test_training_with_step_rewards_from_python(tiny_model_dir, tmp_path, one_th
         assert all("".join(s) == c for s, c in zip(steps, completions))
     import json
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all("rewards/per_char/mean" in m for m in metrics)
+    assert len(metrics) == 2 and all("reward/per_char/mean" in m for m in metrics)
 
 
 def test_steps_demo_end_to_end(tmp_path, one_thread, monkeypatch):
@@ -305,7 +305,7 @@ def test_steps_demo_end_to_end(tmp_path, one_thread, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["accuracy_after"] <= 1 and summary["grpo"]["advantage_estimator"] == "process"
     metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert "rewards/step_verifier/mean" in metrics[-1]
+    assert "reward/step_verifier/mean" in metrics[-1]
 
 
 def test_process_from_yaml_with_a_splitter_and_a_step_reward_file(tiny_model_dir, addition_files, tmp_path,
@@ -328,7 +328,7 @@ def test_process_from_yaml_with_a_splitter_and_a_step_reward_file(tiny_model_dir
         "samples_steps: 0\nadvantage_estimator: process\nstep_splitter: steps.py:digits\n"
         "rewards:\n  - exact_answer\n  - {function: steps.py:per_step, per: step}\n")
     assert main(["train", "--config", str(config), "--quiet"]) == 0
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("rewards/per_step/mean") == 1
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("reward/per_step/mean") == 1
     bad = config.read_text().replace("steps.py:digits", "steps.py:beyond").replace("'run'", "'run2'")
     config.write_text(bad.replace(str(tmp_path / "run"), str(tmp_path / "run2")))
     assert main(["train", "--config", str(config), "--quiet"]) == 2

@@ -8,7 +8,7 @@ a completion is cut):
 `steps[i]` is completion i's step texts (consecutive slices that join to its text); it returns,
 for every completion, one real number per step. The step rewards of the run are summed with their
 weights, step by step, into r_i^(j) (`advantage_estimator: process`); each one's mean over a
-completion's steps is what its `rewards/<name>/mean` metric reports. Anything else it returns (a
+completion's steps is what its `reward/<name>/mean` metric reports. Anything else it returns (a
 wrong count, a non-number, NaN or inf) stops the run with one line naming the function.
 """
 
