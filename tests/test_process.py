@@ -404,3 +404,84 @@ def test_per_turn_environment_rewards_are_steps_of_the_rollout(tool_model, tmp_p
     assert rollout.advantages.shape == mask.shape
     odd = [i for i in range(len(rollout)) if st.scores[i, 0] == 1]
     assert odd and all(rollout.advantages[i, 0] > 0 for i in odd)
+
+
+# --------------------------------------------------------------------------------------------
+# A process reward model: grpo reward-model train --kind process
+
+
+def prm_rows(n: int, seed: int) -> list[dict]:
+    """TRL PRM rows from the step task: correct chains with one line made wrong from a random
+    point on, labelled by the step verifier."""
+    from grpo.recipes.steps import chain, problems, step_verifier
+
+    rng = random.Random(seed)
+    rows = []
+    for r in problems(seed=seed, heldout=0, total=n)[0]:
+        lines = chain(r["prompt"][:-1])
+        k = rng.randint(0, len(lines))  # k == len(lines): all correct
+        if k < len(lines):
+            lines[k] = str(int(lines[k]) + 1) if lines[k].isdigit() else lines[k].replace("*", "+", 1) \
+                if "*" in lines[k] else lines[k] + "1"
+        steps = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+        labels = step_verifier([r["prompt"]], [None], [steps])[0]
+        rows.append({"prompt": r["prompt"], "completions": lines, "labels": [bool(x) for x in labels]})
+    return rows
+
+
+def test_a_process_reward_model_trains_loads_and_scores_steps(tmp_path, one_thread):
+    import json
+
+    from transformers import AutoModelForTokenClassification
+
+    from grpo.cli import main
+    from grpo.recipes.steps import build_tokenizer
+    from grpo.recipes.tasks import build_tiny_model
+    from grpo.rewards import build_rewards
+
+    tok = build_tokenizer()
+    base = tmp_path / "base"
+    build_tiny_model(len(tok), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "prm.jsonl"
+    rows = prm_rows(600, 0)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "prm"
+    assert main(["reward-model", "train", "--quiet", "--set", f"model={base}", "--set", f"dataset={data}",
+                 "--set", "kind=process", "--set", f"output_dir={out}", "--set", "max_steps=150",
+                 "--set", "batch_size=32", "--set", "learning_rate=3e-3", "--set", "eval_steps=0",
+                 "--set", "eval_fraction=0.2", "--set", "max_length=64"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # Better than always saying the majority label: the head reads the steps.
+    majority = max(summary["eval_good_fraction"], 1 - summary["eval_good_fraction"])
+    assert summary["eval_step_accuracy"] > majority + 0.05, summary
+    assert AutoModelForTokenClassification.from_pretrained(out).config.num_labels == 2
+
+    [prm] = build_rewards([{"model": str(out), "per": "step"}], torch.device("cpu"), torch.float32)
+    scores = prm.fn(["(3+4)*5-6=", "(3+4)*5-6="], [None, None], [["7*5-6\n", "35-6\n", "29"], ["8*5-6\n", "40-6"]])
+    assert [len(s) for s in scores] == [3, 2] and all(0 <= x <= 1 for s in scores for x in s)
+
+    # In a run, as a step reward from YAML-style entries: {model: DIR, per: step}.
+    from grpo.recipes.steps import problems
+    from grpo.train.loop import train
+    train(dict(model=str(base), dataset=problems(seed=1, heldout=0, total=20)[0], output_dir=str(tmp_path / "run"),
+               max_steps=1, prompts_per_step=2, group_size=3, max_completion_length=12, logging_steps=1,
+               samples_steps=0, advantage_estimator="process",
+               rewards=["grpo.recipes.steps:final_answer", {"model": str(out), "per": "step", "name": "prm"}]),
+          quiet=True)
+    assert "reward/prm/mean" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_prm_file_whose_labels_do_not_match_its_steps_names_file_and_line(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from grpo.cli import main
+
+    data = tmp_path / "prm.jsonl"
+    data.write_text(json.dumps({"prompt": "1+2=", "completions": ["3"], "labels": [True]}) + "\n" +
+                    json.dumps({"prompt": "1+2=", "completions": ["1+2", "3"], "labels": [True]}) + "\n")
+    assert main(["reward-model", "train", "--set", f"model={tiny_model_dir}", "--set", f"dataset={data}",
+                 "--set", "kind=process", "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data}:2: 'labels' has 1 entries for 2 steps" in err[0]

@@ -27,10 +27,11 @@ class PreferenceColumns:
 @dataclass
 class RewardModelConfig(PreferenceColumns, LoopConfig):
     """`grpo reward-model train`. `model` is the backbone: any causal LM directory or hub id."""
-    CHOICES: ClassVar[dict] = {"kind": ("score_head", "likelihood", "dpo"), "score_reduction": ("mean", "sum")}
+    CHOICES: ClassVar[dict] = {"kind": ("score_head", "likelihood", "dpo", "process"),
+                               "score_reduction": ("mean", "sum")}
     TOPICS: ClassVar[dict] = {
         "data": ("eval_dataset", "eval_fraction", "max_length"),
-        "algorithm": ("kind", "nll_coef", "score_reduction", "dpo_beta"),
+        "algorithm": ("kind", "nll_coef", "score_reduction", "dpo_beta", "step_separator"),
         "optimisation": ("batch_size",),
         "evaluation": ("eval_steps",),
     }
@@ -46,8 +47,10 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
     # ---- algorithm
     kind: str = "score_head"
     """What scores: `score_head` (a linear head on the backbone, InstructGPT), `likelihood` (the
-    completion's log-likelihood under the causal LM itself, a generative verifier) or `dpo`
-    (DPO's implicit reward dpo_beta * log pi/pi_ref, pi_ref the backbone)."""
+    completion's log-likelihood under the causal LM itself, a generative verifier), `dpo`
+    (DPO's implicit reward dpo_beta * log pi/pi_ref, pi_ref the backbone) or `process` (a process
+    reward model: a token-classification head at each step's end, from TRL's PRM data: prompt,
+    completions as a list of steps, labels one per step)."""
     nll_coef: float = 0.0
     """likelihood / dpo: weight of the NLL of the chosen completion added to the Bradley-Terry loss
     (0: none); it keeps the scoring model a model of good answers."""
@@ -55,6 +58,8 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
     """likelihood: the score is the mean (or the sum) of the completion's token log-probs."""
     dpo_beta: float = 0.1
     """dpo: beta of the implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
+    step_separator: str = "\n"
+    """process: the text after every step; the head is read on its last token."""
 
     # ---- optimisation
     max_steps: int = 300
@@ -85,8 +90,10 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
         at_least(self, bad, 1, "batch_size", "max_length")
         if self.dpo_beta <= 0:
             bad("dpo_beta", f"must be > 0, got {self.dpo_beta}")
-        if self.nll_coef and self.kind == "score_head":
-            bad("nll_coef", "a score_head reward model has no likelihood to train; use kind: likelihood or dpo")
+        if self.kind == "process" and not self.step_separator:
+            bad("step_separator", "must be a non-empty string")
+        if self.nll_coef and self.kind in ("score_head", "process"):
+            bad("nll_coef", f"a {self.kind} reward model has no likelihood to train; use kind: likelihood or dpo")
 
 
 @dataclass

@@ -67,7 +67,8 @@ class RewardSpec:
     per: str = "completion"
     """`completion`: one score per completion (the outcome). `step`: one score per step of each
     completion (process supervision, `advantage_estimator: process`): the function also gets
-    `steps`, each completion's step texts, and returns a list of scores per completion."""
+    `steps`, each completion's step texts, and returns a list of scores per completion; a `model`
+    is then a process reward model (`grpo reward-model train --kind process`)."""
 
     FIELDS: ClassVar[tuple] = ("function", "model", "weight", "name", "normalize", "batch_size", "max_length",
                                "clip", "ensemble", "per")
@@ -95,8 +96,8 @@ class RewardSpec:
             bad(f"{where}.model", f"expected a directory or a non-empty list of directories, got {models!r}")
         if spec.get("per", "completion") not in ("completion", "step"):
             bad(f"{where}.per", f"{spec['per']!r} is not one of completion, step")
-        if spec.get("per") == "step" and not spec.get("function"):
-            bad(f"{where}.per", "per: step is for a function returning each completion's step scores")
+        if spec.get("per") == "step" and isinstance(spec.get("model"), list):
+            bad(f"{where}.per", "per: step takes one process reward model directory, not an ensemble")
         if spec.get("ensemble", "mean") not in ("mean", "min"):
             bad(f"{where}.ensemble", f"{spec['ensemble']!r} is not one of mean, min")
         for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float))):

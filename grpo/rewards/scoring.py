@@ -75,6 +75,7 @@ from grpo.errors import RewardError
 
 from .functions import load_function
 from .models import EnsembleScorer, RewardModelScorer
+from .process_model import ProcessRewardScorer
 
 
 # The keywords TRL passes besides prompts, completions and the columns; a function gets each one
@@ -150,6 +151,9 @@ def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> li
         elif spec.function:
             fn = load_function(spec.function)
             default_name = spec.function.rsplit(":", 1)[-1]
+        elif spec.per == "step":  # a process reward model scores each step
+            fn = ProcessRewardScorer(spec.model, device, dtype, max_length=spec.max_length, batch_size=spec.batch_size)
+            default_name = fn.__name__
         else:
             members = [RewardModelScorer(path, device, dtype, batch_size=spec.batch_size, normalize=spec.normalize,
                                          max_length=spec.max_length, clip=spec.clip)
