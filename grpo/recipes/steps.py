@@ -162,6 +162,31 @@ def step_verifier(prompts, completions, steps, **_) -> list[list[float]]:
     return out
 
 
+def corrupted_chain(lines: list[str], rng: random.Random) -> list[str]:
+    """The chain with one line, from a random point on, made wrong (or, one time in four, left right):
+    a number off by one, or a `*` written as `+`."""
+    k = rng.randrange(len(lines) + len(lines) // 3 + 1)
+    if k >= len(lines):
+        return list(lines)
+    line = lines[k]
+    wrong = str(int(line) + 1) if line.isdigit() else line.replace("*", "+", 1) if "*" in line else \
+        re.sub(r"\d+", lambda m: str(int(m.group()) + 1), line, count=1)
+    return lines[:k] + [wrong] + lines[k + 1:]
+
+
+def prm_rows(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Step-labelled rows in TRL's PRM format (prompt, completions: the lines, labels) for a process
+    reward model: each row's chain, corrupted at random (`corrupted_chain`), labelled by `step_verifier`."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        lines = corrupted_chain(r["chain"].split("\n"), rng)
+        steps = [line + "\n" for line in lines[:-1]] + lines[-1:]
+        labels = step_verifier([r["prompt"]], [None], [steps])[0]
+        out.append({"prompt": r["prompt"], "completions": lines, "labels": [bool(x) for x in labels]})
+    return out
+
+
 def build_tokenizer():
     return build_char_tokenizer(CHARS, name="tiny-steps")
 
