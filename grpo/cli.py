@@ -69,11 +69,13 @@ every key, its default and meaning: grpo config sft""",
 the settings it uses are in docs/getting-started.md ("The demo"); grpo config train / sft describe each key""",
     "reward-model": """examples:
   grpo reward-model make-preferences --config prefs.yaml
+  grpo reward-model make-step-labels --config labels.yaml   # Math-Shepherd step labels for a process RM
   grpo reward-model train --config rm.yaml
   grpo reward-model eval --config eval.yaml
   grpo reward-model score --config score.yaml
 
-every key: grpo config reward-model, grpo config reward-model-eval, grpo config make-preferences""",
+every key: grpo config reward-model, grpo config reward-model-eval, grpo config make-preferences, grpo config
+make-step-labels""",
     "config": """examples:
   grpo config train            # every key of grpo train, as a commented YAML file
   grpo config train > my.yaml  # a config to start from""",
@@ -86,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="grpo", description="Group Relative Policy Optimization for causal LMs",
                                 epilog="each command's keys: grpo config train | sft | reward-model | "
-                                       "reward-model-eval | make-preferences; examples: grpo <command> --help")
+                                       "reward-model-eval | make-preferences | make-step-labels; examples: grpo "
+                                       "<command> --help")
     p.add_argument("--version", action="version", version=f"grpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -137,8 +140,11 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (("train", "train a reward model on prompt/chosen/rejected pairs"),
                        ("eval", "pairwise accuracy and mean margin on a preference file"),
                        ("score", "score prompt/completion rows and write them to a file"),
-                       ("make-preferences", "sample a policy on a built-in task and write preference pairs")):
-        family = {"train": "reward-model", "make-preferences": "make-preferences"}.get(name, "reward-model-eval")
+                       ("make-preferences", "sample a policy on a built-in task and write preference pairs"),
+                       ("make-step-labels", "label a policy's own steps by Monte-Carlo rollouts (Math-Shepherd) for "
+                                            "a process reward model")):
+        family = {"train": "reward-model", "make-preferences": "make-preferences",
+                  "make-step-labels": "make-step-labels"}.get(name, "reward-model-eval")
         c = rm_sub.add_parser(name, help=text, epilog=f"every key, its default and meaning: grpo config {family}",
                               parents=[common])
         c.add_argument("--config", help="YAML config file")
@@ -237,14 +243,16 @@ def _demo(args) -> int:
 
 
 def _reward_model(args) -> int:
-    from grpo.config import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, load_config
+    from grpo.config import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, StepLabelConfig, load_config
     from grpo.recipes.preferences import make_preferences
+    from grpo.recipes.step_labels import make_step_labels
     from grpo.supervised import reward_model as rm
     cls, run, writes = {
         "train": (RewardModelConfig, rm.train_reward_model, True),
         "eval": (RewardModelEvalConfig, rm.eval_reward_model, False),
         "score": (RewardModelEvalConfig, rm.score_file, True),
         "make-preferences": (PreferenceConfig, make_preferences, True),
+        "make-step-labels": (StepLabelConfig, make_step_labels, True),
     }[args.rm_command]
     cfg = load_config(cls, args.config, args.set)
     if writes:

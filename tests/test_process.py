@@ -485,3 +485,56 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     assert set(result["runs"]) == {"outcome", "process", "prm"}
     assert all([p["step"] for p in result["runs"][a]["0"]] == [0, 1, 2] for a in result["runs"])
     assert "| prm | 0 |" in capsys.readouterr().out
+
+
+class RolloutScript:
+    """A backend that answers by script: a sample with a wrong second line, then, from the end of
+    each of its steps, continuations of which half reach the answer from a right first line."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.stop_token_ids = tokenizer, [tokenizer.eos_token_id]
+
+    def continuation(self, context: str, g: int) -> str:
+        if context.endswith("="):
+            return "7*5-6\n36-6\n30"
+        if context.endswith("=7*5-6\n"):
+            return "35-6\n29" if g % 2 == 0 else "35-6\n28"
+        return "30"
+
+    def generate(self, prompt_ids, prompt_mask, params, generator=None):
+        from grpo.engine.generation import Generation
+
+        rows = []
+        for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist()):
+            context = self.tokenizer.decode([t for t, m in zip(ids, mask) if m])
+            for g in range(params.group_size):
+                text = self.continuation(context, g)
+                rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.stop_token_ids)
+        T = max(len(r) for r in rows)
+        ids = torch.tensor([r + [self.tokenizer.pad_token_id] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        return Generation(ids, mask, -0.1 * mask.float(), torch.zeros(len(rows), dtype=torch.bool), None)
+
+
+@pytest.mark.parametrize("estimate, labels", [("hard", [True, False, False]), ("soft", [0.5, 0.0, 0.0])])
+def test_math_shepherd_step_labels_by_rollouts(tmp_path, estimate, labels):
+    import json
+
+    from grpo.config import StepLabelConfig, build
+    from grpo.recipes.step_labels import make_step_labels
+    from grpo.recipes.steps import build_tokenizer
+
+    from grpo.recipes.tasks import build_tiny_model
+
+    tok = build_tokenizer()
+    model = tmp_path / "model"
+    build_tiny_model(len(tok), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32).save_pretrained(model)
+    tok.save_pretrained(model)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "(3+4)*5-6=", "answer": "29"}) + "\n")
+    cfg = build(StepLabelConfig, {"model": str(model), "dataset": str(data), "rollouts_per_step": 4,
+                                  "estimate": estimate, "output_file": str(tmp_path / "labels.jsonl")}, "test")
+    stats = make_step_labels(cfg, quiet=True, backend=RolloutScript(tok))
+    [row] = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert row == {"prompt": "(3+4)*5-6=", "completions": ["7*5-6", "36-6", "30"], "labels": labels}
+    assert stats["steps"] == 3

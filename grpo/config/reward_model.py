@@ -182,3 +182,68 @@ class PreferenceConfig(CommonConfig):
             bad("output_file", "required: the file the preference pairs are written to")
         if self.temperature <= 0:
             bad("temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class StepLabelConfig(CommonConfig):
+    """`grpo reward-model make-step-labels`: Math-Shepherd's step labels (Wang et al. 2023,
+    arXiv:2312.08935) for a process reward model, from the policy `model`'s own samples on the
+    prompts and answers of `dataset`."""
+    PATHS: ClassVar[dict] = {"output_file": "out", "verifier": "function"}
+    TOPICS: ClassVar[dict] = {
+        "data": ("answer_column", "num_prompts"),
+        "generation": ("seed", "samples_per_prompt", "rollouts_per_step", "temperature", "max_completion_length"),
+        "rewards": ("verifier", "step_delimiter", "estimate"),
+        "scale": ("batch_size",),
+        "logging and saving": ("output_file",),
+    }
+
+    # ---- data
+    max_prompt_length: int = 64
+    """Prompt tokens kept."""
+    answer_column: str = "answer"
+    """The dataset column holding the reference answer (passed to the verifier as `answer`)."""
+    num_prompts: int = 0
+    """Prompts sampled from the dataset; 0: every row."""
+
+    # ---- generation
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt and labelled step by step."""
+    rollouts_per_step: int = 8
+    """N: continuations sampled from the end of each step to estimate whether it can still reach
+    the verified answer."""
+    temperature: float = 1.0
+    """Sampling temperature (samples and continuations)."""
+    max_completion_length: int = 32
+    """Tokens per sample at most (a continuation gets what its prefix leaves)."""
+
+    # ---- rewards
+    verifier: str = "grpo.recipes.steps:final_answer"
+    """The reward function that says whether a whole completion is right (1): file.py:fn or
+    module:fn, called with TRL's signature (prompts, completions, and the row's columns)."""
+    step_delimiter: str = "\n"
+    """A step ends just after each occurrence of this text (as `grpo train`'s step_delimiter)."""
+    estimate: str = "hard"
+    """`hard`: a step is good when any of its continuations reaches the answer; `soft`: the
+    fraction that do (a number in [0, 1]; the PRM trains on it as a soft target)."""
+
+    # ---- scale
+    batch_size: int = 64
+    """Prompts (with their continuations) per generation batch."""
+
+    # ---- logging and saving
+    output_file: str = "step_labels.jsonl"
+    """Where the labelled rows go, in TRL's PRM format: prompt, completions (the steps), labels."""
+
+    def validate(self, bad) -> None:
+        super().validate(bad)
+        at_least(self, bad, 1, "samples_per_prompt", "rollouts_per_step", "max_completion_length", "batch_size")
+        at_least(self, bad, 0, "num_prompts")
+        if self.estimate not in ("hard", "soft"):
+            bad("estimate", f"{self.estimate!r} is not one of hard, soft")
+        if not self.step_delimiter:
+            bad("step_delimiter", "must be a non-empty string")
+        if self.temperature <= 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if not self.output_file.strip():
+            bad("output_file", "required: the file the labelled steps are written to")

@@ -37,7 +37,7 @@ from grpo.runtime.setup import start_run
 class StepExample:
     ids: list[int]
     ends: list[int]    # each step's last token (-1: cut off by max_length)
-    labels: list[int]  # 1 for a good step
+    labels: list[float]  # 1 a good step, 0 a bad one, in between a soft label (Math-Shepherd)
 
 
 def load_step_rows(path: str, tokenizer, separator: str, max_length: int, prompt_column: str = "prompt"
@@ -56,19 +56,20 @@ def load_step_rows(path: str, tokenizer, separator: str, max_length: int, prompt
             n = len(labels) if isinstance(labels, list) else type(labels).__name__
             raise DataError(f"{where(path, row)}: 'labels' has {n} entries for {len(steps)} steps; expected one "
                             f"label (true / false) per step")
-        if not all(isinstance(x, (bool, int)) and x in (0, 1) for x in labels):
-            raise DataError(f"{where(path, row)}: 'labels' must be true / false (or 1 / 0), got {labels}")
+        if not all(isinstance(x, (bool, int, float)) and 0 <= x <= 1 for x in labels):
+            raise DataError(f"{where(path, row)}: 'labels' must be true / false, or soft labels in [0, 1], "
+                            f"got {labels}")
         ids, ends = encode(tokenizer, prompt, steps, separator, max_length)
-        out.append(StepExample(ids, ends, [int(x) for x in labels]))
+        out.append(StepExample(ids, ends, [float(x) for x in labels]))
     if not out:
         raise DataError(f"{path}: no rows")
     return out
 
 
 def _batch(model, examples: list[StepExample], pad: int, device):
-    """Logits [B, T, 2] and labels [B, T] (-100 off the step ends)."""
+    """Logits [B, T, 2] and the step labels [B, T] (NaN off the step ends)."""
     ids, mask = right_pad([e.ids for e in examples], pad, device)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full(ids.shape, float("nan"), device=device)
     for i, e in enumerate(examples):
         for end, label in zip(e.ends, e.labels):
             if end >= 0:
@@ -76,17 +77,27 @@ def _batch(model, examples: list[StepExample], pad: int, device):
     return model(input_ids=ids, attention_mask=mask).logits.float(), labels
 
 
+def step_loss_sum(logits, labels):
+    """Cross-entropy of the two-label head against each step's label y (soft or hard), summed
+    over the step ends: -(y log p_good + (1 - y) log p_bad)."""
+    on = ~labels.isnan()
+    logp = logits[on].log_softmax(-1)
+    y = labels[on]
+    return -(y * logp[:, 1] + (1 - y) * logp[:, 0]).sum()
+
+
 @torch.no_grad()
 def step_accuracy(model, examples: list[StepExample], pad: int, device, batch_size: int = 64) -> dict:
-    """Held-out step accuracy (argmax at each step end) and the share of steps labelled good."""
+    """Held-out step accuracy (the argmax at each step end against label >= 0.5) and the share of
+    steps labelled good (the mean label)."""
     model.eval()
     right = total = good = 0
     for i in range(0, len(examples), batch_size):
         logits, labels = _batch(model, examples[i:i + batch_size], pad, device)
-        on = labels >= 0
-        right += int((logits.argmax(-1)[on] == labels[on]).sum())
+        on = ~labels.isnan()
+        right += int((logits.argmax(-1)[on] == (labels[on] >= 0.5)).sum())
         total += int(on.sum())
-        good += int(labels[on].sum())
+        good += float(labels[on].sum())
     model.train()
     return {"eval_step_accuracy": right / max(total, 1), "eval_good_fraction": good / max(total, 1)}
 
@@ -145,8 +156,7 @@ def train_process_reward_model(cfg: RewardModelConfig, quiet: bool = False, over
                         logits, labels = _batch(model, chunk, pad, device)
                     # Summed over the chunk's step ends, divided by the whole batch's: the batch mean.
                     n_steps = max(sum(sum(e >= 0 for e in x.ends) for x in batch), 1)
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1),
-                                                             ignore_index=-100, reduction="sum") / n_steps
+                    loss = step_loss_sum(logits, labels) / n_steps
                     precision.backward(loss)
                     loss_sum += loss.item()
                 grad_norm = precision.step(optimizer, model.parameters(), cfg.max_grad_norm)
