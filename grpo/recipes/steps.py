@@ -39,12 +39,13 @@ MAX_VALUE = 99     # every intermediate value stays in [0, MAX_VALUE]
 HELDOUT = 300
 
 # Stopped early on purpose: the warm policy writes well-formed chains but finishes few of them right.
+# A chain is at most 19 characters: 24 tokens hold it and its EOS.
 SFT = dict(max_steps=300, batch_size=64, learning_rate=1e-3, warmup_steps=30, lr_scheduler="constant",
-           logging_steps=50, max_completion_length=16, max_prompt_length=16)
+           logging_steps=50, max_completion_length=24, max_prompt_length=16)
 PROCESS_REWARDS = [{"function": "grpo.recipes.steps:final_answer"},
                    {"function": "grpo.recipes.steps:step_verifier", "per": "step"}]
 OUTCOME_REWARDS = [{"function": "grpo.recipes.steps:final_answer"}]
-GRPO = dict(max_steps=150, prompts_per_step=16, group_size=8, max_completion_length=16, max_prompt_length=16,
+GRPO = dict(max_steps=150, prompts_per_step=16, group_size=8, max_completion_length=24, max_prompt_length=16,
             learning_rate=2e-4, warmup_steps=5, lr_scheduler="constant", temperature=1.0, beta=0.0,
             micro_batch_size=128, logging_steps=1, eval_steps=25, samples_steps=0, save_steps=0,
             advantage_estimator="process", step_delimiter="\n", rewards=PROCESS_REWARDS,
