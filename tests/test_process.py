@@ -263,6 +263,10 @@ def test_step_task_chains_and_verifier():
     assert final_answer(["7*5-6\n35-6\n29", "7*5-6\n35-6\n29\n", "29\n30"], ["29"] * 3) == [1.0, 1.0, 0.0]
     train, heldout = problems(seed=0, heldout=50, total=400)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    # Every chain and its EOS fit the recipe's completion length (one token per character).
+    from grpo.recipes.steps import GRPO, SFT
+    longest = max(len(r["chain"]) for r in problems(seed=0)[0])
+    assert longest + 1 <= min(SFT["max_completion_length"], GRPO["max_completion_length"])
     assert all(r["chain"].split("\n") == chain(r["prompt"][:-1]) for r in train + heldout)
 
 
