@@ -6,8 +6,8 @@ An arithmetic expression is evaluated one reduction per line, `(3+4)*5-6=` ->
 rule-based step reward), and only the last line is the answer (`final_answer`, the outcome).
 
 1. Build the tiny model with a character tokenizer that has brackets and the newline.
-2. Warm it up with `grpo sft` on correct chains, stopped early: it writes chains of the right
-   shape, but few of them are right all the way down.
+2. Warm it up with `grpo sft` on correct chains for a few hundred steps only, meant to leave
+   chains that are right all the way down rare.
 3. GRPO with process supervision (`advantage_estimator: process`, the outcome plus the step
    verifier, steps cut at "\\n"), or with the outcome alone (`--set advantage_estimator=group`
    and the outcome reward only: bench/process_vs_outcome.py compares the two).
@@ -38,7 +38,7 @@ OPERATORS = 3      # operations per expression: chains of three lines
 MAX_VALUE = 99     # every intermediate value stays in [0, MAX_VALUE]
 HELDOUT = 300
 
-# Stopped early on purpose: the warm policy writes well-formed chains but finishes few of them right.
+# Stopped early on purpose: correct chains are meant to stay rare, so that GRPO has room.
 # A chain is at most 19 characters: 24 tokens hold it and its EOS.
 SFT = dict(max_steps=300, batch_size=64, learning_rate=1e-3, warmup_steps=30, lr_scheduler="constant",
            logging_steps=50, max_completion_length=24, max_prompt_length=16)
