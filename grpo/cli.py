@@ -63,16 +63,19 @@ every key, its default and meaning: grpo config sft""",
     "demo": """examples:
   grpo demo                                # tiny model, supervised warm start, GRPO on addition
   grpo demo --task calculator              # an agent: 3-digit products through a multiply tool
+  grpo demo --task steps                   # process supervision: a reward on every line of a chain
   grpo demo --pipeline seed --output-dir runs/seed
 
 the settings it uses are in docs/getting-started.md ("The demo"); grpo config train / sft describe each key""",
     "reward-model": """examples:
   grpo reward-model make-preferences --config prefs.yaml
+  grpo reward-model make-step-labels --config labels.yaml   # Math-Shepherd step labels for a process RM
   grpo reward-model train --config rm.yaml
   grpo reward-model eval --config eval.yaml
   grpo reward-model score --config score.yaml
 
-every key: grpo config reward-model, grpo config reward-model-eval, grpo config make-preferences""",
+every key: grpo config reward-model, grpo config reward-model-eval, grpo config make-preferences, grpo config
+make-step-labels""",
     "config": """examples:
   grpo config train            # every key of grpo train, as a commented YAML file
   grpo config train > my.yaml  # a config to start from""",
@@ -85,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="grpo", description="Group Relative Policy Optimization for causal LMs",
                                 epilog="each command's keys: grpo config train | sft | reward-model | "
-                                       "reward-model-eval | make-preferences; examples: grpo <command> --help")
+                                       "reward-model-eval | make-preferences | make-step-labels; examples: grpo "
+                                       "<command> --help")
     p.add_argument("--version", action="version", version=f"grpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -123,9 +127,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--feedback", choices=["pairs", "ranking"], default="pairs",
                    help="--pipeline seed: the reward model learns from preference pairs (Bradley-Terry) or from "
                         "rankings of each prompt's samples (Plackett-Luce)")
-    d.add_argument("--task", choices=["addition", "calculator"], default="addition",
+    d.add_argument("--task", choices=["addition", "calculator", "steps"], default="addition",
                    help="addition: two-number sums; calculator: 3-digit products solved by calling a multiply "
-                        "tool (an agent run, docs/agents.md)")
+                        "tool (an agent run, docs/agents.md); steps: expressions evaluated one reduction per "
+                        "line, with process supervision (docs/algorithms.md)")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what grpo wrote in a non-empty --output-dir (an earlier run of the same demo is "
                         "replaced anyway; files grpo did not write are never deleted)")
@@ -141,8 +146,11 @@ def parser() -> argparse.ArgumentParser:
                        ("eval", "pairwise accuracy and mean margin on a preference file; Kendall's tau, top-1 and "
                                 "correct-vs-wrong accuracy on rankings"),
                        ("score", "score prompt/completion rows and write them to a file"),
-                       ("make-preferences", "sample a policy on a built-in task and write preference pairs")):
-        family = {"train": "reward-model", "make-preferences": "make-preferences"}.get(name, "reward-model-eval")
+                       ("make-preferences", "sample a policy on a built-in task and write preference pairs"),
+                       ("make-step-labels", "label a policy's own steps by Monte-Carlo rollouts (Math-Shepherd) for "
+                                            "a process reward model")):
+        family = {"train": "reward-model", "make-preferences": "make-preferences",
+                  "make-step-labels": "make-step-labels"}.get(name, "reward-model-eval")
         c = rm_sub.add_parser(name, help=text, epilog=f"every key, its default and meaning: grpo config {family}",
                               parents=[common])
         c.add_argument("--config", help="YAML config file")
@@ -229,6 +237,11 @@ def _demo(args) -> int:
         from grpo.recipes.pipeline import run_seed_pipeline
         run_seed_pipeline(args.output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
                           feedback=args.feedback)
+    elif args.task == "steps":
+        from grpo.recipes.steps import run_steps_demo
+        output_dir = "runs/steps" if args.output_dir == "runs/demo" else args.output_dir
+        run_steps_demo(output_dir, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+                       grpo_overrides=parse_overrides(args.set))
     elif args.task == "calculator":
         from grpo.recipes.calculator import run_calculator_demo
         output_dir = "runs/calculator" if args.output_dir == "runs/demo" else args.output_dir
@@ -242,14 +255,16 @@ def _demo(args) -> int:
 
 
 def _reward_model(args) -> int:
-    from grpo.config import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, load_config
+    from grpo.config import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, StepLabelConfig, load_config
     from grpo.recipes.preferences import make_preferences
+    from grpo.recipes.step_labels import make_step_labels
     from grpo.supervised import reward_model as rm
     cls, run, writes = {
         "train": (RewardModelConfig, rm.train_reward_model, True),
         "eval": (RewardModelEvalConfig, rm.eval_reward_model, False),
         "score": (RewardModelEvalConfig, rm.score_file, True),
         "make-preferences": (PreferenceConfig, make_preferences, True),
+        "make-step-labels": (StepLabelConfig, make_step_labels, True),
     }[args.rm_command]
     overrides = list(args.set) + ([f"rankings={args.rankings}"] if getattr(args, "rankings", None) is not None else [])
     cfg = load_config(cls, args.config, overrides)

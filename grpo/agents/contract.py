@@ -36,6 +36,7 @@ class Episode:
     logprobs: list[float]                 # sampling log-prob per token, 0 where loss_mask is 0
     reward: float | None = None           # the episode's own reward (None: reward functions alone score it)
     turn_rewards: list[float] = field(default_factory=list)  # what a text environment gave each turn
+    final_reward: float | None = None     # the environment's reward at the end (get_reward), before any reduce
     prompt: list[dict] = field(default_factory=list)         # the prompt's messages (with reset's observation)
     completion: list[dict] = field(default_factory=list)     # every message after them, in order
     turns: int = 1                        # model turns (generation calls)

@@ -329,7 +329,7 @@ def _final_rewards(runs: list[_Run], runner: CallRunner, timeout: float | None) 
 def _episode(run: _Run, final: float | None, reduce: Callable[[list[float]], float]) -> Episode:
     parts = run.turn_rewards + ([final] if final is not None else [])
     return Episode(prompt_ids=run.prompt_ids, completion_ids=run.ids, loss_mask=run.mask, logprobs=run.logprobs,
-                   reward=float(reduce(parts)) if parts else None, turn_rewards=run.turn_rewards,
+                   reward=float(reduce(parts)) if parts else None, turn_rewards=run.turn_rewards, final_reward=final,
                    prompt=run.prompt, completion=run.completion, turns=run.turns, tool_calls=run.tool_calls,
                    tool_errors=run.errors, tool_seconds=run.seconds, truncated=run.truncated,
                    sampling_logprobs=run.sampling_logprobs, environment=run.env)

@@ -8,6 +8,7 @@ are plain branches. The names are the config values (docs/design.md, "The maths"
 - `advantages`: group / batch / none (DeepSeekMath, Dr. GRPO), rloo, reinforce_pp(_baseline),
   priority (stochastic-beam groups)
 - `ranks`: rank (centred ranks within the group, Salimans et al. 2017), rankings as scores
+- `process`: process supervision, per-token advantages [N, T] from step rewards (DeepSeekMath 4.1.3)
 - `policy_losses`: importance ratio (token, or sequence as GSPO), PPO's clipped surrogate, CISPO, GMPO
 - `token_weights`: truncated importance sampling (off-policy correction), high-entropy token selection
 - `kl`: the k1 / k2 / k3 estimators of KL(pi_theta || pi_ref)
@@ -22,6 +23,7 @@ from .objective import AGGREGATIONS, RATIO_ANCHORS, aggregate, loss_mask, policy
 from .policy_losses import (POLICY_LOSSES, RATIO_LEVELS, Surrogate, clipped_surrogate, importance_ratio,
                             register_policy_loss)
 from .preference import bradley_terry_loss, plackett_luce_loss
+from .process import StepRewards, process_advantages
 from .ranks import centred_ranks, mean_ranks, tiers_to_scores
 from .token_weights import (OFF_POLICY_CORRECTIONS, entropy_threshold, high_entropy_mask,
                             truncated_is_weights)
@@ -31,6 +33,6 @@ __all__ = [
     "OFF_POLICY_CORRECTIONS", "POLICY_LOSSES", "RATIO_ANCHORS", "RATIO_LEVELS", "Surrogate", "aggregate",
     "bradley_terry_loss", "centred_ranks", "clipped_surrogate", "compute_advantages", "entropy_threshold",
     "group_advantages", "high_entropy_mask", "importance_ratio", "kl_penalised_rewards", "kl_penalty", "loss_mask",
-    "mean_ranks", "plackett_luce_loss", "policy_loss", "register_adv_est", "register_policy_loss",
-    "tiers_to_scores", "truncated_is_weights", "zero_variance_groups",
+    "mean_ranks", "plackett_luce_loss", "policy_loss", "process_advantages", "register_adv_est",
+    "register_policy_loss", "StepRewards", "tiers_to_scores", "truncated_is_weights", "zero_variance_groups",
 ]

@@ -17,7 +17,8 @@ over the global batch, not over one process's share of it. An estimator that als
 passed them when the rollout has them.
 
 Registered: group, batch, none (DeepSeekMath, Dr. GRPO), rloo (Ahmadian et al. 2024),
-reinforce_pp and reinforce_pp_baseline (REINFORCE++, Hu et al. 2025), priority (Kool et al. 2019).
+reinforce_pp and reinforce_pp_baseline (REINFORCE++, Hu et al. 2025), priority (Kool et al. 2019);
+process (DeepSeekMath's process supervision, per-token advantages [N, T]) in `process.py`.
 """
 
 from __future__ import annotations
@@ -219,10 +220,12 @@ def priority_weighted(rewards: Tensor, group_size: int, *, eps: float, batch_rew
 
 
 def compute_advantages(name: str, rewards: Tensor, group_size: int, *, eps: float,
-                       batch_rewards: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
-    """The registered estimator `name` applied to one step's rewards (float32 out). `weights`
-    (per-completion sampling weights) go to the estimators that take a `weights` argument."""
+                       batch_rewards: Tensor | None = None, weights: Tensor | None = None, steps=None) -> Tensor:
+    """The registered estimator `name` applied to one step's rewards (float32 out): [N], or [N, T]
+    for an estimator of per-token advantages (`process`). `weights` (per-completion sampling
+    weights) and `steps` (`process.StepRewards`) go to the estimators that take them by name."""
     fn = ADVANTAGE_ESTIMATORS.get(name)
-    extra = {"weights": weights} if weights is not None and "weights" in inspect.signature(fn).parameters else {}
+    takes = inspect.signature(fn).parameters
+    extra = {k: v for k, v in (("weights", weights), ("steps", steps)) if v is not None and k in takes}
     return fn(rewards, group_size, eps=eps, batch_rewards=rewards if batch_rewards is None else batch_rewards,
               **extra).float()

@@ -8,7 +8,7 @@ from grpo.errors import ConfigError
 
 from .common import LR_SCHEDULERS, CommonConfig, LoopConfig
 from .loading import build, describe, field_docs, load_config, load_yaml, parse_overrides, to_dict
-from .reward_model import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig
+from .reward_model import PreferenceConfig, RewardModelConfig, RewardModelEvalConfig, StepLabelConfig
 from .sft import SFTConfig
 from .train import PRESETS, IterativeSpec, RewardSpec, TrainConfig
 
@@ -16,8 +16,10 @@ from .train import PRESETS, IterativeSpec, RewardSpec, TrainConfig
 COMMANDS = {"train": (TrainConfig, "grpo train"), "sft": (SFTConfig, "grpo sft"),
             "reward-model": (RewardModelConfig, "grpo reward-model train"),
             "reward-model-eval": (RewardModelEvalConfig, "grpo reward-model eval / score"),
-            "make-preferences": (PreferenceConfig, "grpo reward-model make-preferences")}
+            "make-preferences": (PreferenceConfig, "grpo reward-model make-preferences"),
+            "make-step-labels": (StepLabelConfig, "grpo reward-model make-step-labels")}
 
 __all__ = ["COMMANDS", "ConfigError", "IterativeSpec", "CommonConfig", "LR_SCHEDULERS", "LoopConfig", "PRESETS",
-           "PreferenceConfig", "RewardModelConfig", "RewardModelEvalConfig", "RewardSpec", "SFTConfig", "TrainConfig",
-           "build", "describe", "field_docs", "load_config", "load_yaml", "parse_overrides", "to_dict"]
+           "PreferenceConfig", "RewardModelConfig", "RewardModelEvalConfig", "RewardSpec", "SFTConfig",
+           "StepLabelConfig", "TrainConfig", "build", "describe", "field_docs", "load_config", "load_yaml",
+           "parse_overrides", "to_dict"]

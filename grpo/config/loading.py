@@ -15,6 +15,7 @@ import difflib
 import errno
 import inspect
 import itertools
+import json
 import math
 import os
 import textwrap
@@ -353,6 +354,8 @@ def resolve_paths(cls, values: dict[str, Any], base: Path | None) -> dict[str, A
             out[key] = [reward(e) for e in value]
         elif kind in ("dir", "data"):
             out[key] = local(value, data=kind == "data")
+        elif kind == "function":  # file.py:fn, as a reward's
+            out[key] = reward(value)
         elif kind == "out" and isinstance(value, str):
             out[key] = home(value)
         elif kind == "iterative" and isinstance(value, dict):
@@ -502,7 +505,10 @@ def describe(cls, title: str, width: int = 100) -> str:
             doc += " Also accepted as " + ", ".join(f"`{a}`" for a in names[key]) + "."
         for paragraph in doc.split("\n"):
             lines += textwrap.wrap(paragraph, width - 2, initial_indent="# ", subsequent_indent="# ") or ["#"]
-        lines.append(yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1])  # {key: v}
+        if isinstance(value, str) and "\n" in value:  # one line, double-quoted with its escapes (JSON is YAML)
+            lines.append(f"{key}: {json.dumps(value)}")
+        else:
+            lines.append(yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1])  # {key: v}
         nested = getattr(cls, "NESTED", {}).get(key)
         if nested is not None:  # the fields of each entry of a list-valued key
             lines.append(f"#   each entry of {key}:")

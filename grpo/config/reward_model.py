@@ -33,10 +33,11 @@ class PreferenceColumns:
 @dataclass
 class RewardModelConfig(PreferenceColumns, LoopConfig):
     """`grpo reward-model train`. `model` is the backbone: any causal LM directory or hub id."""
-    CHOICES: ClassVar[dict] = {"kind": ("score_head", "likelihood", "dpo"), "score_reduction": ("mean", "sum")}
+    CHOICES: ClassVar[dict] = {"kind": ("score_head", "likelihood", "dpo", "process"),
+                               "score_reduction": ("mean", "sum")}
     TOPICS: ClassVar[dict] = {
         "data": ("eval_dataset", "eval_fraction", "max_length"),
-        "algorithm": ("kind", "nll_coef", "score_reduction", "dpo_beta"),
+        "algorithm": ("kind", "nll_coef", "score_reduction", "dpo_beta", "step_separator"),
         "optimisation": ("batch_size",),
         "evaluation": ("eval_steps",),
     }
@@ -52,8 +53,10 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
     # ---- algorithm
     kind: str = "score_head"
     """What scores: `score_head` (a linear head on the backbone, InstructGPT), `likelihood` (the
-    completion's log-likelihood under the causal LM itself, a generative verifier) or `dpo`
-    (DPO's implicit reward dpo_beta * log pi/pi_ref, pi_ref the backbone)."""
+    completion's log-likelihood under the causal LM itself, a generative verifier), `dpo`
+    (DPO's implicit reward dpo_beta * log pi/pi_ref, pi_ref the backbone) or `process` (a process
+    reward model: a token-classification head at each step's end, from TRL's PRM data: prompt,
+    completions as a list of steps, labels one per step)."""
     nll_coef: float = 0.0
     """likelihood / dpo: weight of the NLL of the chosen completion added to the Bradley-Terry loss
     (0: none); it keeps the scoring model a model of good answers."""
@@ -61,6 +64,8 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
     """likelihood: the score is the mean (or the sum) of the completion's token log-probs."""
     dpo_beta: float = 0.1
     """dpo: beta of the implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
+    step_separator: str = "\n"
+    """process: the text after every step; the head is read on its last token."""
 
     # ---- optimisation
     max_steps: int = 300
@@ -92,8 +97,10 @@ class RewardModelConfig(PreferenceColumns, LoopConfig):
         at_least(self, bad, 1, "batch_size", "max_length")
         if self.dpo_beta <= 0:
             bad("dpo_beta", f"must be > 0, got {self.dpo_beta}")
-        if self.nll_coef and self.kind == "score_head":
-            bad("nll_coef", "a score_head reward model has no likelihood to train; use kind: likelihood or dpo")
+        if self.kind == "process" and not self.step_separator:
+            bad("step_separator", "must be a non-empty string")
+        if self.nll_coef and self.kind in ("score_head", "process"):
+            bad("nll_coef", f"a {self.kind} reward model has no likelihood to train; use kind: likelihood or dpo")
 
 
 @dataclass
@@ -194,3 +201,68 @@ class PreferenceConfig(CommonConfig):
             bad("output_file", "required: the file the preference pairs are written to")
         if self.temperature <= 0:
             bad("temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class StepLabelConfig(CommonConfig):
+    """`grpo reward-model make-step-labels`: Math-Shepherd's step labels (Wang et al. 2023,
+    arXiv:2312.08935) for a process reward model, from the policy `model`'s own samples on the
+    prompts and answers of `dataset`."""
+    PATHS: ClassVar[dict] = {"output_file": "out", "verifier": "function"}
+    TOPICS: ClassVar[dict] = {
+        "data": ("answer_column", "num_prompts"),
+        "generation": ("seed", "samples_per_prompt", "rollouts_per_step", "temperature", "max_completion_length"),
+        "rewards": ("verifier", "step_delimiter", "estimate"),
+        "scale": ("batch_size",),
+        "logging and saving": ("output_file",),
+    }
+
+    # ---- data
+    max_prompt_length: int = 64
+    """Prompt tokens kept."""
+    answer_column: str = "answer"
+    """The dataset column holding the reference answer (passed to the verifier as `answer`)."""
+    num_prompts: int = 0
+    """Prompts sampled from the dataset; 0: every row."""
+
+    # ---- generation
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt and labelled step by step."""
+    rollouts_per_step: int = 8
+    """N: continuations sampled from the end of each step to estimate whether it can still reach
+    the verified answer."""
+    temperature: float = 1.0
+    """Sampling temperature (samples and continuations)."""
+    max_completion_length: int = 32
+    """Tokens per sample at most (a continuation gets what its prefix leaves)."""
+
+    # ---- rewards
+    verifier: str = "grpo.recipes.steps:final_answer"
+    """The reward function that says whether a whole completion is right (1): file.py:fn or
+    module:fn, called with TRL's signature (prompts, completions, and the row's columns)."""
+    step_delimiter: str = "\n"
+    """A step ends just after each occurrence of this text (as `grpo train`'s step_delimiter)."""
+    estimate: str = "hard"
+    """`hard`: a step is good when any of its continuations reaches the answer; `soft`: the
+    fraction that do (a number in [0, 1]; the PRM trains on it as a soft target)."""
+
+    # ---- scale
+    batch_size: int = 64
+    """Prompts (with their continuations) per generation batch."""
+
+    # ---- logging and saving
+    output_file: str = "step_labels.jsonl"
+    """Where the labelled rows go, in TRL's PRM format: prompt, completions (the steps), labels."""
+
+    def validate(self, bad) -> None:
+        super().validate(bad)
+        at_least(self, bad, 1, "samples_per_prompt", "rollouts_per_step", "max_completion_length", "batch_size")
+        at_least(self, bad, 0, "num_prompts")
+        if self.estimate not in ("hard", "soft"):
+            bad("estimate", f"{self.estimate!r} is not one of hard, soft")
+        if not self.step_delimiter:
+            bad("step_delimiter", "must be a non-empty string")
+        if self.temperature <= 0:
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if not self.output_file.strip():
+            bad("output_file", "required: the file the labelled steps are written to")

@@ -66,9 +66,13 @@ class RewardSpec:
     """Reward-model ensembles only: `mean` of the members' scores, or `min` (worst case: a
     completion scores well only when every member agrees; Coste et al. 2023)."""
     per: str = ""
-    """Functions only: `completion` (TRL's contract, all N completions in one call) or `group`
-    (called once per group: fn(prompt, completions, **row columns) -> G scores or a ranking);
-    "": `group` when the function's first parameter is named `prompt`."""
+    """What one call of the reward scores. `completion`: each completion (TRL's contract, all N in
+    one call). `group`: functions only, called once per group, fn(prompt, completions, **row
+    columns) -> G scores or a ranking. `step`: each step of each completion (process supervision,
+    `advantage_estimator: process`): the function also gets `steps`, each completion's step texts,
+    and returns a list of scores per completion; a `model` is then a process reward model
+    (`grpo reward-model train --kind process`). "": `group` when the function's first parameter is
+    named `prompt`, else `completion`."""
     judge: str = ""
     """A listwise judge: a causal LM directory (any from_pretrained one) that ranks each group's
     G completions in one prompt (RULER-style); the ranking becomes scores in [0, 1]."""
@@ -111,12 +115,17 @@ class RewardSpec:
         models = spec.get("model")
         if isinstance(models, list) and not (models and all(isinstance(m, str) and m for m in models)):
             bad(f"{where}.model", f"expected a directory or a non-empty list of directories, got {models!r}")
+        if spec.get("per", "") not in ("", "completion", "group", "step"):
+            bad(f"{where}.per", f"{spec['per']!r} is not one of completion, group, step")
+        if spec.get("per") == "group" and not spec.get("function"):
+            bad(f"{where}.per", "group applies to functions ({function: file.py:fn, per: group}), not to reward "
+                                "models or judges")
+        if spec.get("per") == "step" and spec.get("judge"):
+            bad(f"{where}.per", "a judge ranks whole completions; per: step takes a function or a process reward model")
+        if spec.get("per") == "step" and isinstance(spec.get("model"), list):
+            bad(f"{where}.per", "per: step takes one process reward model directory, not an ensemble")
         if spec.get("ensemble", "mean") not in ("mean", "min"):
             bad(f"{where}.ensemble", f"{spec['ensemble']!r} is not one of mean, min")
-        if spec.get("per", "") not in ("", "completion", "group"):
-            bad(f"{where}.per", f"{spec['per']!r} is not one of completion, group")
-        if spec.get("per") and not spec.get("function"):
-            bad(f"{where}.per", "applies to functions ({function: file.py:fn, per: group}), not to reward models")
         for key, kind in (("weight", (int, float)), ("batch_size", int), ("max_length", int), ("clip", (int, float)),
                           ("max_new_tokens", int)):
             value = spec.get(key)
@@ -198,7 +207,8 @@ class IterativeSpec:
 
 @dataclass
 class TrainConfig(LoopConfig):
-    PATHS: ClassVar[dict] = {"iterative_rl": "iterative"}  # its replay_dataset and labeler (see CommonConfig)
+    # iterative_rl: its replay_dataset and labeler; step_splitter: file.py:fn as a reward's (see CommonConfig)
+    PATHS: ClassVar[dict] = {"iterative_rl": "iterative", "step_splitter": "function"}
     CHOICES: ClassVar[dict] = {
         "preset": tuple(PRESETS),
         "generation": STRATEGIES,
@@ -225,7 +235,8 @@ class TrainConfig(LoopConfig):
         "generation": ("prompts_per_step", "group_size", "generation", "rollout_backend", "max_completion_length",
                        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
                        "dynamic_sampling", "max_generation_rounds"),
-        "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl"),
+        "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl",
+                    "step_delimiter", "step_splitter"),
         "agents": ("tools", "environment_factory", "rollout_func", "max_turns", "tool_timeout",
                    "parallel_tool_calls"),
         "algorithm": ("preset", "advantage_estimator", "advantage_eps", "policy_loss", "ratio_level",
@@ -316,6 +327,13 @@ class TrainConfig(LoopConfig):
     iterative_rl: dict = field(default_factory=dict)
     """Iterative RL (DeepSeekMath section 4.2): keep training the reward model on the policy's own
     samples, labelled by a verifier; {}: off. Fields below."""
+    step_delimiter: str = "\n"
+    """Process supervision: a step of a completion ends just after each occurrence of this text (a
+    newline, or a token's text such as "<step>"); a completion without it is one step."""
+    step_splitter: Any = ""
+    """Process supervision, instead of step_delimiter: path/to/file.py:fn (in a config file relative
+    to it) or module:fn (from Python the function itself), fn(completion: str) -> the character
+    offsets where its steps end."""
 
     # ---- agents
     tools: list = field(default_factory=list)
@@ -343,7 +361,8 @@ class TrainConfig(LoopConfig):
     """The registered advantage estimator: group ((r - mean) / std in the group, DeepSeekMath),
     batch (std over the whole batch), none (r - mean, Dr. GRPO), rloo (leave-one-out mean),
     reinforce_pp / reinforce_pp_baseline (REINFORCE++), priority (stochastic_beam groups), rank
-    (centred ranks within the group, ties at their mean rank: blind to the rewards' scale)."""
+    (centred ranks within the group, ties at their mean rank: blind to the rewards' scale), process
+    (step rewards to per-token advantages, DeepSeekMath's process supervision; rewards with per: step)."""
     advantage_eps: float = 1e-4
     """Added to the standard deviation before dividing."""
     policy_loss: str = "ppo_clip"
@@ -547,6 +566,7 @@ class TrainConfig(LoopConfig):
         self.validate_agents(bad)
         for i, spec in enumerate(self.rewards):
             RewardSpec.parse(spec, f"rewards[{i}]", bad)
+        self.validate_process(bad)
         self.validate_groups_that_teach(bad)
         self.validate_trl_options(bad)
 
@@ -570,6 +590,26 @@ class TrainConfig(LoopConfig):
                               f"generation: {self.generation} makes whole groups at once (use sample)")
         if self.agent and self.dynamic_sampling:
             bad("dynamic_sampling", "not with tools, an environment or a rollout_func yet")
+
+    def validate_process(self, bad) -> None:
+        """Step rewards and the `process` estimator go together, with what per-token advantages allow."""
+        per_step = [i for i, r in enumerate(self.rewards) if isinstance(r, dict) and r.get("per") == "step"]
+        if per_step and self.advantage_estimator != "process":
+            bad(f"rewards[{per_step[0]}].per", f"step rewards need advantage_estimator: process, got "
+                                               f"{self.advantage_estimator!r}")
+        if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
+            bad("step_delimiter", f"expected a non-empty string, got {self.step_delimiter!r}")
+        if self.step_splitter and not (isinstance(self.step_splitter, str) or callable(self.step_splitter)):
+            bad("step_splitter", f"expected file.py:fn, module:fn or a Python function, got {self.step_splitter!r}")
+        if self.advantage_estimator != "process":
+            return
+        for key, on, why in (("policy_loss", self.policy_loss == "gmpo", "gmpo takes one advantage per sequence"),
+                             ("dynamic_sampling", self.dynamic_sampling, "it filters on completion rewards"),
+                             ("reward_kl_coef", self.reward_kl_coef > 0, "the KL is in the loss (beta) here"),
+                             ("rewards", self.agent and bool(per_step), "an episode's steps are its turns, "
+                                                                         "scored by the environment's step")):
+            if on:
+                bad(key, f"not with advantage_estimator: process ({why})")
 
     def validate_groups_that_teach(self, bad) -> None:
         at_least(self, bad, 1, "max_generation_rounds")

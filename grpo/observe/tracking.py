@@ -172,13 +172,18 @@ def pick_rows(total: int, group_size: int, n: int) -> list[int]:
     return sorted(i for i in order[:n] if i < total)
 
 
+def _first_token(advantage) -> float:
+    # Per-token advantages (process supervision): the first token's, the sum over every step.
+    return float(advantage.reshape(-1)[0]) if advantage.dim() else float(advantage)
+
+
 def sample_rows(step: int, rollout, indices: list[int], group_size: int) -> list[dict]:
     per_function = rollout.rewards_per_function
     log = getattr(rollout, "reward_log", None)
     extra = {k: v for k, v in (log.extra if log is not None else {}).items() if len(v) == len(rollout)}
     rows = [{"step": step, "index": i, "group": i // max(1, group_size),
              "prompt": rollout.prompts[i], "completion": rollout.completions[i],
-             "reward": float(rollout.rewards[i]), "advantage": float(rollout.advantages[i]),
+             "reward": float(rollout.rewards[i]), "advantage": _first_token(rollout.advantages[i]),
              "rewards": {k: float(v[i]) for k, v in per_function.items()},
              "length": int(rollout.lengths[i]), "truncated": bool(rollout.truncated[i])}
             for i in indices]

@@ -25,7 +25,7 @@ GRPO = dict(max_steps=200, prompts_per_step=32, group_size=8, max_completion_len
 
 
 RECIPES = {"demo": "grpo demo", "seed pipeline": "grpo demo --pipeline seed",
-           "calculator demo": "grpo demo --task calculator"}
+           "calculator demo": "grpo demo --task calculator", "steps demo": "grpo demo --task steps"}
 
 
 def claim_recipe_dir(out: Path, recipe: str, overwrite: bool) -> RunLock:

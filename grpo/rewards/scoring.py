@@ -77,6 +77,7 @@ from .functions import load_function
 from .groups import GroupReward, as_group_reward, takes_a_group
 from .judge import ListwiseJudge
 from .models import EnsembleScorer, RewardModelScorer
+from .process_model import ProcessRewardScorer
 
 
 # The keywords TRL passes besides prompts, completions and the columns; a function gets each one
@@ -94,6 +95,7 @@ class Reward:
     name: str
     fn: Callable
     weight: float = 1.0
+    per: str = "completion"  # or "group" (grpo.rewards.groups) or "step" (grpo.rewards.steps)
     _keywords: tuple | None = field(default=None, repr=False)  # what its signature takes (None: anything)
     # The warnings already given for this reward: each is given once per run, not once per step.
     _warned: set = field(default_factory=set, repr=False, compare=False)
@@ -151,23 +153,27 @@ def build_rewards(entries: list, device: torch.device, dtype: torch.dtype) -> li
         elif spec.function:
             fn = load_function(spec.function)
             default_name = spec.function.rsplit(":", 1)[-1]
-        if spec.function and (spec.per == "group" or (not spec.per and takes_a_group(fn))):
-            fn = as_group_reward(fn)  # called once per group (grpo.rewards.groups)
         elif spec.judge:
             fn = ListwiseJudge(spec.judge, device, dtype, template=spec.template, max_new_tokens=spec.max_new_tokens,
                                max_length=spec.max_length, batch_size=spec.batch_size)
             default_name = fn.__name__
-        elif not spec.function:
+        elif spec.per == "step":  # a process reward model scores each step
+            fn = ProcessRewardScorer(spec.model, device, dtype, max_length=spec.max_length, batch_size=spec.batch_size)
+            default_name = fn.__name__
+        else:
             members = [RewardModelScorer(path, device, dtype, batch_size=spec.batch_size, normalize=spec.normalize,
                                          max_length=spec.max_length, clip=spec.clip)
                        for path in (spec.model if isinstance(spec.model, list) else [spec.model])]
             fn = members[0] if len(members) == 1 else EnsembleScorer(members, spec.ensemble)
             default_name = "rm_" + fn.__name__
+        if spec.function and (spec.per == "group" or (not spec.per and takes_a_group(fn))):
+            fn = as_group_reward(fn)  # called once per group (grpo.rewards.groups)
         name = spec.name or default_name
         while name in names:
             name += "_"
         names.add(name)
-        rewards.append(Reward(name, fn, float(spec.weight)))
+        per = "group" if isinstance(fn, GroupReward) else spec.per or "completion"
+        rewards.append(Reward(name, fn, float(spec.weight), per=per))
     return rewards
 
 
@@ -217,11 +223,16 @@ def check_signatures(rewards: list[Reward], columns: list[str]) -> None:
             signature = inspect.signature(fn)
         except (TypeError, ValueError):  # a builtin without a signature: nothing to check
             continue
-        if group:  # prompt and completions by position (grpo.rewards.groups)
-            extra = {k: None for k in TRL_KEYWORDS if r.fn.accepts(k)}
-            args, first, form = (None, []), {}, "fn(prompt, completions, **row columns) once per group"
+        if reads_model_text(r):
+            extra = {}
         else:
-            extra = {} if reads_model_text(r) else {k: None for k in TRL_KEYWORDS if r.accepts(k)}
+            extra = {k: None for k in TRL_KEYWORDS if (r.fn if group else r).accepts(k)}
+        if group:  # prompt and completions by position (grpo.rewards.groups)
+            args, first, form = (None, []), {}, "fn(prompt, completions, **row columns) once per group"
+        elif r.per == "step":  # the step texts too (grpo.rewards.steps)
+            args, first, form = (), {"prompts": [], "completions": [], "steps": []}, \
+                "fn(prompts=..., completions=..., steps=..., **columns)"
+        else:
             args, first, form = (), {"prompts": [], "completions": []}, "fn(prompts=..., completions=..., **columns)"
         try:
             signature.bind(*args, **first, **{c: [] for c in columns}, **extra)

@@ -122,7 +122,11 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
                        config_path: str | None = None) -> dict:
     """Train, evaluate on held-out pairs during and after training, save. Returns the summary.
     The output directory is claimed as every run's (runs.run_dir); `config_path`: the config file
-    the run was loaded from, an input no overwrite may delete."""
+    the run was loaded from, an input no overwrite may delete. `kind: process` trains a process
+    reward model instead (grpo.supervised.process_reward_model)."""
+    if cfg.kind == "process":
+        from .process_reward_model import train_process_reward_model
+        return train_process_reward_model(cfg, quiet, overwrite, config_path)
     log = (lambda *a: None) if quiet else print
     run = start_run(cfg)
     out = run.out

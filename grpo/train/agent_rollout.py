@@ -14,6 +14,11 @@ times as an episode, and the episodes become the step's `Generation`, as generat
 The rewards: the run's reward functions score each episode with TRL's conversational contract
 (the prompt's messages and the messages after them: assistant turns, tool calls and results),
 and an environment's own reward (or a rollout_func episode's) is one more column, weight 1.
+
+With `advantage_estimator: process` a turn is a step (DeepSeekMath 4.1.3's process supervision):
+each per-turn reward a text environment's `step` gives lands on the last token of the model turn
+it answers (`turn_steps`), and the outcome is the reward functions' sum plus the environment's
+final reward (`get_reward`), without the per-turn ones that the steps already carry.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
+from grpo import algorithm
 from grpo.agents import CallRunner, Episode, backend_generate, episodes_from_trl, run_episodes
 from grpo.data.prompts import left_pad
 from grpo.engine.backend import RolloutBackend, SamplingParams
@@ -110,12 +116,36 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
             "agent/truncated": sum(e.truncated for e in episodes) / n}
 
 
+def turn_ends(loss_mask: list[int]) -> list[int]:
+    """The last token of each model turn: of each maximal run of 1s in an episode's loss mask."""
+    return [t for t, m in enumerate(loss_mask) if m and (t + 1 == len(loss_mask) or not loss_mask[t + 1])]
+
+
+def turn_steps(episodes: list[Episode], width: int, has_outcome: bool) -> algorithm.StepRewards:
+    """Process supervision over turns: episode i's k-th per-turn reward on the last token of its
+    k-th model turn, padded to the most turns of any episode (`grpo.algorithm.StepRewards`)."""
+    ends = []
+    for i, e in enumerate(episodes):
+        mine = turn_ends(e.loss_mask)
+        if len(e.turn_rewards) > len(mine):
+            raise RewardError(f"episode {i}: {len(e.turn_rewards)} per-turn rewards for {len(mine)} model turns")
+        ends.append(mine[:len(e.turn_rewards)])
+    S, N = max((len(x) for x in ends), default=0), len(episodes)
+    return algorithm.StepRewards(
+        scores=torch.tensor([list(e.turn_rewards) + [0.0] * (S - len(e.turn_rewards)) for e in episodes],
+                            dtype=torch.float32).reshape(N, S),
+        ends=torch.tensor([x + [0] * (S - len(x)) for x in ends], dtype=torch.long).reshape(N, S),
+        valid=torch.tensor([[j < len(x) for j in range(S)] for x in ends], dtype=torch.bool).reshape(N, S),
+        lengths=torch.tensor([len(e.completion_ids) for e in episodes]), width=width, outcome=has_outcome)
+
+
 def score_episodes(setup: AgentSetup, backend: RolloutBackend, tokenizer, rows: list[dict], rewards, cfg,
                    params: SamplingParams, generator, stop_ids: list[int], *, log: RewardLog, trainer_state=None,
                    precision=None, device=None, clock=time.perf_counter):
     """Episodes for `rows` and their rewards: the pieces of a `Scored` (grpo.train.rollout), its
     prompts one per row. Returns (texts, prompt_ids, prompt_mask, generation, completions, total,
-    per_function, lengths, metrics, messages, seconds generating, seconds scoring)."""
+    per_function, lengths, metrics, messages, seconds generating, seconds scoring, steps); steps is
+    None unless advantage_estimator is process (`turn_steps`)."""
     G = params.group_size
     t0 = clock()
     with (precision.autocast() if precision is not None else contextlib.nullcontext()):
@@ -141,13 +171,22 @@ def score_episodes(setup: AgentSetup, backend: RolloutBackend, tokenizer, rows: 
             rewards, prompts, conversations, columns, timeout=cfg.reward_timeout,
             completion_ids=[list(e.completion_ids) for e in episodes], trainer_state=trainer_state,
             log_metric=log.log_metric, log_extra=log.log_extra, model_texts=(texts, completions), group_size=G)
-    own = [e.reward for e in episodes]
+    process = getattr(cfg, "advantage_estimator", "") == "process"
+    # Under process the per-turn rewards are steps: the outcome keeps the final reward alone.
+    own = [e.final_reward if process and e.turn_rewards else e.reward for e in episodes]
     if any(r is not None for r in own):
         values = torch.tensor([float("nan") if r is None else r for r in own], dtype=torch.float32)
         per_function[setup.reward_name] = values
         total = total + values.nan_to_num(0.0)
+    steps = None
+    if process:
+        steps = turn_steps(episodes, generation.completion_ids.shape[1],
+                           has_outcome=bool(rewards) or any(r is not None for r in own))
+        if any(e.turn_rewards for e in episodes):  # their mean per episode, for the metrics
+            per_function[f"{setup.reward_name}_turns"] = torch.tensor(
+                [sum(e.turn_rewards) / len(e.turn_rewards) if e.turn_rewards else float("nan") for e in episodes])
     lengths = torch.tensor([len(e.completion_ids) for e in episodes], device=device)
     messages = [e.messages for e in episodes]
     t2 = clock()
     return (texts, prompt_ids, prompt_mask, generation, completions, total, per_function, lengths,
-            episode_metrics(episodes), messages, t1 - t0, t2 - t1)
+            episode_metrics(episodes), messages, t1 - t0, t2 - t1, steps)

@@ -27,6 +27,7 @@ from grpo.engine.models import stop_token_ids
 from grpo.engine.stochastic_beam import priority_weights
 from grpo.rewards import score
 from grpo.rewards.scoring import RewardLog
+from grpo.rewards.steps import completion_steps, load_splitter, score_steps
 from grpo.runs.inputs import reward_columns
 from grpo.runtime.host_memory import large_vocabulary
 from grpo.runtime.precision import Precision
@@ -45,7 +46,7 @@ class Rollout:
     truncated: torch.Tensor           # [N] bool: no EOS within max_completion_length
     lengths: torch.Tensor             # [N] generated tokens, EOS included
     rewards: torch.Tensor             # [N] weighted sum of the rewards (less the KL with reward_kl_coef)
-    advantages: torch.Tensor          # [N]
+    advantages: torch.Tensor          # [N], or [N, T] per token (advantage_estimator: process)
     rewards_per_function: dict[str, torch.Tensor]
     # [N] the weighted sum before reward_kl_coef's KL shift (the same as `rewards` without one): what
     # the reward functions said, so ties between them are counted here (zero_variance_frac), not
@@ -61,6 +62,7 @@ class Rollout:
     sampling_stats: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts
     reward_log: RewardLog = field(default_factory=RewardLog)  # what reward functions logged (TRL's hooks)
     messages: list | None = None  # agent runs: each episode's conversation (tool calls and results)
+    steps: algorithm.StepRewards | None = None  # process supervision: each completion's steps and their rewards
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -93,6 +95,7 @@ class Scored:
     lengths: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
     messages: list | None = None
+    steps: algorithm.StepRewards | None = None  # process supervision (`step_rewards`)
 
     def expanded_prompts(self, G: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Prompt ids, mask and text of every row (a group's prompt repeated G times)."""
@@ -129,12 +132,13 @@ def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rew
     G = params.group_size
     if agent is not None:
         (texts, prompt_ids, prompt_mask, out, completions, total, per_function, lengths, stats, messages,
-         seconds_generate, seconds_score) = score_episodes(
+         seconds_generate, seconds_score, steps) = score_episodes(
             agent, backend, tokenizer, rows, rewards, cfg, params, generator, completion_stop_ids(backend, tokenizer),
             log=log if log is not None else RewardLog(), trainer_state=trainer_state, precision=precision,
             device=device, clock=lambda: synced_time(device))
         return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function,
-                      seconds_generate, seconds_score, per_row=True, lengths=lengths, stats=stats, messages=messages)
+                      seconds_generate, seconds_score, per_row=True, lengths=lengths, stats=stats, messages=messages,
+                      steps=steps)
     t0 = synced_time(device)
     raw = [row[cfg.prompt_column] for row in rows]
     texts, prompt_ids, prompt_mask = prompt_batch(tokenizer, raw, cfg.max_prompt_length, cfg.apply_chat_template,
@@ -150,13 +154,45 @@ def generate_and_score(backend: RolloutBackend, tokenizer, rows: list[dict], rew
     prompts = [p for p in raw for _ in range(G)]
     columns = {k: [row.get(k) for row in rows for _ in range(G)] for k in reward_columns(rows[0], cfg.prompt_column)}
     log = log if log is not None else RewardLog()
+    ids = completion_ids_list(out.completion_ids, out.completion_mask)
+    outcome = [r for r in rewards if r.per != "step"]
     total, per_function = score(
-        rewards, prompts, [as_completion(p, c) for p, c in zip(prompts, completions)], columns,
-        timeout=cfg.reward_timeout, completion_ids=completion_ids_list(out.completion_ids, out.completion_mask),
+        outcome, prompts, [as_completion(p, c) for p, c in zip(prompts, completions)], columns,
+        timeout=cfg.reward_timeout, completion_ids=ids,
         trainer_state=trainer_state, log_metric=log.log_metric, log_extra=log.log_extra,
         model_texts=([t for t in texts for _ in range(G)], completions), group_size=G)
+    steps = None
+    if getattr(cfg, "advantage_estimator", "") == "process":
+        steps, per_step = step_rewards(tokenizer, backend, rewards, cfg, prompts, completions, ids, columns,
+                                       out.completion_ids.shape[1], has_outcome=bool(outcome))
+        per_function = {**per_function, **per_step}
     t2 = synced_time(device)
-    return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function, t1 - t0, t2 - t1)
+    return Scored(list(rows), texts, prompt_ids, prompt_mask, out, completions, total, per_function, t1 - t0, t2 - t1,
+                  steps=steps)
+
+
+def step_rewards(tokenizer, backend, rewards, cfg, prompts: list, completions: list[str], ids: list[list[int]],
+                 columns: dict, width: int, has_outcome: bool) -> tuple[algorithm.StepRewards, dict]:
+    """Process supervision: each completion cut into steps (`step_delimiter` or `step_splitter`,
+    grpo.data.steps), its steps scored by the `per: step` rewards, as padded tensors; and each step
+    reward's mean over each completion's steps, for its metrics."""
+    per_step = [r for r in rewards if r.per == "step"]
+    N = len(completions)
+    scores: list[list[float]] = [[] for _ in range(N)]
+    ends: list[list[int]] = [[] for _ in range(N)]
+    means: dict = {}
+    if per_step:
+        texts, ends = completion_steps(tokenizer, completions, ids, completion_stop_ids(backend, tokenizer),
+                                       cfg.step_delimiter, load_splitter(cfg.step_splitter))
+        scores, means = score_steps(per_step, prompts, [as_completion(p, c) for p, c in zip(prompts, completions)],
+                                    texts, columns, timeout=cfg.reward_timeout)
+    S = max((len(s) for s in scores), default=0)
+    valid = torch.tensor([[j < len(s) for j in range(S)] for s in scores], dtype=torch.bool).reshape(N, S)
+    return algorithm.StepRewards(
+        scores=torch.tensor([s + [0.0] * (S - len(s)) for s in scores], dtype=torch.float32).reshape(N, S),
+        ends=torch.tensor([e + [0] * (S - len(e)) for e in ends], dtype=torch.long).reshape(N, S),
+        valid=valid, lengths=torch.tensor([len(i) for i in ids], dtype=torch.long), width=width,
+        outcome=has_outcome), means
 
 
 def _cat(parts: list[Scored], pad_token_id: int) -> Scored:
@@ -332,7 +368,8 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         rewards=total, advantages=torch.zeros_like(total), rewards_per_function=scored.per_function,
         rewards_before_kl=total,
         prompts=prompts, completions=scored.completions,
-        sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log, messages=scored.messages)
+        sampling_logprobs=out.sampling_logprobs, sampling_stats=stats, reward_log=log, messages=scored.messages,
+        steps=scored.steps)
 
     timer = PhaseTimer(device)
     temperature = logprob_temperature(cfg)
@@ -360,7 +397,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         weights = priority_weights(out) if out.inclusion_probs is not None else None
         rollout.sample_weights = weights
         rollout.advantages = algorithm.compute_advantages(
-            cfg.advantage_estimator, rollout.rewards, G, eps=cfg.advantage_eps, weights=weights,
+            cfg.advantage_estimator, rollout.rewards, G, eps=cfg.advantage_eps, weights=weights, steps=rollout.steps,
             batch_rewards=gather(rollout.rewards) if gather is not None else None).to(device)
     rollout.timings = {"generate": scored.seconds_generate, "score": scored.seconds_score, **timer.seconds}
     return rollout

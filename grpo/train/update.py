@@ -180,6 +180,15 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     return out
 
 
+def advantage_abs_mean(rollout: Rollout) -> float:
+    """Mean |A| over completions, or, for per-token advantages [N, T], over the loss's tokens."""
+    a = rollout.advantages
+    if a.dim() == 1:
+        return a.abs().mean().item()
+    valid = rollout.completion_mask.bool()
+    return (a.abs()[valid].mean().item() if bool(valid.any()) else 0.0)
+
+
 def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | None) -> dict[str, float]:
     lengths = rollout.lengths.float()
     # Groups the reward functions cannot rank: ties of the rewards before reward_kl_coef's KL
@@ -190,7 +199,7 @@ def rollout_metrics(rollout: Rollout, cfg: TrainConfig, accuracy_name: str | Non
          "completion_length_mean": lengths.mean().item(), "completion_length_max": lengths.max().item(),
          "truncated_frac": rollout.truncated.float().mean().item(),
          "zero_variance_frac": algorithm.zero_variance_groups(scored, cfg.group_size).float().mean().item(),
-         "advantage_abs_mean": rollout.advantages.abs().mean().item()}
+         "advantage_abs_mean": advantage_abs_mean(rollout)}
     for name, values in rollout.rewards_per_function.items():
         # NaN is a function's "no opinion" on a sample (TRL's None): counted out, as in the total.
         given = values[~values.isnan()]

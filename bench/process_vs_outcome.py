@@ -1,0 +1,169 @@
+"""Process supervision against outcome supervision on the step task (grpo.recipes.steps).
+
+    flock /tmp/grpo-measure.lock .venv/bin/python -m bench.process_vs_outcome --seeds 0 1 2 \\
+        --json /tmp/process_vs_outcome.json
+
+One warm start (`grpo.recipes.steps.warm_start`, seed `--warm-seed`), then for every seed both
+arms from it, in alternating order so that drift in the machine's load hits both:
+
+- `outcome`: the final-answer reward only, advantage_estimator group (DeepSeekMath 4.1.2);
+- `process`: the final answer as the final step plus the rule-based step verifier on every line
+  (advantage_estimator process, DeepSeekMath 4.1.3);
+- `prm`: the same with a process reward model in place of the verifier: `grpo reward-model train
+  --kind process` on the warm start's backbone, from the training chains corrupted at random and
+  labelled by the verifier (`grpo.recipes.steps.prm_rows`; not Math-Shepherd's Monte-Carlo labels).
+
+Everything else is the recipe's GRPO settings (grpo.recipes.steps.GRPO). Held-out greedy
+final-answer accuracy every --eval-every steps; the clock is the sum of the training steps'
+own seconds (evaluation not counted). The budget is the shortest run's training seconds, the same
+for every run: a run's accuracy at the budget is its last evaluation within it. Prints per arm the
+mean curve, the accuracy at the budget (mean and range over seeds), and for process the steps and
+seconds it needed to first reach the same seed's outcome accuracy at the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ARMS = ("outcome", "process", "prm")
+# The process reward model of the `prm` arm.
+PRM = dict(kind="process", max_steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, eval_steps=100,
+           logging_steps=50, max_length=64, eval_fraction=0.1)
+
+
+def arm_settings(arm: str, prm_dir: str) -> dict:
+    from grpo.recipes import steps
+
+    if arm == "outcome":
+        return {"advantage_estimator": "group", "rewards": steps.OUTCOME_REWARDS}
+    if arm == "process":
+        return {"advantage_estimator": "process", "rewards": steps.PROCESS_REWARDS}
+    return {"advantage_estimator": "process",
+            "rewards": [*steps.OUTCOME_REWARDS, {"model": prm_dir, "per": "step", "name": "prm"}]}
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """[(step, training seconds so far, held-out accuracy)] of one run, from its metrics.jsonl."""
+    points, seconds = [], 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        seconds += m.get("time/step", m.get("seconds_step", 0.0))
+        accuracy = m.get("eval/accuracy", m.get("eval_accuracy"))  # the namespaced name, or the plain one
+        if accuracy is not None:
+            points.append({"step": m["step"], "seconds": seconds, "accuracy": accuracy})
+    return points
+
+
+def at_budget(points: list[dict], budget: float) -> float:
+    return [p for p in points if p["seconds"] <= budget + 1e-9][-1]["accuracy"]
+
+
+def first_reaching(points: list[dict], target: float) -> dict | None:
+    return next((p for p in points if p["accuracy"] >= target), None)
+
+
+def run(args) -> dict:
+    from grpo.config import RewardModelConfig, TrainConfig, build
+    from grpo.recipes import steps
+    from grpo.supervised.reward_model import train_reward_model
+    from grpo.train.loop import train
+
+    torch.set_num_threads(1)
+    out = Path(args.output_dir)
+    t0 = time.time()
+    sft, train_file, heldout_file, heldout_rows = steps.warm_start(out / "warm", args.warm_seed)
+    warm_seconds = time.time() - t0
+    prm = {}
+    if "prm" in args.arms:
+        t0 = time.time()
+        rows = steps.prm_rows(steps.problems(args.warm_seed)[0], seed=args.warm_seed)
+        data = steps.write_jsonl(rows, out / "prm_data.jsonl")
+        prm = train_reward_model(build(RewardModelConfig, {"model": str(sft), "dataset": str(data),
+                                                           "output_dir": str(out / "prm"), "seed": args.warm_seed,
+                                                           **PRM}, "process_vs_outcome prm"), quiet=True,
+                                 overwrite=True)
+        prm["seconds"] = time.time() - t0
+        print(f"prm: {prm}", flush=True)
+    arms = [a for a in ARMS if a in args.arms]
+    runs = {arm: {} for arm in arms}
+    for k, seed in enumerate(args.seeds):
+        order = arms[k % len(arms):] + arms[:k % len(arms)]  # rotated: each arm runs first once
+        for arm in order:
+            settings = {**steps.GRPO, **arm_settings(arm, str(out / "prm")),
+                        "max_steps": args.max_steps, "eval_steps": args.eval_every}
+            run_dir = out / f"{arm}_{seed}"
+            cfg = build(TrainConfig, {"model": str(sft), "dataset": str(train_file),
+                                      "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
+                                      "output_dir": str(run_dir), "seed": seed, **settings},
+                        "process_vs_outcome")
+            train(cfg, quiet=True, overwrite=True)
+            runs[arm][seed] = curve(run_dir)
+            print(f"{arm} seed {seed}: {runs[arm][seed][-1]}", flush=True)
+    budget = min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
+    return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
+            "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
+            "eval_every": args.eval_every, "heldout": len(heldout_rows)}
+
+
+def report(result: dict) -> None:
+    budget, runs = result["budget"], result["runs"]
+    seeds = list(runs["outcome"])
+    print(f"budget {budget:.1f} training seconds; held-out {result['heldout']} expressions; seeds {seeds}")
+    final = {arm: [at_budget(runs[arm][s], budget) for s in seeds] for arm in runs}
+    start = statistics.mean(runs["outcome"][s][0]["accuracy"] for s in seeds)
+    print(f"warm start: {start:.1%}")
+    print("| arm | accuracy at the budget (mean) | range over seeds |")
+    print("|---|---|---|")
+    for arm, values in final.items():
+        print(f"| {arm} | {statistics.mean(values):.1%} | {min(values):.1%} - {max(values):.1%} |")
+    if result.get("prm"):
+        print(f"process reward model: held-out step accuracy {result['prm']['eval_step_accuracy']:.1%} "
+              f"(good steps {result['prm']['eval_good_fraction']:.1%}), trained in {result['prm']['seconds']:.0f} s")
+    print("| arm | seed | outcome at the budget | first reached at step | at seconds | outcome's own seconds |")
+    print("|---|---|---|---|---|---|")
+    for arm in [a for a in runs if a != "outcome"]:
+        for s, target in zip(seeds, final["outcome"]):
+            hit = first_reaching(runs[arm][s], target)
+            own = first_reaching(runs["outcome"][s], target)
+            print(f"| {arm} | {s} | {target:.1%} | {hit['step'] if hit else 'never'} | "
+                  f"{hit['seconds'] if hit else float('nan'):.1f} | {own['seconds']:.1f} |")
+    steps_ = sorted({p["step"] for arm in runs.values() for r in arm.values() for p in r})
+    print("| step | " + " | ".join(f"{arm} (acc, s)" for arm in runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for step in steps_:
+        cells = []
+        for arm in runs:
+            pts = [p for s in seeds for p in runs[arm][s] if p["step"] == step]
+            cells.append(f"{statistics.mean(p['accuracy'] for p in pts):.1%}, "
+                         f"{statistics.mean(p['seconds'] for p in pts):.0f}" if len(pts) == len(seeds) else "-")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--warm-seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=120)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--output-dir", default="/tmp/process_vs_outcome")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--report", default="", help="re-print the results a --json file holds")
+    args = parser.parse_args(argv)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+    else:
+        result = run(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    report(result)
+
+
+if __name__ == "__main__":
+    main()
