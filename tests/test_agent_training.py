@@ -70,7 +70,9 @@ class ScriptedBackend:
         for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist()):
             context = self.tokenizer.decode([t for t, m in zip(ids, mask) if m])
             text = self.then if "<tool_response>" in context else self.first
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.stop_token_ids)
+            # group_size turns of each prompt, as every backend returns them (a group's first turn).
+            rows += [self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.stop_token_ids] \
+                * params.group_size
         T = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])

@@ -645,3 +645,41 @@ def test_real_model_episodes_through_the_backend_score_as_sampled(qwen):
         with torch.no_grad():
             lp, _ = completion_logprobs(model, prompt, torch.ones_like(prompt), ids, mask, 1.0, engine=engine)
         torch.testing.assert_close(lp * mask, sampled, atol=2e-4, rtol=0)
+
+
+def test_a_groups_first_turn_is_one_prompt_of_the_group_engine_and_the_same_draw():
+    import dataclasses
+
+    from grpo.agents.backend import repeats
+    from grpo.data.prompts import left_pad
+    from grpo.engine.backend import LocalBackend, SamplingParams
+    from grpo.recipes.tasks import build_tiny_model
+
+    assert repeats([[1], [1], [2], [2]]) == 2 and repeats([[1], [1], [1]]) == 3
+    assert repeats([[1], [2], [1], [2]]) == 1 and repeats([[1], [1], [2]]) == 1 and repeats([[1]]) == 1
+    assert repeats([[1], [1], [2], [3]]) == 1
+
+    tok = build_tokenizer("qwen2.5")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                             max_positions=512, pad_token_id=tok.pad_token_id, eos_token_id=eos, seed=0).eval()
+    backend = LocalBackend(model, tok)
+    params = SamplingParams(group_size=3, max_new_tokens=12, strategy="sample", temperature=1.0, top_p=1.0, top_k=0)
+    contexts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                        return_dict=False) for q in ("hi", "what is 2+2?")]
+    grouped = [c for c in contexts for _ in range(3)]
+    calls = []
+    generate = backend.generate
+    backend.generate = lambda ids, mask, p, g: calls.append((ids.shape[0], p.group_size)) or generate(ids, mask, p, g)
+    with torch.no_grad():
+        shared = backend_generate(backend, tok, params, torch.Generator().manual_seed(0))(grouped, 12)
+        # The same six contexts, each its own prompt (what a later turn's distinct contexts get).
+        ids, mask = left_pad(tok, grouped, max(len(c) for c in grouped), None)
+        alone = generate(ids, mask, dataclasses.replace(params, group_size=1), torch.Generator().manual_seed(0))
+    assert calls == [(2, 3)]  # two prompts, three turns each
+    for i, s in enumerate(shared):
+        n = int(alone.completion_mask[i].sum())
+        assert s.token_ids == alone.completion_ids[i, :n].tolist()  # the same draw, token for token
+        torch.testing.assert_close(torch.tensor(s.logprobs), alone.logprobs[i, :n], atol=1e-5, rtol=0)
+    assert len({tuple(s.token_ids) for s in shared}) > 2  # the group's turns differ: G draws, not one
+

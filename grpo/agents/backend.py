@@ -4,6 +4,11 @@ Each episode's context (its prompt and every token so far, the environment's inc
 prompt of a backend call with group_size 1: G episodes of one dataset row are G contexts, since
 after the first turn they differ. The contexts are left-padded as every prompt batch is
 (grpo.data.left_pad), and the backend's own stop tokens end each turn.
+
+The first turn of a group's episodes reads one context G times over: those contexts go to the
+backend as one prompt of a group of G, so the prompt is prefilled once and its keys and values
+are shared while the G turns decode (the backend's group engine), instead of prefilled G times.
+The rows come back in the same order, so what is sampled is the same draw as G single prompts.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from .episodes import Generate, Sampled
 def backend_generate(backend: RolloutBackend, tokenizer, params: SamplingParams,
                      generator: torch.Generator | None = None, device=None) -> Generate:
     """generate(contexts, max_new_tokens) -> one Sampled per context, from `backend.generate`
-    with `params` (their group_size and max_new_tokens replaced by 1 and the turn's budget)."""
+    with `params` (their group_size replaced by the contexts' `repeats`, max_new_tokens by the
+    turn's budget)."""
 
     def generate(contexts: list[list[int]], max_new_tokens: int) -> list[Sampled]:
-        ids, mask = left_pad(tokenizer, contexts, max(len(c) for c in contexts), device)
-        turn = dataclasses.replace(params, group_size=1, max_new_tokens=max_new_tokens)
+        G = repeats(contexts)
+        unique = contexts[::G]
+        ids, mask = left_pad(tokenizer, unique, max(len(c) for c in unique), device)
+        turn = dataclasses.replace(params, group_size=G, max_new_tokens=max_new_tokens)
         out = backend.generate(ids, mask, turn, generator)
         lengths = out.completion_mask.sum(1).tolist()
         sampled = out.sampling_logprobs
@@ -35,3 +43,13 @@ def backend_generate(backend: RolloutBackend, tokenizer, params: SamplingParams,
                 for i, n in enumerate(lengths)]
 
     return generate
+
+
+def repeats(contexts: list[list[int]]) -> int:
+    """G when the contexts are runs of G equal ones, back to back (a group's first turn), else 1."""
+    G = 1
+    while G < len(contexts) and contexts[G] == contexts[0]:
+        G += 1
+    if G == 1 or len(contexts) % G:
+        return 1
+    return G if all(contexts[i] == contexts[i - i % G] for i in range(len(contexts))) else 1
