@@ -33,6 +33,7 @@ rate (median over rounds), and their ratio.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -53,7 +54,8 @@ def warm_start(models_dir: Path, seed: int) -> Path:
     from grpo.recipes import calculator as calc
     from grpo.recipes.tasks import build_tiny_model
 
-    out = models_dir / f"calculator-warm-seed{seed}"
+    recipe = hashlib.sha1(json.dumps([calc.MODEL, calc.WARM], sort_keys=True).encode()).hexdigest()[:8]
+    out = models_dir / f"calculator-warm-seed{seed}-{recipe}"  # made again when the recipe changes
     if (out / "done.json").exists():
         return out
     torch.set_num_threads(1)

@@ -53,8 +53,10 @@ TEMPLATE = (
 # Smaller than the addition demo's model: its episodes are ten times longer.
 MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=256)
 # The warm start stops once it solves a quarter of a probe of training problems, while it still
-# miscopies numbers in most episodes: room for GRPO.
-WARM = dict(steps=1000, batch_size=32, learning_rate=3e-3, target=0.25)
+# miscopies numbers in most episodes: room for GRPO. Copying is learnt within a few dozen steps
+# once it starts, so the probe runs every 5 steps (every 25 can stop it near its ceiling) and
+# holds 64 problems (32 put a quarter within a few lucky episodes).
+WARM = dict(steps=1000, batch_size=32, learning_rate=3e-3, target=0.25, every=5, probe=64)
 # Sampling at temperature 0.5: a half-trained copier sampled at 1 rarely gets every digit of a
 # call and an answer right, so nearly all its groups tie at 0 and teach nothing.
 GRPO = dict(max_steps=200, prompts_per_step=8, group_size=8, max_completion_length=128, max_turns=3,
