@@ -5,7 +5,9 @@
 Each seed runs `grpo demo --task calculator --seed S` in a fresh subprocess (the tiny model built,
 warm-started on synthetic episodes, then trained with GRPO calling the real `multiply` tool) and
 reads its summary.json. Prints one row per seed: the held-out success (greedy episodes, 100
-problems) before and after GRPO, the seconds of the whole command, and the command.
+problems) before and after GRPO, the warm start's steps and seconds, GRPO's seconds, the seconds
+of the whole command, and the command. Run the seeds one after another on an otherwise idle
+machine: their times are the demo's only then.
 `--set KEY=VALUE` passes GRPO keys on (e.g. --set max_steps=30).
 """
 
@@ -38,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.time() - start
         summary = json.loads((out / "summary.json").read_text())
         rows.append({"seed": seed, "before": summary["success_before"], "after": summary["success_after"],
-                     "seconds": seconds, "command": shlex.join(["grpo", *command[3:]])})
+                     "warm_steps": summary["warm_steps"], "warm_seconds": summary["warm_seconds"],
+                     "grpo_seconds": summary["train_seconds"], "seconds": seconds,
+                     "command": shlex.join(["grpo", *command[3:]])})
         print(f"seed {seed}: {rows[-1]['before']:.0%} -> {rows[-1]['after']:.0%} in {seconds:.0f}s", flush=True)
     print()
-    print("| seed | before | after | seconds | command |\n|---|---|---|---|---|")
+    print("| seed | before | after | warm-start steps | warm start s | GRPO s | whole command s | command |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['before']:.0%} | {r['after']:.0%} | {r['seconds']:.0f} | `{r['command']}` |")
+        gain = 100 * (r["after"] - r["before"])
+        print(f"| {r['seed']} | {r['before']:.0%} | {r['after']:.0%} ({gain:+.0f} points) | "
+              f"{r['warm_steps']} | {r['warm_seconds']:.0f} | {r['grpo_seconds']:.0f} | {r['seconds']:.0f} | "
+              f"`{r['command']}` |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
