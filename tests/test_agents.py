@@ -670,7 +670,8 @@ def test_a_groups_first_turn_is_one_prompt_of_the_group_engine_and_the_same_draw
     grouped = [c for c in contexts for _ in range(3)]
     calls = []
     generate = backend.generate
-    backend.generate = lambda ids, mask, p, g: calls.append((ids.shape[0], p.group_size)) or generate(ids, mask, p, g)
+    backend.generate = lambda ids, mask, p, g, **kw: calls.append((ids.shape[0], p.group_size)) or generate(
+        ids, mask, p, g, **kw)
     with torch.no_grad():
         shared = backend_generate(backend, tok, params, torch.Generator().manual_seed(0))(grouped, 12)
         # The same six contexts, each its own prompt (what a later turn's distinct contexts get).
@@ -683,3 +684,50 @@ def test_a_groups_first_turn_is_one_prompt_of_the_group_engine_and_the_same_draw
         torch.testing.assert_close(torch.tensor(s.logprobs), alone.logprobs[i, :n], atol=1e-5, rtol=0)
     assert len({tuple(s.token_ids) for s in shared}) > 2  # the group's turns differ: G draws, not one
 
+
+
+def test_later_turns_continue_from_the_kept_cache_and_draw_what_a_whole_prefill_draws(monkeypatch):
+    import grpo.engine.decoders as decoders
+    from grpo.engine.backend import LocalBackend, SamplingParams
+    from grpo.recipes.tasks import build_tiny_model
+
+    tok = build_tokenizer("qwen2.5")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                             max_positions=512, pad_token_id=tok.pad_token_id, eos_token_id=eos, seed=0).eval()
+    head = torch.nn.Linear(32, len(tok), bias=True)  # turns of a few tokens, so episodes have several
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[eos] = 3.0
+    model.lm_head = head
+
+    class Echo:
+        def reset(self, **_):
+            self.n = 0
+
+        def step(self, text):
+            self.n += 1
+            return f"heard {len(text)}" + "!" * self.n, 0.0, self.n == 3
+
+    class Whole(LocalBackend):
+        keeps_cache = False
+
+    read = []
+    prefill_after = decoders.prefill_after
+    monkeypatch.setattr(decoders, "prefill_after", lambda m, kw, keep, ids, mask, past: read.append(
+        sum(p is not None for p in past)) or prefill_after(m, kw, keep, ids, mask, past))
+    params = SamplingParams(group_size=2, max_new_tokens=999, strategy="sample", temperature=1.0, top_p=1.0, top_k=0)
+    prompts = [[{"role": "user", "content": q}] for q in ("play", "play", "go on", "go on")]
+    runs = {}
+    for name, backend in (("kept", LocalBackend(model, tok)), ("whole", Whole(model, tok))):
+        with torch.no_grad():
+            runs[name] = run_episodes(tok, prompts, backend_generate(backend, tok, params,
+                                                                     torch.Generator().manual_seed(0)),
+                                      environments=Echo, max_turns=4, max_completion_length=96,
+                                      stop_token_ids=backend.stop_token_ids)
+    assert read and all(n > 0 for n in read)  # later turns went through the kept cache
+    assert max(ep.turns for ep in runs["kept"]) >= 3
+    for kept, whole in zip(runs["kept"], runs["whole"]):
+        assert kept.completion_ids == whole.completion_ids and kept.loss_mask == whole.loss_mask
+        torch.testing.assert_close(torch.tensor(kept.logprobs), torch.tensor(whole.logprobs), atol=1e-5, rtol=0)

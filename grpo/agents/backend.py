@@ -9,6 +9,11 @@ The first turn of a group's episodes reads one context G times over: those conte
 backend as one prompt of a group of G, so the prompt is prefilled once and its keys and values
 are shared while the G turns decode (the backend's group engine), instead of prefilled G times.
 The rows come back in the same order, so what is sampled is the same draw as G single prompts.
+
+On a backend that keeps caches (`keeps_cache`: the local engine), each turn's keys and values
+are kept, and the next turn of the same episode prefills only the tokens added since (the tool
+results and the next turn's header) instead of its whole context. They are kept for one
+`generate` (one episode loop): the weights do not change inside it.
 """
 
 from __future__ import annotations
@@ -29,20 +34,38 @@ def backend_generate(backend: RolloutBackend, tokenizer, params: SamplingParams,
     with `params` (their group_size replaced by the contexts' `repeats`, max_new_tokens by the
     turn's budget)."""
 
+    keeps = getattr(backend, "keeps_cache", False)
+    kept: list[tuple[list[int], list]] = []  # the last turn's rows: the tokens read, their keys and values
+
     def generate(contexts: list[list[int]], max_new_tokens: int) -> list[Sampled]:
         G = repeats(contexts)
         unique = contexts[::G]
         ids, mask = left_pad(tokenizer, unique, max(len(c) for c in unique), device)
         turn = dataclasses.replace(params, group_size=G, max_new_tokens=max_new_tokens)
-        out = backend.generate(ids, mask, turn, generator)
+        if keeps:
+            past = [longest_prefix(kept, c) for c in unique]
+            out = backend.generate(ids, mask, turn, generator, past=past if any(past) else None, keep_cache=True)
+        else:
+            out = backend.generate(ids, mask, turn, generator)
         lengths = out.completion_mask.sum(1).tolist()
         sampled = out.sampling_logprobs
-        return [Sampled(token_ids=out.completion_ids[i, :n].tolist(), logprobs=out.logprobs[i, :n].tolist(),
-                        finished=not bool(out.truncated[i]),
-                        sampling_logprobs=None if sampled is None else sampled[i, :n].tolist())
-                for i, n in enumerate(lengths)]
+        turns = [Sampled(token_ids=out.completion_ids[i, :n].tolist(), logprobs=out.logprobs[i, :n].tolist(),
+                         finished=not bool(out.truncated[i]),
+                         sampling_logprobs=None if sampled is None else sampled[i, :n].tolist())
+                 for i, n in enumerate(lengths)]
+        # Each row's cache holds its context and its turn but the last token (drawn, never fed).
+        kept[:] = [] if out.cache is None else [(contexts[i] + s.token_ids[:-1], c)
+                                                for i, (s, c) in enumerate(zip(turns, out.cache))]
+        return turns
 
     return generate
+
+
+def longest_prefix(kept: list[tuple[list[int], list]], context: list[int]):
+    """The kept cache of the longest token list that is a proper prefix of `context` (None if none)."""
+    best = max((k for k in kept if len(k[0]) < len(context) and context[:len(k[0])] == k[0]),
+               key=lambda k: len(k[0]), default=None)
+    return None if best is None else best[1]
 
 
 def repeats(contexts: list[list[int]]) -> int:

@@ -110,15 +110,19 @@ class LocalBackend:
         self.pad_token_id = tokenizer.pad_token_id
         self.blocked_token_ids = blocked_token_ids(tokenizer)
 
+    # Keeps each row's keys and values for a call that continues it (an agent's next turn).
+    keeps_cache = True
+
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
-                 generator: torch.Generator | None = None) -> Generation:
+                 generator: torch.Generator | None = None, past: list | None = None,
+                 keep_cache: bool = False) -> Generation:
         return generate_groups(self.model, prompt_ids, prompt_mask, group_size=params.group_size,
                                max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_token_ids,
                                pad_token_id=self.pad_token_id, strategy=params.strategy,
                                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                generator=generator, min_p=params.min_p,
                                repetition_penalty=params.repetition_penalty,
-                               blocked_token_ids=self.blocked_token_ids)
+                               blocked_token_ids=self.blocked_token_ids, past=past, keep_cache=keep_cache)
 
     def sync_weights(self, model) -> None:
         self.model = model  # the same parameters the optimizer stepped: nothing to copy

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from .llama import attention_shape, rope, rope_tables, supported
+from transformers import DynamicCache
+
 from .models import cache_kwarg, output_cache, position_ids_from_mask, supports_logits_to_keep, unwrap
 
 
@@ -44,19 +46,61 @@ def prefill(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, prompt_
     return _forward(model, kwarg, logits_to_keep, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), None)
 
 
-def start(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens: int, fast: bool):
+def prefill_after(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, prompt_mask: Tensor, past: list):
+    """The prompts' forward pass where an earlier call already read the first tokens of some rows:
+    `past[i]` (None, or per layer the keys and values of row i's first n tokens, as
+    `Generation.cache` holds them) goes into the cache as it is, and only the rest is fed.
+
+    Row i's cache is laid out [padding, its n kept tokens, padding, its new tokens]; the mask
+    hides both paddings and positions count real tokens only, so every token sits at the
+    position, and attends to the keys, that a prefill of the whole row gives it.
+    Returns (logits [P, V], the KV cache, its mask [P, Lk + Ls]).
+    """
+    rows = [ids[m.bool()] for ids, m in zip(prompt_ids, prompt_mask)]
+    kept = [0 if p is None else p[0][0].shape[1] for p in past]
+    Lk, Ls = max(kept), max(len(r) - n for r, n in zip(rows, kept))
+    B = len(rows)
+    new_ids, new_mask = prompt_ids.new_zeros(B, Ls), prompt_mask.new_zeros(B, Ls)
+    kept_mask = prompt_mask.new_zeros(B, Lk)
+    for i, (r, n) in enumerate(zip(rows, kept)):
+        new_ids[i, Ls - (len(r) - n):] = r[n:]
+        new_mask[i, Ls - (len(r) - n):] = 1
+        kept_mask[i, Lk - n:] = 1
+    some = next(p for p in past if p is not None)
+    layers = []
+    for j, (k0, v0) in enumerate(some):
+        k = k0.new_zeros(B, k0.shape[0], Lk, k0.shape[2])
+        v = v0.new_zeros(B, v0.shape[0], Lk, v0.shape[2])
+        for i, (p, n) in enumerate(zip(past, kept)):
+            if n:
+                k[i, :, Lk - n:], v[i, :, Lk - n:] = p[j]
+        layers.append((k, v))
+    mask = torch.cat([kept_mask, new_mask], dim=1)
+    logits, cache = _forward(model, kwarg, logits_to_keep, new_ids, mask, position_ids_from_mask(mask)[:, Lk:],
+                             DynamicCache(ddp_cache_data=layers))
+    return logits, cache, mask
+
+
+def start(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens: int, fast: bool,
+          past: list | None = None):
     """Prefill the left-padded prompts once and set up decoding of G rows per prompt.
 
     Returns (state, logits [P*G, V] predicting the first completion token, next_pos [P*G, 1]).
     `fast`: the group decoder when the model is supported, else the plain cache decoder.
+    `past`: kept keys and values of the rows' first tokens (prefill_after); used on the group
+    decoder at G = 1, ignored otherwise (the whole prompts are prefilled).
     """
     kwarg, keep = cache_kwarg(model), supports_logits_to_keep(model)
-    logits, cache = prefill(model, kwarg, keep, prompt_ids, prompt_mask)
     # The next token of each row sits right after its last real token: position = its length.
     next_pos = prompt_mask.sum(-1, keepdim=True)
     # Positions used: up to the longest prompt plus max_new_tokens (a sliding window at least that
     # long never hides a key).
-    if fast and supported(model, prompt_ids.shape[1] + max_new_tokens):
+    group = fast and supported(model, prompt_ids.shape[1] + max_new_tokens)
+    if group and G == 1 and past is not None and any(p is not None for p in past):
+        logits, cache, prompt_mask = prefill_after(model, kwarg, keep, prompt_ids, prompt_mask, past)
+    else:
+        logits, cache = prefill(model, kwarg, keep, prompt_ids, prompt_mask)
+    if group:
         state = GroupDecoder(unwrap(model), cache, prompt_mask, G, max_new_tokens)
     else:
         cache.batch_repeat_interleave(G)
@@ -131,6 +175,7 @@ class GroupDecoder:
             lay["kp"], lay["vp"] = lay["kp"].to(dtype), lay["vp"].to(dtype)
             lay["kc"] = torch.empty(N, self.Hkv, max_new_tokens, self.hd, dtype=dtype, device=device)
             lay["vc"] = torch.empty_like(lay["kc"])
+        self.prompt_mask = prompt_mask
         # Additive mask over the prompt keys: -inf on left padding. [P, 1, 1, Lp]
         self.prompt_bias = None
         if not bool(prompt_mask.all()):
@@ -151,6 +196,18 @@ class GroupDecoder:
         if self.prompt_bias is not None:
             self.prompt_bias = self.prompt_bias[keep]
         return rows
+
+    def row_caches(self, fed: list[int]) -> list:
+        """Per row, per layer, the keys and values ([Hkv, n, hd]) of its prompt's real tokens and
+        its first fed[r] completion tokens: what `prefill_after` continues from. Valid while no
+        group has left the batch."""
+        out = []
+        for r, n in enumerate(fed):
+            real = self.prompt_mask[r // self.G].bool()
+            out.append([(torch.cat([lay["kp"][r // self.G][:, real], lay["kc"][r, :, :n]], dim=1),
+                         torch.cat([lay["vp"][r // self.G][:, real], lay["vc"][r, :, :n]], dim=1))
+                        for lay in self.layers])
+        return out
 
     def reorder(self, rows: Tensor, t: int) -> None:
         """Row r continues from row rows[r] (within its group): the completion keys/values of the

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decoders import start
+from .decoders import GroupDecoder, start
 from .models import model_device
 from .sequences import (Generation, filter_logits, filters_on,  # Generation, filter_logits: also imported from here
                         penalize_repetition)
@@ -80,7 +80,7 @@ def _draw_recorded(logits: Tensor, temperature: float, top_k: int, top_p: float,
 
 def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_token_id,
             temperature, top_p, top_k, generator, fast: bool, min_p: float = 0.0, blocked: Tensor | None = None,
-            repetition_penalty: float = 1.0) -> Generation:
+            repetition_penalty: float = 1.0, past: list | None = None, keep_cache: bool = False) -> Generation:
     """G samples per prompt, one batched decode loop of P*G rows.
 
     The batch shrinks as rows finish: `rows` maps the current batch rows to output rows, and the
@@ -90,7 +90,9 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
     """
     device = prompt_ids.device
     N = prompt_ids.shape[0] * G
-    state, logits, next_pos = start(model, prompt_ids, prompt_mask, G, max_new_tokens, fast)
+    state, logits, next_pos = start(model, prompt_ids, prompt_mask, G, max_new_tokens, fast, past)
+    # Rows are kept to the end, so their keys and values can be read out (ended ones ride along).
+    keep_cache = keep_cache and isinstance(state, GroupDecoder)
 
     completion_ids = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
@@ -123,7 +125,7 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
             token[live] = drawn
             live = live.clone()
             live[live.clone()] = ~is_eos
-        kept = state.keep(live)
+        kept = state.keep(live) if not keep_cache else (None if bool(live.any()) else live.nonzero().squeeze(-1))
         if kept is not None:
             if kept.numel() == 0:
                 break
@@ -134,8 +136,10 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
     completion_ids, logprobs = completion_ids[:, :steps], logprobs[:, :steps]
     completion_mask = _mask_through_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+    # A row's last token was drawn, never fed: its keys and values are the next call's to make.
+    cache = state.row_caches((completion_mask.sum(-1) - 1).tolist()) if keep_cache else None
     return Generation(completion_ids, completion_mask, logprobs * completion_mask, ~ended,
-                      sampling_logprobs[:, :steps] * completion_mask)
+                      sampling_logprobs[:, :steps] * completion_mask, cache=cache)
 
 
 def _prompt_tokens(prompt_ids: Tensor, prompt_mask: Tensor, G: int, vocab_size: int) -> Tensor:
@@ -274,7 +278,8 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
                     strategy: str = "sample", temperature: float = 1.0, top_p: float = 1.0,
                     top_k: int = 0, generator: torch.Generator | None = None,
                     engine: str = "auto", min_p: float = 0.0, repetition_penalty: float = 1.0,
-                    blocked_token_ids: list[int] | None = None) -> Generation:
+                    blocked_token_ids: list[int] | None = None, past: list | None = None,
+                    keep_cache: bool = False) -> Generation:
     """Generate `group_size` completions for each of the P left-padded prompts [P, Lp].
 
     `sample`: i.i.d. samples from softmax(logits / temperature), restricted to the top_k tokens
@@ -294,6 +299,11 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
     `engine`: "auto" decodes Llama-style models on the group decoder (`decoders.GroupDecoder`)
     and others on their own KV cache (`decoders.CacheDecoder`); "plain" forces the latter (the
     reference the tests compare the group decoder with).
+
+    `keep_cache` (sample, group decoder): `Generation.cache` holds each row's keys and values,
+    and `past` gives them back to a later call whose prompts extend those rows (one completion
+    per prompt): only the new tokens are prefilled (`decoders.prefill_after`). The draw is the
+    same as from the whole prompts, up to fp32 rounding of the logits.
 
     The model runs in eval mode (no dropout) and gets its training mode back afterwards.
     """
@@ -343,7 +353,8 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
         if strategy == "sample":
             return _sample(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
                            pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto",
-                           min_p=min_p, blocked=blocked, repetition_penalty=repetition_penalty)
+                           min_p=min_p, blocked=blocked, repetition_penalty=repetition_penalty, past=past,
+                           keep_cache=keep_cache)
         if strategy == "stochastic_beam":
             return stochastic_beam(model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids,
                                    pad_token_id, temperature, top_p, top_k, generator, fast=engine == "auto",
