@@ -731,3 +731,10 @@ def test_later_turns_continue_from_the_kept_cache_and_draw_what_a_whole_prefill_
     for kept, whole in zip(runs["kept"], runs["whole"]):
         assert kept.completion_ids == whole.completion_ids and kept.loss_mask == whole.loss_mask
         torch.testing.assert_close(torch.tensor(kept.logprobs), torch.tensor(whole.logprobs), atol=1e-5, rtol=0)
+    # Under autocast (keys and values in two dtypes) every turn prefills its whole context.
+    read.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        episodes = run_episodes(tok, prompts, backend_generate(LocalBackend(model, tok), tok, params,
+                                                               torch.Generator().manual_seed(0)),
+                                environments=Echo, max_turns=4, max_completion_length=96)
+    assert not read and max(ep.turns for ep in episodes) >= 2

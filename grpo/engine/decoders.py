@@ -46,6 +46,12 @@ def prefill(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, prompt_
     return _forward(model, kwarg, logits_to_keep, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), None)
 
 
+def keeps_caches(prompt_ids: Tensor) -> bool:
+    """Whether kept keys and values can be continued here: not under autocast, whose prefill
+    leaves keys and values in two dtypes (the kept ones are in one)."""
+    return not torch.is_autocast_enabled(prompt_ids.device.type)
+
+
 def prefill_after(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, prompt_mask: Tensor, past: list):
     """The prompts' forward pass where an earlier call already read the first tokens of some rows:
     `past[i]` (None, or per layer the keys and values of row i's first n tokens, as
@@ -88,7 +94,7 @@ def start(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens
     Returns (state, logits [P*G, V] predicting the first completion token, next_pos [P*G, 1]).
     `fast`: the group decoder when the model is supported, else the plain cache decoder.
     `past`: kept keys and values of the rows' first tokens (prefill_after); used on the group
-    decoder at G = 1, ignored otherwise (the whole prompts are prefilled).
+    decoder at G = 1 outside autocast, ignored otherwise (the whole prompts are prefilled).
     """
     kwarg, keep = cache_kwarg(model), supports_logits_to_keep(model)
     # The next token of each row sits right after its last real token: position = its length.
@@ -96,7 +102,7 @@ def start(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens
     # Positions used: up to the longest prompt plus max_new_tokens (a sliding window at least that
     # long never hides a key).
     group = fast and supported(model, prompt_ids.shape[1] + max_new_tokens)
-    if group and G == 1 and past is not None and any(p is not None for p in past):
+    if group and G == 1 and past is not None and any(p is not None for p in past) and keeps_caches(prompt_ids):
         logits, cache, prompt_mask = prefill_after(model, kwarg, keep, prompt_ids, prompt_mask, past)
     else:
         logits, cache = prefill(model, kwarg, keep, prompt_ids, prompt_mask)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decoders import GroupDecoder, start
+from .decoders import GroupDecoder, keeps_caches, start
 from .models import model_device
 from .sequences import (Generation, filter_logits, filters_on,  # Generation, filter_logits: also imported from here
                         penalize_repetition)
@@ -92,7 +92,7 @@ def _sample(model, prompt_ids, prompt_mask, G, max_new_tokens, eos_ids, pad_toke
     N = prompt_ids.shape[0] * G
     state, logits, next_pos = start(model, prompt_ids, prompt_mask, G, max_new_tokens, fast, past)
     # Rows are kept to the end, so their keys and values can be read out (ended ones ride along).
-    keep_cache = keep_cache and isinstance(state, GroupDecoder)
+    keep_cache = keep_cache and isinstance(state, GroupDecoder) and keeps_caches(prompt_ids)
 
     completion_ids = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
@@ -300,7 +300,7 @@ def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_siz
     and others on their own KV cache (`decoders.CacheDecoder`); "plain" forces the latter (the
     reference the tests compare the group decoder with).
 
-    `keep_cache` (sample, group decoder): `Generation.cache` holds each row's keys and values,
+    `keep_cache` (sample, group decoder, no autocast): `Generation.cache` holds each row's keys and values,
     and `past` gives them back to a later call whose prompts extend those rows (one completion
     per prompt): only the new tokens are prefilled (`decoders.prefill_after`). The draw is the
     same as from the whole prompts, up to fp32 rounding of the logits.
