@@ -58,8 +58,9 @@ MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, m
 # holds 64 problems (32 put a quarter within a few lucky episodes).
 WARM = dict(steps=1000, batch_size=32, learning_rate=3e-3, target=0.25, every=5, probe=64)
 # Sampling at temperature 0.5: a half-trained copier sampled at 1 rarely gets every digit of a
-# call and an answer right, so nearly all its groups tie at 0 and teach nothing.
-GRPO = dict(max_steps=200, prompts_per_step=8, group_size=8, max_completion_length=128, max_turns=3,
+# call and an answer right, so nearly all its groups tie at 0 and teach nothing. A warm start
+# that stops low copies well only after a few hundred steps: 400 leave the slower seeds room.
+GRPO = dict(max_steps=400, prompts_per_step=8, group_size=8, max_completion_length=128, max_turns=3,
             learning_rate=3e-4, warmup_steps=5, lr_scheduler="constant", temperature=0.5, beta=0.0,
             micro_batch_size=64, logging_steps=5, eval_steps=0, samples_steps=0, save_steps=0,
             tools=["grpo.recipes.calculator:multiply"],
