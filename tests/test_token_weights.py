@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo.algorithm import (POLICY_LOSSES, entropy_threshold, group_advantages, high_entropy_mask, policy_loss,
-                            truncated_is_weights)
+                            sampler_mismatch, truncated_is_weights)
 from test_algorithm import SHAPES, close, random_batch, t
 
 
@@ -131,3 +131,14 @@ def test_entropy_selection_keeps_the_normaliser_and_zeroes_other_tokens():
     # token_mean at one update: L_t = -A_i; the loss is the kept tokens' sum over ALL tokens.
     expected = -(torch.where(keep, A[:, None].expand_as(keep), 0.0)).sum() / b.mask.sum()
     assert close(part[0], expected, 1e-12)
+
+
+def test_sampler_mismatch_by_hand():
+    """Mean log pi_sampler - log pi_old and the capped tokens, over valid tokens only."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 9.0]])
+    samp = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    w = truncated_is_weights(old, samp, mask, "token", cap=1.5)
+    # ratios exp(old - samp): e^0.5 = 1.65 (capped), e^-1, 1, e^-2.5, 1; the masked 9 vs -9 never counts.
+    diff, capped = sampler_mismatch(old, samp, w, mask, cap=1.5)
+    assert math.isclose(diff, (-0.5 + 1.0 + 0.0 + 2.5 + 0.0), abs_tol=1e-6) and capped == 1.0

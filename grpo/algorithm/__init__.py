@@ -25,7 +25,7 @@ from .policy_losses import (POLICY_LOSSES, RATIO_LEVELS, Surrogate, clipped_surr
 from .preference import bradley_terry_loss, plackett_luce_loss
 from .process import StepRewards, process_advantages
 from .ranks import centred_ranks, mean_ranks, tiers_to_scores
-from .token_weights import (OFF_POLICY_CORRECTIONS, entropy_threshold, high_entropy_mask,
+from .token_weights import (OFF_POLICY_CORRECTIONS, entropy_threshold, high_entropy_mask, sampler_mismatch,
                             truncated_is_weights)
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "bradley_terry_loss", "centred_ranks", "clipped_surrogate", "compute_advantages", "entropy_threshold",
     "group_advantages", "high_entropy_mask", "importance_ratio", "kl_penalised_rewards", "kl_penalty", "loss_mask",
     "mean_ranks", "plackett_luce_loss", "policy_loss", "process_advantages", "register_adv_est",
-    "register_policy_loss", "StepRewards", "tiers_to_scores", "truncated_is_weights", "zero_variance_groups",
+    "register_policy_loss", "sampler_mismatch", "StepRewards", "tiers_to_scores", "truncated_is_weights",
+    "zero_variance_groups",
 ]

@@ -54,6 +54,17 @@ def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: T
     return torch.where(valid, weights, 1.0).detach()
 
 
+def sampler_mismatch(old_logprobs: Tensor, sampler_logprobs: Tensor, is_weights: Tensor, mask: Tensor,
+                     cap: float) -> tuple[float, float]:
+    """(sum of l^samp_t - l^old_t, number of tokens whose weight the cap C truncated), over the
+    valid tokens: how far the sampling engine is from the trainer, per step, as TRL's
+    sampling/importance_sampling_ratio and verl's rollout-correction metrics watch it."""
+    valid = mask.bool()
+    diff = torch.where(valid, sampler_logprobs - old_logprobs, 0.0).sum()
+    capped = (valid & (is_weights >= cap)).sum()
+    return float(diff), float(capped)
+
+
 def entropy_threshold(population: Tensor, rho: float) -> Tensor:
     """tau = the (1 - rho)-quantile of the entropies in `population` (1-D: the valid tokens of the
     whole optimizer batch over every process), linearly interpolated (torch.quantile's default,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from grpo.algorithm import (ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, OFF_POLICY_CORRECTIONS, POLICY_LOSSES,
                             RATIO_ANCHORS, RATIO_LEVELS)
 from grpo.engine.backend import ROLLOUT_BACKENDS
+from grpo.engine import vllm_backend  # noqa: F401  registers rollout_backend: vllm (vLLM itself loads lazily)
 from grpo.engine.generation import STRATEGIES
 from grpo.errors import ConfigError
 
@@ -234,7 +235,8 @@ class TrainConfig(LoopConfig):
         "data": ("eval_dataset", "dataset_test_split", "shuffle_dataset"),
         "generation": ("prompts_per_step", "group_size", "generation", "rollout_backend", "max_completion_length",
                        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
-                       "dynamic_sampling", "max_generation_rounds"),
+                       "dynamic_sampling", "max_generation_rounds", "vllm_gpu_memory_utilization",
+                       "vllm_max_model_len", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size"),
         "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl",
                     "step_delimiter", "step_splitter"),
         "agents": ("tools", "environment_factory", "rollout_func", "max_turns", "tool_timeout",
@@ -284,8 +286,10 @@ class TrainConfig(LoopConfig):
     one beam search, the seed's reading; deterministic) or `stochastic_beam` (G distinct samples
     without replacement, Kool et al. 2019)."""
     rollout_backend: str = "local"
-    """The engine that generates (registered in grpo.engine.backend); `local` samples the training
-    model itself."""
+    """The engine that generates (registered in grpo.engine.backend): `local` samples the training
+    model itself; `vllm` runs vLLM's engine in the training process on a copy of the policy,
+    synced after every optimizer step (TRL's use_vllm with vllm_mode colocate; docs/vllm.md).
+    With vllm, off_policy_correction defaults to token and off_policy_cap to TRL's 3."""
     max_completion_length: int = 256
     """Tokens per completion at most; a completion without EOS by then is "truncated"."""
     temperature: float = 1.0
@@ -310,6 +314,21 @@ class TrainConfig(LoopConfig):
     max_generation_rounds: int = 4
     """With dynamic_sampling: generation calls per step at most, each of at most prompts_per_step
     prompts; a batch still short after them is topped up with tied groups (logged)."""
+
+    vllm_gpu_memory_utilization: float = 0.3
+    """rollout_backend vllm: the share of the GPU's memory vLLM takes for its weights and KV cache
+    (TRL's default for colocate is 0.3: the trainer needs the rest). On a CPU the KV cache is sized
+    for one step's sequences instead."""
+    vllm_max_model_len: int = 0
+    """rollout_backend vllm: prompt + completion tokens per sequence at most; 0: the model's own
+    maximum. Smaller values leave more room for the KV cache."""
+    vllm_enable_sleep_mode: bool = False
+    """rollout_backend vllm: free vLLM's KV cache and offload its weights after each rollout, and
+    wake it before the next one, so the update has the memory (GPU only: vLLM has no sleep mode on
+    a CPU)."""
+    vllm_tensor_parallel_size: int = 1
+    """rollout_backend vllm: GPUs one engine is split over; only 1 (one engine per training
+    process) is supported yet."""
 
     # ---- rewards
     rewards: list = field(default_factory=lambda: [])
@@ -478,6 +497,10 @@ class TrainConfig(LoopConfig):
     def expand(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
         """TRL's spellings (grpo.config.trl), then the preset's bundle under the user's own keys."""
         values = translate_train_keys(values, source)
+        if values.get("rollout_backend") == "vllm" and values.get("generation", "sample") == "sample":
+            # Another engine's numerics: correct towards the distribution tokens were drawn from
+            # (truncated importance sampling, TRL's default cap for its vLLM correction).
+            values = {"off_policy_correction": "token", "off_policy_cap": 3.0, **values}
         preset = values.get("preset", "grpo")
         if preset not in PRESETS:
             raise ConfigError(f"{source}: preset: {preset!r} is not one of {', '.join(PRESETS)}")
@@ -569,6 +592,35 @@ class TrainConfig(LoopConfig):
         self.validate_process(bad)
         self.validate_groups_that_teach(bad)
         self.validate_trl_options(bad)
+        self.validate_vllm(bad)
+
+    def validate_vllm(self, bad) -> None:
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        at_least(self, bad, 0, "vllm_max_model_len")
+        at_least(self, bad, 1, "vllm_tensor_parallel_size")
+        if self.rollout_backend != "vllm":
+            return
+        if self.vllm_tensor_parallel_size != 1:
+            bad("vllm_tensor_parallel_size", "a colocated vLLM engine runs on its training process's own device; "
+                                             "tensor parallelism across the processes is not supported yet (use 1)")
+        if self.vllm_max_model_len and self.vllm_max_model_len < self.max_prompt_length + self.max_completion_length:
+            bad("vllm_max_model_len", f"must hold max_prompt_length + max_completion_length = "
+                                      f"{self.max_prompt_length + self.max_completion_length} tokens, got "
+                                      f"{self.vllm_max_model_len} (0: the model's own maximum)")
+        if self.generation != "sample":
+            bad("generation", f"{self.generation} is not available with rollout_backend: vllm: vLLM's beam search "
+                              f"keeps the best of a candidate list, not this package's exact beams, and has no "
+                              f"sampling without replacement; use generation: sample (or rollout_backend: local)")
+        if self.fsdp:
+            bad("fsdp", "rollout_backend: vllm with fsdp is not supported yet: the sharded policy would have to be "
+                        "gathered layer by layer into each process's engine, which is not built or tested")
+        if self.peft.get("quantization") is not None:
+            bad("peft.quantization", "rollout_backend: vllm syncs merged float weights; a 4-bit base would have to "
+                                     "be dequantized first, which is not supported yet")
+        if self.reward_kl_coef:
+            bad("reward_kl_coef", "the KL in the reward needs the trainer's log-probs of every generated token, "
+                                  "and rollout_backend: vllm returns the sampler's; use beta (the KL in the loss)")
 
     @property
     def agent(self) -> bool:

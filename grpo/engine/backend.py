@@ -128,5 +128,6 @@ class LocalBackend:
         self.model = model  # the same parameters the optimizer stepped: nothing to copy
 
 
-def make_backend(name: str, model, tokenizer) -> RolloutBackend:
-    return ROLLOUT_BACKENDS.get(name)(model, tokenizer)
+def make_backend(name: str, model, tokenizer, **options) -> RolloutBackend:
+    """The backend registered as `name` on `model`; `options` are its own settings (vLLM's engine)."""
+    return ROLLOUT_BACKENDS.get(name)(model, tokenizer, **options)

@@ -18,6 +18,8 @@ import torch
 from grpo.config import IterativeSpec, TrainConfig, build, to_dict
 from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
+from grpo.engine.vllm_backend import VLLMOptions
+from grpo.errors import ConfigError
 from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.runs.checkpoint import load_weights, save_model
@@ -63,6 +65,19 @@ def train(cfg: TrainConfig | dict, resume: bool = False, quiet: bool = False, ov
         return run_training(cfg, run, inputs, quiet)
 
 
+def backend_options(cfg: TrainConfig, run) -> dict:
+    """The rollout backend's own settings from the config (the local engine has none)."""
+    if cfg.rollout_backend != "vllm":
+        return {}
+    if run.world.size > 1:
+        raise ConfigError("rollout_backend: vllm runs one engine in one training process; under torchrun "
+                          "(WORLD_SIZE > 1) it is not supported yet: use rollout_backend: local")
+    return {"options": VLLMOptions(
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=cfg.vllm_max_model_len,
+        enable_sleep_mode=cfg.vllm_enable_sleep_mode, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        dtype=run.dtype, max_num_seqs=cfg.prompts_per_step * cfg.group_size)}
+
+
 def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
     """The run itself, once its inputs are checked and its directory claimed (`train`)."""
     device, world, precision, out = run.device, run.world, run.precision, run.out
@@ -70,7 +85,7 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
 
     policy, reference = load_models(cfg, run)
     host_memory.configure(cfg, policy, device)  # on a CPU: freed tensors go back to the OS (large models)
-    backend = make_backend(cfg.rollout_backend, policy, tokenizer)
+    backend = make_backend(cfg.rollout_backend, policy, tokenizer, **backend_options(cfg, run))
     # Agent runs: episodes of several turns make the rollout (tools, environments, their threads).
     agent = AgentSetup(*inputs.agent, rollout_func=cfg.rollout_func) if inputs.agent is not None else None
     steps_per_rollout = cfg.num_iterations * cfg.num_minibatches  # optimizer steps

@@ -83,7 +83,8 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
     temperature = logprob_temperature(cfg)
     sums = dict(loss=0.0, policy_loss=0.0, kl_sum=0.0, clip_low_sum=0.0, clip_high_sum=0.0,
                 entropy_sum=0.0, token_count=0.0, grad_norm=0.0, nonfinite_grad_steps=0,
-                pg_token_count=0.0, is_weight_sum=0.0, router_aux_loss=0.0)
+                pg_token_count=0.0, is_weight_sum=0.0, router_aux_loss=0.0, sampler_diff_sum=0.0,
+                capped_count=0.0)
     select = cfg.top_entropy_quantile < 1
     correct = cfg.off_policy_correction != "none"
     sharded = is_sharded(policy)
@@ -130,6 +131,10 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
                     behaviour = logprobs.detach().float() if old is None else old
                     is_weights = algorithm.truncated_is_weights(behaviour, rollout.sampling_logprobs[idx], mask,
                                                                 cfg.off_policy_correction, cfg.off_policy_cap)
+                    diff, capped = algorithm.sampler_mismatch(behaviour, rollout.sampling_logprobs[idx], is_weights,
+                                                              mask, cfg.off_policy_cap)
+                    sums["sampler_diff_sum"] += diff
+                    sums["capped_count"] += capped
                 loss, stats = algorithm.policy_loss(
                     logprobs.float(), old, ref, rollout.advantages[idx], mask,
                     loss_mode=cfg.policy_loss, ratio_level=cfg.ratio_level, ratio_anchor=cfg.ratio_anchor,
@@ -177,6 +182,10 @@ def update(policy, optimizer, scheduler, rollout: Rollout, cfg: TrainConfig, wor
         out["router_aux_loss"] = sums["router_aux_loss"] / steps
     if correct:
         out["is_weight_mean"] = sums["is_weight_sum"] / tokens
+        # Mean log pi_sampler - log pi_old over completion tokens, and the share the cap truncated,
+        # named after the engine that sampled (rollout/vllm_..., rollout/local_...).
+        out[f"rollout/{cfg.rollout_backend}_logprob_diff_mean"] = sums["sampler_diff_sum"] / tokens
+        out[f"rollout/{cfg.rollout_backend}_capped_frac"] = sums["capped_count"] / tokens
     return out
 
 

