@@ -12,6 +12,12 @@ interleaved: matmul, ours, TRL, matmul, ours, TRL, ... so that drift in the mach
 both systems alike. TRL runs from its own virtual environment (`--trl-python`) when its
 dependencies should not touch the main one; `pip install 'grpo[bench]'` puts it next to grpo.
 
+With `--backend vllm` both systems sample with vLLM colocated in the training process: ours with
+`rollout_backend: vllm`, TRL with `use_vllm: true, vllm_mode: colocate` (both need vLLM installed
+in their interpreters). On a GPU:
+
+    python -m bench.bench_vs_trl --device cuda --dtype bfloat16 --sizes qwen0.5b --backend vllm
+
 On a GPU (`--device cuda --dtype bfloat16 --sizes qwen0.5b`, a Qwen2-0.5B-shaped model): both
 systems keep float32 weights and compute under bf16 autocast; the table adds generation tokens/s,
 peak GPU memory and the update phase's model FLOP utilisation (its necessary FLOPs / its time,
@@ -91,13 +97,15 @@ def main(argv=None) -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--backend", default="local", choices=["local", "vllm"],
+                    help="vllm: ours with rollout_backend vllm against TRL with use_vllm, vllm_mode colocate")
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args(argv)
 
     models = build_models(Path(args.models_dir), args.sizes)
     where = ["--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
     common = [*where, "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts),
-              "--group", str(args.group), "--tokens", str(args.tokens)]
+              "--group", str(args.group), "--tokens", str(args.tokens), "--backend", args.backend]
     raw: dict = {}
     for size in args.sizes:
         raw[size] = {"ours": [], "trl": [], "matmul": []}
@@ -120,10 +128,14 @@ def main(argv=None) -> None:
     print(report(raw, models, args))
 
 
+VLLM_NOTE = ", rollouts by vLLM colocated (ours: rollout_backend vllm; TRL: use_vllm, vllm_mode colocate)"
+
+
 def report(raw: dict, models: dict, args) -> str:
     gpu = args.device == "cuda"
     lines = [f"Per optimizer step: {args.prompts} prompts x {args.group} completions, {args.tokens} tokens, "
              f"beta 0.04, {args.dtype} on {args.device}"
+             f"{VLLM_NOTE if args.backend == 'vllm' else ''}"
              f"{'' if gpu else f', {args.threads} threads'}; {args.rounds} interleaved rounds x {args.steps} steps "
              f"after {args.warmup} warm-up steps per round.", "",
              "| model | system | median s/step | min-max | generation | logprobs (ref/old) | update "

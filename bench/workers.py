@@ -40,7 +40,9 @@ def run_ours(args) -> dict:
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
                       num_minibatches=1, micro_batch_size=args.prompts * args.group, learning_rate=1e-6,
                       max_prompt_length=4096, dtype=args.dtype, device=args.device, num_threads=args.threads,
-                      generation=args.generation,
+                      generation=args.generation, rollout_backend=args.backend,
+                      # With vLLM sampling, what `grpo train` defaults to: TRL's truncated correction.
+                      **({"off_policy_correction": "token", "off_policy_cap": 3.0} if args.backend == "vllm" else {}),
                       rewards=[{"function": "exact_answer"}])
     # As `grpo train` sets them up: float32 weights, forwards in cfg.dtype (grpo.runtime.precision).
     device = pick_device(cfg.device)
@@ -53,6 +55,13 @@ def run_ours(args) -> dict:
     rewards = [Reward(name="exact_answer", fn=exact_answer, weight=1.0)]
     generator = torch.Generator(device=device).manual_seed(0)
     rows = workload_rows(args)
+    backend = None
+    if args.backend == "vllm":  # as grpo train starts it (grpo.train.loop.backend_options)
+        from grpo.engine.backend import make_backend
+        from grpo.engine.vllm_backend import VLLMOptions
+        backend = make_backend("vllm", policy, tokenizer, options=VLLMOptions(
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=precision.dtype,
+            max_num_seqs=args.prompts * args.group))
 
     import grpo.engine.backend
     import grpo.engine.decoders
@@ -80,9 +89,12 @@ def run_ours(args) -> dict:
         batch = [rows[(step * args.prompts + i) % len(rows)] for i in range(args.prompts)]
         timings["prefill"] = 0.0
         t0 = clock(device)
-        rollout = collect_rollout(policy, reference, tokenizer, batch, rewards, cfg, generator, precision=precision)
+        rollout = collect_rollout(policy, reference, tokenizer, batch, rewards, cfg, generator, precision=precision,
+                                  backend=backend)
         t1 = clock(device)
         update(policy, optimizer, scheduler, rollout, cfg, world, generator, precision)
+        if backend is not None:
+            backend.sync_weights(policy)  # part of the update: every step ends with the engine in sync
         t2 = clock(device)
         if step >= args.warmup:
             steps.append(dict(total=t2 - t0, generation=rollout.timings["generate"],
@@ -148,8 +160,11 @@ def run_trl(args) -> dict:
         gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.tokens,
         beta=0.04, num_iterations=1, temperature=1.0, learning_rate=1e-6, max_steps=total,
         logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        seed=0, loss_type="grpo", scale_rewards="group", use_vllm=False, shuffle_dataset=False,
+        seed=0, loss_type="grpo", scale_rewards="group", shuffle_dataset=False,
         **trl_version_kwargs(args),
+        # --backend vllm: TRL's own vLLM, colocated in the training process, as ours.
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+           if args.backend == "vllm" else dict(use_vllm=False)),
         # Same work as ours with --full-length: no EOS before max_completion_length.
         **({"generation_kwargs": {"min_new_tokens": args.tokens}} if args.full_length else {}))
     trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config, train_dataset=dataset,
@@ -161,6 +176,9 @@ def run_trl(args) -> dict:
     # excluded from the log-prob bucket.
     timer = _Timer(torch.device(args.device))
     trainer.model.generate = timer.wrap("generation", trainer.model.generate)
+    llm = getattr(trainer, "llm", None) or getattr(getattr(trainer, "vllm_generation", None), "llm", None)
+    if llm is not None:  # use_vllm colocate: TRL's engine generates
+        llm.generate = timer.wrap("generation", llm.generate)
     lp_name = "_get_per_token_logps_and_entropies" if hasattr(trainer, "_get_per_token_logps_and_entropies") \
         else "_get_per_token_logps"
     setattr(trainer, lp_name, timer.wrap("logprobs", getattr(trainer, lp_name)))
@@ -237,6 +255,9 @@ def main(argv=None) -> None:
                     help="compute dtype (weights stay float32 in both systems)")
     ap.add_argument("--trl-weights", default="float32", choices=["float32", "bfloat16"],
                     help="trl: the dtype its model (and so its reference) is loaded in")
+    ap.add_argument("--backend", default="local", choices=["local", "vllm"],
+                    help="rollouts by the local engine, or by vLLM colocated (ours: rollout_backend; trl: use_vllm)")
+    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--full-length", action="store_true",
                     help="no early EOS: every completion is --tokens long (both systems)")
     args = ap.parse_args(argv)
