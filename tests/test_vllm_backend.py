@@ -220,6 +220,46 @@ def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_
         assert torch.equal(a[k], b[k]), k
 
 
+def two_turns(prompts, trainer):
+    """A rollout_func of two model turns around a fixed environment reply, whatever the model writes."""
+    from grpo.agents import Episode
+
+    tok = trainer.processing_class
+    contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    reply = tok("=", add_special_tokens=False)["input_ids"]
+    first = trainer.generate(contexts, 3)
+    second = trainer.generate([c + a.token_ids + reply for c, a in zip(contexts, first)], 3)
+    episodes = []
+    for c, a, b in zip(contexts, first, second):
+        n, m, r = len(a.token_ids), len(b.token_ids), len(reply)
+        episodes.append(Episode(
+            prompt_ids=c, completion_ids=a.token_ids + reply + b.token_ids, loss_mask=[1] * n + [0] * r + [1] * m,
+            logprobs=a.logprobs + [0.0] * r + b.logprobs, turns=2,
+            sampling_logprobs=a.sampling_logprobs + [0.0] * r + b.sampling_logprobs))
+    return episodes
+
+
+def test_multi_turn_episodes_sample_each_turn_through_vllm(engine, tiny_model_dir, addition_files, tmp_path):
+    from grpo.train.loop import train
+
+    from conftest import model_with_chat_template
+
+    # The same weights as the engine's model, with a chat template (agent runs render with one).
+    model = model_with_chat_template(tiny_model_dir, tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                     "{% if add_generation_prompt %}={% endif %}")
+    rows = [json.loads(line) for line in open(addition_files["train"])][:8]
+    cfg = build(TrainConfig, dict(model=str(model), dataset=rows, rollout_func=two_turns, rollout_backend="vllm",
+                                  rewards=[{"function": "answer_distance"}], prompts_per_step=2, group_size=2,
+                                  max_completion_length=8, max_prompt_length=16, max_steps=2, learning_rate=1e-3,
+                                  output_dir=str(tmp_path / "run"), model_card=False, save_steps=0), "test")
+    out = train(cfg, quiet=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["agent/turns"] == 2.0
+        assert 0 < line["rollout/vllm_logprob_diff_mean"] < 0.2  # the sampler's own log-probs reached the update
+
+
 # ---- the config: what this backend changes and what it refuses (no engine needed).
 
 def cfg(**kw):
