@@ -201,7 +201,7 @@ def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_
     lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3]
     for line in lines:
-        assert line["is_weight_mean"] > 0  # the correction is on by default with this backend
+        assert line["loss/is_weight_mean"] > 0  # the correction is on by default with this backend
         # Same float32 weights: what is left is the padding the sampler blocked, whose mass its
         # renormalised distribution gives the other tokens (log pi_sampler > log pi_old).
         assert 0 < line["rollout/vllm_logprob_diff_mean"] < 0.2
@@ -256,7 +256,7 @@ def test_multi_turn_episodes_sample_each_turn_through_vllm(engine, tiny_model_di
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     for line in lines:
-        assert line["agent/turns"] == 2.0
+        assert line["rollout/agent/turns"] == 2.0
         assert 0 < line["rollout/vllm_logprob_diff_mean"] < 0.2  # the sampler's own log-probs reached the update
 
 
