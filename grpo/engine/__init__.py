@@ -2,6 +2,7 @@
 
 - `models`: loading models and tokenizers, device and dtype, dropout off, activation checkpointing
 - `backend`: `RolloutBackend` (generate, sync_weights, stop_token_ids) and the `local` implementation
+- `vllm_backend`: `rollout_backend: vllm`, vLLM's engine in this process on a synced copy of the policy
 - `generation`: sampling and exact beam search of G completions per prompt
 - `decoders`: the decode states (the model's own KV cache; the group decoder with one prompt KV
   per group for Llama-style models)
