@@ -417,10 +417,11 @@ class TrainConfig(LoopConfig):
     off_policy_correction: str = "none"
     """Truncated importance sampling from the distribution completions were drawn from (with its
     top_k/top_p) to the trainer's pi_old: none, token (a weight per token) or sequence (one per
-    completion). generation: sample only."""
+    completion). generation: sample only. Default: none, or token with rollout_backend vllm."""
     off_policy_cap: float = 2.0
     """C in the weight min(pi_old / pi_sampler, C) (verl's rollout_is_threshold; TRL's
-    vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max)."""
+    vllm_importance_sampling_cap, now vllm_importance_sampling_clip_max). Default: 2, or TRL's 3
+    with rollout_backend vllm."""
     top_entropy_quantile: float = 1.0
     """rho: only the top rho of the batch's tokens by entropy get the policy gradient (0.2 in
     "Beyond the 80/20 rule"); 1 keeps every token. Below 1 it needs a per-token surrogate: not
