@@ -17,7 +17,7 @@ import warnings
 # are named after their packages; a library that sets no level of its own follows the root's.
 THIRD_PARTY = ("transformers", "huggingface_hub", "datasets", "torch", "peft", "accelerate", "bitsandbytes",
                "kernels", "safetensors", "tokenizers", "filelock", "fsspec", "urllib3", "httpx", "matplotlib",
-               "PIL", "numexpr")
+               "PIL", "numexpr", "vllm")
 
 
 def quiet_libraries(verbose: bool = False) -> None:
@@ -31,6 +31,7 @@ def quiet_libraries(verbose: bool = False) -> None:
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers first logs
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM sets its logger's level from it at import
     logging.getLogger().setLevel(logging.ERROR)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)

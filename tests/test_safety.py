@@ -185,7 +185,7 @@ def test_what_a_kill_during_a_save_leaves_is_never_resumed(tiny_model_dir, addit
     assert cli("train", "--quiet", "--resume", *train_args(tiny_model_dir, addition_files, out, max_steps=3,
                                                            save_steps=1)) == 0
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in l]
-    assert [l["step"] for l in lines if "loss" in l] == [2, 3]  # continued after checkpoint-1
+    assert [l["step"] for l in lines if "loss/total" in l] == [2, 3]  # continued after checkpoint-1
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -186,7 +186,7 @@ def test_lora_is_merged_on_the_fly_under_the_base_names(engine):
 
 
 def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_model_dir, addition_files,
-                                                                    tmp_path):
+                                                                    tmp_path, capfd):
     def run(out, *extra):
         config = tmp_path / f"{out.name}.yaml"
         config.write_text(yaml.safe_dump({
@@ -197,7 +197,12 @@ def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_
         assert main(["train", "--config", str(config), "--quiet", *extra]) == 0
 
     full, part = tmp_path / "full", tmp_path / "part"
+    capfd.readouterr()
     run(full)
+    # --quiet: none of vLLM's log records or progress bars (torch's own C++ warnings are set at its
+    # import, which in this test process came before the command's quiet settings).
+    printed = "".join(capfd.readouterr())
+    assert not [l for l in printed.splitlines() if " INFO " in l or " WARNING " in l or "it/s" in l], printed
     lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3]
     for line in lines:

@@ -170,7 +170,7 @@ class VLLMBackend:
                 enable_sleep_mode=options.enable_sleep_mode, tensor_parallel_size=1,
                 max_num_seqs=options.max_num_seqs,
                 enforce_eager=current_platform.is_cpu(),  # no graph capture to amortise on a CPU
-                enable_prefix_caching=True, disable_log_stats=True, **kwargs)
+                enable_prefix_caching=True, disable_log_stats=True, use_tqdm_on_load=False, **kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         blocked = set(self.blocked_token_ids)
         self.allowed_token_ids = [i for i in range(self.vocab_size) if i not in blocked] if blocked else None
