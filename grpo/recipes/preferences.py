@@ -35,23 +35,29 @@ from grpo.runtime.setup import start_run
 
 
 @torch.no_grad()
-def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool = False,
-                     config_path: str | None = None) -> dict:
-    """Sample the policy on the task's prompts, write preference pairs as JSONL; returns counts."""
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
+def sampling_setup(cfg, overwrite: bool, config_path: str | None):
+    """What every command that labels a policy's own samples does first: claim the output file
+    (never over an input), read and check the prompts, draw `num_prompts` of them (seeded), and
+    load the tokenizer. Returns (run, rows, rng, tokenizer)."""
     check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset, "model": cfg.model,
                                                      "config": config_path or ""}, overwrite=overwrite)
-    task = TASKS[cfg.task]
     run = start_run(cfg)
     rows = load_rows(cfg.dataset)
     require_columns(rows, [cfg.prompt_column, cfg.answer_column], cfg.dataset)
     rng = random.Random(cfg.seed)
     if cfg.num_prompts:
         rows = rng.sample(rows, min(cfg.num_prompts, len(rows)))
-
     check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
+    return run, rows, rng, load_tokenizer(cfg.model)
+
+
+def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool = False,
+                     config_path: str | None = None) -> dict:
+    """Sample the policy on the task's prompts, write preference pairs as JSONL; returns counts."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task: {cfg.task!r} is not one of {', '.join(TASKS)}")
+    task = TASKS[cfg.task]
+    run, rows, rng, tokenizer = sampling_setup(cfg, overwrite, config_path)
     backend = LocalBackend(load_causal_lm(cfg.model, run.device, run.dtype, trainable=False), tokenizer)
     params = SamplingParams(group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_completion_length,
                             strategy="sample", temperature=cfg.temperature, top_p=1.0, top_k=0)

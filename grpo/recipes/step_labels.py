@@ -16,19 +16,18 @@ labels), which `grpo reward-model train --kind process` reads.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
 
 from grpo.config import StepLabelConfig
-from grpo.data import decode_completions, format_prompt, load_rows, require_columns, tokenize_prompts
+from grpo.data import decode_completions, format_prompt, tokenize_prompts
 from grpo.data.steps import delimiter_ends, step_texts
 from grpo.engine.backend import LocalBackend, SamplingParams
-from grpo.engine.models import check_model_source, load_causal_lm, load_tokenizer
+from grpo.engine.models import load_causal_lm
 from grpo.rewards.functions import load_function
-from grpo.runs.run_dir import check_output_file
-from grpo.runtime.setup import start_run
+
+from .preferences import sampling_setup
 
 
 def step_label(verdicts: list[float], estimate: str) -> float | bool:
@@ -41,17 +40,8 @@ def make_step_labels(cfg: StepLabelConfig, quiet: bool = False, overwrite: bool 
                      config_path: str | None = None, backend=None) -> dict:
     """Sample, cut into steps, roll out from every step, write labelled rows; returns counts.
     `backend` (tests) generates in place of the model's local engine."""
-    check_output_file(Path(cfg.output_file), inputs={"dataset": cfg.dataset, "model": cfg.model,
-                                                     "config": config_path or ""}, overwrite=overwrite)
     verifier = load_function(cfg.verifier)
-    run = start_run(cfg)
-    rows = load_rows(cfg.dataset)
-    require_columns(rows, [cfg.prompt_column, cfg.answer_column], cfg.dataset)
-    rng = random.Random(cfg.seed)
-    if cfg.num_prompts:
-        rows = rng.sample(rows, min(cfg.num_prompts, len(rows)))
-    check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
+    run, rows, rng, tokenizer = sampling_setup(cfg, overwrite, config_path)
     if backend is None:
         backend = LocalBackend(load_causal_lm(cfg.model, run.device, run.dtype, trainable=False), tokenizer)
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)

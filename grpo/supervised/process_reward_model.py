@@ -102,18 +102,25 @@ def step_accuracy(model, examples: list[StepExample], pad: int, device, batch_si
     return {"eval_step_accuracy": right / max(total, 1), "eval_good_fraction": good / max(total, 1)}
 
 
+def start_reward_model_run(cfg: RewardModelConfig, overwrite: bool, config_path: str | None):
+    """Claim the output directory (never over an input of the run), check the base model and load
+    its tokenizer: what every kind of reward-model training does first. Returns (run, tokenizer,
+    the run's inputs, which the later claim of the directory protects too)."""
+    run = start_run(cfg)
+    paths = {"config": config_path or "", "model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
+    check_output_dir(run.out, inputs=paths, resume=False, overwrite=overwrite)
+    check_model_source(cfg.model)
+    return run, load_tokenizer(cfg.model), paths
+
+
 def train_process_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: bool = False,
                                config_path: str | None = None) -> dict:
     """Train a PRM on `cfg.dataset` (TRL's PRM format), evaluate step accuracy, save. Returns the summary."""
     from transformers import AutoModelForTokenClassification
 
     log = (lambda *a: None) if quiet else print
-    run = start_run(cfg)
+    run, tokenizer, paths = start_reward_model_run(cfg, overwrite, config_path)
     out = run.out
-    paths = {"config": config_path or "", "model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
-    check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
     load = dict(tokenizer=tokenizer, separator=cfg.step_separator, max_length=cfg.max_length,
                 prompt_column=cfg.prompt_column)
     examples = load_step_rows(cfg.dataset, **load)

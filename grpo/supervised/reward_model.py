@@ -35,7 +35,7 @@ import torch
 from grpo.algorithm import bradley_terry_loss, plackett_luce_loss
 from grpo.config import RewardModelConfig, RewardModelEvalConfig, to_dict
 from grpo.data import DataError, PromptSampler, format_prompt, load_rows, require_columns
-from grpo.engine.models import check_model_source, load_tokenizer
+from grpo.engine.models import check_model_source
 from grpo.errors import ConfigError, RewardError, RunError
 from grpo.observe.metrics import SUPERVISED
 from grpo.observe.progress import SUPERVISED_FIELDS
@@ -44,9 +44,11 @@ from grpo.rewards.models import completion_text, load_reward_model, score_batche
 from grpo.rewards.preferences import evaluate_pairs, load_preferences, pair_scores
 from grpo.rewards.rankings import evaluate_rankings, is_ranking_file, load_rankings, ranking_scores
 from grpo.runs.interrupts import Interrupted, StopRequests
-from grpo.runs.run_dir import check_output_dir, check_output_file, claim_output_dir, publish, staging_dir
+from grpo.runs.run_dir import check_output_file, claim_output_dir, publish, staging_dir
 from grpo.runtime.optim import make_optimizer, make_scheduler
 from grpo.runtime.setup import start_run
+
+from .process_reward_model import start_reward_model_run
 
 
 def save_reward_model(rm, out: Path) -> None:
@@ -128,12 +130,8 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False, overwrite: b
         from .process_reward_model import train_process_reward_model
         return train_process_reward_model(cfg, quiet, overwrite, config_path)
     log = (lambda *a: None) if quiet else print
-    run = start_run(cfg)
+    run, tokenizer, paths = start_reward_model_run(cfg, overwrite, config_path)
     out = run.out
-    paths = {"config": config_path or "", "model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    check_output_dir(out, inputs=paths, resume=False, overwrite=overwrite)
-    check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
     pairs = load_feedback(cfg, cfg.dataset, tokenizer, log)
     if cfg.eval_dataset:
         eval_pairs = load_feedback(cfg, cfg.eval_dataset, tokenizer, log)
