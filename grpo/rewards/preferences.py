@@ -80,10 +80,7 @@ def load_preferences(path: str, tokenizer, *, prompt_column="prompt", chosen_col
         m = row.get(margin_column)
         pairs.append(Pair(prompt, completion_text(row[chosen_column]), completion_text(row[rejected_column]),
                           0.0 if m in (None, "") else float(m), where))
-    for line in bad[:20]:
-        log(f"skipping bad preference row {line}")
-    if len(bad) > 20:
-        log(f"... and {len(bad) - 20} more bad rows")
+    log_skipped(bad, "preference", log)
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs: all {len(rows)} rows are bad "
                         f"(first: {bad[0]}). Each row needs non-empty {prompt_column!r}, "
@@ -178,3 +175,11 @@ def pairs_from_labels(prompt: str, completions: list[str], labels: list[float], 
     candidates = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1:] if best[a] != best[b]]
     chosen = rng.sample(candidates, min(max_pairs, len(candidates)))
     return [Pair(prompt, a, b, 0.0, where) if best[a] > best[b] else Pair(prompt, b, a, 0.0, where) for a, b in chosen]
+
+
+def log_skipped(bad: list[str], kind: str, log) -> None:
+    """Say which rows of a feedback file were skipped and why: the first 20, then a count."""
+    for line in bad[:20]:
+        log(f"skipping bad {kind} row {line}")
+    if len(bad) > 20:
+        log(f"... and {len(bad) - 20} more bad rows")

@@ -18,6 +18,7 @@ from grpo.algorithm import plackett_luce_loss
 from grpo.data import DataError, format_prompt, is_messages, load_rows
 
 from .models import completion_text
+from .preferences import log_skipped
 
 
 @dataclass
@@ -106,10 +107,7 @@ def load_rankings(path: str, tokenizer, *, prompt_column="prompt", completions_c
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         rankings.append(Ranking(prompt, *parsed, where))
-    for line in bad[:20]:
-        log(f"skipping bad ranking row {line}")
-    if len(bad) > 20:
-        log(f"... and {len(bad) - 20} more bad rows")
+    log_skipped(bad, "ranking", log)
     if not rankings:
         raise DataError(f"{path}: no usable rankings: all {len(rows)} rows are bad (first: {bad[0]}). Each row "
                         f"needs a non-empty {prompt_column!r} and {completions_column!r}: at least 2 distinct "
