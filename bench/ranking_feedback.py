@@ -9,10 +9,11 @@ Plackett-Luce reward model (likelihood + NLL) and its GRPO run on sampled groups
 Then, at an equal labelling budget (the same 8 samples of each prompt, drawn again with the same
 seed and generator, every one judged once), the pipeline's correct-vs-wrong pairs instead, and
 
-1. a Bradley-Terry reward model of the same kind and settings on the pairs; both reward models'
-   held-out correct-vs-wrong accuracy (every (right, wrong) pair of the held-out rankings),
-   Kendall's tau-b and top-1 accuracy on the held-out rankings;
-2. GRPO on the Bradley-Terry reward model with the pipeline's settings (sampled groups, iterative
+1. a Bradley-Terry reward model of the same kind and settings on the pairs, and both feedbacks
+   again as a score head (`kind: score_head`: a fresh linear head on the warm policy, no NLL
+   term); every reward model's held-out correct-vs-wrong accuracy (every (right, wrong) pair of
+   the held-out rankings), Kendall's tau-b and top-1 accuracy on the held-out rankings;
+2. GRPO on each reward model with the pipeline's settings (sampled groups, iterative
    RL replaying the pairs): true held-out accuracy on 500 problems before, after, and the lowest
    at any evaluation (every 25 steps), beside the pipeline's own run on the Plackett-Luce model;
 3. `advantage_estimator: rank` against `group`: on the exact-answer demo (grpo demo's GRPO stage
@@ -60,17 +61,25 @@ def heldout_metrics(out: Path, rm_dir: Path) -> dict:
     return json.loads(cache.read_text())
 
 
-def bradley_terry_model(out: Path, seed: int) -> Path:
+def reward_model(out: Path, seed: int, feedback: str, kind: str) -> Path:
+    """A reward model of `kind` on the pairs (Bradley-Terry) or the rankings (Plackett-Luce), with
+    the pipeline's settings (cached). The pipeline's own Plackett-Luce likelihood model is reused."""
     from grpo.config import RewardModelConfig, build
-    from grpo.recipes.pipeline import REWARD_MODEL
+    from grpo.recipes.pipeline import RANKING_REWARD_MODEL, REWARD_MODEL
     from grpo.supervised.reward_model import train_reward_model
 
-    directory = out / "rm_bradley_terry"
+    pairs = feedback.startswith("pairs")
+    if not pairs and kind == "likelihood":
+        return out / "reward_model"
+    directory = out / f"rm_{'bradley_terry' if pairs else 'plackett_luce'}{'' if kind == 'likelihood' else '_' + kind}"
+    data = ("pairs_{}.jsonl" if pairs else "preferences_{}.jsonl")
+    settings = {**REWARD_MODEL, **({} if pairs else RANKING_REWARD_MODEL), "kind": kind,
+                "nll_coef": REWARD_MODEL["nll_coef"] if kind == "likelihood" else 0.0}
     if not (directory / "summary.json").exists():
         train_reward_model(build(RewardModelConfig, {
-            "model": str(out / "sft"), "dataset": str(out / "data" / "pairs_train.jsonl"),
-            "eval_dataset": str(out / "data" / "pairs_heldout.jsonl"), "output_dir": str(directory),
-            "seed": seed, **REWARD_MODEL, "report_to": []}), quiet=True, overwrite=True)
+            "model": str(out / "sft"), "dataset": str(out / "data" / data.format("train")),
+            "eval_dataset": str(out / "data" / data.format("heldout")), "output_dir": str(directory),
+            "seed": seed, **settings, "report_to": []}), quiet=True, overwrite=True)
     return directory
 
 
@@ -97,6 +106,9 @@ def grpo(out: Path, seed: int, tag: str, settings: dict) -> dict:
     return result_of(run)
 
 
+FEEDBACKS = ("pairs (BT)", "rankings (PL)")
+
+
 def seconds_to(curve: list, target: float) -> float | None:
     return next((t for t, a in curve if a >= target), None)
 
@@ -111,6 +123,10 @@ def main() -> None:
     p.add_argument("--pipeline-dir", default="runs/seed_ranking_{seed}",
                    help="each seed's `grpo demo --pipeline seed --feedback ranking` output directory")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kinds", nargs="+", default=["likelihood", "score_head"], choices=["likelihood", "score_head"],
+                   help="the reward-model kinds to compare pairs and rankings with")
+    p.add_argument("--no-estimators", dest="estimators", action="store_false",
+                   help="skip the rank-against-group runs")
     p.add_argument("--json", help="write every measurement here")
     args = p.parse_args()
     quiet_libraries()
@@ -127,22 +143,30 @@ def main() -> None:
     for seed in args.seeds:
         out = Path(args.pipeline_dir.format(seed=seed))
         pairs_from_the_same_samples(out, seed)
-        bt = bradley_terry_model(out, seed)
 
         def on(rm: Path, replay: str) -> dict:
             return {**SEED_GRPO, "generation": "sample",
                     "iterative_rl": {**ITERATIVE, "replay_dataset": str(out / "data" / replay)},
                     "rewards": [{"model": str(rm), "name": "reward_model"}, verifier]}
 
-        runs = {"pairs (BT)": (bt, grpo(out, seed, "bt_group", on(bt, "pairs_train.jsonl"))),
-                "rankings (PL)": (out / "reward_model", result_of(out / "sample"))}
-        for feedback, (rm, run) in runs.items():
-            m = heldout_metrics(out, rm)
-            record(part="reward model", seed=seed, feedback=feedback, correct_vs_wrong=m["correct_vs_wrong_accuracy"],
-                   kendall_tau=m["kendall_tau"], top1=m["top1_accuracy"], **run)
+        for kind in args.kinds:
+            for feedback in FEEDBACKS:
+                rm = reward_model(out, seed, feedback, kind)
+                if feedback.startswith("rankings") and kind == "likelihood":
+                    run = result_of(out / "sample")  # the pipeline's own GRPO run on this model
+                else:
+                    tag = f"{'bt' if feedback.startswith('pairs') else 'pl'}_{kind}_group".replace("_likelihood", "")
+                    replay = "pairs_train.jsonl" if feedback.startswith("pairs") else "preferences_train.jsonl"
+                    run = grpo(out, seed, tag, on(rm, replay))
+                m = heldout_metrics(out, rm)
+                record(part="reward model", seed=seed, feedback=feedback, kind=kind,
+                       correct_vs_wrong=m["correct_vs_wrong_accuracy"], kendall_tau=m["kendall_tau"],
+                       top1=m["top1_accuracy"], **run)
+        if not args.estimators:
+            continue
         tasks = {"exact answer": ({**GRPO, "eval_steps": 25, "rewards": [{"function": "exact_answer"}]}, None),
                  "PL reward model + iterative RL": (on(out / "reward_model", "preferences_train.jsonl"),
-                                                    runs["rankings (PL)"][1])}
+                                                    result_of(out / "sample"))}
         for task, (settings, group_run) in tasks.items():
             tag = task.split()[0].lower()
             both = {"group": group_run or grpo(out, seed, f"{tag}_group", settings),
@@ -160,16 +184,18 @@ def _mean(xs):
 
 def tables(results: list[dict], args) -> str:
     lines = [f"seeds {args.seeds}; mean, range in brackets", "",
-             "| feedback | RM correct-vs-wrong | RM Kendall's tau | RM top-1 | GRPO true accuracy before -> after | "
-             "lowest - before (worst seed) |", "|---|---|---|---|---|---|"]
-    for feedback in ("pairs (BT)", "rankings (PL)"):
-        rows = [r for r in results if r["part"] == "reward model" and r["feedback"] == feedback]
-        if rows:
-            after = [r["after"] for r in rows]
-            lines.append(f"| {feedback} | {_mean(r['correct_vs_wrong'] for r in rows):.1%} | "
-                         f"{_mean(r['kendall_tau'] for r in rows):.3f} | {_mean(r['top1'] for r in rows):.1%} | "
-                         f"{_mean(r['before'] for r in rows):.1%} -> {_mean(after):.1%} [{min(after):.1%}, "
-                         f"{max(after):.1%}] | {min(r['lowest'] - r['before'] for r in rows):+.1%} |")
+             "| feedback | reward model | RM correct-vs-wrong | RM Kendall's tau | RM top-1 | "
+             "GRPO true accuracy before -> after | lowest - before (worst seed) |", "|---|---|---|---|---|---|---|"]
+    for kind in dict.fromkeys(r["kind"] for r in results if r["part"] == "reward model"):
+        for feedback in FEEDBACKS:
+            rows = [r for r in results
+                    if r["part"] == "reward model" and (r["feedback"], r["kind"]) == (feedback, kind)]
+            if rows:
+                after = [r["after"] for r in rows]
+                lines.append(f"| {feedback} | {kind} | {_mean(r['correct_vs_wrong'] for r in rows):.1%} | "
+                             f"{_mean(r['kendall_tau'] for r in rows):.3f} | {_mean(r['top1'] for r in rows):.1%} | "
+                             f"{_mean(r['before'] for r in rows):.1%} -> {_mean(after):.1%} [{min(after):.1%}, "
+                             f"{max(after):.1%}] | {min(r['lowest'] - r['before'] for r in rows):+.1%} |")
     lines += ["", "| reward | estimator | true accuracy before -> after | s to group's final accuracy (per seed) | "
               "GRPO s |", "|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in results if r["part"] == "estimator"):
