@@ -239,6 +239,42 @@ def test_an_environment_reward_is_one_more_column(tool_model, tmp_path):
     assert sum(v for k, v in rollout.sampling_stats.items() if k.startswith("agent/tool_errors/")) == 1.0
 
 
+class Multiplier:
+    """A tool environment without a reward of its own: it records the calls made on it."""
+
+    def reset(self, **row):
+        self.calls = []
+
+    def multiply(self, a: int, b: int) -> int:
+        """Multiply two integers.
+
+        Args:
+            a: The first factor.
+            b: The second factor.
+        """
+        self.calls.append((a, b))
+        return a * b
+
+
+def test_reward_functions_that_take_environments_get_each_episodes_instance(tool_model, tmp_path):
+    seen = []
+
+    def calls_made(completions, environments, **_):
+        seen.append(list(environments))
+        return [float(len(env.calls)) for env in environments]
+
+    def no_environments(prompts, completions, answer):  # a function that does not name it is not given it
+        return [0.0] * len(completions)
+
+    rollout, *_ = scripted_rollout(tool_model, tmp_path, tools=[], environment_factory=Multiplier,
+                                   rewards=[calls_made, no_environments])
+    [instances] = seen
+    assert len(instances) == 4 and len({id(e) for e in instances}) == 4  # one instance per episode
+    assert all(e.calls == [(12, 34)] for e in instances)  # as its episode left it
+    assert rollout.rewards_per_function["calls_made"].tolist() == [1.0] * 4
+    assert "Multiplier" not in rollout.rewards_per_function  # no reward of its own
+
+
 def test_train_with_tools_runs_and_logs_the_agent_metrics(tool_model, tmp_path):
     from grpo.train import loop
 

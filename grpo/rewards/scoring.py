@@ -10,7 +10,8 @@ and [{"role": "assistant", "content": text}]) and every dataset column but the p
 its signature takes them (by name or **kwargs), `completion_ids` (each completion's token ids,
 EOS included), `trainer_state` (global_step, max_steps, epoch), `log_metric(name, value)` (a
 scalar averaged over the step into metrics.jsonl and TensorBoard) and `log_extra(column,
-values)` (a column of samples.jsonl and the sample tables). `async def` functions are awaited
+values)` (a column of samples.jsonl and the sample tables); in an agent run with an
+environment class, `environments` (each episode's instance, as its episode left it). `async def` functions are awaited
 concurrently, after the others, as TRL does. A reward model reads the policy's formatted text
 instead (`model_texts`).
 
@@ -82,7 +83,8 @@ from .process_model import ProcessRewardScorer
 
 # The keywords TRL passes besides prompts, completions and the columns; a function gets each one
 # its signature takes. No dataset column may use these names (nor prompts / completions).
-TRL_KEYWORDS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+# `environments`: an agent run's environment instances, one per episode, as they ended it.
+TRL_KEYWORDS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
 RESERVED_COLUMNS = ("prompts", "completions", *TRL_KEYWORDS)
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -499,7 +501,7 @@ def _check_coverage(rewards: list[Reward], per_reward: dict[str, torch.Tensor], 
 def score(rewards: list[Reward], prompts: list, completions: list, columns: dict[str, list],
           timeout: float | None = None, *, completion_ids: list | None = None, trainer_state: Any = None,
           log_metric: Callable | None = None, log_extra: Callable | None = None,
-          model_texts: tuple[list[str], list[str]] | None = None,
+          environments: list | None = None, model_texts: tuple[list[str], list[str]] | None = None,
           group_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total [N] and each reward's unweighted values [N], checked for shape, type and
     range (module docstring).
@@ -512,7 +514,7 @@ def score(rewards: list[Reward], prompts: list, completions: list, columns: dict
     `group_size`: G, how group rewards (grpo.rewards.groups) split the N completions (None: all
     N are one group). While the functions run, `os._exit` is guarded (module docstring)."""
     extras = {"completion_ids": completion_ids, "trainer_state": trainer_state, "log_metric": log_metric,
-              "log_extra": log_extra}
+              "log_extra": log_extra, "environments": environments}
 
     def kwargs_for(r: Reward) -> dict:
         group = {"group_size": group_size} if isinstance(r.fn, GroupReward) else {}

@@ -170,7 +170,8 @@ def score_episodes(setup: AgentSetup, backend: RolloutBackend, tokenizer, rows: 
         total, per_function = score(
             rewards, prompts, conversations, columns, timeout=cfg.reward_timeout,
             completion_ids=[list(e.completion_ids) for e in episodes], trainer_state=trainer_state,
-            log_metric=log.log_metric, log_extra=log.log_extra, model_texts=(texts, completions), group_size=G)
+            log_metric=log.log_metric, log_extra=log.log_extra, model_texts=(texts, completions), group_size=G,
+            environments=[e.environment for e in episodes] if setup.environments is not None else None)
     process = getattr(cfg, "advantage_estimator", "") == "process"
     # Under process the per-turn rewards are steps: the outcome keeps the final reward alone.
     own = [e.final_reward if process and e.turn_rewards else e.reward for e in episodes]
