@@ -5,6 +5,7 @@ model almost never does); the end-to-end runs use a real tiny model and only nee
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -350,6 +351,41 @@ def docs_blocks(language: str) -> list[str]:
     import re
 
     return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), re.DOTALL)
+
+
+def test_a_resume_finds_the_agents_code_unchanged(tool_model, tmp_path):
+    """Tools, the environment class and rollout_func are fingerprinted like reward functions: from
+    Python by their source, from YAML by their file."""
+    from grpo.data import load_source
+    from grpo.runs.inputs import fingerprints
+    from grpo.runs.run_dir import check_resume
+
+    tools = tmp_path / "my_tools.py"
+    tools.write_text(inspect.getsource(multiply))
+    data = load_source(ROWS * 4)
+
+    def found(**over):
+        return fingerprints(config(tool_model, tmp_path / "out", **over), data, None)
+
+    python = found(tools=[multiply], environment_factory=Counter)
+    assert {k for k in python if k.startswith("agent ")} == {
+        f"agent function python:{__name__}.multiply", f"agent function python:{__name__}.Counter"}
+    before = found(tools=[f"{tools}:multiply"])
+    tools.write_text(inspect.getsource(multiply).replace("a * b", "b * a"))
+    after = found(tools=[f"{tools}:multiply"])
+    key = f"agent file {tools}"
+    assert before[key] != after[key]
+    # A checkpoint that recorded the old file refuses the new one; one that recorded no agent code
+    # (made before it was fingerprinted) is not compared on it.
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    for record, refused in ((before, True), ({k: v for k, v in before.items() if k != key}, False)):
+        (checkpoint / "run.json").write_text(json.dumps({"config": {}, "data": record}))
+        if refused:
+            with pytest.raises(Exception, match="belongs to a different run.*agent file"):
+                check_resume(checkpoint, {}, after, allow_changes=False, say=print)
+        else:
+            assert check_resume(checkpoint, {}, after, allow_changes=False, say=print) == {}
 
 
 def test_the_docs_yaml_config_trains_with_its_tool_file(tool_model, tmp_path, monkeypatch):

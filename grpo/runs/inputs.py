@@ -45,8 +45,8 @@ class TrainInputs:
 
 
 def fingerprints(cfg: TrainConfig, data: Source, eval_data: Source | None) -> dict:
-    """What a resumed run must find unchanged besides its config: the data, the reward files and
-    the source of reward functions given from Python."""
+    """What a resumed run must find unchanged besides its config: the data, the reward and agent
+    files, and the source of reward functions, tools, environments and rollout_func given from Python."""
     out = {"dataset": data.fingerprint}
     if eval_data is not None:
         out["eval_dataset"] = eval_data.fingerprint
@@ -55,18 +55,28 @@ def fingerprints(cfg: TrainConfig, data: Source, eval_data: Source | None) -> di
         out["iterative_rl.replay_dataset"] = file_fingerprint(iterative.replay_dataset)
     labeler = [iterative.labeler] if iterative.every else []
     for spec in [*cfg.rewards, *labeler]:
-        function = spec if not isinstance(spec, dict) else spec.get("function", "")
-        if callable(function):
-            try:
-                source = inspect.getsource(function)
-            except (OSError, TypeError):  # defined where no source is kept (a REPL): its name stands for it
-                continue
-            out[f"reward function {qualified_name(function)}"] = f"sha256:{hashlib.sha256(source.encode()).hexdigest()}"
-            continue
-        target = str(function).rsplit(":", 1)[0]
-        if target.endswith(".py") and Path(target).is_file():
-            out[f"reward file {target}"] = file_fingerprint(target)
+        _code_fingerprint(out, "reward", spec if not isinstance(spec, dict) else spec.get("function", ""))
+    # An agent's code decides what its episodes hold: its tools, environment class and rollout_func.
+    for spec in [*cfg.tools, cfg.environment_factory, cfg.rollout_func]:
+        if spec:
+            _code_fingerprint(out, "agent", spec)
     return out
+
+
+def _code_fingerprint(out: dict, kind: str, spec) -> None:
+    """The sha256 of a function's (or class's) source when given from Python, or of its file when
+    named as `file.py:name`; nothing for a module path, or for code defined where no source is kept
+    (a REPL), whose name stands for it."""
+    if callable(spec):
+        try:
+            source = inspect.getsource(spec)
+        except (OSError, TypeError):
+            return
+        out[f"{kind} function {qualified_name(spec)}"] = f"sha256:{hashlib.sha256(source.encode()).hexdigest()}"
+        return
+    target = str(spec).rsplit(":", 1)[0]
+    if target.endswith(".py") and Path(target).is_file():
+        out[f"{kind} file {target}"] = file_fingerprint(target)
 
 
 def model_fingerprint(model: str) -> dict | None:

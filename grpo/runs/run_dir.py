@@ -481,8 +481,10 @@ def check_resume(checkpoint: Path, config: dict, data: dict, allow_changes: bool
     (`inputs.model_fingerprint`); a checkpoint that recorded none is not compared."""
     saved = read_run(checkpoint)
     changes = run_differences(saved["config"], config)
-    changes.update({f"data {k}": (saved.get("data", {}).get(k), v) for k, v in data.items()
-                    if saved.get("data", {}).get(k) != v})
+    recorded = saved.get("data", {})
+    # A checkpoint from before agent code was fingerprinted records none: its config still names it.
+    changes.update({f"data {k}": (recorded.get(k), v) for k, v in data.items()
+                    if recorded.get(k) != v and (k in recorded or not k.startswith("agent "))})
     if model and saved.get("model") and saved["model"] != model:
         changes.update(_model_changes(config.get("model", ""), saved["model"], model))
     if not changes:
