@@ -150,7 +150,7 @@ class CacheDecoder:
 #   per step and layer);
 # - RoPE runs once on q and k together. (The projections stay separate matmuls on the model's
 #   own weights: with q/k/v and gate/up weights concatenated into one matmul each, decoding the
-#   30M benchmark model was ~15% slower on this CPU: wide matmuls at 32 rows run slower per FLOP.)
+#   30M benchmark model was slower on a CPU: wide matmuls at 32 rows run slower per FLOP.)
 # - finished groups are dropped from the batch (a group, not a row, so the prompt cache stays
 #   shared); rows that ended inside a live group ride along, and are never sampled from.
 

@@ -49,13 +49,13 @@ from .tasks import write_jsonl
 # Preference data: the warm policy sampled at temperature 1 on training prompts (and, for the
 # reward model's held-out accuracy, on held-out prompts it never trains on). Correct-vs-wrong
 # pairs only: "closer of two wrong answers" pairs taught the reward model little and cost it
-# accuracy on the pairs that matter (0.82 vs 0.96 correct-vs-wrong, seed 0).
+# accuracy on the pairs that matter (docs/seed-pipeline.md).
 PREFERENCES = dict(samples_per_prompt=8, temperature=1.0, max_completion_length=6, max_prompt_length=16,
                    correct_pairs_per_prompt=4, closer_pairs_per_prompt=0, batch_size=128)
 PREFERENCE_PROMPTS, HELDOUT_PREFERENCE_PROMPTS = 2000, 250
 # The reward model: a generative verifier (the completion's likelihood under the warm policy's own
 # network, Bradley-Terry plus NLL on the chosen answer); a fresh linear score head on this tiny
-# backbone stays near 60% correct-vs-wrong, and GRPO exploits it at once (docs/seed-pipeline.md).
+# backbone ranks right above wrong answers too weakly, and GRPO exploits it (docs/seed-pipeline.md).
 REWARD_MODEL = dict(kind="likelihood", nll_coef=1.0, max_steps=500, batch_size=64, learning_rate=5e-4,
                     warmup_steps=20, eval_steps=100, logging_steps=50, max_length=32, micro_batch_size=64)
 # The guard: iterative RL (DeepSeekMath 4.2): every 25 steps the reward model learns from the
