@@ -3,8 +3,11 @@
 One engine for the whole module (starting vLLM is the slow part): generation, stops and blocked
 ids, the processed log-probs against the trainer's own sampling distribution, a weight sync that
 is real (after an optimizer step vLLM scores fixed sequences as the trainer does), LoRA merged
-on the fly, and a `grpo train` run that trains, logs the sampler mismatch, and resumes.
+on the fly, and a `grpo train` run that trains, logs the sampler mismatch, and resumes. A second
+engine, started with vLLM's LoRA support, serves a LoRA policy's adapter (vllm_lora: adapter).
 """
+
+import os
 
 import json
 import platform
@@ -55,8 +58,12 @@ def vllm_scores(backend, prompt_ids, prompt_mask, completion_ids):
 
     texts = [TokensPrompt(prompt_token_ids=p[m.bool()].tolist() + c.tolist())
              for p, m, c in zip(prompt_ids, prompt_mask, completion_ids)]
-    outs = backend.llm.generate(texts, VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
-                                use_tqdm=False)
+    params = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    if backend.lora_request is None:
+        outs = backend.llm.generate(texts, params, use_tqdm=False)
+    else:  # vLLM's LoRA logits layer fails on the prompt log-probs of several requests at once
+        outs = [o for t in texts for o in backend.llm.generate([t], params, use_tqdm=False,
+                                                               lora_request=backend.lora_request)]
     T = completion_ids.shape[1]
     return torch.tensor([[lp[t].logprob for lp, t in zip(o.prompt_logprobs[-T:], c.tolist())]
                          for o, c in zip(outs, completion_ids)])
@@ -66,6 +73,25 @@ def trainer_scores(model, prompt_ids, prompt_mask, completion_ids):
     with torch.no_grad():
         lp, _ = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, torch.ones_like(completion_ids))
     return lp
+
+
+def trainer_sampling_logprobs(backend, policy, ids, mask, out, params):
+    """The trainer's log-probs of a generation's tokens under the distribution the backend samples:
+    log softmax of logits / T, restricted to the top-k and to the allowed ids, renormalised."""
+    G = params.group_size
+    prompt, pmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    full_ids = torch.cat([prompt, out.completion_ids], 1)
+    full_mask = torch.cat([pmask, out.completion_mask], 1)
+    with torch.no_grad():
+        logits = policy(input_ids=full_ids, attention_mask=full_mask,
+                        position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits.float()
+    Lp, T = prompt.shape[1], out.completion_ids.shape[1]
+    step_logits = logits[:, Lp - 1:Lp - 1 + T]
+    blocked = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    blocked[backend.blocked_token_ids] = True
+    _, filtered = sampling_distribution(step_logits.reshape(-1, step_logits.shape[-1]), params.temperature,
+                                        params.top_k, params.top_p, blocked=blocked)
+    return filtered.view(*step_logits.shape[:2], -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
 
 
 def test_groups_stop_on_eos_and_never_write_padding(engine):
@@ -118,19 +144,7 @@ def test_sampled_logprobs_are_the_trainers_sampling_distribution(engine):
     T_, k = 0.7, 5
     params = SamplingParams(group_size=4, max_new_tokens=8, strategy="sample", temperature=T_, top_p=1.0, top_k=k)
     out = backend.generate(ids, mask, params, torch.Generator().manual_seed(3))
-    blocked = torch.zeros(policy.config.vocab_size, dtype=torch.bool)
-    blocked[backend.blocked_token_ids] = True
-    prompt = ids.repeat_interleave(4, 0)
-    pmask = mask.repeat_interleave(4, 0)
-    full_ids = torch.cat([prompt, out.completion_ids], 1)
-    full_mask = torch.cat([pmask, out.completion_mask], 1)
-    with torch.no_grad():
-        logits = policy(input_ids=full_ids, attention_mask=full_mask,
-                        position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits.float()
-    Lp, T = prompt.shape[1], out.completion_ids.shape[1]
-    step_logits = logits[:, Lp - 1:Lp - 1 + T]
-    _, filtered = sampling_distribution(step_logits.reshape(-1, step_logits.shape[-1]), T_, k, 1.0, blocked=blocked)
-    expected = filtered.view(*step_logits.shape[:2], -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    expected = trainer_sampling_logprobs(backend, policy, ids, mask, out, params)
     m = out.completion_mask.bool()
     torch.testing.assert_close(out.sampling_logprobs[m], expected[m], atol=1e-4, rtol=0)
 
@@ -185,6 +199,59 @@ def test_lora_is_merged_on_the_fly_under_the_base_names(engine):
     assert all(torch.equal(before[k], v) for k, v in lora.state_dict().items())  # the trained model untouched
 
 
+@pytest.fixture(scope="module")
+def adapter_engine(tiny_model_dir):
+    """An engine with vLLM's LoRA support on a LoRA policy whose adapter is not zero."""
+    from grpo.engine.adapters import add_lora
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    policy = add_lora(load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # B starts at 0: make the adapter change the model
+    backend = make_backend("vllm", policy, tokenizer, options=VLLMOptions(max_num_seqs=8, lora="adapter"))
+    return backend, policy, tokenizer
+
+
+def test_the_adapter_reaches_vllm_after_every_optimizer_step(adapter_engine):
+    backend, policy, _ = adapter_engine
+    prompt_ids, prompt_mask = left_padded(PROMPTS)
+    completion = torch.tensor([[12, 13, 14, 1], [15, 16, 2, 3]])
+    with policy.disable_adapter():
+        plain = trainer_scores(policy, prompt_ids, prompt_mask, completion)
+    scores = trainer_scores(policy, prompt_ids, prompt_mask, completion)
+    assert (scores - plain).abs().max() > 1e-2  # the adapter counts: serving the base alone would fail
+    torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), scores, atol=1e-4, rtol=0)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # a second version too: a new id each time, or vLLM would serve the cached first
+        lp, _ = completion_logprobs(policy, prompt_ids, prompt_mask, completion, torch.ones_like(completion))
+        optimizer.zero_grad()
+        (-lp.sum()).backward()
+        optimizer.step()
+        after = trainer_scores(policy, prompt_ids, prompt_mask, completion)
+        stale = vllm_scores(backend, prompt_ids, prompt_mask, completion)
+        assert (stale - after).abs().max() > 1e-2  # the step moved the trainer: the check below can fail
+        backend.sync_weights(policy)
+        torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), after,
+                                   atol=1e-4, rtol=0)
+    # One adapter in the engine and on disk, the current one: the old versions are gone.
+    assert backend.llm.llm_engine.list_loras() == {backend.lora_request.lora_int_id}
+    assert os.listdir(backend._adapters.name) == [os.path.basename(backend.lora_request.lora_path)]
+    # Sampling goes through the adapter too: its processed log-probs are the trainer's.
+    params = SamplingParams(group_size=2, max_new_tokens=6, strategy="sample", temperature=0.7, top_p=1.0, top_k=5)
+    out = backend.generate(prompt_ids, prompt_mask, params, torch.Generator().manual_seed(0))
+    expected = trainer_sampling_logprobs(backend, policy, prompt_ids, prompt_mask, out, params)
+    m = out.completion_mask.bool()
+    torch.testing.assert_close(out.sampling_logprobs[m], expected[m], atol=1e-4, rtol=0)
+
+
+def test_adapter_needs_a_lora_policy(engine):
+    _, policy, tokenizer = engine
+    with pytest.raises(ConfigError, match="vllm_lora"):
+        make_backend("vllm", policy, tokenizer, options=VLLMOptions(max_num_seqs=8, lora="adapter"))
+
+
 def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_model_dir, addition_files,
                                                                     tmp_path, capfd):
     def run(out, *extra):
@@ -223,6 +290,27 @@ def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_grpo_train_serves_the_lora_adapter_with_vllm_lora_adapter(tiny_model_dir, addition_files, tmp_path,
+                                                                    monkeypatch):
+    import grpo.engine.vllm_backend as vllm_backend
+    from grpo.train.loop import train
+
+    saved = []
+    save = vllm_backend.save_adapter
+    monkeypatch.setattr(vllm_backend, "save_adapter", lambda model, d: (saved.append(d), save(model, d)))
+    cfg = build(TrainConfig, dict(
+        model=tiny_model_dir, dataset=addition_files["train"], rewards=[{"function": "answer_distance"}],
+        rollout_backend="vllm", vllm_lora="adapter", peft={"r": 4, "alpha": 8}, prompts_per_step=2, group_size=4,
+        max_completion_length=4, max_prompt_length=16, max_steps=2, learning_rate=1e-2,
+        output_dir=str(tmp_path / "run"), model_card=False, save_steps=0), "test")
+    out = train(cfg, quiet=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert len(saved) >= 2  # the engine's start, then every optimizer step's version
+    for line in lines:  # step 2 sampled from the adapter after step 1's update: still the trainer's policy
+        assert 0 < line["rollout/vllm_logprob_diff_mean"] < 0.2
 
 
 def two_turns(prompts, trainer):
@@ -289,6 +377,9 @@ def test_vllm_turns_the_off_policy_correction_on_unless_told_otherwise():
     ({"reward_kl_coef": 0.1}, "reward_kl_coef"),
     ({"vllm_max_model_len": 100, "max_prompt_length": 64, "max_completion_length": 64}, "vllm_max_model_len"),
     ({"vllm_gpu_memory_utilization": 1.5}, "vllm_gpu_memory_utilization"),
+    ({"vllm_lora": "adapter"}, "vllm_lora"),  # full fine-tuning: no adapter to serve
+    ({"vllm_lora": "adapter", "peft": {"r": 1024}}, "vllm_lora"),
+    ({"vllm_lora": "fused", "peft": {"r": 8}}, "vllm_lora"),
 ])
 def test_what_vllm_cannot_do_is_refused_by_name(extra, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

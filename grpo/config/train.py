@@ -236,7 +236,7 @@ class TrainConfig(LoopConfig):
         "generation": ("prompts_per_step", "group_size", "generation", "rollout_backend", "max_completion_length",
                        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
                        "dynamic_sampling", "max_generation_rounds", "vllm_gpu_memory_utilization",
-                       "vllm_max_model_len", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size"),
+                       "vllm_max_model_len", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size", "vllm_lora"),
         "rewards": ("rewards", "accuracy_reward", "reward_timeout", "reward_kl_coef", "iterative_rl",
                     "step_delimiter", "step_splitter"),
         "agents": ("tools", "environment_factory", "rollout_func", "max_turns", "tool_timeout",
@@ -329,6 +329,11 @@ class TrainConfig(LoopConfig):
     vllm_tensor_parallel_size: int = 1
     """rollout_backend vllm: GPUs one engine is split over; only 1 (one engine per training
     process) is supported yet."""
+    vllm_lora: str = "merge"
+    """rollout_backend vllm with peft: how the LoRA policy reaches the engine after each optimizer
+    step. `merge`: W + (alpha / r) B A computed per adapted layer and loaded as full weights;
+    `adapter`: the adapter alone, saved and loaded through vLLM's LoRA support (enable_lora),
+    which then adds B A x in every forward. Which is faster: docs/benchmarks.md."""
 
     # ---- rewards
     rewards: list = field(default_factory=lambda: [])
@@ -600,8 +605,15 @@ class TrainConfig(LoopConfig):
             bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         at_least(self, bad, 0, "vllm_max_model_len")
         at_least(self, bad, 1, "vllm_tensor_parallel_size")
+        if self.vllm_lora not in ("merge", "adapter"):
+            bad("vllm_lora", f"expected merge or adapter, got {self.vllm_lora!r}")
         if self.rollout_backend != "vllm":
             return
+        if self.vllm_lora == "adapter" and not self.peft:
+            bad("vllm_lora", "adapter serves a LoRA adapter through vLLM's LoRA support: set peft, or use merge "
+                             "(full fine-tuning has no adapter)")
+        if self.vllm_lora == "adapter" and isinstance(self.peft.get("r", 16), int) and self.peft.get("r", 16) > 512:
+            bad("vllm_lora", f"adapter: vLLM serves LoRA ranks up to 512, got peft.r {self.peft['r']}; use merge")
         if self.vllm_tensor_parallel_size != 1:
             bad("vllm_tensor_parallel_size", "a colocated vLLM engine runs on its training process's own device; "
                                              "tensor parallelism across the processes is not supported yet (use 1)")

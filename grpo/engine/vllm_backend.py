@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,6 +53,12 @@ class VLLMOptions:
     dtype: torch.dtype = torch.float32  # what the engine computes in: the run's compute dtype
     max_num_seqs: int = 256             # sequences decoded at once (a step's P * G)
     cpu_kv_cache_tokens: int = 0        # CPU: tokens the KV cache holds; 0: max_num_seqs * max_model_len
+    lora: str = "merge"                 # LoRA policy: merge it into the weights, or serve the adapter
+
+
+LORA_SYNCS = ("merge", "adapter")
+# The ranks vLLM's engine can reserve room for (its max_lora_rank takes only these).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def import_vllm():
@@ -110,13 +118,14 @@ def _model_dir(model) -> str:
     return where
 
 
-def policy_weights(model) -> Iterator[tuple[str, Tensor]]:
+def policy_weights(model, merge: bool = True) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) for every weight of the policy under the base model's names, one at a time.
 
     Full fine-tuning: the state dict as it is. LoRA (peft): each adapted layer's weight merged on
     the fly, W + scale * B A (peft's `get_delta_weight`), without touching the training model
     (merge_adapter / unmerge_adapter would round W twice per step and drift), and the adapter's
     own tensors left out. Names lose peft's `.base_layer`, so they are the base checkpoint's.
+    merge=False: the base weights alone (vLLM's LoRA support then serves the adapter).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     adapted = {name: m for name, m in base.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
@@ -126,12 +135,46 @@ def policy_weights(model) -> Iterator[tuple[str, Tensor]]:
                 continue
             owner, _, leaf = key.rpartition(".")
             layer = adapted.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") else None
-            if layer is not None and leaf == "weight" and not getattr(layer, "merged", False) \
+            if merge and layer is not None and leaf == "weight" and not getattr(layer, "merged", False) \
                     and not getattr(layer, "disable_adapters", False):
                 for adapter in layer.active_adapters:
                     if adapter in layer.lora_A:
                         tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
             yield key.replace(".base_layer.", "."), tensor
+
+
+def adapter_rank(model) -> int:
+    """The rank of the policy's active LoRA adapter; a policy without one cannot be served as one."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise ConfigError("vllm_lora: adapter serves the policy's LoRA adapter through vLLM's LoRA support, and "
+                          "this policy has none (set peft, or use vllm_lora: merge)")
+    config = configs[model.active_adapter]
+    ranks = [config.r, *getattr(config, "rank_pattern", {}).values()]
+    return max(ranks)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """vLLM's smallest max_lora_rank that holds `rank`."""
+    for slot in VLLM_LORA_RANKS:
+        if rank <= slot:
+            return slot
+    raise ConfigError(f"vllm_lora: adapter: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, and peft.r is "
+                      f"{rank}; use vllm_lora: merge")
+
+
+def save_adapter(model, directory: str) -> None:
+    """The active adapter as peft writes it (adapter_model.safetensors and adapter_config.json),
+    which vLLM's LoRA loader reads; without save_pretrained's model card, written every step."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    os.makedirs(directory)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    model.peft_config[name].save_pretrained(directory)
 
 
 @register_backend("vllm")
@@ -152,10 +195,18 @@ class VLLMBackend:
         if options.tensor_parallel_size != 1:
             raise ConfigError("vllm_tensor_parallel_size: a colocated engine here runs on one device; tensor "
                               "parallelism inside the training processes is not supported yet (set it to 1)")
+        if options.lora not in LORA_SYNCS:
+            raise ConfigError(f"vllm_lora: expected one of {', '.join(LORA_SYNCS)}, got {options.lora!r}")
         self.options = options
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         max_len = options.max_model_len or None
         kwargs = {}
+        self.lora_request = None  # vllm_lora adapter: the adapter version the rollouts use
+        self._adapters = None
+        if options.lora == "adapter":
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(adapter_rank(model)), max_loras=1)
+            # Each version is written here and read back by vLLM; the directory goes with the backend.
+            self._adapters = tempfile.TemporaryDirectory(prefix="grpo-vllm-lora-")
         if current_platform.is_cpu():
             # vLLM-CPU reserves gpu_memory_utilization of the machine's RAM for its KV cache unless
             # told its size: a step's sequences at full length are all it ever holds here.
@@ -207,7 +258,8 @@ class VLLMBackend:
                    for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         self._wake()
         with torch.autocast(device.type, enabled=False):  # vLLM computes in its own dtype
-            outputs = self.llm.generate(prompts, [self.sampling_params(params, s) for s in seeds], use_tqdm=False)
+            outputs = self.llm.generate(prompts, [self.sampling_params(params, s) for s in seeds], use_tqdm=False,
+                                        lora_request=self.lora_request)
         self._sleep()
         rows = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
         T = max(1, max(len(c.token_ids) for c in rows))
@@ -225,15 +277,38 @@ class VLLMBackend:
                           sampling_logprobs=logprobs)
 
     def sync_weights(self, model) -> None:
-        """The policy's current weights into the engine (full weights; LoRA merged on the fly)."""
+        """The policy's current weights into the engine: full weights, LoRA merged on the fly; or,
+        with vllm_lora adapter, the base once and then the adapter alone."""
         if "weights" in self.asleep:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the next rollout
             self.asleep.discard("weights")
-        # vLLM's in-place reload: checkpoint-format tensors, each layer re-processed into the
-        # engine's kernel layout (fused QKV, CPU repacking) as it fills.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model),
-                                                          "is_checkpoint_format": True})
+        if self.options.lora == "merge" or self.lora_request is None:
+            # vLLM's in-place reload: checkpoint-format tensors, each layer re-processed into the
+            # engine's kernel layout (fused QKV, CPU repacking) as it fills. LoRA freezes the base,
+            # so an adapter-served engine needs it once: the policy's, not just its directory's.
+            weights = policy_weights(model, merge=self.options.lora == "merge")
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                              "is_checkpoint_format": True})
+        if self.options.lora == "adapter":
+            self._load_adapter(model)
         self.llm.reset_prefix_cache()  # cached prompt keys/values were computed by the old weights
+
+    def _load_adapter(self, model) -> None:
+        """The adapter as it is now, under a new id: vLLM keeps adapters by id and would serve an
+        old version from its cache under a reused one. The previous version is dropped from the
+        engine and its files removed; the current one's stay until replaced, should vLLM reread them."""
+        from vllm.lora.request import LoRARequest
+
+        previous = self.lora_request
+        version = 1 if previous is None else previous.lora_int_id + 1
+        path = os.path.join(self._adapters.name, f"v{version}")
+        save_adapter(model, path)
+        request = LoRARequest(f"policy-v{version}", version, path)
+        self.llm.llm_engine.add_lora(request)  # loaded now, not at the next rollout's first request
+        self.lora_request = request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path)
 
     def _wake(self) -> None:
         if self.asleep:

@@ -75,7 +75,7 @@ def backend_options(cfg: TrainConfig, run) -> dict:
     return {"options": VLLMOptions(
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=cfg.vllm_max_model_len,
         enable_sleep_mode=cfg.vllm_enable_sleep_mode, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-        dtype=run.dtype, max_num_seqs=cfg.prompts_per_step * cfg.group_size)}
+        dtype=run.dtype, max_num_seqs=cfg.prompts_per_step * cfg.group_size, lora=cfg.vllm_lora)}
 
 
 def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
