@@ -12,6 +12,7 @@ import os
 import json
 import platform
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -292,6 +293,44 @@ def test_grpo_train_with_vllm_trains_logs_the_mismatch_and_resumes(engine, tiny_
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("extra", [{}, {"peft": {"r": 4, "alpha": 8}, "learning_rate": 0.05}], ids=["full", "lora"])
+def test_torchrun_fsdp_gives_each_process_an_engine_synced_layer_by_layer(tiny_model_dir, addition_files, tmp_path,
+                                                                          extra):
+    """Two processes under torchrun, the policy sharded (fsdp): each process's own engine samples
+    its own prompts, and after every sync (at the start, then after each of the two optimizer
+    steps) it scores fixed sequences as the gathered trainer does (tests/vllm_torchrun.py)."""
+    from conftest import free_port
+
+    out = tmp_path / "run"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model": tiny_model_dir, "dataset": addition_files["train"], "output_dir": str(out),
+        "rewards": ["exact_answer", "answer_distance"], "rollout_backend": "vllm", "fsdp": True,
+        "prompts_per_step": 2, "group_size": 4, "max_completion_length": 4, "max_steps": 2, "num_threads": 1,
+        "save_steps": 0, "learning_rate": 0.01, **extra}))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(tests, "vllm_torchrun.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           script, str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(tests), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Nor at exit: each engine shuts down before the process group it joined is destroyed (vLLM
+    # logs a warmup failure's traceback as a WARNING, which is not this).
+    errors = [line for line in result.stderr.splitlines() if "Traceback" in line and "WARNING" not in line]
+    assert not errors, result.stderr[-3000:]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert len(rank["diffs"]) == 3 and max(rank["diffs"]) < 1e-5, rank["diffs"]
+        trainer = torch.tensor(rank["trainer"])
+        assert (trainer[1:] - trainer[:-1]).abs().amax(dim=(1, 2)).min() > 1e-2  # each step moved it
+    assert ranks[0]["trainer"] == ranks[1]["trainer"]  # one policy, gathered alike
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each process its own prompts
+
+
 def test_grpo_train_serves_the_lora_adapter_with_vllm_lora_adapter(tiny_model_dir, addition_files, tmp_path,
                                                                     monkeypatch):
     import grpo.engine.vllm_backend as vllm_backend
@@ -371,7 +410,7 @@ def test_vllm_turns_the_off_policy_correction_on_unless_told_otherwise():
 @pytest.mark.parametrize("extra, field", [
     ({"generation": "beam"}, "generation"),
     ({"generation": "stochastic_beam"}, "generation"),
-    ({"fsdp": True}, "fsdp"),
+    ({"fsdp": True, "vllm_lora": "adapter", "peft": {"r": 8}}, "vllm_lora"),  # the sharded adapter is not gathered
     ({"vllm_tensor_parallel_size": 2}, "vllm_tensor_parallel_size"),
     ({"peft": {"r": 8, "quantization": "nf4"}}, "peft.quantization"),
     ({"reward_kl_coef": 0.1}, "reward_kl_coef"),

