@@ -95,6 +95,20 @@ def trainer_sampling_logprobs(backend, policy, ids, mask, out, params):
     return filtered.view(*step_logits.shape[:2], -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
 
 
+def step_then_sync(backend, policy, optimizer, prompt_ids, prompt_mask, completion):
+    """One optimizer step that moves the trainer's scores of `completion`, then a sync after which
+    vLLM scores it as the trainer does, to float32 tolerance."""
+    lp, _ = completion_logprobs(policy, prompt_ids, prompt_mask, completion, torch.ones_like(completion))
+    optimizer.zero_grad()
+    (-lp.sum()).backward()
+    optimizer.step()
+    after = trainer_scores(policy, prompt_ids, prompt_mask, completion)
+    stale = vllm_scores(backend, prompt_ids, prompt_mask, completion)
+    assert (stale - after).abs().max() > 1e-2  # the step moved the trainer: the check below can fail
+    backend.sync_weights(policy)
+    torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), after, atol=1e-4, rtol=0)
+
+
 def test_groups_stop_on_eos_and_never_write_padding(engine):
     backend, policy, tokenizer = engine
     ids, mask = left_padded(PROMPTS)
@@ -157,15 +171,7 @@ def test_sync_after_an_optimizer_step_makes_vllm_score_as_the_trainer(engine):
     saved = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     try:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-        lp, _ = completion_logprobs(policy, prompt_ids, prompt_mask, completion, torch.ones_like(completion))
-        (-lp.sum()).backward()
-        optimizer.step()
-        after = trainer_scores(policy, prompt_ids, prompt_mask, completion)
-        stale = vllm_scores(backend, prompt_ids, prompt_mask, completion)
-        assert (stale - after).abs().max() > 1e-2  # the step moved the trainer: the check below can fail
-        backend.sync_weights(policy)
-        torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), after,
-                                   atol=1e-4, rtol=0)
+        step_then_sync(backend, policy, optimizer, prompt_ids, prompt_mask, completion)
     finally:
         policy.load_state_dict(saved)
         backend.sync_weights(policy)
@@ -226,16 +232,7 @@ def test_the_adapter_reaches_vllm_after_every_optimizer_step(adapter_engine):
     torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), scores, atol=1e-4, rtol=0)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):  # a second version too: a new id each time, or vLLM would serve the cached first
-        lp, _ = completion_logprobs(policy, prompt_ids, prompt_mask, completion, torch.ones_like(completion))
-        optimizer.zero_grad()
-        (-lp.sum()).backward()
-        optimizer.step()
-        after = trainer_scores(policy, prompt_ids, prompt_mask, completion)
-        stale = vllm_scores(backend, prompt_ids, prompt_mask, completion)
-        assert (stale - after).abs().max() > 1e-2  # the step moved the trainer: the check below can fail
-        backend.sync_weights(policy)
-        torch.testing.assert_close(vllm_scores(backend, prompt_ids, prompt_mask, completion), after,
-                                   atol=1e-4, rtol=0)
+        step_then_sync(backend, policy, optimizer, prompt_ids, prompt_mask, completion)
     # One adapter in the engine and on disk, the current one: the old versions are gone.
     assert backend.llm.llm_engine.list_loras() == {backend.lora_request.lora_int_id}
     assert os.listdir(backend._adapters.name) == [os.path.basename(backend.lora_request.lora_path)]
