@@ -142,10 +142,12 @@ def report(result: dict) -> None:
         print(f"{arm}: " + ", ".join(f"seed {s} {at_budget(runs[arm][s], budget):.1%} at the budget, "
                                      f"{runs[arm][s][-1]['accuracy']:.1%} at step {runs[arm][s][-1]['step']}"
                                      for s in seeds))
-    print("| arm | seed | outcome at the budget | first reached at step | at seconds | outcome's own seconds |")
-    print("|---|---|---|---|---|---|")
     # Without the outcome arm in this result there is nothing to compare the other arms' times with.
-    for arm in [a for a in runs if a != "outcome"] if "outcome" in runs else []:
+    others = [a for a in runs if a != "outcome"] if "outcome" in runs else []
+    if others:
+        print("| arm | seed | outcome at the budget | first reached at step | at seconds | outcome's own seconds |")
+        print("|---|---|---|---|---|---|")
+    for arm in others:
         for s, target in zip(seeds, final["outcome"]):
             hit = first_reaching(runs[arm][s], target)
             own = first_reaching(runs["outcome"][s], target)
