@@ -10,8 +10,9 @@ arms from it, in alternating order so that drift in the machine's load hits both
 - `process`: the final answer as the final step plus the rule-based step verifier on every line
   (advantage_estimator process, DeepSeekMath 4.1.3);
 - `prm`: the same with a process reward model in place of the verifier: `grpo reward-model train
-  --kind process` on the warm start's backbone, from the training chains corrupted at random and
-  labelled by the verifier (`grpo.recipes.steps.prm_rows`; not Math-Shepherd's Monte-Carlo labels).
+  --kind process` on the warm start's backbone, from the warm start's own samples labelled by the
+  verifier (`grpo.recipes.steps.policy_prm_rows`; `PRM_DATA` can add training chains corrupted at
+  random, `grpo.recipes.steps.prm_rows`; not Math-Shepherd's Monte-Carlo labels).
 
 Everything else is the recipe's GRPO settings (grpo.recipes.steps.GRPO). Held-out greedy
 final-answer accuracy every --eval-every steps; the clock is the sum of the training steps'
@@ -32,9 +33,17 @@ from pathlib import Path
 import torch
 
 ARMS = ("outcome", "process", "prm")
-# The process reward model of the `prm` arm.
-PRM = dict(kind="process", max_steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, eval_steps=100,
+# The process reward model of the `prm` arm. Its loss falls slowly on this backbone: a few hundred
+# steps leave it close to always answering "good", which the policy then learns to please; a
+# higher learning rate does no better.
+PRM = dict(kind="process", max_steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=20, eval_steps=250,
            logging_steps=50, max_length=64, eval_fraction=0.1)
+# Its data: the warm start's own samples (`policy_samples` of each of the first `policy_prompts`
+# training prompts) labelled by the verifier, and `copies` corrupted versions of every training
+# chain. The samples carry the mistakes GRPO's completions make; the off-by-one corruptions do
+# not, and they are mostly right where the samples are mostly wrong, so a PRM trained on them
+# calls too many of the policy's bad steps good: none are used.
+PRM_DATA = dict(copies=0, policy_prompts=2000, policy_samples=4)
 
 
 def arm_settings(arm: str, prm_dir: str) -> dict:
@@ -82,7 +91,10 @@ def run(args) -> dict:
     prm = {}
     if "prm" in args.arms:
         t0 = time.time()
-        rows = steps.prm_rows(steps.problems(args.warm_seed)[0], seed=args.warm_seed)
+        train_rows = steps.problems(args.warm_seed)[0]
+        rows = steps.prm_rows(train_rows, seed=args.warm_seed, copies=PRM_DATA["copies"])
+        rows += steps.policy_prm_rows(sft, train_rows[:PRM_DATA["policy_prompts"]], PRM_DATA["policy_samples"],
+                                      seed=args.warm_seed)
         data = steps.write_jsonl(rows, out / "prm_data.jsonl")
         prm = train_reward_model(build(RewardModelConfig, {"model": str(sft), "dataset": str(data),
                                                            "output_dir": str(out / "prm"), "seed": args.warm_seed,
@@ -105,7 +117,7 @@ def run(args) -> dict:
             train(cfg, quiet=True, overwrite=True)
             runs[arm][seed] = curve(run_dir)
             print(f"{arm} seed {seed}: {runs[arm][seed][-1]}", flush=True)
-    budget = min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
+    budget = args.budget or min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
     return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
             "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
             "eval_every": args.eval_every, "heldout": len(heldout_rows)}
@@ -113,10 +125,11 @@ def run(args) -> dict:
 
 def report(result: dict) -> None:
     budget, runs = result["budget"], result["runs"]
-    seeds = list(runs["outcome"])
+    first = next(iter(runs.values()))
+    seeds = list(first)
     print(f"budget {budget:.1f} training seconds; held-out {result['heldout']} expressions; seeds {seeds}")
     final = {arm: [at_budget(runs[arm][s], budget) for s in seeds] for arm in runs}
-    start = statistics.mean(runs["outcome"][s][0]["accuracy"] for s in seeds)
+    start = statistics.mean(first[s][0]["accuracy"] for s in seeds)
     print(f"warm start: {start:.1%}")
     print("| arm | accuracy at the budget (mean) | range over seeds |")
     print("|---|---|---|")
@@ -125,9 +138,16 @@ def report(result: dict) -> None:
     if result.get("prm"):
         print(f"process reward model: held-out step accuracy {result['prm']['eval_step_accuracy']:.1%} "
               f"(good steps {result['prm']['eval_good_fraction']:.1%}), trained in {result['prm']['seconds']:.0f} s")
-    print("| arm | seed | outcome at the budget | first reached at step | at seconds | outcome's own seconds |")
-    print("|---|---|---|---|---|---|")
-    for arm in [a for a in runs if a != "outcome"]:
+    for arm in runs:
+        print(f"{arm}: " + ", ".join(f"seed {s} {at_budget(runs[arm][s], budget):.1%} at the budget, "
+                                     f"{runs[arm][s][-1]['accuracy']:.1%} at step {runs[arm][s][-1]['step']}"
+                                     for s in seeds))
+    # Without the outcome arm in this result there is nothing to compare the other arms' times with.
+    others = [a for a in runs if a != "outcome"] if "outcome" in runs else []
+    if others:
+        print("| arm | seed | outcome at the budget | first reached at step | at seconds | outcome's own seconds |")
+        print("|---|---|---|---|---|---|")
+    for arm in others:
         for s, target in zip(seeds, final["outcome"]):
             hit = first_reaching(runs[arm][s], target)
             own = first_reaching(runs["outcome"][s], target)
@@ -153,6 +173,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--output-dir", default="/tmp/process_vs_outcome")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="the budget in training seconds (default: the shortest run's), e.g. the outcome "
+                             "arm's from an earlier measurement when only other arms run")
     parser.add_argument("--json", default="")
     parser.add_argument("--report", default="", help="re-print the results a --json file holds")
     args = parser.parse_args(argv)

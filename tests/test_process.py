@@ -482,6 +482,8 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
 
     monkeypatch.setitem(steps.SFT, "max_steps", 5)
     monkeypatch.setitem(bench.PRM, "max_steps", 3)
+    monkeypatch.setitem(bench.PRM_DATA, "policy_prompts", 3)
+    monkeypatch.setitem(bench.PRM_DATA, "copies", 1)
     monkeypatch.setitem(steps.GRPO, "prompts_per_step", 2)
     bench.main(["--seeds", "0", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(tmp_path),
                 "--json", str(tmp_path / "result.json")])
@@ -489,6 +491,17 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     assert set(result["runs"]) == {"outcome", "process", "prm"}
     assert all([p["step"] for p in result["runs"][a]["0"]] == [0, 1, 2] for a in result["runs"])
     assert "| prm | 0 |" in capsys.readouterr().out
+    # The PRM's data: one corrupted copy of every training chain and the warm start's samples
+    # (3 prompts x policy_samples), each step labelled.
+    prm_data = [json.loads(line) for line in (tmp_path / "prm_data.jsonl").read_text().splitlines()]
+    n_train = len(steps.problems(0)[0])
+    assert len(prm_data) == n_train + 3 * bench.PRM_DATA["policy_samples"]
+    assert all(len(r["labels"]) == len(r["completions"]) for r in prm_data)
+    # A result with one arm only (--arms prm) reports against a given budget.
+    only = {**result, "runs": {"prm": result["runs"]["prm"]}, "budget": 1e9}
+    (tmp_path / "prm_only.json").write_text(json.dumps(only))
+    bench.main(["--report", str(tmp_path / "prm_only.json")])
+    assert "| prm |" in capsys.readouterr().out
 
 
 class RolloutScript:

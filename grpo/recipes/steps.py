@@ -179,16 +179,44 @@ def corrupted_chain(lines: list[str], rng: random.Random) -> list[str]:
     return lines[:k] + [wrong] + lines[k + 1:]
 
 
-def prm_rows(rows: list[dict], seed: int = 0) -> list[dict]:
+def _labelled(prompt: str, lines: list[str]) -> dict:
+    steps = [line + "\n" for line in lines[:-1]] + lines[-1:]
+    labels = step_verifier([prompt], [None], [steps])[0]
+    return {"prompt": prompt, "completions": lines, "labels": [bool(x) for x in labels]}
+
+
+def prm_rows(rows: list[dict], seed: int = 0, copies: int = 1) -> list[dict]:
     """Step-labelled rows in TRL's PRM format (prompt, completions: the lines, labels) for a process
-    reward model: each row's chain, corrupted at random (`corrupted_chain`), labelled by `step_verifier`."""
+    reward model: each row's chain, corrupted at random `copies` times (`corrupted_chain`), labelled
+    by `step_verifier`."""
     rng = random.Random(seed)
+    return [_labelled(r["prompt"], corrupted_chain(r["chain"].split("\n"), rng)) for _ in range(copies) for r in rows]
+
+
+@torch.no_grad()
+def policy_prm_rows(model_dir, rows: list[dict], samples: int = 4, seed: int = 0, temperature: float = 1.0,
+                    batch_size: int = 64) -> list[dict]:
+    """PRM rows from the policy's own samples: `samples` completions of each row's prompt from the
+    model in `model_dir` (the warm start), cut into lines and labelled by `step_verifier`. Its
+    mistakes are the ones GRPO will ask the PRM to judge, which the corrupted chains of `prm_rows`
+    (a number off by one, a `*` read as `+`) do not cover."""
+    from grpo.data import decode_completions, tokenize_prompts
+    from grpo.engine.backend import LocalBackend, SamplingParams
+    from grpo.engine.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    backend = LocalBackend(load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32, trainable=False),
+                           tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    params = SamplingParams(group_size=samples, max_new_tokens=GRPO["max_completion_length"], strategy="sample",
+                            temperature=temperature, top_p=1.0, top_k=0)
     out = []
-    for r in rows:
-        lines = corrupted_chain(r["chain"].split("\n"), rng)
-        steps = [line + "\n" for line in lines[:-1]] + lines[-1:]
-        labels = step_verifier([r["prompt"]], [None], [steps])[0]
-        out.append({"prompt": r["prompt"], "completions": lines, "labels": [bool(x) for x in labels]})
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        ids, mask = tokenize_prompts(tokenizer, [r["prompt"] for r in chunk], GRPO["max_prompt_length"])
+        g = backend.generate(ids, mask, params, generator)
+        texts = decode_completions(tokenizer, g.completion_ids, g.completion_mask, stop_ids=backend.stop_token_ids)
+        out += [_labelled(chunk[j // samples]["prompt"], _lines(t)) for j, t in enumerate(texts)]
     return out
 
 
