@@ -596,23 +596,31 @@ def test_trl_rollout_output_converts_to_checked_episodes():
 # ---------------------------------------------------------------------------------------------
 # The seam: a real tiny model through the rollout backend, scored as the update scores it
 
-def test_real_model_episodes_through_the_backend_score_as_sampled(qwen):
-    from grpo.engine.backend import LocalBackend, SamplingParams
-    from grpo.engine.logprobs import completion_logprobs
+def tiny_qwen_model(eos_bias: float | None = None):
+    """A tiny random Llama with the Qwen2.5 tokenizer; with `eos_bias`, a bias on its end-of-turn
+    token, so that its turns end after a few tokens and episodes have several turns."""
     from grpo.recipes.tasks import build_tiny_model
 
     tok = build_tokenizer("qwen2.5")
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                              max_positions=512, pad_token_id=tok.pad_token_id, eos_token_id=eos, seed=0).eval()
-    # A bias on the end-of-turn token, so that the random model's turns end after a few tokens
-    # and episodes have several turns.
+    if eos_bias is None:
+        return tok, model
     head = torch.nn.Linear(32, len(tok), bias=True)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()
-        head.bias[eos] = 4.0
+        head.bias[eos] = eos_bias
     model.lm_head = head
+    return tok, model
+
+
+def test_real_model_episodes_through_the_backend_score_as_sampled(qwen):
+    from grpo.engine.backend import LocalBackend, SamplingParams
+    from grpo.engine.logprobs import completion_logprobs
+
+    tok, model = tiny_qwen_model(eos_bias=4.0)
 
     class TwoSteps:
         def reset(self, **_):
@@ -653,16 +661,12 @@ def test_a_groups_first_turn_is_one_prompt_of_the_group_engine_and_the_same_draw
     from grpo.agents.backend import repeats
     from grpo.data.prompts import left_pad
     from grpo.engine.backend import LocalBackend, SamplingParams
-    from grpo.recipes.tasks import build_tiny_model
 
     assert repeats([[1], [1], [2], [2]]) == 2 and repeats([[1], [1], [1]]) == 3
     assert repeats([[1], [2], [1], [2]]) == 1 and repeats([[1], [1], [2]]) == 1 and repeats([[1]]) == 1
     assert repeats([[1], [1], [2], [3]]) == 1
 
-    tok = build_tokenizer("qwen2.5")
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                             max_positions=512, pad_token_id=tok.pad_token_id, eos_token_id=eos, seed=0).eval()
+    tok, model = tiny_qwen_model()
     backend = LocalBackend(model, tok)
     params = SamplingParams(group_size=3, max_new_tokens=12, strategy="sample", temperature=1.0, top_p=1.0, top_k=0)
     contexts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
@@ -689,18 +693,8 @@ def test_a_groups_first_turn_is_one_prompt_of_the_group_engine_and_the_same_draw
 def test_later_turns_continue_from_the_kept_cache_and_draw_what_a_whole_prefill_draws(monkeypatch):
     import grpo.engine.decoders as decoders
     from grpo.engine.backend import LocalBackend, SamplingParams
-    from grpo.recipes.tasks import build_tiny_model
 
-    tok = build_tokenizer("qwen2.5")
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                             max_positions=512, pad_token_id=tok.pad_token_id, eos_token_id=eos, seed=0).eval()
-    head = torch.nn.Linear(32, len(tok), bias=True)  # turns of a few tokens, so episodes have several
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[eos] = 3.0
-    model.lm_head = head
+    tok, model = tiny_qwen_model(eos_bias=3.0)
 
     class Echo:
         def reset(self, **_):
