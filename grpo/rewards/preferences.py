@@ -65,29 +65,45 @@ def load_preferences(path: str, tokenizer, *, prompt_column="prompt", chosen_col
                      log=print) -> list[Pair]:
     """Usable pairs of a preference file. Bad rows are reported with file:line and skipped; a file
     with no usable row stops the run."""
-    rows = load_rows(path)
-    pairs, bad = [], []
-    for row in rows:
-        where = f"{path}:{row.get('_line', '?')}"
+    def parse(row):
         reason = _bad_reason(row, prompt_column, chosen_column, rejected_column, margin_column)
         if reason:
-            bad.append(f"{where}: {reason}")
+            return reason
+        m = row.get(margin_column)
+        return (completion_text(row[chosen_column]), completion_text(row[rejected_column]),
+                0.0 if m in (None, "") else float(m))
+
+    return read_feedback(path, tokenizer, prompt_column, chat_template, parse, Pair, log,
+                         kind="preference", items="preference pairs",
+                         needs=f"non-empty {prompt_column!r}, {chosen_column!r} and {rejected_column!r}, "
+                               f"with chosen != rejected")
+
+
+def read_feedback(path: str, tokenizer, prompt_column: str, chat_template, parse, make, log, *,
+                  kind: str, items: str, needs: str) -> list:
+    """The usable rows of a feedback file (pairs or rankings): `parse(row)` gives a reason the row
+    is bad, or its parsed fields, and `make(prompt, *fields, where)` the item. Bad rows are
+    reported with file:line and skipped; a file with no usable row stops the run."""
+    rows = load_rows(path)
+    out, bad = [], []
+    for row in rows:
+        where = f"{path}:{row.get('_line', '?')}"
+        parsed = parse(row)
+        if isinstance(parsed, str):
+            bad.append(f"{where}: {parsed}")
             continue
         try:
             prompt = format_prompt(tokenizer, row[prompt_column], chat_template)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        m = row.get(margin_column)
-        pairs.append(Pair(prompt, completion_text(row[chosen_column]), completion_text(row[rejected_column]),
-                          0.0 if m in (None, "") else float(m), where))
-    log_skipped(bad, "preference", log)
-    if not pairs:
-        raise DataError(f"{path}: no usable preference pairs: all {len(rows)} rows are bad "
-                        f"(first: {bad[0]}). Each row needs non-empty {prompt_column!r}, "
-                        f"{chosen_column!r} and {rejected_column!r}, with chosen != rejected")
+        out.append(make(prompt, *parsed, where))
+    log_skipped(bad, kind, log)
+    if not out:
+        raise DataError(f"{path}: no usable {items}: all {len(rows)} rows are bad (first: {bad[0]}). "
+                        f"Each row needs {needs}")
     if bad:
-        log(f"{path}: using {len(pairs)} of {len(rows)} rows ({len(bad)} bad)")
-    return pairs
+        log(f"{path}: using {len(out)} of {len(rows)} rows ({len(bad)} bad)")
+    return out
 
 
 def pair_scores(rm, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:

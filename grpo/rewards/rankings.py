@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from grpo.algorithm import plackett_luce_loss
-from grpo.data import DataError, format_prompt, is_messages, load_rows
+from grpo.data import is_messages, load_rows
 
 from .models import completion_text
-from .preferences import log_skipped
+from .preferences import read_feedback
 
 
 @dataclass
@@ -94,27 +94,11 @@ def load_rankings(path: str, tokenizer, *, prompt_column="prompt", completions_c
                   labels_column="labels", chat_template="auto", log=print) -> list[Ranking]:
     """Usable rankings of a file. Bad rows (fewer than 2 completions, a completion twice, all tied,
     a malformed entry) are reported with file:line and skipped; a file with none usable stops."""
-    rows = load_rows(path)
-    rankings, bad = [], []
-    for row in rows:
-        where = f"{path}:{row.get('_line', '?')}"
-        parsed = parse_ranking(row, prompt_column, completions_column, labels_column)
-        if isinstance(parsed, str):
-            bad.append(f"{where}: {parsed}")
-            continue
-        try:
-            prompt = format_prompt(tokenizer, row[prompt_column], chat_template)
-        except DataError as e:
-            raise DataError(f"{where}: {e}") from None
-        rankings.append(Ranking(prompt, *parsed, where))
-    log_skipped(bad, "ranking", log)
-    if not rankings:
-        raise DataError(f"{path}: no usable rankings: all {len(rows)} rows are bad (first: {bad[0]}). Each row "
-                        f"needs a non-empty {prompt_column!r} and {completions_column!r}: at least 2 distinct "
-                        f"completions, best first")
-    if bad:
-        log(f"{path}: using {len(rankings)} of {len(rows)} rows ({len(bad)} bad)")
-    return rankings
+    return read_feedback(path, tokenizer, prompt_column, chat_template,
+                         lambda row: parse_ranking(row, prompt_column, completions_column, labels_column),
+                         Ranking, log, kind="ranking", items="rankings",
+                         needs=f"a non-empty {prompt_column!r} and {completions_column!r}: at least 2 distinct "
+                               f"completions, best first")
 
 
 def ranking_scores(rm, rankings: list[Ranking]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
