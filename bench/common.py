@@ -194,3 +194,18 @@ def set_threads(n: int) -> None:
     import torch
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def pipeline_preferences(out: Path, seed: int, prefix: str) -> None:
+    """The seed pipeline's preference pairs of its warm start under `out` (`sft/`, `data/`), as
+    `data/{prefix}_train.jsonl` and `data/{prefix}_heldout.jsonl`; a file already there is kept."""
+    from grpo.config import PreferenceConfig, build
+    from grpo.recipes.pipeline import HELDOUT_PREFERENCE_PROMPTS, PREFERENCE_PROMPTS, PREFERENCES
+    from grpo.recipes.preferences import make_preferences
+
+    for name, n in (("train", PREFERENCE_PROMPTS), ("heldout", HELDOUT_PREFERENCE_PROMPTS)):
+        path = out / "data" / f"{prefix}_{name}.jsonl"
+        if not path.exists():
+            cfg = build(PreferenceConfig, {"model": str(out / "sft"), "dataset": str(out / "data" / f"{name}.jsonl"),
+                                           "num_prompts": n, "seed": seed, "output_file": str(path), **PREFERENCES})
+            make_preferences(cfg, quiet=True)

@@ -32,19 +32,7 @@ from pathlib import Path
 
 import torch
 
-
-def pairs_from_the_same_samples(out: Path, seed: int) -> None:
-    from grpo.config import PreferenceConfig, build
-    from grpo.recipes.pipeline import HELDOUT_PREFERENCE_PROMPTS, PREFERENCE_PROMPTS, PREFERENCES
-    from grpo.recipes.preferences import make_preferences
-
-    for name, data, n in (("train", "train.jsonl", PREFERENCE_PROMPTS),
-                          ("heldout", "heldout.jsonl", HELDOUT_PREFERENCE_PROMPTS)):
-        path = out / "data" / f"pairs_{name}.jsonl"
-        if not path.exists():
-            make_preferences(build(PreferenceConfig, {"model": str(out / "sft"), "dataset": str(out / "data" / data),
-                                                      "num_prompts": n, "seed": seed, "output_file": str(path),
-                                                      **PREFERENCES}), quiet=True)
+from bench.common import pipeline_preferences
 
 
 def heldout_metrics(out: Path, rm_dir: Path) -> dict:
@@ -142,7 +130,7 @@ def main() -> None:
     verifier = {"function": "exact_answer", "weight": 0.0}
     for seed in args.seeds:
         out = Path(args.pipeline_dir.format(seed=seed))
-        pairs_from_the_same_samples(out, seed)
+        pipeline_preferences(out, seed, "pairs")  # the same samples, judged as pairs
 
         def on(rm: Path, replay: str) -> dict:
             return {**SEED_GRPO, "generation": "sample",

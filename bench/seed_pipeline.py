@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import pipeline_preferences
+
 # Reward model -> its RewardModelConfig settings over the pipeline's (grpo.recipes.pipeline.REWARD_MODEL).
 REWARD_MODELS = {
     "score head": dict(kind="score_head", nll_coef=0.0),
@@ -48,23 +50,14 @@ GENERATIONS = ("beam", "sample")
 
 
 def prepare(seed: int, work: Path) -> Path:
-    from grpo.config import PreferenceConfig, build
     from grpo.recipes.addition import warm_start
-    from grpo.recipes.pipeline import (HELDOUT_PREFERENCE_PROMPTS, PREFERENCE_PROMPTS, PREFERENCES,
-                                       _correct_pairs_file)
-    from grpo.recipes.preferences import make_preferences
+    from grpo.recipes.pipeline import _correct_pairs_file
 
     out = work / f"seed{seed}"
     if not (out / "sft" / "model.safetensors").exists():
         out.mkdir(parents=True, exist_ok=True)
         warm_start(out, seed, quiet=True)
-    for name, data, n in (("train", "train.jsonl", PREFERENCE_PROMPTS),
-                          ("heldout", "heldout.jsonl", HELDOUT_PREFERENCE_PROMPTS)):
-        path = out / "data" / f"preferences_{name}.jsonl"
-        if not path.exists():
-            make_preferences(build(PreferenceConfig, {"model": str(out / "sft"), "dataset": str(out / "data" / data),
-                                                      "num_prompts": n, "seed": seed, "output_file": str(path),
-                                                      **PREFERENCES}), quiet=True)
+    pipeline_preferences(out, seed, "preferences")
     correct = out / "data" / "heldout_correct_pairs.jsonl"
     if not correct.exists():
         _correct_pairs_file(out / "data" / "preferences_heldout.jsonl", correct)
