@@ -95,6 +95,15 @@ def trainer_sampling_logprobs(backend, policy, ids, mask, out, params):
     return filtered.view(*step_logits.shape[:2], -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
 
 
+def samples_as_the_trainer(backend, policy, ids, mask, params, seed: int) -> None:
+    """A group drawn by the backend has the processed log-probs the trainer's sampling
+    distribution gives its tokens, to float32 tolerance."""
+    out = backend.generate(ids, mask, params, torch.Generator().manual_seed(seed))
+    expected = trainer_sampling_logprobs(backend, policy, ids, mask, out, params)
+    m = out.completion_mask.bool()
+    torch.testing.assert_close(out.sampling_logprobs[m], expected[m], atol=1e-4, rtol=0)
+
+
 def step_then_sync(backend, policy, optimizer, prompt_ids, prompt_mask, completion):
     """One optimizer step that moves the trainer's scores of `completion`, then a sync after which
     vLLM scores it as the trainer does, to float32 tolerance."""
@@ -158,10 +167,7 @@ def test_sampled_logprobs_are_the_trainers_sampling_distribution(engine):
     ids, mask = left_padded(PROMPTS)
     T_, k = 0.7, 5
     params = SamplingParams(group_size=4, max_new_tokens=8, strategy="sample", temperature=T_, top_p=1.0, top_k=k)
-    out = backend.generate(ids, mask, params, torch.Generator().manual_seed(3))
-    expected = trainer_sampling_logprobs(backend, policy, ids, mask, out, params)
-    m = out.completion_mask.bool()
-    torch.testing.assert_close(out.sampling_logprobs[m], expected[m], atol=1e-4, rtol=0)
+    samples_as_the_trainer(backend, policy, ids, mask, params, seed=3)
 
 
 def test_sync_after_an_optimizer_step_makes_vllm_score_as_the_trainer(engine):
@@ -238,10 +244,7 @@ def test_the_adapter_reaches_vllm_after_every_optimizer_step(adapter_engine):
     assert os.listdir(backend._adapters.name) == [os.path.basename(backend.lora_request.lora_path)]
     # Sampling goes through the adapter too: its processed log-probs are the trainer's.
     params = SamplingParams(group_size=2, max_new_tokens=6, strategy="sample", temperature=0.7, top_p=1.0, top_k=5)
-    out = backend.generate(prompt_ids, prompt_mask, params, torch.Generator().manual_seed(0))
-    expected = trainer_sampling_logprobs(backend, policy, prompt_ids, prompt_mask, out, params)
-    m = out.completion_mask.bool()
-    torch.testing.assert_close(out.sampling_logprobs[m], expected[m], atol=1e-4, rtol=0)
+    samples_as_the_trainer(backend, policy, prompt_ids, prompt_mask, params, seed=0)
 
 
 def test_adapter_needs_a_lora_policy(engine):
