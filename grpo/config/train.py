@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from grpo.algorithm import (ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, OFF_POLICY_CORRECTIONS, POLICY_LOSSES,
                             RATIO_ANCHORS, RATIO_LEVELS)
 from grpo.engine.backend import ROLLOUT_BACKENDS
-from grpo.engine import vllm_backend  # noqa: F401  registers rollout_backend: vllm (vLLM itself loads lazily)
+from grpo.engine import vllm_backend  # registers rollout_backend: vllm (vLLM itself loads lazily)
 from grpo.engine.generation import STRATEGIES
 from grpo.errors import ConfigError
 
@@ -607,15 +607,16 @@ class TrainConfig(LoopConfig):
             bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         at_least(self, bad, 0, "vllm_max_model_len")
         at_least(self, bad, 1, "vllm_tensor_parallel_size")
-        if self.vllm_lora not in ("merge", "adapter"):
-            bad("vllm_lora", f"expected merge or adapter, got {self.vllm_lora!r}")
+        if self.vllm_lora not in vllm_backend.LORA_SYNCS:
+            bad("vllm_lora", f"expected {' or '.join(vllm_backend.LORA_SYNCS)}, got {self.vllm_lora!r}")
         if self.rollout_backend != "vllm":
             return
         if self.vllm_lora == "adapter" and not self.peft:
             bad("vllm_lora", "adapter serves a LoRA adapter through vLLM's LoRA support: set peft, or use merge "
                              "(full fine-tuning has no adapter)")
-        if self.vllm_lora == "adapter" and isinstance(self.peft.get("r", 16), int) and self.peft.get("r", 16) > 512:
-            bad("vllm_lora", f"adapter: vLLM serves LoRA ranks up to 512, got peft.r {self.peft['r']}; use merge")
+        largest = vllm_backend.VLLM_LORA_RANKS[-1]
+        if self.vllm_lora == "adapter" and isinstance(self.peft.get("r", 16), int) and self.peft.get("r", 16) > largest:
+            bad("vllm_lora", f"adapter: vLLM serves LoRA ranks up to {largest}, got peft.r {self.peft['r']}; use merge")
         if self.vllm_tensor_parallel_size != 1:
             bad("vllm_tensor_parallel_size", "a colocated vLLM engine runs on its training process's own device; "
                                              "tensor parallelism across the processes is not supported yet (use 1)")
