@@ -51,6 +51,21 @@ def sampling_setup(cfg, overwrite: bool, config_path: str | None):
     return run, rows, rng, load_tokenizer(cfg.model)
 
 
+def sample_texts(backend, tokenizer, texts: list[str], n: int, *, max_prompt_length: int, max_new_tokens: int,
+                 temperature: float, generator: torch.Generator, batch_size: int) -> list[str]:
+    """n sampled completions of each prompt text, decoded, in order (text 0's n first), generated
+    `batch_size` prompts at a time: how every command that labels a policy's own samples draws them."""
+    params = SamplingParams(group_size=n, max_new_tokens=max_new_tokens, strategy="sample",
+                            temperature=temperature, top_p=1.0, top_k=0)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenize_prompts(tokenizer, texts[i:i + batch_size], max_prompt_length)
+        g = backend.generate(ids, mask, params, generator)
+        out += decode_completions(tokenizer, g.completion_ids, g.completion_mask,
+                                  stop_ids=getattr(backend, "stop_token_ids", None))
+    return out
+
+
 def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool = False,
                      config_path: str | None = None) -> dict:
     """Sample the policy on the task's prompts, write preference pairs as JSONL; returns counts."""
@@ -59,33 +74,28 @@ def make_preferences(cfg: PreferenceConfig, quiet: bool = False, overwrite: bool
     task = TASKS[cfg.task]
     run, rows, rng, tokenizer = sampling_setup(cfg, overwrite, config_path)
     backend = LocalBackend(load_causal_lm(cfg.model, run.device, run.dtype, trainable=False), tokenizer)
-    params = SamplingParams(group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_completion_length,
-                            strategy="sample", temperature=cfg.temperature, top_p=1.0, top_k=0)
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
     G = cfg.samples_per_prompt
+    completions = sample_texts(backend, tokenizer,
+                               [format_prompt(tokenizer, r[cfg.prompt_column], cfg.apply_chat_template) for r in rows],
+                               G, max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
+                               temperature=cfg.temperature, generator=generator, batch_size=cfg.batch_size)
     out_rows, sampled_correct = [], 0
-    for i in range(0, len(rows), cfg.batch_size):
-        chunk = rows[i:i + cfg.batch_size]
-        texts = [format_prompt(tokenizer, r[cfg.prompt_column], cfg.apply_chat_template) for r in chunk]
-        ids, mask = tokenize_prompts(tokenizer, texts, cfg.max_prompt_length)
-        out = backend.generate(ids, mask, params, generator)
-        completions = decode_completions(tokenizer, out.completion_ids, out.completion_mask,
-                                         stop_ids=backend.stop_token_ids)
-        for p, row in enumerate(chunk):
-            group = completions[p * G:(p + 1) * G]
-            answer = str(row[cfg.answer_column])
-            sampled_correct += sum(task.is_correct(c, answer) for c in group)
-            if cfg.rankings:
-                ranked = ranking_from_samples(group, answer, task, cfg.rankings, cfg.use_reference_answer,
-                                              cfg.rank_by)
-                if ranked is not None:
-                    out_rows.append({"prompt": row[cfg.prompt_column], "completions": ranked[0], "labels": ranked[1],
-                                     "kind": "ranking", "answer": answer})
-                continue
-            for pair in pairs_for_prompt(group, answer, task, rng, cfg.correct_pairs_per_prompt,
-                                         cfg.closer_pairs_per_prompt, cfg.use_reference_answer):
-                # The prompt is written as given (not formatted): training formats it like the policy.
-                out_rows.append({"prompt": row[cfg.prompt_column], **pair, "answer": answer})
+    for p, row in enumerate(rows):
+        group = completions[p * G:(p + 1) * G]
+        answer = str(row[cfg.answer_column])
+        sampled_correct += sum(task.is_correct(c, answer) for c in group)
+        if cfg.rankings:
+            ranked = ranking_from_samples(group, answer, task, cfg.rankings, cfg.use_reference_answer,
+                                          cfg.rank_by)
+            if ranked is not None:
+                out_rows.append({"prompt": row[cfg.prompt_column], "completions": ranked[0], "labels": ranked[1],
+                                 "kind": "ranking", "answer": answer})
+            continue
+        for pair in pairs_for_prompt(group, answer, task, rng, cfg.correct_pairs_per_prompt,
+                                     cfg.closer_pairs_per_prompt, cfg.use_reference_answer):
+            # The prompt is written as given (not formatted): training formats it like the policy.
+            out_rows.append({"prompt": row[cfg.prompt_column], **pair, "answer": answer})
 
     path = Path(cfg.output_file)
     path.parent.mkdir(parents=True, exist_ok=True)

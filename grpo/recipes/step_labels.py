@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from grpo.config import StepLabelConfig
-from grpo.data import decode_completions, format_prompt, tokenize_prompts
+from grpo.data import format_prompt
 from grpo.data.steps import delimiter_ends, step_texts
-from grpo.engine.backend import LocalBackend, SamplingParams
+from grpo.engine.backend import LocalBackend
 from grpo.engine.models import load_causal_lm
 from grpo.rewards.functions import load_function
 
-from .preferences import sampling_setup
+from .preferences import sample_texts, sampling_setup
 
 
 def step_label(verdicts: list[float], estimate: str) -> float | bool:
@@ -47,17 +47,10 @@ def make_step_labels(cfg: StepLabelConfig, quiet: bool = False, overwrite: bool 
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
 
     def sample(texts: list[str], n: int) -> list[str]:
-        """n completions of each text, in order (text 0's n first)."""
-        out = []
-        for i in range(0, len(texts), cfg.batch_size):
-            ids, mask = tokenize_prompts(tokenizer, texts[i:i + cfg.batch_size], cfg.max_prompt_length +
-                                         cfg.max_completion_length)
-            params = SamplingParams(group_size=n, max_new_tokens=cfg.max_completion_length, strategy="sample",
-                                    temperature=cfg.temperature, top_p=1.0, top_k=0)
-            g = backend.generate(ids, mask, params, generator)
-            out += decode_completions(tokenizer, g.completion_ids, g.completion_mask,
-                                      stop_ids=getattr(backend, "stop_token_ids", None))
-        return out
+        # A prompt here may carry a step prefix: room for the prompt and a whole completion.
+        return sample_texts(backend, tokenizer, texts, n, max_prompt_length=cfg.max_prompt_length +
+                            cfg.max_completion_length, max_new_tokens=cfg.max_completion_length,
+                            temperature=cfg.temperature, generator=generator, batch_size=cfg.batch_size)
 
     def verdicts(row: dict, completions: list[str]) -> list[float]:
         columns = {k: [v] * len(completions) for k, v in row.items() if k not in (cfg.prompt_column, "_line", "_row")}

@@ -200,24 +200,18 @@ def policy_prm_rows(model_dir, rows: list[dict], samples: int = 4, seed: int = 0
     model in `model_dir` (the warm start), cut into lines and labelled by `step_verifier`. Its
     mistakes are the ones GRPO will ask the PRM to judge, which the corrupted chains of `prm_rows`
     (a number off by one, a `*` read as `+`) do not cover."""
-    from grpo.data import decode_completions, tokenize_prompts
-    from grpo.engine.backend import LocalBackend, SamplingParams
+    from grpo.engine.backend import LocalBackend
     from grpo.engine.models import load_causal_lm, load_tokenizer
+
+    from .preferences import sample_texts
 
     tokenizer = load_tokenizer(str(model_dir))
     backend = LocalBackend(load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32, trainable=False),
                            tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    params = SamplingParams(group_size=samples, max_new_tokens=GRPO["max_completion_length"], strategy="sample",
-                            temperature=temperature, top_p=1.0, top_k=0)
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        ids, mask = tokenize_prompts(tokenizer, [r["prompt"] for r in chunk], GRPO["max_prompt_length"])
-        g = backend.generate(ids, mask, params, generator)
-        texts = decode_completions(tokenizer, g.completion_ids, g.completion_mask, stop_ids=backend.stop_token_ids)
-        out += [_labelled(chunk[j // samples]["prompt"], _lines(t)) for j, t in enumerate(texts)]
-    return out
+    texts = sample_texts(backend, tokenizer, [r["prompt"] for r in rows], samples,
+                         max_prompt_length=GRPO["max_prompt_length"], max_new_tokens=GRPO["max_completion_length"],
+                         temperature=temperature, generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+    return [_labelled(rows[j // samples]["prompt"], _lines(t)) for j, t in enumerate(texts)]
 
 
 def build_tokenizer():
