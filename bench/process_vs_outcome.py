@@ -14,7 +14,8 @@ arms from it, in alternating order so that drift in the machine's load hits both
   verifier (`grpo.recipes.steps.policy_prm_rows`; `PRM_DATA` can add training chains corrupted at
   random, `grpo.recipes.steps.prm_rows`; not Math-Shepherd's Monte-Carlo labels).
 
-Everything else is the recipe's GRPO settings (grpo.recipes.steps.GRPO). Held-out greedy
+Everything else is the recipe's GRPO settings (grpo.recipes.steps.GRPO), with `--set KEY=VALUE`
+applied to every arm alike (e.g. `--set learning_rate=3e-4`). Held-out greedy
 final-answer accuracy every --eval-every steps; the clock is the sum of the training steps'
 own seconds (evaluation not counted). The budget is the shortest run's training seconds, the same
 for every run: a run's accuracy at the budget is its last evaluation within it. Prints per arm the
@@ -77,6 +78,19 @@ def first_reaching(points: list[dict], target: float) -> dict | None:
     return next((p for p in points if p["accuracy"] >= target), None)
 
 
+def overrides(pairs: list[str]) -> dict:
+    """`KEY=VALUE` pairs as GRPO settings, each value read as YAML (3e-4 a float, true a bool)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def run(args) -> dict:
     from grpo.config import RewardModelConfig, TrainConfig, build
     from grpo.recipes import steps
@@ -108,7 +122,7 @@ def run(args) -> dict:
         order = arms[k % len(arms):] + arms[:k % len(arms)]  # rotated: each arm runs first once
         for arm in order:
             settings = {**steps.GRPO, **arm_settings(arm, str(out / "prm")),
-                        "max_steps": args.max_steps, "eval_steps": args.eval_every}
+                        "max_steps": args.max_steps, "eval_steps": args.eval_every, **overrides(args.set)}
             run_dir = out / f"{arm}_{seed}"
             cfg = build(TrainConfig, {"model": str(sft), "dataset": str(train_file),
                                       "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
@@ -120,7 +134,7 @@ def run(args) -> dict:
     budget = args.budget or min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
     return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
             "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
-            "eval_every": args.eval_every, "heldout": len(heldout_rows)}
+            "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": overrides(args.set)}
 
 
 def report(result: dict) -> None:
@@ -176,6 +190,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=float, default=0.0,
                         help="the budget in training seconds (default: the shortest run's), e.g. the outcome "
                              "arm's from an earlier measurement when only other arms run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a GRPO setting for every arm, over the recipe's (repeatable)")
     parser.add_argument("--json", default="")
     parser.add_argument("--report", default="", help="re-print the results a --json file holds")
     args = parser.parse_args(argv)
