@@ -92,12 +92,14 @@ def overrides(pairs: list[str]) -> dict:
 
 
 def run(args) -> dict:
+    from grpo.cli import quiet_libraries
     from grpo.config import RewardModelConfig, TrainConfig, build
     from grpo.recipes import steps
     from grpo.supervised.reward_model import train_reward_model
     from grpo.train.loop import train
 
     torch.set_num_threads(1)
+    quiet_libraries()  # the progress bars of every model save and load would bury the results
     out = Path(args.output_dir)
     t0 = time.time()
     sft, train_file, heldout_file, heldout_rows = steps.warm_start(out / "warm", args.warm_seed)
