@@ -586,3 +586,35 @@ def test_the_packed_attention_keeps_copies_not_its_inputs(path):
     (attend(*copies) * weights).sum().backward()
     for a, b in zip(grads, [x.grad for x in copies]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model", [llama, qwen2])
+def test_the_fused_rms_norm_is_the_modules_own_bit_for_bit(model):
+    """The decoder's norms (`llama.rms_norm`): torch's fused op on float32, exactly the module's
+    output; the module itself where that does not hold (bfloat16)."""
+    from grpo.engine.llama import rms_norm
+
+    m = model()
+    torch.manual_seed(1)
+    for norm in (m.model.layers[0].input_layernorm, m.model.norm):
+        norm.weight.data = torch.randn_like(norm.weight)  # not the ones it starts from
+        fused = rms_norm(norm, torch.float32)
+        assert fused is not norm
+        x = torch.randn(7, norm.weight.shape[0]) * 3
+        assert torch.equal(fused(x), norm(x))
+        assert rms_norm(norm, torch.bfloat16) is norm
+
+
+def test_the_decoders_rope_table_rows_are_the_per_position_tables():
+    """`llama.rope_table`, made once per generation call, holds at row p exactly what
+    `rope_tables` gives at position p; a RoPE that rescales by the longest position asked gets none."""
+    from grpo.engine.llama import rope_table, rope_tables
+
+    m = llama()
+    x = m.model.embed_tokens.weight[:0]
+    cos, sin = rope_table(m, x, 40)
+    positions = torch.tensor([[0], [5], [39], [17]])
+    c, s = rope_tables(m, x, positions)
+    assert torch.equal(cos[positions.view(-1)], c) and torch.equal(sin[positions.view(-1)], s)
+    m.model.rotary_emb.rope_type = "dynamic"
+    assert rope_table(m, x, 40) is None

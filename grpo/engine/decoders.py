@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .llama import attention_shape, rope, rope_tables, supported
+from .llama import attention_shape, rms_norm, rope, rope_table, rope_tables, supported
 from transformers import DynamicCache
 
 from .models import cache_kwarg, output_cache, position_ids_from_mask, supports_logits_to_keep, unwrap
@@ -161,22 +161,30 @@ class GroupDecoder:
         self.model, self.G = model, G
         self.H, self.Hkv, self.hd, self.scale = attention_shape(model)
         self.rep = self.H // self.Hkv
-        self.layers = []
-        for i, layer in enumerate(model.model.layers):
-            a = layer.self_attn
-            self.layers.append(dict(
-                ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm, mlp=layer.mlp,
-                q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
-                # Prompt keys/values as the prefill left them (RoPE applied): [P, Hkv, Lp, hd].
-                kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
-        P = prompt_mask.shape[0]
-        N = P * G
         device = prompt_mask.device
         # Under autocast the prefill leaves keys in float32 (RoPE multiplies by float32 cos/sin) and
         # values in the compute dtype: both caches are kept in the compute dtype (half the memory
         # and no per-step cast of the prompt keys).
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else self.layers[0]["kp"].dtype
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else prompt_cache.layers[0].keys.dtype
+        # The hidden states' dtype: the embedding's (autocast casts inside the matmuls only).
+        hidden = model.model.embed_tokens.weight.dtype
+        norm = lambda module: rms_norm(module, hidden if not autocast else None)  # noqa: E731
+        self.layers = []
+        for i, layer in enumerate(model.model.layers):
+            a = layer.self_attn
+            self.layers.append(dict(
+                ln1=norm(layer.input_layernorm), ln2=norm(layer.post_attention_layernorm), mlp=layer.mlp,
+                q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+                # Prompt keys/values as the prefill left them (RoPE applied): [P, Hkv, Lp, hd].
+                kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
+        self.norm = norm(model.model.norm)
+        P = prompt_mask.shape[0]
+        N = P * G
+        # cos/sin of every position a step can feed (the longest prompt's length plus
+        # max_new_tokens), made once instead of at every step.
+        self.rope = rope_table(model, model.model.embed_tokens.weight[:0],
+                               int(prompt_mask.sum(-1).max()) + max_new_tokens)
         for lay in self.layers:
             lay["kp"], lay["vp"] = lay["kp"].to(dtype), lay["vp"].to(dtype)
             lay["kc"] = torch.empty(N, self.Hkv, max_new_tokens, self.hd, dtype=dtype, device=device)
@@ -234,7 +242,10 @@ class GroupDecoder:
         B, G, H, Hkv, rep, hd = token.shape[0], self.G, self.H, self.Hkv, self.rep, self.hd
         Pa = B // G
         x = model.model.embed_tokens(token)                              # [B, D]
-        cos, sin = rope_tables(model, x, position)                       # [B, 1, hd]
+        if self.rope is not None:
+            cos, sin = self.rope[0][position.view(-1)], self.rope[1][position.view(-1)]  # [B, 1, hd]
+        else:
+            cos, sin = rope_tables(model, x, position)
         for lay in self.layers:
             h = lay["ln1"](x)
             qk = rope(torch.cat([lay["q"](h), lay["k"](h)], dim=-1).view(B, H + Hkv, hd), cos, sin)
@@ -260,4 +271,4 @@ class GroupDecoder:
             o = o.view(Pa, Hkv, G, rep, hd).transpose(1, 2).reshape(B, H * hd) + o_c.view(B, H * hd)
             x = x + lay["o"](o)
             x = x + lay["mlp"](lay["ln2"](x))
-        return model.lm_head(model.model.norm(x))
+        return model.lm_head(self.norm(x))

@@ -59,6 +59,30 @@ def rope_tables(model, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
+def rope_table(model, x: Tensor, positions: int) -> tuple[Tensor, Tensor] | None:
+    """`rope_tables` at positions 0..positions-1, computed once, for a decode loop to index
+    (`cos[position]`): every entry is an elementwise function of its own position, so the table's
+    rows are bit for bit what a call at that position returns. None for a RoPE whose tables depend
+    on the positions asked together (dynamic scaling rescales by the longest)."""
+    if getattr(unwrap(model).model.rotary_emb, "rope_type", "default") != "default":
+        return None
+    return rope_tables(model, x, torch.arange(positions, device=x.device))
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def rms_norm(norm, dtype: torch.dtype):
+    """The model's RMSNorm module as a function of hidden states of `dtype`: torch's fused
+    `rms_norm` (one op where the module makes seven) when that is bit-exact, for float32 states and
+    weights, where it computes the module's x * rsqrt(mean(x^2) + eps) * w in the same order; the
+    module itself otherwise (its float32 detour and cast back round a lower precision elsewhere)."""
+    if type(norm).__name__ in _RMS_NORMS and dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        shape, weight, eps = (norm.weight.shape[-1],), norm.weight, norm.variance_epsilon
+        return lambda x: torch.nn.functional.rms_norm(x, shape, weight, eps)
+    return norm
+
+
 def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """RoPE in Hugging Face's convention, x * cos + rotate_half(x) * sin, as one roll:
     rotate_half(x) * sin == roll(x, hd/2) * (sin with its first half negated), bit for bit
