@@ -102,15 +102,17 @@ def run(args) -> dict:
     quiet_libraries()  # the progress bars of every model save and load would bury the results
     out = Path(args.output_dir)
     t0 = time.time()
-    sft, train_file, heldout_file, heldout_rows = steps.warm_start(out / "warm", args.warm_seed)
+    sft, train_file, heldout_file, heldout_rows = steps.warm_start(out / "warm", args.warm_seed,
+                                                                   operators=args.operators)
+    train_rows = steps.problems(args.warm_seed, operators=args.operators)[0]
+    length = steps.completion_tokens(train_rows + heldout_rows)
     warm_seconds = time.time() - t0
     prm = {}
     if "prm" in args.arms:
         t0 = time.time()
-        train_rows = steps.problems(args.warm_seed)[0]
         rows = steps.prm_rows(train_rows, seed=args.warm_seed, copies=PRM_DATA["copies"])
         rows += steps.policy_prm_rows(sft, train_rows[:PRM_DATA["policy_prompts"]], PRM_DATA["policy_samples"],
-                                      seed=args.warm_seed)
+                                      seed=args.warm_seed, max_new_tokens=length)
         data = steps.write_jsonl(rows, out / "prm_data.jsonl")
         prm = train_reward_model(build(RewardModelConfig, {"model": str(sft), "dataset": str(data),
                                                            "output_dir": str(out / "prm"), "seed": args.warm_seed,
@@ -124,7 +126,8 @@ def run(args) -> dict:
         order = arms[k % len(arms):] + arms[:k % len(arms)]  # rotated: each arm runs first once
         for arm in order:
             settings = {**steps.GRPO, **arm_settings(arm, str(out / "prm")),
-                        "max_steps": args.max_steps, "eval_steps": args.eval_every, **overrides(args.set)}
+                        "max_steps": args.max_steps, "eval_steps": args.eval_every,
+                        "max_completion_length": length, **overrides(args.set)}
             run_dir = out / f"{arm}_{seed}"
             cfg = build(TrainConfig, {"model": str(sft), "dataset": str(train_file),
                                       "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
@@ -136,7 +139,8 @@ def run(args) -> dict:
     budget = args.budget or min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
     return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
             "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
-            "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": overrides(args.set)}
+            "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": overrides(args.set),
+            "operators": args.operators}
 
 
 def report(result: dict) -> None:
@@ -186,6 +190,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--warm-seed", type=int, default=0)
+    parser.add_argument("--operators", type=int, default=3,
+                        help="operations per expression: lines per chain (the demo's 3; more makes the final "
+                             "answer a sparser signal)")
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--output-dir", default="/tmp/process_vs_outcome")

@@ -268,6 +268,13 @@ def test_step_task_chains_and_verifier():
     longest = max(len(r["chain"]) for r in problems(seed=0)[0])
     assert longest + 1 <= min(SFT["max_completion_length"], GRPO["max_completion_length"])
     assert all(r["chain"].split("\n") == chain(r["prompt"][:-1]) for r in train + heldout)
+    # Longer expressions (the process bench's --operators): one line per operation, and a completion
+    # length that holds the longest chain and its EOS.
+    from grpo.recipes.steps import completion_tokens
+    assert completion_tokens(problems(seed=0)[0]) == SFT["max_completion_length"]
+    longer = sum(problems(seed=0, heldout=50, total=400, operators=4), [])
+    assert all(len(r["chain"].split("\n")) == 4 and r["chain"].split("\n") == chain(r["prompt"][:-1]) for r in longer)
+    assert max(len(r["chain"]) for r in longer) + 1 <= completion_tokens(longer) > SFT["max_completion_length"]
 
 
 def test_training_with_step_rewards_from_python(tiny_model_dir, tmp_path, one_thread):

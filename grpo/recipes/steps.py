@@ -34,7 +34,7 @@ from .tasks import build_char_tokenizer, build_tiny_model, write_jsonl
 CHARS = list("0123456789+-*()=\n")
 _TOKEN = re.compile(r"\d+|[-+*()]")
 _UNARY_MINUS = re.compile(r"(^|[-+*(])-")
-OPERATORS = 3      # operations per expression: chains of three lines
+OPERATORS = 3      # operations per expression: chains of three lines (the demo's)
 MAX_VALUE = 99     # every intermediate value stays in [0, MAX_VALUE]
 HELDOUT = 300
 
@@ -92,17 +92,17 @@ def chain(expression: str) -> list[str]:
     return out[1:]
 
 
-def random_expression(rng: random.Random) -> str | None:
-    """OPERATORS operations on digits 1-9, one pair of brackets half of the time; None when an
+def random_expression(rng: random.Random, operators: int = OPERATORS) -> str | None:
+    """`operators` operations on digits 1-9, one pair of brackets half of the time; None when an
     intermediate value leaves [0, MAX_VALUE]."""
-    digits = [str(rng.randint(1, 9)) for _ in range(OPERATORS + 1)]
-    ops = [rng.choice("+-*") for _ in range(OPERATORS)]
+    digits = [str(rng.randint(1, 9)) for _ in range(operators + 1)]
+    ops = [rng.choice("+-*") for _ in range(operators)]
     ts = [digits[0]]
     for op, d in zip(ops, digits[1:]):
         ts += [op, d]
     if rng.random() < 0.5:
-        i = 2 * rng.randint(0, OPERATORS - 1)
-        j = i + 2 * rng.randint(1, OPERATORS - i // 2)
+        i = 2 * rng.randint(0, operators - 1)
+        j = i + 2 * rng.randint(1, operators - i // 2)
         ts = ts[:i] + ["("] + ts[i:j + 1] + [")"] + ts[j + 1:]
     expression = "".join(ts)
     try:
@@ -115,12 +115,14 @@ def random_expression(rng: random.Random) -> str | None:
     return expression
 
 
-def problems(seed: int = 0, heldout: int = HELDOUT, total: int = 6000) -> tuple[list[dict], list[dict]]:
-    """Distinct expressions with their chains, split into train and a disjoint held-out set."""
+def problems(seed: int = 0, heldout: int = HELDOUT, total: int = 6000,
+             operators: int = OPERATORS) -> tuple[list[dict], list[dict]]:
+    """Distinct expressions of `operators` operations with their chains, split into train and a
+    disjoint held-out set."""
     rng = random.Random(seed)
     seen: dict[str, None] = {}
     for _ in range(total * 20):
-        e = random_expression(rng)
+        e = random_expression(rng, operators)
         if e is not None:
             seen[e] = None
         if len(seen) >= total:
@@ -195,7 +197,7 @@ def prm_rows(rows: list[dict], seed: int = 0, copies: int = 1) -> list[dict]:
 
 @torch.no_grad()
 def policy_prm_rows(model_dir, rows: list[dict], samples: int = 4, seed: int = 0, temperature: float = 1.0,
-                    batch_size: int = 64) -> list[dict]:
+                    batch_size: int = 64, max_new_tokens: int | None = None) -> list[dict]:
     """PRM rows from the policy's own samples: `samples` completions of each row's prompt from the
     model in `model_dir` (the warm start), cut into lines and labelled by `step_verifier`. Its
     mistakes are the ones GRPO will ask the PRM to judge, which the corrupted chains of `prm_rows`
@@ -209,8 +211,9 @@ def policy_prm_rows(model_dir, rows: list[dict], samples: int = 4, seed: int = 0
     backend = LocalBackend(load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32, trainable=False),
                            tokenizer)
     texts = sample_texts(backend, tokenizer, [r["prompt"] for r in rows], samples,
-                         max_prompt_length=GRPO["max_prompt_length"], max_new_tokens=GRPO["max_completion_length"],
-                         temperature=temperature, generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+                         max_prompt_length=GRPO["max_prompt_length"],
+                         max_new_tokens=max_new_tokens or completion_tokens(rows), temperature=temperature,
+                         generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
     return [_labelled(rows[j // samples]["prompt"], _lines(t)) for j, t in enumerate(texts)]
 
 
@@ -218,7 +221,15 @@ def build_tokenizer():
     return build_char_tokenizer(CHARS, name="tiny-steps")
 
 
-def warm_start(out: Path, seed: int, sft_overrides: dict | None = None, quiet: bool = True):
+def completion_tokens(rows: list[dict]) -> int:
+    """Completion tokens that hold the longest of these rows' chains and its EOS: the recipe's 24
+    at three operations, more for longer expressions (rounded up to a multiple of 8)."""
+    longest = max(len(r["chain"]) for r in rows) + 1
+    return max(SFT["max_completion_length"], -(-longest // 8) * 8)
+
+
+def warm_start(out: Path, seed: int, sft_overrides: dict | None = None, quiet: bool = True,
+               operators: int = OPERATORS):
     """Tiny model, the task's data (train / held-out, disjoint) and the supervised warm start under `out`:
     returns (sft directory, train file, held-out file, held-out rows)."""
     tokenizer = build_tokenizer()
@@ -228,11 +239,13 @@ def warm_start(out: Path, seed: int, sft_overrides: dict | None = None, quiet: b
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
-    train_rows, heldout_rows = problems(seed)
+    train_rows, heldout_rows = problems(seed, operators=operators)
     train_file = write_jsonl([{**r, "completion": r["chain"]} for r in train_rows], out / "data" / "train.jsonl")
     heldout_file = write_jsonl(heldout_rows, out / "data" / "heldout.jsonl")
     sft_cfg = build(SFTConfig, {"model": str(out / "base"), "dataset": str(train_file),
-                                "output_dir": str(out / "sft"), "seed": seed, **SFT, **(sft_overrides or {})},
+                                "output_dir": str(out / "sft"), "seed": seed, **SFT,
+                                "max_completion_length": completion_tokens(train_rows + heldout_rows),
+                                **(sft_overrides or {})},
                     "steps demo sft")
     train_sft(sft_cfg, quiet=quiet)
     return out / "sft", train_file, heldout_file, heldout_rows
