@@ -102,8 +102,9 @@ def run(args) -> dict:
     quiet_libraries()  # the progress bars of every model save and load would bury the results
     out = Path(args.output_dir)
     t0 = time.time()
-    sft, train_file, heldout_file, heldout_rows = steps.warm_start(out / "warm", args.warm_seed,
-                                                                   operators=args.operators)
+    sft, train_file, heldout_file, heldout_rows = steps.warm_start(
+        out / "warm", args.warm_seed, {"max_steps": args.sft_steps} if args.sft_steps else None,
+        operators=args.operators)
     train_rows = steps.problems(args.warm_seed, operators=args.operators)[0]
     length = steps.completion_tokens(train_rows + heldout_rows)
     warm_seconds = time.time() - t0
@@ -140,7 +141,7 @@ def run(args) -> dict:
     return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
             "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
             "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": overrides(args.set),
-            "operators": args.operators}
+            "operators": args.operators, "sft_steps": args.sft_steps or steps.SFT["max_steps"]}
 
 
 def report(result: dict) -> None:
@@ -193,6 +194,8 @@ def main(argv=None) -> None:
     parser.add_argument("--operators", type=int, default=3,
                         help="operations per expression: lines per chain (the demo's 3; more makes the final "
                              "answer a sparser signal)")
+    parser.add_argument("--sft-steps", type=int, default=0,
+                        help="the warm start's SFT steps (default: the recipe's); longer chains need more")
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--output-dir", default="/tmp/process_vs_outcome")

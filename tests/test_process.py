@@ -493,9 +493,10 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     monkeypatch.setitem(bench.PRM_DATA, "copies", 1)
     monkeypatch.setitem(steps.GRPO, "prompts_per_step", 2)
     bench.main(["--seeds", "0", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(tmp_path),
-                "--set", "learning_rate=3e-4", "--json", str(tmp_path / "result.json")])
+                "--set", "learning_rate=3e-4", "--sft-steps", "4", "--json", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result["runs"]) == {"outcome", "process", "prm"}
+    assert result["sft_steps"] == 4 and (tmp_path / "warm" / "sft").is_dir()
     # --set reaches every arm's run.
     for arm in result["runs"]:
         assert json.loads((tmp_path / f"{arm}_0" / "train_config.json").read_text())["learning_rate"] == 3e-4
