@@ -255,7 +255,9 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args(argv)
+    from grpo.cli import quiet_libraries
 
+    quiet_libraries()  # the warm start's save would print transformers' progress bars
     t = time.time()
     warm = warm_start(Path(args.models_dir), args.seed)
     print(f"warm start {warm} ({time.time() - t:.0f}s)", flush=True)
