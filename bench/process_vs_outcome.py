@@ -100,6 +100,7 @@ def run(args) -> dict:
 
     torch.set_num_threads(1)
     quiet_libraries()  # the progress bars of every model save and load would bury the results
+    settings_over = overrides(args.set)
     out = Path(args.output_dir)
     t0 = time.time()
     sft, train_file, heldout_file, heldout_rows = steps.warm_start(
@@ -128,7 +129,7 @@ def run(args) -> dict:
         for arm in order:
             settings = {**steps.GRPO, **arm_settings(arm, str(out / "prm")),
                         "max_steps": args.max_steps, "eval_steps": args.eval_every,
-                        "max_completion_length": length, **overrides(args.set)}
+                        "max_completion_length": length, **settings_over}
             run_dir = out / f"{arm}_{seed}"
             cfg = build(TrainConfig, {"model": str(sft), "dataset": str(train_file),
                                       "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
@@ -140,7 +141,7 @@ def run(args) -> dict:
     budget = args.budget or min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
     return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
             "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
-            "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": overrides(args.set),
+            "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": settings_over,
             "operators": args.operators, "sft_steps": args.sft_steps or steps.SFT["max_steps"]}
 
 

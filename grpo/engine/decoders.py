@@ -167,18 +167,18 @@ class GroupDecoder:
         # and no per-step cast of the prompt keys).
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else prompt_cache.layers[0].keys.dtype
-        # The hidden states' dtype: the embedding's (autocast casts inside the matmuls only).
-        hidden = model.model.embed_tokens.weight.dtype
-        norm = lambda module: rms_norm(module, hidden if not autocast else None)  # noqa: E731
+        # The hidden states' dtype: the embedding's; under autocast none is fixed (it casts inside ops).
+        states = None if autocast else model.model.embed_tokens.weight.dtype
         self.layers = []
         for i, layer in enumerate(model.model.layers):
             a = layer.self_attn
             self.layers.append(dict(
-                ln1=norm(layer.input_layernorm), ln2=norm(layer.post_attention_layernorm), mlp=layer.mlp,
+                ln1=rms_norm(layer.input_layernorm, states), ln2=rms_norm(layer.post_attention_layernorm, states),
+                mlp=layer.mlp,
                 q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
                 # Prompt keys/values as the prefill left them (RoPE applied): [P, Hkv, Lp, hd].
                 kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
-        self.norm = norm(model.model.norm)
+        self.norm = rms_norm(model.model.norm, states)
         P = prompt_mask.shape[0]
         N = P * G
         # cos/sin of every position a step can feed (the longest prompt's length plus

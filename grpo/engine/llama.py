@@ -72,8 +72,9 @@ def rope_table(model, x: Tensor, positions: int) -> tuple[Tensor, Tensor] | None
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
-def rms_norm(norm, dtype: torch.dtype):
-    """The model's RMSNorm module as a function of hidden states of `dtype`: torch's fused
+def rms_norm(norm, dtype: torch.dtype | None):
+    """The model's RMSNorm module as a function of hidden states of `dtype` (None: not known, as
+    under autocast): torch's fused
     `rms_norm` (one op where the module makes seven) when that is bit-exact, for float32 states and
     weights, where it computes the module's x * rsqrt(mean(x^2) + eps) * w in the same order; the
     module itself otherwise (its float32 detour and cast back round a lower precision elsewhere)."""
