@@ -192,6 +192,34 @@ def test_episode_tokens_are_the_chat_templates_rendering_and_the_mask_is_the_ass
     assert 0 in ep.loss_mask[ep.loss_mask.index(1):len(ep.loss_mask) - ep.loss_mask[::-1].index(1)]
 
 
+def test_appending_by_text_gives_the_ids_appending_by_ids_gives(family, monkeypatch):
+    """The renderer tokenizes only what a turn appends when its stop tokens are special tokens
+    matched in the raw text; the same episode through the whole renderings' ids is the same."""
+    import grpo.agents.rendering as rendering
+    tok = build_tokenizer(family)
+    stop = tok.convert_tokens_to_ids("<|eot_id|>" if family.startswith("llama") else "<|im_end|>")
+    assert rendering.split_texts(tok, {stop}) == {tok.convert_ids_to_tokens(stop): stop}
+    script = {"Q0": [call_text(family, "add", '{"a": 2, "b": 3}'), call_text(family, "multiply", '{"a": 5, "b": 6}'),
+                     "It is 30."]}
+
+    def episode():
+        [ep] = run_episodes(tok, [[{"role": "user", "content": "Q0: what is (2+3)*6?"}]], Script(tok, dict(script)),
+                            tools=[add, multiply], max_turns=5, max_completion_length=4000)
+        return ep
+
+    by_text = episode()
+    encoded = []
+    monkeypatch.setattr(rendering, "split_texts", lambda *_: {})
+    monkeypatch.setattr(rendering, "encoder", lambda t: lambda text: encoded.append(text) or t(
+        text, add_special_tokens=False)["input_ids"])
+    by_ids = episode()
+    assert len(encoded) > 3  # the whole renderings were tokenized
+    assert (by_text.prompt_ids, by_text.completion_ids, by_text.loss_mask) == \
+        (by_ids.prompt_ids, by_ids.completion_ids, by_ids.loss_mask)
+    # A stop token that is not a special token split out of the raw text: the ids decide.
+    assert rendering.split_texts(tok, {stop, tok.convert_tokens_to_ids("a")}) == {}
+
+
 def test_text_environment_episode_is_token_exact(family):
     tok = build_tokenizer(family)
 
@@ -420,6 +448,21 @@ def test_a_template_that_cannot_render_a_tool_is_refused_naming_it(qwen):
     assert [t.name for t in tools] == ["add", "multiply"] and envs is None
 
 
+def test_a_template_that_ends_no_turn_with_a_stop_token_is_refused(monkeypatch):
+    import grpo.agents.rendering as rendering
+    unended = build_tokenizer("qwen2.5")
+    unended.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                             "{% if m.tool_calls %}{{ m.tool_calls[0].function | tojson }}{% endif %}"
+                             "{% if m.role != 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}"
+                             "{% for t in tools %}{{ t.function.name }}{% endfor %}"
+                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ConfigError, match="ends an assistant turn with none of the stop tokens"):
+        check_setup(unended, [add], stop_token_ids=[unended.convert_tokens_to_ids("<|im_end|>")])
+    monkeypatch.setattr(rendering, "split_texts", lambda *_: {})  # the same through the ids
+    with pytest.raises(ConfigError, match="ends an assistant turn with none of the stop tokens"):
+        check_setup(unended, [add], stop_token_ids=[unended.convert_tokens_to_ids("<|im_end|>")])
+
+
 def test_a_template_that_is_not_prefix_stable_is_refused_naming_it(qwen):
     unstable = build_tokenizer("qwen2.5")
     # Writes the number of messages first: every new message changes what comes before it.
@@ -429,6 +472,11 @@ def test_a_template_that_is_not_prefix_stable_is_refused_naming_it(qwen):
                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(ConfigError, match="'tiny-qwen2.5' is not prefix-stable"):
         check_setup(unstable, [add])
+    import grpo.agents.rendering as rendering
+    with pytest.MonkeyPatch.context() as patch:  # the same through the whole renderings' ids
+        patch.setattr(rendering, "split_texts", lambda *_: {})
+        with pytest.raises(ConfigError, match="'tiny-qwen2.5' is not prefix-stable"):
+            check_setup(unstable, [add])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,3 +780,17 @@ def test_later_turns_continue_from_the_kept_cache_and_draw_what_a_whole_prefill_
                                                                torch.Generator().manual_seed(0)),
                                 environments=Echo, max_turns=4, max_completion_length=96)
     assert not read and max(ep.turns for ep in episodes) >= 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_renderers_encoder_gives_the_tokenizers_own_ids(family):
+    from grpo.agents.rendering import encoder
+    tok = build_tokenizer(family)
+    texts = ["", "plain", "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}</tool_call>",
+             "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>", "  tabs\tand\n\nnewlines  "]
+    own = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert [encoder(tok)(t) for t in texts] == own
+    # Padding or truncation set on the Rust tokenizer: transformers' call, which unsets them.
+    tok.backend_tokenizer.enable_truncation(max_length=3)
+    encode = encoder(tok)
+    assert [encode(t) for t in texts] == own

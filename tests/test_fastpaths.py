@@ -618,3 +618,64 @@ def test_the_decoders_rope_table_rows_are_the_per_position_tables():
     assert torch.equal(cos[positions.view(-1)], c) and torch.equal(sin[positions.view(-1)], s)
     m.model.rotary_emb.rope_type = "dynamic"
     assert rope_table(m, x, 40) is None
+
+
+@pytest.mark.parametrize("model", [llama, qwen2])
+def test_the_decoders_projections_and_mlp_are_the_modules_own_bit_for_bit(model):
+    """`llama.linear` and `llama.swiglu` call F.linear on the weights: the module's output exactly
+    (Qwen2's biases included); a hooked module, or a projection that is not a plain Linear, is
+    called as the module, so its hooks and wrappers run."""
+    from grpo.engine.llama import linear, swiglu
+
+    m = model()
+    layer = m.model.layers[0]
+    x = torch.randn(5, m.config.hidden_size)
+    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj, m.lm_head):
+        h = torch.randn(5, proj.in_features)
+        assert linear(proj) is not proj and torch.equal(linear(proj)(h), proj(h))
+    assert swiglu(layer.mlp) is not layer.mlp and torch.equal(swiglu(layer.mlp)(x), layer.mlp(x))
+    calls = []
+    handle = layer.mlp.up_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert linear(layer.mlp.up_proj) is layer.mlp.up_proj
+        assert torch.equal(swiglu(layer.mlp)(x), layer.mlp(x)) and len(calls) == 2
+    finally:
+        handle.remove()
+    handle = layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        assert swiglu(layer.mlp) is layer.mlp
+    finally:
+        handle.remove()
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    wrapped = Wrapped(3, 2)
+    assert linear(wrapped) is wrapped
+
+
+def test_kept_rows_gather_each_rows_prompt_then_completion_keys_right_aligned():
+    from grpo.engine.decoders import KeptRows
+    g = torch.Generator().manual_seed(0)
+    P, G, Hkv, Lp, T, hd = 3, 2, 2, 7, 5, 4
+    # Left padding, and a hole where an earlier continuation padded between kept and new tokens.
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 0, 1]])
+    layers = [tuple(torch.randn(*shape, generator=g) for shape in
+                    ((P, Hkv, Lp, hd), (P, Hkv, Lp, hd), (P * G, Hkv, T, hd), (P * G, Hkv, T, hd)))
+              for _ in range(2)]
+    fed = [0, 3, 5, 1, 2, 4]
+    kept = KeptRows(layers, mask, G, fed)
+    rows = kept.rows()
+    # The naive reference: per row, its prompt's real positions in order, then its fed completion tokens.
+    naive = [[(torch.cat([kp[r // G][:, mask[r // G].bool()], kc[r, :, :fed[r]]], dim=1),
+               torch.cat([vp[r // G][:, mask[r // G].bool()], vc[r, :, :fed[r]]], dim=1))
+              for kp, vp, kc, vc in layers] for r in range(P * G)]
+    assert [row.length for row in rows] == [k.shape[1] for (k, _), *_ in naive]
+    pick = torch.tensor([5, 0, 2])
+    width = max(rows[r].length for r in pick.tolist()) + 2  # room left of the longest: masked padding
+    for j, (k, v) in enumerate(kept.gather(pick, width)):
+        assert k.shape == v.shape == (3, Hkv, width, hd)
+        for i, r in enumerate(pick.tolist()):
+            n = rows[r].length
+            assert torch.equal(k[i, :, width - n:], naive[r][j][0])
+            assert torch.equal(v[i, :, width - n:], naive[r][j][1])

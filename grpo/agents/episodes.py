@@ -43,7 +43,7 @@ from .contract import Episode
 from .environments import (Environments, as_environments, as_observation, as_reward, as_step, failure,
                            final_reward_source, is_text_environment, reset_kwargs, row_name)
 from .parsing import ERROR_KINDS, RAISED, TIMEOUT, CallError, ToolCall, parse_turn
-from .rendering import Renderer, assistant_message
+from .rendering import Renderer, Turn, assistant_message
 from .tools import Tool, check_chat_template, check_distinct, describe, load_tools
 
 
@@ -77,7 +77,7 @@ class _Run:
     tools: dict[str, Tool]
     prompt: list[dict]
     prompt_ids: list[int] = field(default_factory=list)
-    turn_prompt: list[int] = field(default_factory=list)  # the rendering the next turn is generated after
+    turn_prompt: Turn | None = None                # the rendering the next turn is generated after
     completion: list[dict] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
@@ -147,8 +147,13 @@ def run_episodes(tokenizer, prompts: list, generate: Generate, *, rows: list[dic
     runner = runner or CallRunner()
     try:
         _reset(runs, runner, tool_timeout)
+        rendered = {}  # a group's episodes mostly share their prompt: rendered once
         for run in runs:
-            run.prompt_ids = run.turn_prompt = _render_prompt(renderer, run)
+            key = json.dumps([run.prompt, run.schemas], default=repr)
+            if key not in rendered:
+                rendered[key] = _render_prompt(renderer, run)
+            ids, run.turn_prompt = rendered[key]
+            run.prompt_ids = list(ids)
         loop = _Loop(tokenizer, renderer, runner, max_turns, max_completion_length, tool_timeout, parallel_calls)
         while active := [r for r in runs if not r.done]:
             loop.turn(active, generate)
@@ -180,11 +185,11 @@ def _reset(runs: list[_Run], runner: CallRunner, timeout: float | None) -> None:
                 run.prompt.append({"role": _observation_role(run.env), "content": observation})
 
 
-def _render_prompt(renderer: Renderer, run: _Run) -> list[int]:
+def _render_prompt(renderer: Renderer, run: _Run) -> tuple[list[int], Turn]:
     if not run.prompt:
         raise DataError(f"{run.row_label}: the episode has no prompt (an empty prompt and no observation from reset)")
     try:
-        return renderer.ids(run.prompt, run.schemas, add_generation_prompt=True)
+        return renderer.prompt(run.prompt, run.schemas)
     except Exception as e:  # the template's own error (a role it refuses, a missing variable)
         raise DataError(f"{run.row_label}: the chat template of {renderer.tokenizer.name_or_path!r} cannot render "
                         f"the prompt: {describe(e)}") from None
@@ -355,7 +360,7 @@ def check_setup(tokenizer, tools: list = (), environments: Environments | Callab
     renderer = Renderer(tokenizer, stop_token_ids or [tokenizer.eos_token_id], template_kwargs)
     schemas = [t.schema for t in every] or None
     prompt = [{"role": "user", "content": "hi"}]
-    turn_prompt = renderer.ids(prompt, schemas, add_generation_prompt=True)
+    _, turn_prompt = renderer.prompt(prompt, schemas)
     if every:
         name = every[0].name
         said = assistant_message("", [(name, {})])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .llama import attention_shape, rms_norm, rope, rope_table, rope_tables, supported
+from .llama import attention_shape, linear, rms_norm, rope, rope_table, rope_tables, supported, swiglu
 from transformers import DynamicCache
 
 from .models import cache_kwarg, output_cache, position_ids_from_mask, supports_logits_to_keep, unwrap
@@ -52,35 +52,77 @@ def keeps_caches(prompt_ids: Tensor) -> bool:
     return not torch.is_autocast_enabled(prompt_ids.device.type)
 
 
+class KeptRows:
+    """The keys and values one group-decoder call leaves, per layer as the decoder holds them
+    (the prompts' [P, Hkv, Lp, hd] under `prompt_mask`, which may have holes, and the
+    completions' [P*G, Hkv, T, hd]), and how many completion tokens each row fed. Row r's kept
+    tokens are its prompt's real ones, then its first fed[r] completion tokens."""
+
+    def __init__(self, layers: list[tuple[Tensor, Tensor, Tensor, Tensor]], prompt_mask: Tensor, G: int,
+                 fed: list[int]):
+        self.layers, self.G = layers, G
+        # Per prompt, its positions with the real ones last, in order (a stable sort of the mask).
+        self.order = torch.sort(prompt_mask, dim=-1, stable=True).indices
+        self.prompt_lengths = prompt_mask.sum(-1)
+        self.fed = torch.tensor(fed, device=prompt_mask.device)
+
+    def rows(self) -> list["KeptRow"]:
+        lengths = (self.prompt_lengths.repeat_interleave(self.G) + self.fed).tolist()
+        return [KeptRow(self, r, n) for r, n in enumerate(lengths)]
+
+    def gather(self, rows: Tensor, width: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, the keys and values of `rows`, right-aligned in [len(rows), Hkv, width, hd]
+        (left of a row's kept tokens lies whatever the index lands on: the mask hides it)."""
+        prompts = torch.div(rows, self.G, rounding_mode="floor")
+        m, n = self.prompt_lengths[prompts][:, None], self.fed[rows][:, None]   # [b, 1]
+        Lp = self.order.shape[1]
+        offset = torch.arange(width, device=rows.device) - (width - m - n)     # [b, width]: 0 at the first kept
+        # In [prompt keys | completion keys]: the prompt's j-th real token, then completion token j.
+        in_prompt = self.order[prompts].gather(1, (Lp - m + offset).clamp(0, Lp - 1))
+        index = torch.where(offset < m, in_prompt, Lp + offset - m)
+        out = []
+        for kp, vp, kc, vc in self.layers:
+            where = index[:, None, :, None].expand(-1, kp.shape[1], -1, kp.shape[3])
+            out.append(tuple(torch.cat([p[prompts], c[rows]], dim=2).gather(2, where)
+                             for p, c in ((kp, kc), (vp, vc))))
+        return out
+
+
+class KeptRow:
+    """One row of a `KeptRows`: what `Generation.cache` holds per row, and `past` gives back."""
+
+    def __init__(self, rows: KeptRows, r: int, length: int):
+        self.rows, self.r, self.length = rows, r, length
+
+
 def prefill_after(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, prompt_mask: Tensor, past: list):
     """The prompts' forward pass where an earlier call already read the first tokens of some rows:
-    `past[i]` (None, or per layer the keys and values of row i's first n tokens, as
-    `Generation.cache` holds them) goes into the cache as it is, and only the rest is fed.
+    `past[i]` (None, or a `KeptRow` of row i's first tokens) goes into the cache as it is, and
+    only the rest is fed.
 
     Row i's cache is laid out [padding, its n kept tokens, padding, its new tokens]; the mask
     hides both paddings and positions count real tokens only, so every token sits at the
     position, and attends to the keys, that a prefill of the whole row gives it.
     Returns (logits [P, V], the KV cache, its mask [P, Lk + Ls]).
     """
-    rows = [ids[m.bool()] for ids, m in zip(prompt_ids, prompt_mask)]
-    kept = [0 if p is None else p[0][0].shape[1] for p in past]
-    Lk, Ls = max(kept), max(len(r) - n for r, n in zip(rows, kept))
-    B = len(rows)
-    new_ids, new_mask = prompt_ids.new_zeros(B, Ls), prompt_mask.new_zeros(B, Ls)
-    kept_mask = prompt_mask.new_zeros(B, Lk)
-    for i, (r, n) in enumerate(zip(rows, kept)):
-        new_ids[i, Ls - (len(r) - n):] = r[n:]
-        new_mask[i, Ls - (len(r) - n):] = 1
-        kept_mask[i, Lk - n:] = 1
-    some = next(p for p in past if p is not None)
-    layers = []
-    for j, (k0, v0) in enumerate(some):
-        k = k0.new_zeros(B, k0.shape[0], Lk, k0.shape[2])
-        v = v0.new_zeros(B, v0.shape[0], Lk, v0.shape[2])
-        for i, (p, n) in enumerate(zip(past, kept)):
-            if n:
-                k[i, :, Lk - n:], v[i, :, Lk - n:] = p[j]
-        layers.append((k, v))
+    B, L = prompt_ids.shape
+    device = prompt_ids.device
+    kept = torch.tensor([0 if p is None else p.length for p in past], device=device)
+    new = prompt_mask.sum(-1) - kept
+    Lk, Ls = int(kept.max()), int(new.max())
+    # Left-padded: each row's new tokens are its last ones.
+    new_mask = (torch.arange(Ls, device=device) >= Ls - new[:, None]).to(prompt_mask.dtype)
+    new_ids = prompt_ids[:, L - Ls:].masked_fill(new_mask == 0, 0)
+    kept_mask = (torch.arange(Lk, device=device) >= Lk - kept[:, None]).to(prompt_mask.dtype)
+    layers = None
+    for owner in {id(p.rows): p.rows for p in past if p is not None}.values():
+        targets = [i for i, p in enumerate(past) if p is not None and p.rows is owner]
+        parts = owner.gather(torch.tensor([past[i].r for i in targets], device=device), Lk)
+        if layers is None:
+            layers = [tuple(x.new_zeros(B, *x.shape[1:]) for x in kv) for kv in parts]
+        at = torch.tensor(targets, device=device)
+        for (k, v), (pk, pv) in zip(layers, parts):
+            k[at], v[at] = pk, pv
     mask = torch.cat([kept_mask, new_mask], dim=1)
     logits, cache = _forward(model, kwarg, logits_to_keep, new_ids, mask, position_ids_from_mask(mask)[:, Lk:],
                              DynamicCache(ddp_cache_data=layers))
@@ -174,11 +216,12 @@ class GroupDecoder:
             a = layer.self_attn
             self.layers.append(dict(
                 ln1=rms_norm(layer.input_layernorm, states), ln2=rms_norm(layer.post_attention_layernorm, states),
-                mlp=layer.mlp,
-                q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+                mlp=swiglu(layer.mlp),
+                q=linear(a.q_proj), k=linear(a.k_proj), v=linear(a.v_proj), o=linear(a.o_proj),
                 # Prompt keys/values as the prefill left them (RoPE applied): [P, Hkv, Lp, hd].
                 kp=prompt_cache.layers[i].keys, vp=prompt_cache.layers[i].values))
         self.norm = rms_norm(model.model.norm, states)
+        self.head = linear(model.lm_head)
         P = prompt_mask.shape[0]
         N = P * G
         # cos/sin of every position a step can feed (the longest prompt's length plus
@@ -211,17 +254,12 @@ class GroupDecoder:
             self.prompt_bias = self.prompt_bias[keep]
         return rows
 
-    def row_caches(self, fed: list[int]) -> list:
-        """Per row, per layer, the keys and values ([Hkv, n, hd]) of its prompt's real tokens and
-        its first fed[r] completion tokens: what `prefill_after` continues from. Valid while no
+    def row_caches(self, fed: list[int]) -> list["KeptRow"]:
+        """Per row, its prompt's real tokens' keys and values and those of its first fed[r]
+        completion tokens (`KeptRow`): what `prefill_after` continues from. Valid while no
         group has left the batch."""
-        out = []
-        for r, n in enumerate(fed):
-            real = self.prompt_mask[r // self.G].bool()
-            out.append([(torch.cat([lay["kp"][r // self.G][:, real], lay["kc"][r, :, :n]], dim=1),
-                         torch.cat([lay["vp"][r // self.G][:, real], lay["vc"][r, :, :n]], dim=1))
-                        for lay in self.layers])
-        return out
+        return KeptRows([(lay["kp"], lay["vp"], lay["kc"], lay["vc"]) for lay in self.layers],
+                        self.prompt_mask, self.G, fed).rows()
 
     def reorder(self, rows: Tensor, t: int) -> None:
         """Row r continues from row rows[r] (within its group): the completion keys/values of the
@@ -271,4 +309,4 @@ class GroupDecoder:
             o = o.view(Pa, Hkv, G, rep, hd).transpose(1, 2).reshape(B, H * hd) + o_c.view(B, H * hd)
             x = x + lay["o"](o)
             x = x + lay["mlp"](lay["ln2"](x))
-        return model.lm_head(self.norm(x))
+        return self.head(self.norm(x))

@@ -84,6 +84,33 @@ def rms_norm(norm, dtype: torch.dtype | None):
     return norm
 
 
+def hooked(module) -> bool:
+    """Whether calling `module` runs forward hooks (its own or global ones) besides its forward."""
+    from torch.nn.modules import module as nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
+def linear(module):
+    """A projection as a function: `F.linear` on its weight and bias when it is a plain Linear
+    with no hooks (a decode step calls a dozen of them on a few rows, where the module call's own
+    overhead is a visible share of each), the module itself otherwise (a LoRA or quantized layer,
+    or one whose hooks must run)."""
+    if type(module) is torch.nn.Linear and not hooked(module):
+        weight, bias = module.weight, module.bias
+        return lambda x: torch.nn.functional.linear(x, weight, bias)
+    return module
+
+
+def swiglu(module):
+    """A supported model's MLP, down(silu(gate(x)) * up(x)), as a function of its projections
+    (`linear`): what its forward computes, in the same order."""
+    if hooked(module):
+        return module
+    gate, up, down = linear(module.gate_proj), linear(module.up_proj), linear(module.down_proj)
+    return lambda x: down(torch.nn.functional.silu(gate(x)) * up(x))
+
+
 def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """RoPE in Hugging Face's convention, x * cos + rotate_half(x) * sin, as one roll:
     rotate_half(x) * sin == roll(x, hd/2) * (sin with its first half negated), bit for bit

@@ -25,9 +25,9 @@ class Generation:
     # [P*G] float64, stochastic_beam only: q_i(kappa), the probability that completion i is in a
     # group drawn without replacement given the group's threshold (stochastic_beam.py).
     inclusion_probs: Tensor | None = None
-    # With keep_cache (sampling on the group decoder): per row, per layer, the keys and values
-    # ([Hkv, n, hd], RoPE applied) of the n tokens it read, its prompt's and its completion's but
-    # the last, for a later call that continues the row (decoders.prefill_after).
+    # With keep_cache (sampling on the group decoder): per row, the keys and values (RoPE
+    # applied) of the tokens it read, its prompt's and its completion's but the last
+    # (`decoders.KeptRow`), for a later call that continues the row (decoders.prefill_after).
     cache: list | None = None
 
     def select(self, rows: Tensor) -> "Generation":
