@@ -787,7 +787,8 @@ def test_the_renderers_encoder_gives_the_tokenizers_own_ids(family):
     from grpo.agents.rendering import encoder
     tok = build_tokenizer(family)
     texts = ["", "plain", "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}</tool_call>",
-             "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>", "  tabs\tand\n\nnewlines  "]
+             "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>",
+             "  tabs\tand\n\nnewlines  "]
     own = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert [encoder(tok)(t) for t in texts] == own
     # Padding or truncation set on the Rust tokenizer: transformers' call, which unsets them.
