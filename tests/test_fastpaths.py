@@ -679,3 +679,42 @@ def test_kept_rows_gather_each_rows_prompt_then_completion_keys_right_aligned():
             n = rows[r].length
             assert torch.equal(k[i, :, width - n:], naive[r][j][0])
             assert torch.equal(v[i, :, width - n:], naive[r][j][1])
+
+
+def test_a_prefill_after_kept_rows_gives_the_logits_of_a_whole_prefill(monkeypatch):
+    """`decoders.start` with `past`: rows that continue an earlier call's rows (some from one
+    call, one from another, one from none) read only their new tokens, and predict what a
+    prefill of their whole context predicts."""
+    import grpo.engine.decoders as decoders
+    from grpo.engine.decoders import start
+
+    fed = []
+    prefill_after = decoders.prefill_after
+    monkeypatch.setattr(decoders, "prefill_after", lambda *a: fed.append(1) or prefill_after(*a))
+
+    m = llama().eval()
+    first, second = prompts(P=3, seed=1), prompts(P=2, seed=2)
+    calls = []
+    for ids, mask in (first, second):
+        calls.append(generate_groups(m, ids, mask, group_size=2, max_new_tokens=5, eos_token_id=[EOS],
+                                     pad_token_id=PAD, generator=torch.Generator().manual_seed(0), keep_cache=True))
+    g = torch.Generator().manual_seed(3)
+    contexts, past = [], []
+    for (ids, mask), gen, rows in ((first, calls[0], (0, 3, 5)), (second, calls[1], (2,))):
+        for r in rows:
+            n = int(gen.completion_mask[r].sum())
+            read = ids[r // 2][mask[r // 2].bool()].tolist() + gen.completion_ids[r, :n - 1].tolist()
+            assert gen.cache[r].length == len(read)
+            new = torch.randint(3, V, (r % 3 + 1,), generator=g).tolist()
+            contexts.append(read + gen.completion_ids[r, n - 1:n].tolist() + new)
+            past.append(gen.cache[r])
+    contexts.append(torch.randint(3, V, (4,), generator=g).tolist())  # no kept rows
+    past.append(None)
+    L = max(map(len, contexts))
+    ids = torch.tensor([[PAD] * (L - len(c)) + c for c in contexts])
+    mask = torch.tensor([[0] * (L - len(c)) + [1] * len(c) for c in contexts])
+    with torch.no_grad():
+        _, kept, _ = start(m, ids, mask, 1, 4, True, past)
+        assert fed == [1]
+        _, whole, _ = start(m, ids, mask, 1, 4, True, None)
+    torch.testing.assert_close(kept, whole, atol=1e-5, rtol=0)

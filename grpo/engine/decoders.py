@@ -73,18 +73,24 @@ class KeptRows:
     def gather(self, rows: Tensor, width: int) -> list[tuple[Tensor, Tensor]]:
         """Per layer, the keys and values of `rows`, right-aligned in [len(rows), Hkv, width, hd]
         (left of a row's kept tokens lies whatever the index lands on: the mask hides it)."""
+        P, Lp = self.order.shape
+        N = self.fed.shape[0]
         prompts = torch.div(rows, self.G, rounding_mode="floor")
         m, n = self.prompt_lengths[prompts][:, None], self.fed[rows][:, None]   # [b, 1]
-        Lp = self.order.shape[1]
+        T = max(int(n.max()), 1)
         offset = torch.arange(width, device=rows.device) - (width - m - n)     # [b, width]: 0 at the first kept
-        # In [prompt keys | completion keys]: the prompt's j-th real token, then completion token j.
-        in_prompt = self.order[prompts].gather(1, (Lp - m + offset).clamp(0, Lp - 1))
-        index = torch.where(offset < m, in_prompt, Lp + offset - m)
+        # Rows of one table per layer, [every prompt's Lp tokens | every row's first T completion
+        # tokens]: the prompt's j-th real token, then completion token j.
+        in_prompt = prompts[:, None] * Lp + self.order[prompts].gather(1, (Lp - m + offset).clamp(0, Lp - 1))
+        in_completion = P * Lp + rows[:, None] * T + (offset - m).clamp(0, T - 1)
+        index = torch.where(offset < m, in_prompt, in_completion).view(-1)
         out = []
         for kp, vp, kc, vc in self.layers:
-            where = index[:, None, :, None].expand(-1, kp.shape[1], -1, kp.shape[3])
-            out.append(tuple(torch.cat([p[prompts], c[rows]], dim=2).gather(2, where)
-                             for p, c in ((kp, kc), (vp, vc))))
+            Hkv, hd = kp.shape[1], kp.shape[3]
+            tables = (torch.cat([p.transpose(1, 2).reshape(P * Lp, Hkv * hd),
+                                 c[:, :, :T].transpose(1, 2).reshape(N * T, Hkv * hd)])
+                      for p, c in ((kp, kc), (vp, vc)))
+            out.append(tuple(t.index_select(0, index).view(len(rows), width, Hkv, hd).transpose(1, 2) for t in tables))
         return out
 
 
@@ -114,15 +120,19 @@ def prefill_after(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, p
     new_mask = (torch.arange(Ls, device=device) >= Ls - new[:, None]).to(prompt_mask.dtype)
     new_ids = prompt_ids[:, L - Ls:].masked_fill(new_mask == 0, 0)
     kept_mask = (torch.arange(Lk, device=device) >= Lk - kept[:, None]).to(prompt_mask.dtype)
-    layers = None
-    for owner in {id(p.rows): p.rows for p in past if p is not None}.values():
-        targets = [i for i, p in enumerate(past) if p is not None and p.rows is owner]
-        parts = owner.gather(torch.tensor([past[i].r for i in targets], device=device), Lk)
-        if layers is None:
-            layers = [tuple(x.new_zeros(B, *x.shape[1:]) for x in kv) for kv in parts]
-        at = torch.tensor(targets, device=device)
-        for (k, v), (pk, pv) in zip(layers, parts):
-            k[at], v[at] = pk, pv
+    owners = list({id(p.rows): p.rows for p in past if p is not None}.values())
+    if len(owners) == 1 and all(p is not None for p in past):  # the usual case: every row continues one call's
+        layers = owners[0].gather(torch.tensor([p.r for p in past], device=device), Lk)
+    else:
+        layers = None
+        for owner in owners:
+            targets = [i for i, p in enumerate(past) if p is not None and p.rows is owner]
+            parts = owner.gather(torch.tensor([past[i].r for i in targets], device=device), Lk)
+            if layers is None:
+                layers = [tuple(x.new_zeros(B, *x.shape[1:]) for x in kv) for kv in parts]
+            at = torch.tensor(targets, device=device)
+            for (k, v), (pk, pv) in zip(layers, parts):
+                k[at], v[at] = pk, pv
     mask = torch.cat([kept_mask, new_mask], dim=1)
     logits, cache = _forward(model, kwarg, logits_to_keep, new_ids, mask, position_ids_from_mask(mask)[:, Lk:],
                              DynamicCache(ddp_cache_data=layers))
