@@ -795,3 +795,24 @@ def test_the_renderers_encoder_gives_the_tokenizers_own_ids(family):
     tok.backend_tokenizer.enable_truncation(max_length=3)
     encode = encoder(tok)
     assert [encode(t) for t in texts] == own
+
+
+def test_the_prefix_index_finds_the_longest_kept_prefix_a_scan_finds():
+    import random
+
+    from grpo.agents.backend import PrefixIndex
+    rng = random.Random(0)
+    kept = []
+    for i in range(60):
+        base = kept[rng.randrange(len(kept))][0] if kept and rng.random() < 0.5 else []
+        kept.append((base + [rng.randrange(3) for _ in range(rng.randrange(1, 4))], f"cache {i}"))
+    kept.append((list(kept[5][0]), "a second copy of 5"))
+    index = PrefixIndex(kept)
+    for _ in range(300):
+        context = list(kept[rng.randrange(len(kept))][0]) + [rng.randrange(3) for _ in range(rng.randrange(0, 3))]
+        if rng.random() < 0.2:
+            context = [rng.randrange(3) for _ in range(rng.randrange(1, 8))]
+        scan = [c for t, c in kept if len(t) < len(context) and context[:len(t)] == t]
+        best = max((len(t) for t, c in kept if c in scan), default=None)
+        expected = next((c for t, c in kept if c in scan and len(t) == best), None)
+        assert index.longest(context) == expected

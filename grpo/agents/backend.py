@@ -43,7 +43,8 @@ def backend_generate(backend: RolloutBackend, tokenizer, params: SamplingParams,
         ids, mask = left_pad(tokenizer, unique, max(len(c) for c in unique), device)
         turn = dataclasses.replace(params, group_size=G, max_new_tokens=max_new_tokens)
         if keeps:
-            past = [longest_prefix(kept, c) for c in unique]
+            index = PrefixIndex(kept)
+            past = [index.longest(c) for c in unique]
             out = backend.generate(ids, mask, turn, generator, past=past if any(past) else None, keep_cache=True)
         else:
             out = backend.generate(ids, mask, turn, generator)
@@ -61,11 +62,22 @@ def backend_generate(backend: RolloutBackend, tokenizer, params: SamplingParams,
     return generate
 
 
-def longest_prefix(kept: list[tuple[list[int], list]], context: list[int]):
-    """The kept cache of the longest token list that is a proper prefix of `context` (None if none)."""
-    best = max((k for k in kept if len(k[0]) < len(context) and context[:len(k[0])] == k[0]),
-               key=lambda k: len(k[0]), default=None)
-    return None if best is None else best[1]
+class PrefixIndex:
+    """Kept (token list, cache) pairs: `longest(context)` is the cache of the longest kept token
+    list that is a proper prefix of `context` (the first kept of equal ones; None if none), found
+    with one lookup per distinct kept length instead of a comparison with every kept list."""
+
+    def __init__(self, kept: list[tuple[list[int], list]]):
+        self.by_tokens = {}
+        for tokens, cache in kept:
+            self.by_tokens.setdefault(tuple(tokens), cache)
+        self.lengths = sorted({len(t) for t in self.by_tokens}, reverse=True)
+
+    def longest(self, context: list[int]):
+        for n in self.lengths:
+            if n < len(context) and (cache := self.by_tokens.get(tuple(context[:n]))) is not None:
+                return cache
+        return None
 
 
 def repeats(contexts: list[list[int]]) -> int:

@@ -268,8 +268,10 @@ class GroupDecoder:
         """Per row, its prompt's real tokens' keys and values and those of its first fed[r]
         completion tokens (`KeptRow`): what `prefill_after` continues from. Valid while no
         group has left the batch."""
-        return KeptRows([(lay["kp"], lay["vp"], lay["kc"], lay["vc"]) for lay in self.layers],
-                        self.prompt_mask, self.G, fed).rows()
+        # Only the fed columns are kept: the rest of the preallocated cache is freed with the decoder.
+        T = max(max(fed), 1)
+        return KeptRows([(lay["kp"], lay["vp"], lay["kc"][:, :, :T].clone(), lay["vc"][:, :, :T].clone())
+                         for lay in self.layers], self.prompt_mask, self.G, fed).rows()
 
     def reorder(self, rows: Tensor, t: int) -> None:
         """Row r continues from row rows[r] (within its group): the completion keys/values of the
