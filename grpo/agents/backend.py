@@ -48,11 +48,12 @@ def backend_generate(backend: RolloutBackend, tokenizer, params: SamplingParams,
             out = backend.generate(ids, mask, turn, generator, past=past if any(past) else None, keep_cache=True)
         else:
             out = backend.generate(ids, mask, turn, generator)
-        lengths = out.completion_mask.sum(1).tolist()
-        sampled = out.sampling_logprobs
-        turns = [Sampled(token_ids=out.completion_ids[i, :n].tolist(), logprobs=out.logprobs[i, :n].tolist(),
-                         finished=not bool(out.truncated[i]),
-                         sampling_logprobs=None if sampled is None else sampled[i, :n].tolist())
+        # Whole tensors to lists once, then each row's slice.
+        lengths, ids, logprobs, truncated = (x.tolist() for x in (out.completion_mask.sum(1), out.completion_ids,
+                                                                   out.logprobs, out.truncated))
+        sampled = None if out.sampling_logprobs is None else out.sampling_logprobs.tolist()
+        turns = [Sampled(token_ids=ids[i][:n], logprobs=logprobs[i][:n], finished=not truncated[i],
+                         sampling_logprobs=None if sampled is None else sampled[i][:n])
                  for i, n in enumerate(lengths)]
         # Each row's cache holds its context and its turn but the last token (drawn, never fed).
         kept[:] = [] if out.cache is None else [(contexts[i] + s.token_ids[:-1], c)
