@@ -128,12 +128,10 @@ def left_pad(tokenizer, ids: list[list[int]], max_length: int, device=None) -> t
     ids = [x[-max_length:] for x in ids]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        if x:
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
+    # Padded as lists, then one tensor each: a copy per row costs more than the rows (an agent's
+    # every turn pads one context per episode).
+    input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids], dtype=torch.long).view(len(ids), width)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long).view(len(ids), width)
     return input_ids.to(device), mask.to(device)
 
 
