@@ -20,6 +20,8 @@ Rows p*G .. p*G + G - 1 of every output belong to prompt p.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -272,7 +274,20 @@ def _extend(ids: Tensor, lp: Tensor, token_lp: Tensor, parent: Tensor, tok: Tens
 
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+def _inference(fn):
+    """`fn` under torch.inference_mode, not just no_grad: no autograd bookkeeping at all, which a
+    decode loop of many small ops feels in every op. Its `Generation`'s tensors are cloned outside
+    that mode, so training can use them (an inference tensor cannot be saved for backward); kept
+    caches stay inference tensors, for later generation only."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return out.outside_inference()
+    return run
+
+
+@_inference
 def generate_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, *, group_size: int,
                     max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int,
                     strategy: str = "sample", temperature: float = 1.0, top_p: float = 1.0,

@@ -5,6 +5,7 @@ Shared by `generation.py` (sampling, beam search) and `stochastic_beam.py`."""
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,12 @@ class Generation:
     # applied) of the tokens it read, its prompt's and its completion's but the last
     # (`decoders.KeptRow`), for a later call that continues the row (decoders.prefill_after).
     cache: list | None = None
+
+    def outside_inference(self) -> "Generation":
+        """Its tensors cloned outside torch.inference_mode (where they are made), as autograd
+        needs them; the kept cache as it is."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
 
     def select(self, rows: Tensor) -> "Generation":
         """The rows `rows` (e.g. the completions of some groups), same padding."""
