@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         return wrapped
 
     def kept_tokens(past):
-        return sum(0 if p is None else p[0][0].shape[1] for p in past)
+        return sum(0 if p is None else p.length for p in past)
     decoders.prefill = timed(decoders.prefill, lambda m, kw, keep, ids, mask: int(mask.sum()))
     decoders.prefill_after = timed(decoders.prefill_after,
                                    lambda m, kw, keep, ids, mask, past: int(mask.sum()) - kept_tokens(past))
