@@ -55,13 +55,10 @@ class Renderer:
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **self.kwargs)
 
-    def ids(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> list[int]:
-        """The conversation's token ids: the template's text, tokenized as it is (the template
-        wrote its special tokens), as grpo.data.encode_prompt tokenizes a prompt."""
-        return self.encode(self.text(messages, tools, add_generation_prompt))
-
     def prompt(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], "Turn"]:
-        """The prompt's ids, with the generation prompt, and its rendering as the first `Turn`."""
+        """The prompt's ids, with the generation prompt, and its rendering as the first `Turn`:
+        the template's text, tokenized as it is (the template wrote its special tokens), as
+        grpo.data.encode_prompt tokenizes a prompt."""
         text = self.text(messages, tools, add_generation_prompt=True)
         ids = self.encode(text)
         return ids, Turn(text, ids)

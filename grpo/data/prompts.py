@@ -130,8 +130,8 @@ def left_pad(tokenizer, ids: list[list[int]], max_length: int, device=None) -> t
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Padded as lists, then one tensor each: a copy per row costs more than the rows (an agent's
     # every turn pads one context per episode).
-    input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids], dtype=torch.long).view(len(ids), width)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long).view(len(ids), width)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
     return input_ids.to(device), mask.to(device)
 
 

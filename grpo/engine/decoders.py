@@ -111,7 +111,7 @@ def prefill_after(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, p
     position, and attends to the keys, that a prefill of the whole row gives it.
     Returns (logits [P, V], the KV cache, its mask [P, Lk + Ls]).
     """
-    B, L = prompt_ids.shape
+    L = prompt_ids.shape[1]
     device = prompt_ids.device
     kept = torch.tensor([0 if p is None else p.length for p in past], device=device)
     new = prompt_mask.sum(-1) - kept
@@ -120,19 +120,19 @@ def prefill_after(model, kwarg: str, logits_to_keep: bool, prompt_ids: Tensor, p
     new_mask = (torch.arange(Ls, device=device) >= Ls - new[:, None]).to(prompt_mask.dtype)
     new_ids = prompt_ids[:, L - Ls:].masked_fill(new_mask == 0, 0)
     kept_mask = (torch.arange(Lk, device=device) >= Lk - kept[:, None]).to(prompt_mask.dtype)
-    owners = list({id(p.rows): p.rows for p in past if p is not None}.values())
-    if len(owners) == 1 and all(p is not None for p in past):  # the usual case: every row continues one call's
-        layers = owners[0].gather(torch.tensor([p.r for p in past], device=device), Lk)
-    else:
-        layers = None
-        for owner in owners:
-            targets = [i for i, p in enumerate(past) if p is not None and p.rows is owner]
-            parts = owner.gather(torch.tensor([past[i].r for i in targets], device=device), Lk)
-            if layers is None:
-                layers = [tuple(x.new_zeros(B, *x.shape[1:]) for x in kv) for kv in parts]
-            at = torch.tensor(targets, device=device)
-            for (k, v), (pk, pv) in zip(layers, parts):
-                k[at], v[at] = pk, pv
+    # Every row gathers from the first call that kept rows (usually the only one): a row with
+    # nothing kept there reads its row 0, under a mask of zeros; rows another call kept are
+    # gathered from it and written over theirs.
+    layers = None
+    for owner in {id(p.rows): p.rows for p in past if p is not None}.values():
+        mine = [p is not None and p.rows is owner for p in past]
+        rows = torch.tensor([p.r if m else 0 for p, m in zip(past, mine)], device=device)
+        if layers is None:
+            layers = owner.gather(rows, Lk)
+            continue
+        at = torch.tensor([i for i, m in enumerate(mine) if m], device=device)
+        for (k, v), (pk, pv) in zip(layers, owner.gather(rows[at], Lk)):
+            k[at], v[at] = pk, pv
     mask = torch.cat([kept_mask, new_mask], dim=1)
     logits, cache = _forward(model, kwarg, logits_to_keep, new_ids, mask, position_ids_from_mask(mask)[:, Lk:],
                              DynamicCache(ddp_cache_data=layers))

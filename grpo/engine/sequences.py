@@ -4,8 +4,8 @@ Shared by `generation.py` (sampling, beam search) and `stochastic_beam.py`."""
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
