@@ -240,6 +240,73 @@ def test_an_environment_reward_is_one_more_column(tool_model, tmp_path):
     assert sum(v for k, v in rollout.sampling_stats.items() if k.startswith("agent/tool_errors/")) == 1.0
 
 
+def by_kind(completions, kind, **_):
+    """Rows of kind "tied" score 1 on every episode; "mixed" ones alternate 0, 1 down the batch."""
+    return [1.0 if k == "tied" else float(i % 2) for i, k in enumerate(kind)]
+
+
+class AnswersDirectWhenTold(ScriptedBackend):
+    """Calls the tool first, except where the prompt says "direct": there it answers at once."""
+
+    def generate(self, prompt_ids, prompt_mask, params, generator=None) -> Generation:
+        direct, tool = ScriptedBackend(self.tokenizer, first="408"), ScriptedBackend(self.tokenizer)
+        rows = [(direct if "direct" in self.tokenizer.decode(ids[mask.bool()]) else tool).generate(
+            ids[None], mask[None], params) for ids, mask in zip(prompt_ids, prompt_mask)]
+        return Generation.cat(rows, self.tokenizer.pad_token_id)
+
+
+def test_dynamic_sampling_drops_tied_groups_of_episodes(tool_model, tmp_path):
+    """Tied groups of episodes are dropped and more rows run; the kept groups' prompts, episodes,
+    messages and lengths stay aligned, and the agent metrics count every episode run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo import algorithm
+    from grpo.agents import check_setup
+    from grpo.train.agent_rollout import AgentSetup
+    from grpo.train.rollout import collect_rollout
+
+    def rows(kinds, at):
+        # A tied row is answered at once (one turn, no call), a mixed one through the tool.
+        return [{"prompt": [{"role": "user", "content": f"12*34? #{at + i}" + (" direct" if k == "tied" else "")}],
+                 "kind": k} for i, k in enumerate(kinds)]
+
+    drawn = []
+
+    def more_rows(n):
+        drawn.append(rows(["tied", "mixed"][:n], 100))
+        return drawn[-1]
+
+    cfg = config(tool_model, tmp_path, rewards=[by_kind], dynamic_sampling=True, max_generation_rounds=3)
+    tok = AutoTokenizer.from_pretrained(tool_model)
+    policy = AutoModelForCausalLM.from_pretrained(tool_model)
+    setup = AgentSetup(*check_setup(tok, cfg.tools, None))
+    try:
+        rollout = collect_rollout(policy, None, tok, rows(["tied", "mixed"], 0), build_rewards(cfg), cfg,
+                                  torch.Generator().manual_seed(0), backend=AnswersDirectWhenTold(tok), agent=setup,
+                                  more_rows=more_rows)
+    finally:
+        setup.close()
+    G, P = cfg.group_size, cfg.prompts_per_step
+    # Round 1 kept 1 of 2 groups; round 2 drew ceil(1 / (1/2)) = 2 rows and kept the mixed one.
+    assert [len(d) for d in drawn] == [2] and len(rollout) == P * G
+    s = rollout.sampling_stats
+    assert s["dynamic_sampling/rounds"] == 2 and s["dynamic_sampling/groups_dropped"] == 2
+    assert not algorithm.zero_variance_groups(rollout.rewards, G).any()
+    assert rollout.rewards.tolist() == [0.0, 1.0, 0.0, 1.0]
+    # Every row is its own prompt's episode: #1 (round 1) twice, then #101 (round 2) twice.
+    asked = [m[0]["content"] for m in rollout.messages]
+    assert asked == ["12*34? #1"] * 2 + ["12*34? #101"] * 2
+    for i, text in enumerate(asked):
+        prompt = tok.decode(rollout.prompt_ids[i][rollout.prompt_mask[i].bool()])
+        assert text in prompt and text in rollout.prompts[i]
+        assert [m["role"] for m in rollout.messages[i]] == ["user", "assistant", "tool", "assistant"]
+        n = int(rollout.lengths[i])
+        assert tok.decode(rollout.completion_ids[i][:n]) == rollout.completions[i]
+        assert "<tool_response>" in rollout.completions[i] and rollout.completion_mask[i, n:].sum() == 0
+    # 8 episodes ran: 4 tied ones in one turn without a call, 4 mixed ones in two turns with one.
+    assert s["agent/turns"] == 1.5 and s["agent/tool_calls"] == 0.5
+
+
 class Multiplier:
     """A tool environment without a reward of its own: it records the calls made on it."""
 
@@ -318,7 +385,13 @@ def test_agent_keys_and_trl_spelling():
     assert build(TrainConfig, dict(model="m", dataset="d", environment_factory=Counter), "t").agent
 
 
-def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path, sampled_then_scripted):
+def sampled_parity(completions, **_):
+    """1 or 0 by what the model sampled in its first turn: groups tie or not by chance."""
+    return [float(sum(map(ord, c[0]["content"])) % 2) for c in completions]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["plain", "dynamic_sampling"])
+def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path, sampled_then_scripted, dynamic):
     import shutil
 
     from safetensors.torch import load_file
@@ -326,8 +399,11 @@ def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path, sampled_
     from grpo.train import loop
 
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
+    data.write_text("".join(json.dumps({**r, "prompt": [{"role": "user", "content": f"12*34? #{i}"}]}) + "\n"
+                            for i, r in enumerate(ROWS * 8)))
     over = dict(dataset=str(data), rollout_backend=sampled_then_scripted, max_steps=4, save_steps=2, samples_steps=0)
+    if dynamic:
+        over.update(dynamic_sampling=True, rewards=[answered, sampled_parity])
     loop.train(config(tool_model, tmp_path / "full", **over), quiet=True)
     part = tmp_path / "part"
     part.mkdir()
@@ -339,6 +415,9 @@ def test_resume_halfway_with_tools_ends_bit_equal(tool_model, tmp_path, sampled_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["rollout/agent/tool_calls"] == 1.0
+    if dynamic:  # groups were dropped and rows drawn again, before and after the resume
+        assert sum(m["rollout/dynamic_sampling/groups_dropped"] for m in metrics[:2]) > 0
+        assert sum(m["rollout/dynamic_sampling/groups_dropped"] for m in metrics[2:]) > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -656,8 +656,6 @@ class TrainConfig(LoopConfig):
         if self.agent and self.generation != "sample":
             bad("generation", f"episodes with tools or an environment are sampled turn by turn; "
                               f"generation: {self.generation} makes whole groups at once (use sample)")
-        if self.agent and self.dynamic_sampling:
-            bad("dynamic_sampling", "not with tools, an environment or a rollout_func yet")
 
     def validate_process(self, bad) -> None:
         """Step rewards and the `process` estimator go together, with what per-token advantages allow."""

@@ -105,13 +105,17 @@ class Scored:
                 [t for t in self.texts for _ in range(G)])
 
     def take(self, groups: list[int], G: int) -> "Scored":
-        """The groups `groups`, in that order."""
+        """The groups `groups`, in that order (an agent batch's metrics stay the whole batch's)."""
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
         on = rows.to(self.total.device)
-        return Scored([self.rows[g] for g in groups], [self.texts[g] for g in groups], self.prompt_ids[groups],
-                      self.prompt_mask[groups], self.generation.select(on),
+        prompts = rows.tolist() if self.per_row else groups
+        return Scored([self.rows[g] for g in groups], [self.texts[i] for i in prompts],
+                      self.prompt_ids[prompts], self.prompt_mask[prompts], self.generation.select(on),
                       [self.completions[i] for i in rows.tolist()], self.total[on],
-                      {k: v[on] for k, v in self.per_function.items()})
+                      {k: v[on] for k, v in self.per_function.items()}, self.seconds_generate, self.seconds_score,
+                      per_row=self.per_row, lengths=None if self.lengths is None else self.lengths[on],
+                      stats=self.stats,
+                      messages=None if self.messages is None else [self.messages[i] for i in rows.tolist()])
 
 
 def completion_stop_ids(backend: RolloutBackend, tokenizer) -> list[int]:
@@ -204,13 +208,24 @@ def _cat(parts: list[Scored], pad_token_id: int) -> Scored:
     def left(x, value):
         return torch.nn.functional.pad(x, (Lp - x.shape[1], 0), value=value)
 
+    agent = parts[0].per_row
     return Scored([r for p in parts for r in p.rows], [t for p in parts for t in p.texts],
                   torch.cat([left(p.prompt_ids, pad_token_id) for p in parts]),
                   torch.cat([left(p.prompt_mask, 0) for p in parts]),
                   Generation.cat([p.generation for p in parts], pad_token_id),
                   [c for p in parts for c in p.completions], torch.cat([p.total for p in parts]),
                   {k: torch.cat([p.per_function[k] for p in parts]) for k in parts[0].per_function},
-                  sum(p.seconds_generate for p in parts), sum(p.seconds_score for p in parts))
+                  sum(p.seconds_generate for p in parts), sum(p.seconds_score for p in parts),
+                  per_row=agent, lengths=torch.cat([p.lengths for p in parts]) if agent else None,
+                  messages=[m for p in parts for m in p.messages] if agent else None)
+
+
+def mean_metrics(batches: list[Scored]) -> dict[str, float]:
+    """The agent metrics (means per episode) of several batches as one mean over all their
+    episodes; a kind of tool error one batch did not see counts 0 there."""
+    n = [len(b.completions) for b in batches]
+    keys = dict.fromkeys(k for b in batches for k in b.stats)
+    return {k: sum(b.stats.get(k, 0.0) * m for b, m in zip(batches, n)) / sum(n) for k in keys}
 
 
 def logprob_temperature(cfg) -> float:
@@ -288,6 +303,7 @@ def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[l
         tied.extend((groups, g) for g, z in enumerate(zero) if z)
         generated += len(zero)
 
+    batches = [first]
     absorb(first)
     rounds = 1
     while True:
@@ -304,7 +320,8 @@ def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[l
         rows = more_rows(n)
         rounds += 1
         if len(kept) < P:  # a full process still draws its rows, so every process's order advances alike
-            absorb(generate(rows))
+            batches.append(generate(rows))
+            absorb(batches[-1])
     chosen = kept[:P]
     short = P - len(chosen)
     chosen += tied[:short]
@@ -316,7 +333,8 @@ def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[l
     stats = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/prompts_generated": float(generated),
              "dynamic_sampling/groups_dropped": float(generated - P),
              "dynamic_sampling/tied_groups_kept": float(short),
-             "dynamic_sampling/zero_variance_frac": len(tied) / max(generated, 1)}
+             "dynamic_sampling/zero_variance_frac": len(tied) / max(generated, 1),
+             **mean_metrics(batches)}  # an agent run's metrics count every episode run, kept or dropped
     return selected, stats
 
 
@@ -359,7 +377,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         scored = _cat(parts, tokenizer.pad_token_id)
     out, total = scored.generation, scored.total
     prompt_ids, prompt_mask, prompts = scored.expanded_prompts(G)
-    stats = {**stats, **scored.stats}
+    stats = {**scored.stats, **stats}
     rollout = Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         completion_ids=out.completion_ids,
