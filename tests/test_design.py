@@ -1,5 +1,5 @@
 """docs/design.md's worked examples (adding a policy loss, an advantage estimator, a reward, a
-rollout backend) run as written."""
+rollout backend, a tool, an environment, a rollout_func) run as written."""
 
 import re
 from pathlib import Path
@@ -15,7 +15,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", DESIGN.read_text(), re.DOTALL)
 
 
 def test_the_design_has_its_examples():
-    assert len(BLOCKS) == 4
+    assert len(BLOCKS) == 7
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
