@@ -797,6 +797,21 @@ def test_the_renderers_encoder_gives_the_tokenizers_own_ids(family):
     assert [encode(t) for t in texts] == own
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_decoder_gives_the_tokenizers_own_texts(family):
+    from grpo.agents.rendering import decoder
+    tok = build_tokenizer(family)
+    texts = ["", "plain", "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}</tool_call>",
+             "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>",
+             "  tabs\tand\n\nnewlines , ok ."]
+    batch = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    own = [tok.decode(ids, skip_special_tokens=False) for ids in batch]
+    assert decoder(tok)(batch) == own and decoder(tok)([]) == []
+    # A tokenizer that cleans up spaces: transformers' decode, which does it.
+    tok.clean_up_tokenization_spaces = True
+    assert decoder(tok)(batch) == [tok.decode(ids, skip_special_tokens=False) for ids in batch]
+
+
 def test_the_prefix_index_finds_the_longest_kept_prefix_a_scan_finds():
     import random
 

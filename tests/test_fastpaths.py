@@ -681,10 +681,12 @@ def test_kept_rows_gather_each_rows_prompt_then_completion_keys_right_aligned():
             assert torch.equal(v[i, :, width - n:], naive[r][j][1])
 
 
-def test_a_prefill_after_kept_rows_gives_the_logits_of_a_whole_prefill(monkeypatch):
+@pytest.mark.parametrize("make", [llama, lambda: llama(kv_heads=2), qwen2], ids=["llama", "llama_gqa", "qwen2_bias_gqa"])
+def test_a_prefill_after_kept_rows_gives_the_logits_of_a_whole_prefill(monkeypatch, make):
     """`decoders.start` with `past`: rows that continue an earlier call's rows (some from one
     call, one from another, one from none) read only their new tokens, and predict what a
-    prefill of their whole context predicts."""
+    prefill of their whole context predicts; the decoder continues from its keys and values as
+    from the whole prefill's."""
     import grpo.engine.decoders as decoders
     from grpo.engine.decoders import start
 
@@ -692,7 +694,7 @@ def test_a_prefill_after_kept_rows_gives_the_logits_of_a_whole_prefill(monkeypat
     prefill_after = decoders.prefill_after
     monkeypatch.setattr(decoders, "prefill_after", lambda *a: fed.append(1) or prefill_after(*a))
 
-    m = llama().eval()
+    m = make().eval()
     first, second = prompts(P=3, seed=1), prompts(P=2, seed=2)
     calls = []
     for ids, mask in (first, second):
@@ -714,7 +716,13 @@ def test_a_prefill_after_kept_rows_gives_the_logits_of_a_whole_prefill(monkeypat
     ids = torch.tensor([[PAD] * (L - len(c)) + c for c in contexts])
     mask = torch.tensor([[0] * (L - len(c)) + [1] * len(c) for c in contexts])
     with torch.no_grad():
-        _, kept, _ = start(m, ids, mask, 1, 4, True, past)
+        state_kept, kept, pos_kept = start(m, ids, mask, 1, 4, True, past)
         assert fed == [1]
-        _, whole, _ = start(m, ids, mask, 1, 4, True, None)
-    torch.testing.assert_close(kept, whole, atol=1e-5, rtol=0)
+        state_whole, whole, pos_whole = start(m, ids, mask, 1, 4, True, None)
+        torch.testing.assert_close(kept, whole, atol=1e-5, rtol=0)
+        assert torch.equal(pos_kept, pos_whole)
+        token = torch.randint(3, V, (len(contexts),), generator=g)
+        for t in range(3):  # the same next tokens fed to both: the same logits
+            a, b = state_kept.step(token, pos_kept + t, t), state_whole.step(token, pos_whole + t, t)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            token = a.argmax(-1)

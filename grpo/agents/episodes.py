@@ -43,7 +43,7 @@ from .contract import Episode
 from .environments import (Environments, as_environments, as_observation, as_reward, as_step, failure,
                            final_reward_source, is_text_environment, reset_kwargs, row_name)
 from .parsing import ERROR_KINDS, RAISED, TIMEOUT, CallError, ToolCall, parse_turn
-from .rendering import Renderer, Turn, assistant_message
+from .rendering import Renderer, Turn, assistant_message, decoder
 from .tools import Tool, check_chat_template, check_distinct, describe, load_tools
 
 
@@ -205,6 +205,7 @@ class _Loop:
     def __init__(self, tokenizer, renderer: Renderer, runner: CallRunner, max_turns: int,
                  max_completion_length: int, tool_timeout: float | None, parallel_calls: bool):
         self.tokenizer, self.renderer, self.runner = tokenizer, renderer, runner
+        self.decode = decoder(tokenizer)
         self.max_turns, self.limit, self.timeout = max_turns, max_completion_length, tool_timeout
         self.ordered = not parallel_calls
 
@@ -213,25 +214,31 @@ class _Loop:
         out = list(generate([r.prompt_ids + r.ids for r in runs], max(budgets)))
         if len(out) != len(runs):
             raise ValueError(f"generate returned {len(out)} completions for {len(runs)} contexts")
-        for run, sampled, budget in zip(runs, out, budgets):
-            self.take(run, as_sampled(sampled), budget)
+        turns = [self.cut(as_sampled(sampled), budget) for sampled, budget in zip(out, budgets)]
+        texts = self.decode([body for _, _, _, body in turns])  # the turn's texts in one call
+        for run, (sampled, ids, finished, _), text in zip(runs, turns, texts):
+            self.take(run, sampled, ids, finished, text)
         outcomes = self.runner.run([r.jobs for r in runs], self.timeout, self.ordered)
         for run, outs in zip(runs, outcomes):
             self.absorb(run, outs)
 
-    def take(self, run: _Run, sampled: Sampled, budget: int) -> None:
-        """The model's turn: its tokens, its message, and what it asks for."""
+    def cut(self, sampled: Sampled, budget: int) -> tuple[Sampled, list[int], bool, list[int]]:
+        """A turn within its episode's token budget: (sampled, its ids kept, whether it ended on a
+        stop token, the ids of what the model said: without the stop token)."""
         ids = sampled.token_ids[:budget]
         finished = sampled.finished and len(sampled.token_ids) <= budget
+        # The stop token ends the turn; it is not part of what the model said.
+        body = ids[:-1] if finished and ids and ids[-1] in self.renderer.stop else ids
+        return sampled, ids, finished, body
+
+    def take(self, run: _Run, sampled: Sampled, ids: list[int], finished: bool, text: str) -> None:
+        """The model's turn (`cut`, its text decoded): its tokens, its message, and what it asks for."""
         context = run.prompt_ids + run.ids
         run.extend(ids, 1, sampled.logprobs[:len(ids)],
                    None if sampled.sampling_logprobs is None else sampled.sampling_logprobs[:len(ids)])
         run.turns += 1
         run.last = run.turns >= self.max_turns
         run.actions, run.jobs = [], []
-        # The stop token ends the turn; it is not part of what the model said.
-        body = ids[:-1] if finished and ids and ids[-1] in self.renderer.stop else ids
-        text = self.tokenizer.decode(body, skip_special_tokens=False)
         if not finished:  # cut by the length limit: an unfinished turn asks for nothing
             run.completion.append(assistant_message(text, []))
             run.truncated = run.done = True

@@ -159,6 +159,17 @@ def encoder(tokenizer):
     return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def decoder(tokenizer):
+    """[ids, ...] -> [tokenizer.decode(ids, skip_special_tokens=False), ...]. On a fast tokenizer
+    that does not clean up spaces, one call of its Rust tokenizer's `decode_batch` (what
+    transformers' decode calls per sequence, then returns as it is); transformers' decode per
+    sequence otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda batch: backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
+    return lambda batch: [tokenizer.decode(ids, skip_special_tokens=False) for ids in batch]
+
+
 def _common_prefix(a, b) -> int:
     n = min(len(a), len(b))
     for i in range(n):

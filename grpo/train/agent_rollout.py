@@ -32,6 +32,7 @@ import torch
 
 from grpo import algorithm
 from grpo.agents import CallRunner, Episode, backend_generate, episodes_from_trl, run_episodes
+from grpo.agents.rendering import decoder
 from grpo.data.prompts import left_pad
 from grpo.engine.backend import RolloutBackend, SamplingParams
 from grpo.engine.generation import Generation
@@ -155,8 +156,9 @@ def score_episodes(setup: AgentSetup, backend: RolloutBackend, tokenizer, rows: 
                                        max(len(e.prompt_ids) for e in episodes), device)
     generation = episodes_generation(episodes, tokenizer.pad_token_id, device)
     # The whole completion, tool results included: the loss mask does not say where it ends.
-    completions = [tokenizer.decode(e.completion_ids, skip_special_tokens=False) for e in episodes]
-    texts = [tokenizer.decode(e.prompt_ids, skip_special_tokens=False) for e in episodes]
+    decode = decoder(tokenizer)
+    completions = decode([e.completion_ids for e in episodes])
+    texts = decode([e.prompt_ids for e in episodes])
     each = [row for row in rows for _ in range(G)]
     # TRL's conversational contract: the prompt's messages, and every message after them.
     prompts = [e.prompt or row[cfg.prompt_column] for e, row in zip(episodes, each)]
