@@ -681,7 +681,8 @@ def test_kept_rows_gather_each_rows_prompt_then_completion_keys_right_aligned():
             assert torch.equal(v[i, :, width - n:], naive[r][j][1])
 
 
-@pytest.mark.parametrize("make", [llama, lambda: llama(kv_heads=2), qwen2], ids=["llama", "llama_gqa", "qwen2_bias_gqa"])
+@pytest.mark.parametrize("make", [llama, lambda: llama(kv_heads=2), qwen2],
+                         ids=["llama", "llama_gqa", "qwen2_bias_gqa"])
 def test_a_prefill_after_kept_rows_gives_the_logits_of_a_whole_prefill(monkeypatch, make):
     """`decoders.start` with `past`: rows that continue an earlier call's rows (some from one
     call, one from another, one from none) read only their new tokens, and predict what a
