@@ -93,8 +93,14 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_teach(policy, tokeniz
     assert rollout.prompt_ids.shape[0] == rollout.completion_ids.shape[0] == len(rollout.completions)
 
 
-def test_dynamic_sampling_round_bound(policy, tokenizer, tiny_model_dir, addition_files):
+def test_dynamic_sampling_round_bound(policy, tokenizer, tiny_model_dir, addition_files, monkeypatch):
+    import itertools
+
+    import grpo.train.rollout as rollout_module
+
     cfg = config(tiny_model_dir, addition_files, dynamic_sampling=True, max_generation_rounds=3)
+    clock = itertools.count()  # each read one second later: every round generates and scores in 1 s
+    monkeypatch.setattr(rollout_module, "synced_time", lambda device=None: float(next(clock)))
     draws = Draws(["tied"])
     rollout = collect_rollout(policy, None, tokenizer, rows_of(["tied", "mixed", "tied", "tied"]), REWARD, cfg,
                               torch.Generator().manual_seed(0), more_rows=draws)
@@ -103,6 +109,8 @@ def test_dynamic_sampling_round_bound(policy, tokenizer, tiny_model_dir, additio
     assert len(rollout) == cfg.prompts_per_step * cfg.group_size
     assert s["dynamic_sampling/tied_groups_kept"] == 3  # topped up, and logged
     assert int((~algorithm.zero_variance_groups(rollout.rewards, cfg.group_size)).sum()) == 1
+    # Rounds 2 and 3 kept nothing, but the step's time is theirs too.
+    assert rollout.timings["generate"] == 3.0 and rollout.timings["score"] == 3.0
     with pytest.raises(ValueError, match="more_rows"):
         collect_rollout(policy, None, tokenizer, rows_of(["tied"] * 4), REWARD, cfg, torch.Generator())
 

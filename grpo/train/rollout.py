@@ -112,7 +112,7 @@ class Scored:
         return Scored([self.rows[g] for g in groups], [self.texts[i] for i in prompts],
                       self.prompt_ids[prompts], self.prompt_mask[prompts], self.generation.select(on),
                       [self.completions[i] for i in rows.tolist()], self.total[on],
-                      {k: v[on] for k, v in self.per_function.items()}, self.seconds_generate, self.seconds_score,
+                      {k: v[on] for k, v in self.per_function.items()},
                       per_row=self.per_row, lengths=None if self.lengths is None else self.lengths[on],
                       stats=self.stats,
                       messages=None if self.messages is None else [self.messages[i] for i in rows.tolist()])
@@ -278,7 +278,7 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
     return torch.cat(out)
 
 
-def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[list[Scored], dict]:
+def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[list[Scored], dict, list[Scored]]:
     """DAPO's dynamic sampling (arXiv:2503.14476, section 3.2: the objective's constraint
     0 < |{o_i correct}| < G): keep the groups whose rewards do not all tie, and draw and generate
     more prompts until prompts_per_step of them are kept.
@@ -291,7 +291,8 @@ def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[l
     one global order. At most `max_generation_rounds` generation calls; a batch still short after
     them is topped up with tied groups (zero advantage: no policy gradient, only the KL term),
     so the update keeps its shape, and that is logged. Informative groups beyond the batch are
-    dropped (DAPO's, verl's choice), as are the tied ones.
+    dropped (DAPO's, verl's choice), as are the tied ones. Returns the kept groups (one `Scored`
+    per round that kept any), the counts, and every round's whole batch (what the time went on).
     """
     G, P = cfg.group_size, cfg.prompts_per_step
     kept, tied, generated = [], [], 0
@@ -335,7 +336,7 @@ def dynamic_sampling(first: Scored, more_rows, generate, cfg, gather) -> tuple[l
              "dynamic_sampling/tied_groups_kept": float(short),
              "dynamic_sampling/zero_variance_frac": len(tied) / max(generated, 1),
              **mean_metrics(batches)}  # an agent run's metrics count every episode run, kept or dropped
-    return selected, stats
+    return selected, stats, batches
 
 
 def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg, generator: torch.Generator,
@@ -373,8 +374,11 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
     scored = generate(rows)
     stats = {}
     if cfg.dynamic_sampling:
-        parts, stats = dynamic_sampling(scored, more_rows, generate, cfg, gather)
+        parts, stats, batches = dynamic_sampling(scored, more_rows, generate, cfg, gather)
         scored = _cat(parts, tokenizer.pad_token_id)
+        # The step's generation and scoring time is every round's, the dropped groups' too.
+        scored.seconds_generate = sum(b.seconds_generate for b in batches)
+        scored.seconds_score = sum(b.seconds_score for b in batches)
     out, total = scored.generation, scored.total
     prompt_ids, prompt_mask, prompts = scored.expanded_prompts(G)
     stats = {**scored.stats, **stats}
