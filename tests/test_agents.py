@@ -782,29 +782,30 @@ def test_later_turns_continue_from_the_kept_cache_and_draw_what_a_whole_prefill_
     assert not read and max(ep.turns for ep in episodes) >= 2
 
 
+# Texts of every kind a turn holds: special tokens of both families, JSON, runs of whitespace,
+# and spaces before punctuation (what a tokenizer's clean-up would remove).
+TEXTS = ["", "plain", "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}</tool_call>",
+         "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>",
+         "  tabs\tand\n\nnewlines , ok .  "]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_renderers_encoder_gives_the_tokenizers_own_ids(family):
     from grpo.agents.rendering import encoder
     tok = build_tokenizer(family)
-    texts = ["", "plain", "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}</tool_call>",
-             "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>",
-             "  tabs\tand\n\nnewlines  "]
-    own = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert [encoder(tok)(t) for t in texts] == own
+    own = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    assert [encoder(tok)(t) for t in TEXTS] == own
     # Padding or truncation set on the Rust tokenizer: transformers' call, which unsets them.
     tok.backend_tokenizer.enable_truncation(max_length=3)
     encode = encoder(tok)
-    assert [encode(t) for t in texts] == own
+    assert [encode(t) for t in TEXTS] == own
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_decoder_gives_the_tokenizers_own_texts(family):
     from grpo.agents.rendering import decoder
     tok = build_tokenizer(family)
-    texts = ["", "plain", "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}</tool_call>",
-             "<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>",
-             "  tabs\tand\n\nnewlines , ok ."]
-    batch = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batch = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     own = [tok.decode(ids, skip_special_tokens=False) for ids in batch]
     assert decoder(tok)(batch) == own and decoder(tok)([]) == []
     # A tokenizer that cleans up spaces: transformers' decode, which does it.
