@@ -145,6 +145,19 @@ def run(args) -> dict:
             "operators": args.operators, "sft_steps": args.sft_steps or steps.SFT["max_steps"]}
 
 
+def merged(results: list[dict], budget: float = 0.0) -> dict:
+    """Several results as one: later runs replace earlier ones of the same arm and seed."""
+    if len(results) == 1 and not budget:
+        return results[0]
+    out = {**results[0], "runs": {}}
+    for result in results:
+        for arm, seeds in result["runs"].items():
+            out["runs"].setdefault(arm, {}).update(seeds)
+    out["seeds"] = [int(s) for s in next(iter(out["runs"].values()))]
+    out["budget"] = budget or min(points[-1]["seconds"] for arm in out["runs"].values() for points in arm.values())
+    return out
+
+
 def report(result: dict) -> None:
     budget, runs = result["budget"], result["runs"]
     first = next(iter(runs.values()))
@@ -206,10 +219,13 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a GRPO setting for every arm, over the recipe's (repeatable)")
     parser.add_argument("--json", default="")
-    parser.add_argument("--report", default="", help="re-print the results a --json file holds")
+    parser.add_argument("--report", nargs="+", default=[], metavar="JSON",
+                        help="re-print the results --json files hold; with several, one result: a later file's "
+                             "runs replace an earlier one's of the same arm and seed (e.g. a seed run again alone), "
+                             "and the budget is the shortest of the runs kept (or --budget)")
     args = parser.parse_args(argv)
     if args.report:
-        result = json.loads(Path(args.report).read_text())
+        result = merged([json.loads(Path(f).read_text()) for f in args.report], args.budget)
     else:
         result = run(args)
         if args.json:

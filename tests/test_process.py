@@ -513,6 +513,15 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     (tmp_path / "prm_only.json").write_text(json.dumps(only))
     bench.main(["--report", str(tmp_path / "prm_only.json")])
     assert "| prm |" in capsys.readouterr().out
+    # Results merged: a later file's run of an arm and seed replaces the earlier one's, and the
+    # budget is the shortest run kept.
+    again = [{**p, "seconds": p["seconds"] / 2, "accuracy": 0.5} for p in result["runs"]["outcome"]["0"]]
+    (tmp_path / "again.json").write_text(json.dumps({**result, "runs": {"outcome": {"0": again}}}))
+    both = bench.merged([result, json.loads((tmp_path / "again.json").read_text())])
+    assert both["runs"]["outcome"]["0"] == again and both["runs"]["process"] == result["runs"]["process"]
+    assert both["budget"] == min(again[-1]["seconds"], *(r["0"][-1]["seconds"] for r in result["runs"].values()))
+    bench.main(["--report", str(tmp_path / "result.json"), str(tmp_path / "again.json")])
+    assert "| outcome | 50.0% |" in capsys.readouterr().out
 
 
 class RolloutScript:
