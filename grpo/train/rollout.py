@@ -105,7 +105,8 @@ class Scored:
                 [t for t in self.texts for _ in range(G)])
 
     def take(self, groups: list[int], G: int) -> "Scored":
-        """The groups `groups`, in that order (an agent batch's metrics stay the whole batch's)."""
+        """The groups `groups`, in that order. Timings and agent metrics stay behind: they are the
+        whole batch's (`dynamic_sampling` counts them over every round)."""
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
         on = rows.to(self.total.device)
         prompts = rows.tolist() if self.per_row else groups
@@ -114,7 +115,6 @@ class Scored:
                       [self.completions[i] for i in rows.tolist()], self.total[on],
                       {k: v[on] for k, v in self.per_function.items()},
                       per_row=self.per_row, lengths=None if self.lengths is None else self.lengths[on],
-                      stats=self.stats,
                       messages=None if self.messages is None else [self.messages[i] for i in rows.tolist()])
 
 
@@ -215,7 +215,6 @@ def _cat(parts: list[Scored], pad_token_id: int) -> Scored:
                   Generation.cat([p.generation for p in parts], pad_token_id),
                   [c for p in parts for c in p.completions], torch.cat([p.total for p in parts]),
                   {k: torch.cat([p.per_function[k] for p in parts]) for k in parts[0].per_function},
-                  sum(p.seconds_generate for p in parts), sum(p.seconds_score for p in parts),
                   per_row=agent, lengths=torch.cat([p.lengths for p in parts]) if agent else None,
                   messages=[m for p in parts for m in p.messages] if agent else None)
 
@@ -381,7 +380,7 @@ def collect_rollout(policy, reference, tokenizer, rows: list[dict], rewards, cfg
         scored.seconds_score = sum(b.seconds_score for b in batches)
     out, total = scored.generation, scored.total
     prompt_ids, prompt_mask, prompts = scored.expanded_prompts(G)
-    stats = {**scored.stats, **stats}
+    stats = {**stats, **scored.stats}
     rollout = Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         completion_ids=out.completion_ids,
