@@ -11,7 +11,8 @@ the demo's GRPO hyperparameters, as far as both have them:
 - 8 prompts x 8 episodes per optimizer step, one update per rollout, at most 128 episode tokens,
   at most 3 model turns (TRL: max_tool_calling_iterations=2), temperature 0.5, beta 0,
   learning rate 3e-4 constant after 5 warm-up steps, AdamW betas (0.9, 0.99), clipping at 1.0,
-  float32, one intra-op thread;
+  float32, `--threads` intra-op threads (1 by default: the runs then time the same work whatever
+  else the machine does);
 - the loss: per-sequence mean of token losses, advantages scaled by the group's std (ours
   `loss_aggregation: sequence_mean`, `advantage_estimator: group`; TRL `loss_type="grpo"`,
   `scale_rewards="group"`); tool tokens masked out of the loss in both;
@@ -100,8 +101,8 @@ def run_ours(args) -> dict:
         **calc.GRPO, "model": str(warm / "model"), "dataset": str(warm / "train.jsonl"),
         "eval_dataset": str(warm / "heldout.jsonl"), "eval_max_prompts": args.heldout, "output_dir": str(out),
         "seed": args.seed, "max_steps": args.steps, "eval_steps": args.eval_every, "logging_steps": 1,
-        "num_threads": 1}, "agents_vs_trl")
-    torch.set_num_threads(1)
+        "num_threads": args.threads}, "agents_vs_trl")
+    torch.set_num_threads(args.threads)
     train(cfg, quiet=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -129,7 +130,7 @@ def run_trl(args) -> dict:
     from bench.workers import trl_version_kwargs
     from grpo.recipes import calculator as calc
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     warm = Path(args.warm)
     tokenizer = AutoTokenizer.from_pretrained(warm / "model")
@@ -186,6 +187,7 @@ def worker(argv: list[str]) -> None:
     ap.add_argument("--eval-every", type=int, required=True)
     ap.add_argument("--heldout", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     emit(run_ours(args) if args.system == "ours" else run_trl(args))
 
@@ -213,7 +215,8 @@ def summarise(runs: dict) -> dict:
 
 def report(runs: dict, args) -> str:
     s = summarise(runs)
-    lines = [f"Calculator agent task, seed {args.seed}: {PROMPTS} prompts x {GROUP} episodes per step, "
+    lines = [f"Calculator agent task, seed {args.seed}, {args.threads} thread(s): {PROMPTS} prompts x {GROUP} "
+             f"episodes per step, "
              f"<= {TURNS} turns, <= {TOKENS} tokens; {args.rounds} interleaved rounds x {args.steps} steps; "
              f"held-out success on {args.heldout} problems every {args.eval_every} steps.", "",
              "| system | median s/step | TRL s/step / ours | success before -> after (median) "
@@ -249,6 +252,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--heldout", type=int, default=100, help="held-out problems scored")
     ap.add_argument("--seed", type=int, default=0, help="the warm start's and both runs' seed")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every run, both systems")
     ap.add_argument("--models-dir", default="/tmp/grpo-bench-models")
     ap.add_argument("--python", default=sys.executable, help="interpreter for grpo's runs")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
@@ -262,7 +266,7 @@ def main(argv=None) -> None:
     warm = warm_start(Path(args.models_dir), args.seed)
     print(f"warm start {warm} ({time.time() - t:.0f}s)", flush=True)
     common = ["--warm", str(warm), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-              "--heldout", str(args.heldout), "--seed", str(args.seed)]
+              "--heldout", str(args.heldout), "--seed", str(args.seed), "--threads", str(args.threads)]
     runs: dict = {"ours": [], **({} if args.skip_trl else {"trl": []})}
     for r in range(args.rounds):
         for system in runs:

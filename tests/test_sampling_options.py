@@ -55,6 +55,35 @@ def test_draw_samples_the_penalised_distribution_but_records_the_models():
     assert token.tolist() == [0]
 
 
+def test_categorical_draws_the_distribution_and_never_a_blocked_token():
+    from grpo.engine.sequences import categorical
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    n = 200_000
+    logp = probs.log().expand(n, -1)  # the zero: -inf, as a filter leaves it
+    token = categorical(logp, torch.Generator().manual_seed(0)).squeeze(-1)
+    counts = torch.bincount(token, minlength=5).double()
+    assert counts[4] == 0
+    sigma = (n * probs * (1 - probs)).double().sqrt()
+    assert ((counts - n * probs).abs() <= 5 * sigma + 1e-9).all(), counts.tolist()  # 5 sigma on every bin
+    # Unnormalised log-probs draw the same: the race reads ratios only.
+    again = categorical(logp + 3.0, torch.Generator().manual_seed(0)).squeeze(-1)
+    assert torch.equal(token, again)
+    # Each row draws from its own distribution.
+    rows = categorical(torch.tensor([[0.0, float("-inf")], [float("-inf"), 0.0]]).repeat(50, 1), None)
+    assert rows.squeeze(-1).tolist() == [0, 1] * 50
+
+
+def test_standard_exponential_has_the_exponentials_mean_variance_and_no_zero():
+    from grpo.engine.sequences import standard_exponential
+
+    e = standard_exponential((400_000,), torch.Generator().manual_seed(1), "cpu").double()
+    assert bool((e > 0).all())
+    assert e.mean().item() == pytest.approx(1.0, abs=0.01)   # 6.3 standard errors of a mean of 4e5
+    assert e.var().item() == pytest.approx(1.0, abs=0.03)
+    assert (e > 2.0).double().mean().item() == pytest.approx(float(torch.tensor(-2.0).exp()), abs=0.003)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM

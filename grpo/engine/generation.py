@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .decoders import GroupDecoder, keeps_caches, start
 from .models import model_device
-from .sequences import (Generation, filter_logits, filters_on,  # Generation, filter_logits: also imported from here
-                        penalize_repetition)
+from .sequences import (Generation, categorical, filter_logits,  # Generation, filter_logits: also imported from here
+                        filters_on, penalize_repetition)
 from .sequences import gather_beams as _gather_beams
 from .stochastic_beam import stochastic_beam
 
@@ -56,7 +56,7 @@ def _draw_recorded(logits: Tensor, temperature: float, top_k: int, top_p: float,
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     # What the token is drawn from: the penalty acts on raw logits before the temperature (HF's
     # order); filtering log-probs is filtering logits (same order, same softmax), and
-    # multinomial renormalises what survives.
+    # the draw renormalises what survives.
     shaped = logp if seen is None else \
         torch.log_softmax(penalize_repetition(logits.float(), seen, repetition_penalty) / temperature, dim=-1)
     allowed = filter_logits(shaped, top_k, top_p, min_p, blocked)
@@ -66,7 +66,7 @@ def _draw_recorded(logits: Tensor, temperature: float, top_k: int, top_p: float,
         token = allowed.argmax(-1, keepdim=True)
         full = logp.gather(-1, token).squeeze(-1)
         return token.squeeze(-1), full, torch.zeros_like(full)
-    token = torch.multinomial(allowed.exp(), 1, generator=generator)
+    token = categorical(allowed, generator)
     full = logp.gather(-1, token).squeeze(-1)
     sampled = full
     if seen is not None or filters_on(top_k, top_p, logits.shape[-1], min_p, blocked):
