@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from bench.common import set_threads
 from grpo.engine.sequences import categorical
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     print(f"{args.rows} rows, {args.threads} thread(s), median of {args.repeats} draws each, interleaved")
     print("| vocabulary | torch.multinomial ms | categorical ms | multinomial / categorical |")

@@ -192,7 +192,7 @@ def test_fsdp_under_torchrun_matches_plain_data_parallel_and_resumes_exactly(tin
     # Sharded gradients are the summed ones: the same training, to fp32 rounding. Four Adam steps
     # at lr 1e-3 move every weight by ~4e-3 (each step is ~lr * g / |g|), so a wrong sum shows at
     # that size; where g is near zero the summation order's rounding moves a weight by a small
-    # fraction of lr (2e-5 seen), which 1e-4 allows.
+    # fraction of lr, which 1e-4 allows.
     for k in ddp:
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-4)
     part = tmp_path / "part"

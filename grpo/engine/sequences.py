@@ -97,18 +97,23 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: flo
 
 def standard_exponential(shape, generator, device, dtype=torch.float32) -> Tensor:
     """E ~ Exp(1) by inversion, -log(1 - U) with U ~ Uniform[0, 1) from `generator`, kept above 0
-    (U = 0 would give E = 0). `Tensor.exponential_` draws the same distribution, but on a CPU at
-    about five times the cost of the uniforms, and sampling draws a [rows, vocabulary] of them at
-    every decode step."""
+    (U = 0 would give E = 0). `Tensor.exponential_` draws the same distribution at several times
+    the cost of the uniforms on a CPU, and sampling draws a [rows, vocabulary] of them at every
+    decode step."""
     u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     return torch.log1p(-u).neg_().clamp_min_(torch.finfo(dtype).tiny)
+
+
+def gumbel(shape, generator, device, dtype=torch.float32) -> Tensor:
+    """Standard Gumbel noise, -log(E) with E ~ Exp(1), from `generator`."""
+    return -standard_exponential(shape, generator, device, dtype).log()
 
 
 def categorical(logp: Tensor, generator) -> Tensor:
     """One index per row [B, 1] from the categorical distribution softmax(logp) [B, V], -inf never
     drawn: the exponential race that `torch.multinomial` runs for one sample, argmax_i p_i / E_i
-    with E_i ~ Exp(1) i.i.d., written in log space (no exp of logp needed)."""
-    return (logp - standard_exponential(logp.shape, generator, logp.device).log_()).argmax(-1, keepdim=True)
+    with E_i ~ Exp(1) i.i.d., in log space the Gumbel-max trick (no exp of logp needed)."""
+    return (logp + gumbel(logp.shape, generator, logp.device)).argmax(-1, keepdim=True)
 
 
 def filters_on(top_k: int, top_p: float, vocab_size: int, min_p: float = 0.0, blocked: Tensor | None = None) -> bool:

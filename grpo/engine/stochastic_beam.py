@@ -54,14 +54,9 @@ import torch
 from torch import Tensor
 
 from .decoders import start
-from .sequences import Generation, gather_beams, sampling_distribution, standard_exponential
+from .sequences import Generation, gather_beams, gumbel, sampling_distribution
 
 NEG = float("-inf")
-
-
-def gumbel(shape, generator, device, dtype=torch.float32) -> Tensor:
-    """Standard Gumbel noise, -log(E) with E ~ Exp(1), from `generator`."""
-    return -standard_exponential(shape, generator, device, dtype).log()
 
 
 def _log1mexp(x: Tensor) -> Tensor:
