@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpo.algorithm import StepRewards, compute_advantages, policy_loss, process_advantages
-from grpo.data.steps import char_ends_to_tokens, delimiter_ends, splitter_ends, step_texts
+from grpo.data.steps import char_ends_to_tokens, char_ends_to_tokens_batch, delimiter_ends, splitter_ends, step_texts
 from grpo.errors import ConfigError, RewardError
 from grpo.rewards.scoring import Reward
 from grpo.rewards.steps import score_steps
@@ -189,6 +189,72 @@ def test_step_ends_map_to_the_tokens_the_tokenizers_offsets_give(bpe_tokenizer, 
     # The offsets' answer: the token whose character span holds the step's last character.
     from_offsets = [next(k for k, (s, e) in enumerate(enc["offset_mapping"]) if s <= c - 1 < e) for c in ends[:-1]]
     assert got == from_offsets + [length - 1]
+
+
+def _random_completions(tokenizer, seed: int, n: int = 40):
+    """n completions of the BPE tokenizer's text, some not its own encoding (as a sampler writes),
+    their step ends after each newline, and the answer read off the definition directly: the
+    smallest k whose prefix decodes to at least the step's end, found by trying every k."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["12*3=36", "héllo", "wörld", "ünïcode", " then ", "\n", "\n\n", "Answer: 30", "é", "+", "7"]
+    rows, ends, lengths, expected = [], [], [], []
+    for _ in range(n):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if rng.random() < 0.3:
+            ids = ids + tokenizer("wörld\n", add_special_tokens=False)["input_ids"][::-1]
+        row_ends = delimiter_ends(tokenizer.decode(ids), "\n")
+        length = len(ids) + rng.randrange(0, 2)  # with and without an EOS after the text
+        prefix = [len(tokenizer.decode(ids[:k])) for k in range(len(ids) + 1)]
+        scan = [min(next(k for k in range(1, len(ids) + 1) if prefix[k] >= e) - 1, length - 1)
+                for e in row_ends[:-1]]
+        rows.append(ids), ends.append(row_ends), lengths.append(length)
+        expected.append(scan + [max(length - 1, 0)])
+    assert any(len(e) > 2 for e in ends) and any(len(e) == 1 for e in ends)
+    return rows, ends, lengths, expected
+
+
+def test_step_ends_of_a_batch_match_a_linear_scan_of_every_prefix(bpe_tokenizer):
+    from grpo.data import steps as steps_module
+
+    rows, ends, lengths, expected = _random_completions(bpe_tokenizer, 0)
+    texts = bpe_tokenizer.batch_decode(rows)
+    # The incremental decoder's pieces join into each text here, so the one-pass path decides.
+    assert all(steps_module._streamed_characters(bpe_tokenizer, r, t) is not None for r, t in zip(rows, texts))
+    assert char_ends_to_tokens_batch(bpe_tokenizer, rows, ends, lengths) == expected
+    assert char_ends_to_tokens_batch(bpe_tokenizer, rows, ends, lengths, texts) == expected
+    assert [char_ends_to_tokens(bpe_tokenizer, r, e, n) for r, e, n in zip(rows, ends, lengths)] == expected
+    # The prefix bisection, which tokenizers without an incremental decoder take, gives the same.
+    assert [[min(k, n - 1) for k in row] for row, n in zip(steps_module._prefix_ends(bpe_tokenizer, rows, ends),
+                                                              lengths)] == [x[:-1] for x in expected]
+
+
+def test_step_ends_fall_back_to_prefixes_without_an_incremental_decoder(bpe_tokenizer, monkeypatch):
+    from grpo.data import steps as steps_module
+
+    rows, ends, lengths, expected = _random_completions(bpe_tokenizer, 1, n=12)
+    monkeypatch.setattr(steps_module, "DecodeStream", None)
+    assert char_ends_to_tokens_batch(bpe_tokenizer, rows, ends, lengths) == expected
+
+
+def test_a_step_ends_on_the_token_that_completes_its_last_character(bpe_tokenizer):
+    """"é" written as its two bytes, one token each: the step "aé" ends on the second byte's token,
+    and a completion whose text the incremental decoder cannot reproduce (a trailing lone byte)
+    is mapped through its prefixes instead."""
+    from grpo.data import steps as steps_module
+
+    vocab = bpe_tokenizer.get_vocab()
+    a, first, second, b = vocab["a"], vocab["Ã"], vocab["©"], vocab["b"]  # byte-level symbols of 0xC3, 0xA9
+    assert bpe_tokenizer.decode([a, first, second, b]) == "aéb"
+    assert char_ends_to_tokens(bpe_tokenizer, [a, first, second, b], [2, 3], 5) == [2, 4]
+    lone = [a, first, second, b, first]  # ends mid-character: its decoding ends in U+FFFD
+    text = bpe_tokenizer.decode(lone)
+    assert steps_module._streamed_characters(bpe_tokenizer, lone, text) is None
+    prefix = [len(bpe_tokenizer.decode(lone[:k])) for k in range(6)]
+    assert char_ends_to_tokens(bpe_tokenizer, lone, [3, len(text)], 6) == \
+        [next(k for k in range(1, 6) if prefix[k] >= 3) - 1, 5]
 
 
 def test_step_ends_on_the_character_tokenizer(tiny_model_dir):

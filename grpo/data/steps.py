@@ -18,9 +18,16 @@ token-exact: the text is the tokenizer's own decoding of the tokens, prefix by p
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Callable
 
 from grpo.errors import RewardError
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers before 0.21
+    DecodeStream = None
 
 
 def delimiter_ends(text: str, delimiter: str) -> list[int]:
@@ -65,30 +72,74 @@ def step_texts(text: str, ends: list[int]) -> list[str]:
 
 
 def char_ends_to_tokens(tokenizer, token_ids: list[int], ends: list[int], length: int) -> list[int]:
-    """Token index of each step end: the token holding the step's last character, the last step
-    on token `length - 1` (the completion's last token, EOS included).
+    """Token index of each step end of one completion (`char_ends_to_tokens_batch` of one row)."""
+    return char_ends_to_tokens_batch(tokenizer, [token_ids], [ends], [length])[0]
 
-    `token_ids` are the completion's tokens before its EOS, whose decoding is the text; the
-    character ends are mapped through the decodings of its prefixes, len(decode(ids[:k])), by
-    bisection: token k holds character c when the prefix of k tokens is shorter than c + 1 and
-    the prefix of k + 1 is not. (A token that holds no character of its own, such as the first
-    byte of a multi-byte character, never ends a step: the step ends on the token that completes it.)"""
-    cache: dict[int, int] = {0: 0}
 
-    def prefix(k: int) -> int:
-        if k not in cache:
-            cache[k] = len(tokenizer.decode(token_ids[:k], skip_special_tokens=False))
-        return cache[k]
+def char_ends_to_tokens_batch(tokenizer, token_ids: list[list[int]], ends: list[list[int]], lengths: list[int],
+                              texts: list[str] | None = None) -> list[list[int]]:
+    """Token index of each step end, per completion: the token holding the step's last character,
+    the last step on token `lengths[i] - 1` (the completion's last token, EOS included).
 
-    out = []
-    for e in ends[:-1]:
-        lo, hi = 1, len(token_ids)  # smallest k with prefix(k) >= e; token k - 1 holds character e - 1
-        while lo < hi:
+    `token_ids[i]` are completion i's tokens before its EOS, and `texts[i]` their decoding (made
+    here when not given), which the character ends index. A token that holds no character of its
+    own, such as the first byte of a multi-byte character, never ends a step: the step ends on the
+    token that completes it.
+
+    Where the tokenizer has an incremental decoder (`tokenizers`' DecodeStream, as streaming
+    servers use), one pass over the tokens says which characters each one completes, and the
+    pieces are checked to join into exactly the decoded text; otherwise, or when they do not,
+    the ends come from the decodings of the prefixes (`_prefix_ends`). The two agree except on a
+    step whose last character is split over tokens: a decoded prefix shows the character's first
+    bytes as U+FFFD, so the prefix path ends that step on the token that starts the character."""
+    texts = tokenizer.batch_decode(token_ids, skip_special_tokens=False) if texts is None else texts
+    out, slow = [], []
+    for i, (ids, text, row_ends) in enumerate(zip(token_ids, texts, ends)):
+        done = _streamed_characters(tokenizer, ids, text) if len(row_ends) > 1 else []
+        if done is None:
+            slow.append(i)
+            out.append(None)
+        else:  # token j completes the text up to done[j]: the first one that reaches e holds character e - 1
+            out.append([bisect.bisect_left(done, e) for e in row_ends[:-1]])
+    for i, row in zip(slow, _prefix_ends(tokenizer, [token_ids[i] for i in slow], [ends[i] for i in slow])):
+        out[i] = row
+    return [[min(k, length - 1) for k in row] + [max(length - 1, 0)] for row, length in zip(out, lengths)]
+
+
+def _streamed_characters(tokenizer, token_ids: list[int], text: str) -> list[int] | None:
+    """Characters of `text` complete after each token [len(token_ids)], from the tokenizer's
+    incremental decoder; None without one, or when its pieces do not join into `text` (a decoder
+    whose cleanup needs the whole text, or a last character left incomplete)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or DecodeStream is None:
+        return None
+    stream = DecodeStream(skip_special_tokens=False)
+    try:
+        pieces = [stream.step(backend, t) or "" for t in token_ids]
+    except Exception:  # an id the vocabulary lacks (a model's padded embedding rows): the slow path decides
+        return None
+    if "".join(pieces) != text:
+        return None
+    return list(itertools.accumulate(map(len, pieces)))
+
+
+def _prefix_ends(tokenizer, token_ids: list[list[int]], ends: list[list[int]]) -> list[list[int]]:
+    """Token index of each step end but the last, from len(decode(ids[:k])) by bisection: the
+    smallest k whose prefix reaches the end, token k - 1. Every search of every completion
+    bisects in lockstep, so each round decodes all the prefixes it needs in one `batch_decode`."""
+    known: list[dict[int, int]] = [{0: 0} for _ in token_ids]    # prefix length in tokens -> in characters
+    searches = [[i, e, 1, len(token_ids[i])] for i, row_ends in enumerate(ends) for e in row_ends[:-1]]
+    while live := [s for s in searches if s[2] < s[3]]:
+        wanted = sorted({(i, (lo + hi) // 2) for i, _, lo, hi in live if (lo + hi) // 2 not in known[i]})
+        if wanted:
+            decoded = tokenizer.batch_decode([token_ids[i][:k] for i, k in wanted], skip_special_tokens=False)
+            for (i, k), text in zip(wanted, decoded):
+                known[i][k] = len(text)
+        for s in live:
+            i, e, lo, hi = s
             mid = (lo + hi) // 2
-            if prefix(mid) >= e:
-                hi = mid
-            else:
-                lo = mid + 1
-        out.append(min(lo - 1, length - 1))
-    out.append(max(length - 1, 0))
+            s[2:] = (lo, mid) if known[i][mid] >= e else (mid + 1, hi)
+    out: list[list[int]] = [[] for _ in token_ids]
+    for i, _, lo, _ in searches:
+        out[i].append(lo - 1)
     return out

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from grpo.data.steps import char_ends_to_tokens, delimiter_ends, splitter_ends, step_texts
+from grpo.data.steps import char_ends_to_tokens_batch, delimiter_ends, splitter_ends, step_texts
 from grpo.errors import RewardError
 
 from .functions import load_module
@@ -92,10 +92,9 @@ def completion_steps(tokenizer, texts: list[str], completion_ids: list[list[int]
     decoding up to the first id of `stop_ids` (grpo.data.decode_completions)."""
     stops = set(stop_ids)
     name = getattr(splitter, "__name__", "step_splitter")
-    all_texts, all_ends = [], []
-    for text, ids in zip(texts, completion_ids):
-        ends = delimiter_ends(text, delimiter) if splitter is None else splitter_ends(text, splitter, name)
-        before_stop = ids[:next((j for j, t in enumerate(ids) if t in stops), len(ids))]
-        all_texts.append(step_texts(text, ends))
-        all_ends.append(char_ends_to_tokens(tokenizer, before_stop, ends, len(ids)))
-    return all_texts, all_ends
+    char_ends = [delimiter_ends(text, delimiter) if splitter is None else splitter_ends(text, splitter, name)
+                 for text in texts]
+    before_stop = [ids[:next((j for j, t in enumerate(ids) if t in stops), len(ids))] for ids in completion_ids]
+    token_ends = char_ends_to_tokens_batch(tokenizer, before_stop, char_ends, [len(ids) for ids in completion_ids],
+                                           texts)
+    return [step_texts(text, ends) for text, ends in zip(texts, char_ends)], token_ends
