@@ -12,8 +12,8 @@ on. A completion's steps are consecutive slices of its text that join to the who
 
 A completion with no delimiter is one step, and so is an empty one. The final step always ends on
 the completion's last token, its EOS included, so the outcome reward and the last step share a
-token; every other step ends on the token that holds its last character (`char_ends_to_tokens`,
-token-exact: the text is the tokenizer's own decoding of the tokens, prefix by prefix).
+token; every other step ends on the token that completes its last character
+(`char_ends_to_tokens_batch`, token-exact: the text is the tokenizer's own decoding of the tokens).
 """
 
 from __future__ import annotations
