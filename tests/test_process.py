@@ -239,22 +239,59 @@ def test_step_ends_fall_back_to_prefixes_without_an_incremental_decoder(bpe_toke
     assert char_ends_to_tokens_batch(bpe_tokenizer, rows, ends, lengths) == expected
 
 
-def test_a_step_ends_on_the_token_that_completes_its_last_character(bpe_tokenizer):
+@pytest.mark.parametrize("path", ["one pass", "prefixes"])
+def test_a_step_ends_on_the_token_that_completes_its_last_character(bpe_tokenizer, monkeypatch, path):
     """"é" written as its two bytes, one token each: the step "aé" ends on the second byte's token,
-    and a completion whose text the incremental decoder cannot reproduce (a trailing lone byte)
-    is mapped through its prefixes instead."""
+    on either path; a completion whose text the incremental decoder cannot reproduce (it ends on
+    a lone byte) is mapped through its prefixes."""
     from grpo.data import steps as steps_module
 
+    if path == "prefixes":
+        monkeypatch.setattr(steps_module, "DecodeStream", None)
     vocab = bpe_tokenizer.get_vocab()
     a, first, second, b = vocab["a"], vocab["Ã"], vocab["©"], vocab["b"]  # byte-level symbols of 0xC3, 0xA9
     assert bpe_tokenizer.decode([a, first, second, b]) == "aéb"
     assert char_ends_to_tokens(bpe_tokenizer, [a, first, second, b], [2, 3], 5) == [2, 4]
-    lone = [a, first, second, b, first]  # ends mid-character: its decoding ends in U+FFFD
+    lone = [a, first, second, b, first]
     text = bpe_tokenizer.decode(lone)
+    assert text == "aéb\ufffd"
     assert steps_module._streamed_characters(bpe_tokenizer, lone, text) is None
-    prefix = [len(bpe_tokenizer.decode(lone[:k])) for k in range(6)]
-    assert char_ends_to_tokens(bpe_tokenizer, lone, [3, len(text)], 6) == \
-        [next(k for k in range(1, 6) if prefix[k] >= 3) - 1, 5]
+    assert char_ends_to_tokens(bpe_tokenizer, lone, [3, 4], 6) == [3, 5]
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer():
+    """SentencePiece-style (Llama 2, Mistral): a character the vocabulary lacks is written as its
+    UTF-8 bytes, each its own <0xNN> token, which a decoded prefix shows as one U+FFFD per byte."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["First we add 3 and 4.\nThen we multiply by 5.\nSo the answer is 35.\n" * 3],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>", *bytes_]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("path", ["one pass", "prefixes"])
+def test_step_ends_under_byte_fallback_land_on_the_newlines(byte_fallback_tokenizer, monkeypatch, path):
+    """Characters written byte by byte make the decoded prefixes' lengths fall as well as rise;
+    every step still ends on its newline's token."""
+    from grpo.data import steps as steps_module
+
+    if path == "prefixes":
+        monkeypatch.setattr(steps_module, "DecodeStream", None)
+    tok = byte_fallback_tokenizer
+    text = "add 3 日本\n35. 日本\n\nwe 35.日本 and 4.\n日本"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert tok.decode(ids) == text and sum(p.startswith("<0x") for p in pieces) == 24  # 4 x 日本, 3 bytes each
+    newlines = [k for k, piece in enumerate(pieces) if "\n" in piece]  # one newline each
+    assert len(newlines) == text.count("\n")
+    assert char_ends_to_tokens(tok, ids, delimiter_ends(text, "\n"), len(ids) + 1) == newlines + [len(ids)]
 
 
 def test_step_ends_on_the_character_tokenizer(tiny_model_dir):

@@ -89,9 +89,7 @@ def char_ends_to_tokens_batch(tokenizer, token_ids: list[list[int]], ends: list[
     Where the tokenizer has an incremental decoder (`tokenizers`' DecodeStream, as streaming
     servers use), one pass over the tokens says which characters each one completes, and the
     pieces are checked to join into exactly the decoded text; otherwise, or when they do not,
-    the ends come from the decodings of the prefixes (`_prefix_ends`). The two agree except on a
-    step whose last character is split over tokens: a decoded prefix shows the character's first
-    bytes as U+FFFD, so the prefix path ends that step on the token that starts the character."""
+    the ends come from the decodings of the prefixes (`_prefix_ends`)."""
     texts = tokenizer.batch_decode(token_ids, skip_special_tokens=False) if texts is None else texts
     out, slow = [], []
     for i, (ids, text, row_ends) in enumerate(zip(token_ids, texts, ends)):
@@ -124,8 +122,12 @@ def _streamed_characters(tokenizer, token_ids: list[int], text: str) -> list[int
 
 
 def _prefix_ends(tokenizer, token_ids: list[list[int]], ends: list[list[int]]) -> list[list[int]]:
-    """Token index of each step end but the last, from len(decode(ids[:k])) by bisection: the
-    smallest k whose prefix reaches the end, token k - 1. Every search of every completion
+    """Token index of each step end but the last, from the decodings of the prefixes by bisection:
+    the smallest k whose prefix reaches the end, token k - 1. A prefix that stops inside a
+    multi-byte character decodes its bytes as U+FFFD, one for each byte under a byte-fallback
+    decoder (SentencePiece's), which would make the lengths fall as well as rise; those are not
+    counted, so a prefix's length is that of its complete characters. (A U+FFFD the model wrote
+    itself at a step's end then moves the end one token later.) Every search of every completion
     bisects in lockstep, so each round decodes all the prefixes it needs in one `batch_decode`."""
     known: list[dict[int, int]] = [{0: 0} for _ in token_ids]    # prefix length in tokens -> in characters
     searches = [[i, e, 1, len(token_ids[i])] for i, row_ends in enumerate(ends) for e in row_ends[:-1]]
@@ -134,7 +136,7 @@ def _prefix_ends(tokenizer, token_ids: list[list[int]], ends: list[list[int]]) -
         if wanted:
             decoded = tokenizer.batch_decode([token_ids[i][:k] for i, k in wanted], skip_special_tokens=False)
             for (i, k), text in zip(wanted, decoded):
-                known[i][k] = len(text)
+                known[i][k] = len(text.rstrip("\ufffd"))
         for s in live:
             i, e, lo, hi = s
             mid = (lo + hi) // 2
