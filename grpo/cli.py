@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
                    help="replace the earlier run a non-empty output_dir holds (only ever what grpo wrote there)")
     s.add_argument("--quiet", action="store_true")
 
-    d = command("demo", help="build a tiny model, warm it up, train it with GRPO on addition")
+    d = command("demo", help="build a tiny model, warm it up, train it with GRPO: addition, a calculator "
+                             "agent (--task calculator) or step-by-step arithmetic (--task steps)")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--pipeline", choices=["grpo", "seed"], default="grpo",
