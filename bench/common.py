@@ -2,7 +2,7 @@
 the matmul roofline and the timing/memory bookkeeping of one worker process.
 
 Everything here runs in a *worker* subprocess (one system, one model, one measurement), so that
-peak resident memory (ru_maxrss) belongs to that system alone.
+peak resident memory (VmHWM, `peak_rss_mib`) belongs to that system alone.
 """
 
 from __future__ import annotations
@@ -176,7 +176,14 @@ def reset_peak() -> None:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory since it started (or since `reset_peak`).
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker started by a driver
+    that holds 500 MiB (torch imported, a model built) would report at least the driver's 500."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return rss("VmHWM") / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 
 
 def emit(result: dict) -> None:

@@ -25,7 +25,7 @@ time where it keeps none (`mlp_activations: auto`), and glibc's mmap threshold f
 TRL runs at glibc's default; `--trl-mmap-threshold 1048576` runs it a second time with the same
 fixed threshold, so the table shows what the allocator setting alone is worth to it.
 
-Each measurement is one step in a fresh subprocess; its peak RSS (ru_maxrss) includes the Python
+Each measurement is one step in a fresh subprocess; its peak RSS (VmHWM) includes the Python
 process, torch and the loaded model, so the baseline after loading is printed too. Measurements
 are interleaved (ours, TRL, ours, TRL, ...) so that machine drift hits both alike.
 """
