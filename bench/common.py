@@ -179,9 +179,8 @@ def peak_rss_mib() -> float:
     """This process's peak resident memory since it started (or since `reset_peak`).
 
     VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker started by a driver
-    that holds 500 MiB (torch imported, a model built) would report at least the driver's 500."""
-    status = Path("/proc/self/status")
-    if status.exists():
+    that holds torch and a built model would report at least the driver's resident memory."""
+    if Path("/proc/self/status").exists():
         return rss("VmHWM") / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 

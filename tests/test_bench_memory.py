@@ -15,5 +15,5 @@ def test_a_worker_reports_its_own_peak_not_its_parents():
     code = "from bench.common import peak_rss_mib; print(peak_rss_mib())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     child = float(out.stdout.strip())
-    assert 1 < child < 128, child  # Python and the stdlib only; ru_maxrss here would read 300+ MiB
+    assert 1 < child < 128, child  # Python and the stdlib only; ru_maxrss would read this process's memory
     assert held.sum() > 0
