@@ -76,6 +76,14 @@ def addition_files(tmp_path_factory):
             "heldout": str(write_jsonl(heldout, d / "heldout.jsonl"))}
 
 
+@pytest.fixture(scope="session")
+def addition_warm_start(tmp_path_factory):
+    """The demo's supervised warm start (seed 0), made once: the learning tests start from it."""
+    from grpo.recipes.addition import warm_start
+
+    return warm_start(tmp_path_factory.mktemp("addition-warm"), seed=0)
+
+
 def chromium() -> str:
     """Headless Chromium for the report's browser tests (python3 dev.py test installs Debian's)."""
     import shutil

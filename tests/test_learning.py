@@ -10,18 +10,14 @@ import json
 import pytest
 
 from grpo.cli import main
-from grpo.config import SFTConfig, TrainConfig, build
-from grpo.recipes.addition import GRPO, SFT
-from grpo.supervised.sft import train_sft
+from grpo.config import TrainConfig, build
+from grpo.recipes.addition import GRPO
 from grpo.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def warm(tiny_model_dir, addition_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("warm") / "sft"
-    train_sft(build(SFTConfig, {"model": tiny_model_dir, "dataset": addition_files["train"], "output_dir": str(out),
-                                **SFT}), quiet=True)
-    return out
+def warm(addition_warm_start):
+    return addition_warm_start.sft_dir
 
 
 # The recipe at the tests' budget. Its margin is measured over other warm starts and thread counts

@@ -69,3 +69,14 @@ def test_seed_pipeline_on_ranking_feedback(tmp_path):
     assert json.loads((out / "reward_model" / "summary.json").read_text())["loss"] == "plackett_luce"
     assert -1 <= summary["reward_model"]["heldout_kendall_tau"] <= 1
     assert 0 <= summary["variants"]["sample"]["accuracy_after"] <= 1
+
+
+def test_seed_pipeline_refuses_sft_overrides_for_a_warm_start_made_before(addition_warm_start, tmp_path):
+    import pytest
+
+    from grpo.recipes.pipeline import run_seed_pipeline
+
+    with pytest.raises(ValueError, match="run_seed_pipeline: sft_overrides"):
+        run_seed_pipeline(str(tmp_path / "seed"), quiet=True, warm=addition_warm_start,
+                          sft_overrides={"max_steps": 1})
+    assert not (tmp_path / "seed").exists()

@@ -280,7 +280,7 @@ SEED_BUDGET = dict(
     preference_prompts=400, heldout_preference_prompts=50, zero_variance_prompts=20)
 
 
-def test_seed_pipeline_at_a_small_budget_does_not_make_the_model_worse(tmp_path):
+def test_seed_pipeline_at_a_small_budget_does_not_make_the_model_worse(addition_warm_start, tmp_path):
     """The recipe (a likelihood reward model, iterative RL) on a budget of seconds, beam or sampled
     groups: held-out true accuracy never falls below three quarters of the warm start's at any
     evaluation. Twenty steps move it by a few points either way; a reward model the policy
@@ -288,7 +288,7 @@ def test_seed_pipeline_at_a_small_budget_does_not_make_the_model_worse(tmp_path)
     from grpo.recipes.pipeline import run_seed_pipeline
 
     with single_thread():
-        summary = run_seed_pipeline(str(tmp_path / "seed"), quiet=True, **SEED_BUDGET)
+        summary = run_seed_pipeline(str(tmp_path / "seed"), quiet=True, warm=addition_warm_start, **SEED_BUDGET)
     assert summary["reward_model"]["kind"] == "likelihood + NLL"
     for name, v in summary["variants"].items():
         assert v["guard"] == "iterative RL"

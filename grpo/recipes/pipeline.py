@@ -42,7 +42,7 @@ from grpo.rewards import is_exact_answer
 from grpo.supervised.reward_model import eval_reward_model, train_reward_model
 from grpo.train.loop import train
 
-from .addition import GRPO, SFT, claim_recipe_dir, warm_start
+from .addition import GRPO, SFT, WarmStart, claim_recipe_dir, warm_start
 from .preferences import make_preferences
 from .tasks import write_jsonl
 
@@ -173,11 +173,15 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
                       heldout_preference_prompts: int = HELDOUT_PREFERENCE_PROMPTS,
                       generations: tuple[str, ...] = GENERATIONS,
                       zero_variance_prompts: int = ZERO_VARIANCE_PROMPTS, overwrite: bool = False,
-                      feedback: str = "pairs") -> dict:
+                      feedback: str = "pairs", warm: WarmStart | None = None) -> dict:
     """Run the whole pipeline into output_dir; write and return summary.json's content.
-    `feedback`: `pairs` (Bradley-Terry) or `ranking` (Plackett-Luce on K-way rankings)."""
+    `feedback`: `pairs` (Bradley-Terry) or `ranking` (Plackett-Luce on K-way rankings). `warm`: a
+    warm start made before by `grpo.recipes.addition.warm_start` with the same seed, to begin
+    from instead of training one (stage 1), so that runs of other settings share it."""
     if feedback not in FEEDBACK:
         raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
+    if warm is not None and sft_overrides:
+        raise ValueError("run_seed_pipeline: sft_overrides apply to a warm start it trains; `warm` is one made before")
     ranking = feedback == "ranking"
     preference_overrides = {**(RANKING_PREFERENCES if ranking else {}), **(preference_overrides or {})}
     rm_overrides = {**(RANKING_REWARD_MODEL if ranking else {}), **(rm_overrides or {})}
@@ -189,9 +193,13 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
         timings = {}
 
         # 1. The tiny model, the addition data and the supervised warm start.
-        say(f"[seed] 1/4 tiny model, addition data and supervised warm start under {out}")
         t = time.time()
-        task = warm_start(out, seed, sft_overrides, quiet=True)
+        if warm is None:
+            say(f"[seed] 1/4 tiny model, addition data and supervised warm start under {out}")
+            task = warm_start(out, seed, sft_overrides, quiet=True)
+        else:
+            say(f"[seed] 1/4 the warm start made before: {warm.sft_dir}")
+            task = warm
         sft_dir, train_file, heldout_file = task.sft_dir, task.train_file, task.heldout_file
         heldout_rows = task.heldout_rows
         timings["sft"] = time.time() - t
@@ -264,7 +272,8 @@ def run_seed_pipeline(output_dir: str = "runs/seed", seed: int = 0, quiet: bool 
             "variants": variants,
             "heldout_prompts": len(heldout_rows),
             "seconds": {**timings, "total": time.time() - start},
-            "settings": {"sft": SFT | (sft_overrides or {}), "preferences": PREFERENCES | (preference_overrides or {}),
+            "settings": {"sft": (SFT | (sft_overrides or {})) if warm is None else {"made_before": str(warm.sft_dir)},
+                         "preferences": PREFERENCES | (preference_overrides or {}),
                          "reward_model": rm_settings,
                          "grpo": {k: v for k, v in grpo_settings.items() if k != "rewards"}},
         }
