@@ -108,6 +108,7 @@ def run(args) -> dict:
         operators=args.operators)
     train_rows = steps.problems(args.warm_seed, operators=args.operators)[0]
     length = steps.completion_tokens(train_rows + heldout_rows)
+    heldout = min(args.heldout or len(heldout_rows), len(heldout_rows))
     warm_seconds = time.time() - t0
     prm = {}
     if "prm" in args.arms:
@@ -132,7 +133,7 @@ def run(args) -> dict:
                         "max_completion_length": length, **settings_over}
             run_dir = out / f"{arm}_{seed}"
             cfg = build(TrainConfig, {"model": str(sft), "dataset": str(train_file),
-                                      "eval_dataset": str(heldout_file), "eval_max_prompts": len(heldout_rows),
+                                      "eval_dataset": str(heldout_file), "eval_max_prompts": heldout,
                                       "output_dir": str(run_dir), "seed": seed, **settings},
                         "process_vs_outcome")
             train(cfg, quiet=True, overwrite=True)
@@ -141,7 +142,7 @@ def run(args) -> dict:
     budget = args.budget or min(points[-1]["seconds"] for arm in runs.values() for points in arm.values())
     return {"runs": {a: {str(s): p for s, p in r.items()} for a, r in runs.items()}, "budget": budget,
             "warm_seconds": warm_seconds, "prm": prm, "seeds": args.seeds, "max_steps": args.max_steps,
-            "eval_every": args.eval_every, "heldout": len(heldout_rows), "set": settings_over,
+            "eval_every": args.eval_every, "heldout": heldout, "set": settings_over,
             "operators": args.operators, "sft_steps": args.sft_steps or steps.SFT["max_steps"]}
 
 
@@ -212,6 +213,7 @@ def main(argv=None) -> None:
                         help="the warm start's SFT steps (default: the recipe's); longer chains need more")
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--heldout", type=int, default=0, help="held-out expressions scored (default: all)")
     parser.add_argument("--output-dir", default="/tmp/process_vs_outcome")
     parser.add_argument("--budget", type=float, default=0.0,
                         help="the budget in training seconds (default: the shortest run's), e.g. the outcome "

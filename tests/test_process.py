@@ -595,14 +595,17 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     monkeypatch.setitem(bench.PRM_DATA, "policy_prompts", 3)
     monkeypatch.setitem(bench.PRM_DATA, "copies", 1)
     monkeypatch.setitem(steps.GRPO, "prompts_per_step", 2)
-    bench.main(["--seeds", "0", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(tmp_path),
-                "--set", "learning_rate=3e-4", "--sft-steps", "4", "--json", str(tmp_path / "result.json")])
+    bench.main(["--seeds", "0", "--max-steps", "2", "--eval-every", "1", "--heldout", "30",
+                "--output-dir", str(tmp_path), "--set", "learning_rate=3e-4", "--sft-steps", "4",
+                "--json", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result["runs"]) == {"outcome", "process", "prm"}
     assert result["sft_steps"] == 4 and (tmp_path / "warm" / "sft").is_dir()
     # --set reaches every arm's run.
     for arm in result["runs"]:
         assert json.loads((tmp_path / f"{arm}_0" / "train_config.json").read_text())["learning_rate"] == 3e-4
+    assert result["heldout"] == 30 and json.loads((tmp_path / "outcome_0" / "train_config.json").read_text())[
+        "eval_max_prompts"] == 30
     assert all([p["step"] for p in result["runs"][a]["0"]] == [0, 1, 2] for a in result["runs"])
     assert "| prm | 0 |" in capsys.readouterr().out
     # The PRM's data: one corrupted copy of every training chain and the warm start's samples
