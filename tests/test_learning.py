@@ -15,11 +15,6 @@ from grpo.recipes.addition import GRPO
 from grpo.train.loop import train
 
 
-@pytest.fixture(scope="module")
-def warm(addition_warm_start):
-    return addition_warm_start.sft_dir
-
-
 # The recipe at the tests' budget. Its margin is measured over other warm starts and thread counts
 # (what differs on another CPU) by bench/learning_margins.py; docs/benchmarks.md has the table.
 GRPO_BUDGET = {**GRPO, "eval_max_prompts": 300, "max_steps": 80, "eval_steps": 0}
@@ -27,10 +22,10 @@ LORA = {"peft": {"r": 16, "alpha": 32}, "learning_rate": 1e-3}
 
 
 @pytest.mark.parametrize("extra", [{}, LORA], ids=["full", "lora"])
-def test_grpo_raises_heldout_accuracy(warm, addition_files, tmp_path, extra):
-    cfg = build(TrainConfig, {**GRPO_BUDGET, "model": str(warm), "dataset": addition_files["train"],
-                              "eval_dataset": addition_files["heldout"], "output_dir": str(tmp_path / "grpo"),
-                              **extra})
+def test_grpo_raises_heldout_accuracy(addition_warm_start, addition_files, tmp_path, extra):
+    cfg = build(TrainConfig, {**GRPO_BUDGET, "model": str(addition_warm_start.sft_dir),
+                              "dataset": addition_files["train"], "eval_dataset": addition_files["heldout"],
+                              "output_dir": str(tmp_path / "grpo"), **extra})
     train(cfg, quiet=True)
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     before, after = summary["eval_before"]["eval_accuracy"], summary["eval_after"]["eval_accuracy"]

@@ -3,6 +3,8 @@
 import json
 import random
 
+import pytest
+
 from conftest import single_thread
 from grpo.recipes.preferences import TASKS, pairs_for_prompt
 
@@ -72,8 +74,6 @@ def test_seed_pipeline_on_ranking_feedback(tmp_path):
 
 
 def test_seed_pipeline_refuses_sft_overrides_for_a_warm_start_made_before(addition_warm_start, tmp_path):
-    import pytest
-
     from grpo.recipes.pipeline import run_seed_pipeline
 
     with pytest.raises(ValueError, match="run_seed_pipeline: sft_overrides"):
