@@ -74,6 +74,9 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=len(CASES), help="the first N cases of the grid")
     p.add_argument("--skip", type=int, default=0, help="leave out the first N cases (a run continued)")
     args = p.parse_args()
+    from grpo.cli import quiet_libraries
+
+    quiet_libraries()  # every case saves and loads models, whose progress bars would bury the table
     print("| recipe | model/data seed | sft seed | threads | before | after or lowest | gap | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     gaps = {}
