@@ -258,7 +258,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="", help="also write raw results here")
     args = ap.parse_args(argv)
     command = "python -m bench.memory " + " ".join(shlex.quote(a) for a in argv)
+    from grpo.cli import quiet_libraries
 
+    quiet_libraries()  # building the model would print transformers' progress bars among the rows
     model = args.model or str(build_model(Path(args.models_dir), args.layers))
     systems = ["ours"] + ([] if args.skip_trl else ["trl"] + ["trl-mmap"] * bool(args.trl_mmap_threshold))
     raw = []
