@@ -118,7 +118,8 @@ def run_ours(args) -> dict:
                       max_completion_length=args.tokens, temperature=1.0, beta=0.04, num_iterations=1,
                       num_minibatches=1, micro_batch_size=args.micro_batch or n, learning_rate=1e-6,
                       max_prompt_length=4096, dtype="float32", device="cpu", num_threads=args.threads, optim=args.optim,
-                      logprob_chunk_size=args.chunk, rewards=[{"function": "exact_answer"}])
+                      logprob_chunk_size=args.chunk, malloc_mmap_threshold=args.malloc_mmap_threshold,
+                      rewards=[{"function": "exact_answer"}])
     device = torch.device("cpu")
     precision = Precision(device, torch.float32)
     tokenizer = load_tokenizer(args.model)
@@ -219,6 +220,8 @@ def worker(argv) -> None:
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="trl: fix glibc's mmap threshold at this many bytes first (what ours' "
                          "malloc_mmap_threshold does; 0: glibc's default)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=-1,
+                    help="ours: its malloc_mmap_threshold setting (0: glibc's default; -1: ours' default)")
     args = ap.parse_args(argv)
     if args.mmap_threshold:
         from grpo.runtime.host_memory import set_mmap_threshold

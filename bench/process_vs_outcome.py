@@ -172,8 +172,11 @@ def report(result: dict) -> None:
     for arm, values in final.items():
         print(f"| {arm} | {statistics.mean(values):.1%} | {min(values):.1%} - {max(values):.1%} |")
     if result.get("prm"):
-        print(f"process reward model: held-out step accuracy {result['prm']['eval_step_accuracy']:.1%} "
-              f"(good steps {result['prm']['eval_good_fraction']:.1%}), trained in {result['prm']['seconds']:.0f} s")
+        prm = result["prm"]
+        by_class = (f"; {prm['eval_good_step_accuracy']:.1%} of good steps and {prm['eval_bad_step_accuracy']:.1%} "
+                    f"of bad ones called right" if prm.get("eval_bad_step_accuracy") is not None else "")
+        print(f"process reward model: held-out step accuracy {prm['eval_step_accuracy']:.1%} "
+              f"(good steps {prm['eval_good_fraction']:.1%}{by_class}), trained in {prm['seconds']:.0f} s")
     for arm in runs:
         print(f"{arm}: " + ", ".join(f"seed {s} {at_budget(runs[arm][s], budget):.1%} at the budget, "
                                      f"{runs[arm][s][-1]['accuracy']:.1%} at step {runs[arm][s][-1]['step']}"

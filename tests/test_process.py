@@ -550,6 +550,10 @@ def test_a_process_reward_model_trains_loads_and_scores_steps(tmp_path, one_thre
                  "--set", "eval_fraction=0.2", "--set", "max_length=64"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["eval_step_accuracy"] <= 1 and 0 < summary["eval_good_fraction"] < 1
+    # the overall accuracy is the per-class accuracies weighted by the held-out steps of each class
+    g = summary["eval_good_fraction"]  # hard labels here: the share of good steps
+    assert summary["eval_step_accuracy"] == pytest.approx(
+        g * summary["eval_good_step_accuracy"] + (1 - g) * summary["eval_bad_step_accuracy"])
     losses = [m["loss/total"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if "loss/total" in m]
     assert len(losses) == 15 and sum(losses[-3:]) < sum(losses[:3])  # it learns
@@ -567,6 +571,34 @@ def test_a_process_reward_model_trains_loads_and_scores_steps(tmp_path, one_thre
                rewards=["grpo.recipes.steps:final_answer", {"model": str(out), "per": "step", "name": "prm"}]),
           quiet=True)
     assert "reward/prm/mean" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_prm_step_accuracy_by_class_hand_worked():
+    """A stub PRM that calls a step good when its last token id is odd: counted by hand, 3 good
+    steps of which 2 are called good, 3 bad of which 1 is called bad; a soft label counts as good
+    from 0.5 on."""
+    from types import SimpleNamespace
+
+    from grpo.supervised.process_reward_model import StepExample, step_accuracy
+
+    class OddIsGood(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            odd = (input_ids % 2).float()
+            return SimpleNamespace(logits=torch.stack([1 - odd, odd], -1))
+
+    examples = [StepExample([2, 3, 5], [1, 2], [1.0, 0.0]),
+                StepExample([4, 6, 7, 9], [1, 3, -1], [1.0, 0.0, 1.0]),  # the third step cut off
+                StepExample([1, 8], [0, 1], [0.5, 0.2])]
+    got = step_accuracy(OddIsGood(), examples, pad=0, device=torch.device("cpu"), batch_size=2)
+    # good steps end on 3 (called good), 6 (bad), 1 (good); bad steps on 5 (good), 9 (good), 8 (bad)
+    assert got["eval_good_step_accuracy"] == pytest.approx(2 / 3)
+    assert got["eval_bad_step_accuracy"] == pytest.approx(1 / 3)
+    assert got["eval_step_accuracy"] == pytest.approx(3 / 6)
+    assert got["eval_good_fraction"] == pytest.approx((1 + 0 + 1 + 0 + 0.5 + 0.2) / 6)
+    first = step_accuracy(OddIsGood(), examples[:1], pad=0, device=torch.device("cpu"))
+    assert first["eval_good_step_accuracy"] == 1.0 and first["eval_bad_step_accuracy"] == 0.0
+    no_bad = step_accuracy(OddIsGood(), [StepExample([3], [0], [1.0])], pad=0, device=torch.device("cpu"))
+    assert no_bad["eval_good_step_accuracy"] == 1.0 and "eval_bad_step_accuracy" not in no_bad
 
 
 def test_a_prm_file_whose_labels_do_not_match_its_steps_names_file_and_line(tmp_path, tiny_model_dir, capsys):
@@ -628,6 +660,29 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     assert both["budget"] == min(again[-1]["seconds"], *(r["0"][-1]["seconds"] for r in result["runs"].values()))
     bench.main(["--report", str(tmp_path / "result.json"), str(tmp_path / "again.json")])
     assert "| outcome | 50.0% |" in capsys.readouterr().out
+
+
+def test_the_prm_data_bench_trains_and_judges_each_recipe(tmp_path, monkeypatch, capsys, one_thread):
+    """bench/prm_data.py end to end, shortened: a PRM per recipe, judged on the same held-out steps."""
+    import json
+
+    from bench import prm_data
+    from grpo.recipes import steps
+
+    monkeypatch.setattr(prm_data, "RECIPES", [("corrupted", 1, 0, 2, 1e-3), ("own", 0, 3, 2, 1e-3),
+                                              ("both", 1, 3, 2, 1e-3)])
+    prm_data.main(["--sft-steps", "4", "--heldout", "5", "--threads", "1", "--output-dir", str(tmp_path),
+                   "--json", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    n_train = len(steps.problems(0)[0])
+    assert [r["rows"] for r in results] == [n_train, 3 * prm_data.SAMPLES, n_train + 3 * prm_data.SAMPLES]
+    assert len((tmp_path / "heldout_steps.jsonl").read_text().splitlines()) == 5 * prm_data.SAMPLES
+    assert all(r["eval_rows"] == 5 * prm_data.SAMPLES for r in results)
+    # the own samples are drawn once: the third recipe's are the second's
+    own = (tmp_path / "data_1.jsonl").read_text().splitlines()
+    assert (tmp_path / "data_2.jsonl").read_text().splitlines()[-len(own):] == own
+    out = capsys.readouterr().out
+    assert out.count("| corrupted |") == 1 and "| own |" in out and "| both |" in out
 
 
 class RolloutScript:

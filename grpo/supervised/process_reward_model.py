@@ -88,18 +88,28 @@ def step_loss_sum(logits, labels):
 
 @torch.no_grad()
 def step_accuracy(model, examples: list[StepExample], pad: int, device, batch_size: int = 64) -> dict:
-    """Held-out step accuracy (the argmax at each step end against label >= 0.5) and the share of
-    steps labelled good (the mean label)."""
+    """Held-out step accuracy (the argmax at each step end against label >= 0.5), the same on the
+    good steps and on the bad ones, and the share of steps labelled good (the mean label). Where
+    most steps are bad, always answering "bad" scores high: the per-class accuracies tell such a
+    model from one that separates the two."""
     model.eval()
-    right = total = good = 0
+    right, count = torch.zeros(2), torch.zeros(2)  # [bad, good]
+    good = 0.0
     for i in range(0, len(examples), batch_size):
         logits, labels = _batch(model, examples[i:i + batch_size], pad, device)
         on = ~labels.isnan()
-        right += int((logits.argmax(-1)[on] == (labels[on] >= 0.5)).sum())
-        total += int(on.sum())
+        truth = (labels[on] >= 0.5).long().cpu()
+        hit = (logits.argmax(-1)[on].cpu() == truth).float()
+        right += torch.zeros(2).index_add_(0, truth, hit)
+        count += torch.bincount(truth, minlength=2).float()
         good += float(labels[on].sum())
     model.train()
-    return {"eval_step_accuracy": right / max(total, 1), "eval_good_fraction": good / max(total, 1)}
+    total = max(float(count.sum()), 1.0)
+    out = {"eval_step_accuracy": float(right.sum()) / total, "eval_good_fraction": good / total}
+    for name, k in (("eval_bad_step_accuracy", 0), ("eval_good_step_accuracy", 1)):
+        if count[k]:  # a class with no held-out steps has no accuracy
+            out[name] = float(right[k] / count[k])
+    return out
 
 
 def start_reward_model_run(cfg: RewardModelConfig, overwrite: bool, config_path: str | None):
@@ -183,6 +193,8 @@ def train_process_reward_model(cfg: RewardModelConfig, quiet: bool = False, over
             last = next((h for h in reversed(history) if "eval_step_accuracy" in h), {})
             summary = {"model": str(out), "kind": "process", "backbone": cfg.model, "train_rows": len(examples),
                        "eval_rows": len(held_out), "eval_step_accuracy": last.get("eval_step_accuracy"),
+                       "eval_good_step_accuracy": last.get("eval_good_step_accuracy"),
+                       "eval_bad_step_accuracy": last.get("eval_bad_step_accuracy"),
                        "eval_good_fraction": last.get("eval_good_fraction"), "train_seconds": time.time() - start}
             (final / "summary.json").write_text(json.dumps(summary, indent=2))
             publish(final, out)
