@@ -204,6 +204,45 @@ def report(result: dict) -> None:
         print(f"| {step} | " + " | ".join(cells) + " |")
 
 
+def pooled(results: list[dict]) -> None:
+    """Seeds of several invocations, each judged at its own invocation's budget (the runs of one
+    invocation share the machine's conditions, those of another need not): per seed and arm, the
+    gap to outcome at the budget and at the last step, and how soon the arm first reached outcome's
+    accuracy at the budget; then the mean gap over every seed, its standard error, and on how many
+    seeds the arm needed half outcome's seconds or less."""
+    rows = {}
+    for result in results:
+        budget, runs = result["budget"], result["runs"]
+        for arm in (a for a in runs if a != "outcome"):
+            for seed, points in runs[arm].items():
+                base = runs["outcome"][seed]
+                target = at_budget(base, budget)
+                hit, own = first_reaching(points, target), first_reaching(base, target)
+                rows.setdefault(arm, []).append({
+                    "seed": seed, "budget": budget, "outcome": target, "arm": at_budget(points, budget),
+                    "final_gap": points[-1]["accuracy"] - base[-1]["accuracy"], "final_step": points[-1]["step"],
+                    "hit": hit, "own": own["seconds"]})
+    for arm, table in rows.items():
+        print(f"| seed | budget s | outcome at the budget | {arm} at the budget | gap | gap at the last step | "
+              f"{arm} first reaches outcome's accuracy | outcome's own seconds to it | {arm}'s share |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        shares = []
+        for r in table:
+            share = r["hit"]["seconds"] / r["own"] if r["hit"] and r["own"] > 0 else float("inf")
+            shares.append(share)
+            reached = f"{r['hit']['seconds']:.1f} s (step {r['hit']['step']})" if r["hit"] else "never"
+            print(f"| {r['seed']} | {r['budget']:.1f} | {r['outcome']:.1%} | {r['arm']:.1%} | "
+                  f"{100 * (r['arm'] - r['outcome']):+.1f} | {100 * r['final_gap']:+.1f} | {reached} | "
+                  f"{r['own']:.1f} s | {share:.0%} |")
+        gaps = [100 * (r["arm"] - r["outcome"]) for r in table]
+        error = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+        print(f"{arm}, {len(table)} seeds: outcome {statistics.mean(r['outcome'] for r in table):.1%}, "
+              f"{arm} {statistics.mean(r['arm'] for r in table):.1%} at the budget; gap {statistics.mean(gaps):+.1f} "
+              f"points (standard error {error:.1f}), {statistics.mean(100 * r['final_gap'] for r in table):+.1f} "
+              f"at the last step; half outcome's seconds or less on {sum(x <= 0.5 for x in shares)} of "
+              f"{len(table)} seeds")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -228,7 +267,12 @@ def main(argv=None) -> None:
                         help="re-print the results --json files hold; with several, one result: a later file's "
                              "runs replace an earlier one's of the same arm and seed (e.g. a seed run again alone), "
                              "and the budget is the shortest of the runs kept (or --budget)")
+    parser.add_argument("--pooled", nargs="+", default=[], metavar="JSON",
+                        help="the seeds of several --json files (each an invocation with outcome), each judged at "
+                             "its own file's budget, as one table and a mean over every seed")
     args = parser.parse_args(argv)
+    if args.pooled:
+        return pooled([json.loads(Path(f).read_text()) for f in args.pooled])
     if args.report:
         result = merged([json.loads(Path(f).read_text()) for f in args.report], args.budget)
     else:

@@ -662,6 +662,28 @@ def test_the_process_bench_runs_its_three_arms(tmp_path, monkeypatch, capsys, on
     assert "| outcome | 50.0% |" in capsys.readouterr().out
 
 
+def test_the_process_bench_pools_invocations_each_at_its_own_budget(capsys):
+    """--pooled, hand-worked: seed 0 judged at its file's budget of 10 s, seed 1 at 20 s."""
+    from bench import process_vs_outcome as bench
+
+    def points(*rows):
+        return [{"step": a, "seconds": b, "accuracy": c} for a, b, c in rows]
+
+    first = {"budget": 10.0, "runs": {"outcome": {"0": points((0, 0, .1), (10, 5, .2), (20, 10, .3))},
+                                      "process": {"0": points((0, 0, .1), (10, 6, .3), (20, 12, .4))}}}
+    second = {"budget": 20.0, "runs": {"outcome": {"1": points((0, 0, .1), (10, 10, .2))},
+                                       "process": {"1": points((0, 0, .1), (10, 10, .4))}}}
+    bench.pooled([first, second])
+    out = capsys.readouterr().out
+    # seed 0: outcome 30% at 10 s, process 30% (its step 20 is past the budget); process first
+    # reaches 30% at 6 s, outcome at 10 s; at the last step +10 points
+    assert "| 0 | 10.0 | 30.0% | 30.0% | +0.0 | +10.0 | 6.0 s (step 10) | 10.0 s | 60% |" in out
+    assert "| 1 | 20.0 | 20.0% | 40.0% | +20.0 | +20.0 | 10.0 s (step 10) | 10.0 s | 100% |" in out
+    # gaps 0 and 20: mean 10, standard error stdev / sqrt(2) = 10
+    assert ("gap +10.0 points (standard error 10.0), +15.0 at the last step; "
+            "half outcome's seconds or less on 0 of 2") in out
+
+
 def test_the_prm_data_bench_trains_and_judges_each_recipe(tmp_path, monkeypatch, capsys, one_thread):
     """bench/prm_data.py end to end, shortened: a PRM per recipe, judged on the same held-out steps."""
     import json
