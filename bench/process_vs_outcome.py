@@ -228,12 +228,14 @@ def pooled(results: list[dict]) -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         shares = []
         for r in table:
+            # An outcome run at or below the warm start at the budget has no time to halve: not counted.
             share = r["hit"]["seconds"] / r["own"] if r["hit"] and r["own"] > 0 else float("inf")
             shares.append(share)
             reached = f"{r['hit']['seconds']:.1f} s (step {r['hit']['step']})" if r["hit"] else "never"
+            shown = f"{share:.0%}" if share < float("inf") else "- (outcome at or below the warm start)"
             print(f"| {r['seed']} | {r['budget']:.1f} | {r['outcome']:.1%} | {r['arm']:.1%} | "
                   f"{100 * (r['arm'] - r['outcome']):+.1f} | {100 * r['final_gap']:+.1f} | {reached} | "
-                  f"{r['own']:.1f} s | {share:.0%} |")
+                  f"{r['own']:.1f} s | {shown} |")
         gaps = [100 * (r["arm"] - r["outcome"]) for r in table]
         error = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
         print(f"{arm}, {len(table)} seeds: outcome {statistics.mean(r['outcome'] for r in table):.1%}, "

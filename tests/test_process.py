@@ -673,6 +673,8 @@ def test_the_process_bench_pools_invocations_each_at_its_own_budget(capsys):
                                       "process": {"0": points((0, 0, .1), (10, 6, .3), (20, 12, .4))}}}
     second = {"budget": 20.0, "runs": {"outcome": {"1": points((0, 0, .1), (10, 10, .2))},
                                        "process": {"1": points((0, 0, .1), (10, 10, .4))}}}
+    third = {"budget": 5.0, "runs": {"outcome": {"2": points((0, 0, .3), (10, 5, .2))},
+                                     "process": {"2": points((0, 0, .3), (10, 5, .4))}}}
     bench.pooled([first, second])
     out = capsys.readouterr().out
     # seed 0: outcome 30% at 10 s, process 30% (its step 20 is past the budget); process first
@@ -682,6 +684,11 @@ def test_the_process_bench_pools_invocations_each_at_its_own_budget(capsys):
     # gaps 0 and 20: mean 10, standard error stdev / sqrt(2) = 10
     assert ("gap +10.0 points (standard error 10.0), +15.0 at the last step; "
             "half outcome's seconds or less on 0 of 2") in out
+    # an outcome run that ends below its warm start has no seconds to halve: shown, not counted
+    bench.pooled([third])
+    out = capsys.readouterr().out
+    assert "| 2 | 5.0 | 20.0% | 40.0% | +20.0 | +20.0 | 0.0 s (step 0) | 0.0 s | - (outcome at or below" in out
+    assert "half outcome's seconds or less on 0 of 1" in out
 
 
 def test_the_prm_data_bench_trains_and_judges_each_recipe(tmp_path, monkeypatch, capsys, one_thread):
