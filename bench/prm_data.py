@@ -93,6 +93,7 @@ def main(argv=None) -> None:
           f"{good:.1%} of their steps good (always \"bad\" scores {1 - good:.1%})")
     print("| PRM data (verifier labels) | rows | steps | learning rate | all steps | bad steps | good steps |")
     print("|---|---|---|---|---|---|---|")
+
     def cell(x):  # a class with no held-out steps has no accuracy
         return "-" if x is None else f"{x:.1%}"
 

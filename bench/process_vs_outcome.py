@@ -174,7 +174,8 @@ def report(result: dict) -> None:
     if result.get("prm"):
         prm = result["prm"]
         by_class = (f"; {prm['eval_good_step_accuracy']:.1%} of good steps and {prm['eval_bad_step_accuracy']:.1%} "
-                    f"of bad ones called right" if prm.get("eval_bad_step_accuracy") is not None else "")
+                    f"of bad ones called right"
+                    if None not in (prm.get("eval_good_step_accuracy"), prm.get("eval_bad_step_accuracy")) else "")
         print(f"process reward model: held-out step accuracy {prm['eval_step_accuracy']:.1%} "
               f"(good steps {prm['eval_good_fraction']:.1%}{by_class}), trained in {prm['seconds']:.0f} s")
     for arm in runs:
@@ -220,8 +221,7 @@ def pooled(results: list[dict]) -> None:
                 hit, own = first_reaching(points, target), first_reaching(base, target)
                 rows.setdefault(arm, []).append({
                     "seed": seed, "budget": budget, "outcome": target, "arm": at_budget(points, budget),
-                    "final_gap": points[-1]["accuracy"] - base[-1]["accuracy"], "final_step": points[-1]["step"],
-                    "hit": hit, "own": own["seconds"]})
+                    "final_gap": points[-1]["accuracy"] - base[-1]["accuracy"], "hit": hit, "own": own["seconds"]})
     for arm, table in rows.items():
         print(f"| seed | budget s | outcome at the budget | {arm} at the budget | gap | gap at the last step | "
               f"{arm} first reaches outcome's accuracy | outcome's own seconds to it | {arm}'s share |")

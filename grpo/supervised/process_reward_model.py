@@ -100,7 +100,7 @@ def step_accuracy(model, examples: list[StepExample], pad: int, device, batch_si
         on = ~labels.isnan()
         truth = (labels[on] >= 0.5).long().cpu()
         hit = (logits.argmax(-1)[on].cpu() == truth).float()
-        right += torch.zeros(2).index_add_(0, truth, hit)
+        right.index_add_(0, truth, hit)
         count += torch.bincount(truth, minlength=2).float()
         good += float(labels[on].sum())
     model.train()
